@@ -135,6 +135,7 @@ class PatternResult:
     neighbors: np.ndarray  # (q, k) training-row positions used
     ell: np.ndarray  # (q, k) chosen ell of each neighbour's model (0 = global)
     weights: np.ndarray  # (q, k)
+    candidates: np.ndarray | None = None  # (q, k) the candidates c_i themselves
 
 
 @dataclass
@@ -312,7 +313,7 @@ class PatternModels:
         w = vote_weights(cand, self.config.weights)
         val = (w * cand).sum(axis=1)
         spread = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1))
-        return PatternResult(val, spread, nbr, self._ell[nbr], w)
+        return PatternResult(val, spread, nbr, self._ell[nbr], w, cand)
 
 
 def _self_first(nbr: np.ndarray, rows: np.ndarray) -> np.ndarray:

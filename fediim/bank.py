@@ -1,0 +1,280 @@
+"""The model bank: every site's noised leaf cells, and IIM over cells.
+
+A bank holds, per cell: the opaque site id, the cell's public box, its noised augmented Gram
+matrix (symmetrised, PSD, in the federation's scaled coordinates: each attribute's public
+bounds mapped to [-1/2, 1/2]) and the noise scale it was released with. Everything below
+is post-processing of those matrices, so it costs no privacy budget.
+
+IIM over cells. A cell plays the part of a tuple: its anchor is its noisy centroid, and its
+individual model for ``ell`` is the ridge fit on the *sum* of the Gram matrices of its
+``ell`` nearest cells (anchor distance on the observed features F) — cumulative sums along
+each neighbour list, as in IIM's incremental learning. The adaptive choice of ``ell`` (and so
+between a local model and the global one) is IIM's Alg. 3 with the validation error of a
+model on a neighbouring cell read off that cell's Gram matrix:
+``sum (y - x phi)^2 = y^T y - 2 phi^T V' + phi^T U' phi``. The ridge penalty grows with the
+noise of the pooled matrix (AdaSSP-style, ``alpha ~ sigma sqrt(d)``). Imputation: the k nearest
+anchors give candidates, combined by candidate-distance voting.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fediim.atomic import atomic_write_bytes
+from fediim.gram import gram_centroid, subsystem_index
+from fediim.iim import PatternResult, vote_weights
+from fediim.neighbors import NeighborIndex
+
+__all__ = ["BANK_FORMAT", "BankError", "ModelBank", "CellPatternModels", "BankConfig"]
+
+BANK_FORMAT = "fediim-bank/1"
+
+
+class BankError(ValueError):
+    """A bank file that cannot be trusted or read."""
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """Post-processing choices for imputing from a bank.
+
+    n_neighbors : k anchors per query (and validation neighbours per cell).
+    ell_grid : candidate numbers of pooled cells; ``None`` = roughly geometric up to all.
+    alpha : base ridge penalty (scaled coordinates).
+    noise_alpha : multiplier of the noise-driven part of the penalty.
+    """
+
+    n_neighbors: int = 10
+    ell_grid: tuple[int, ...] | None = None
+    alpha: float = 1e-3
+    noise_alpha: float = 1.0
+
+
+@dataclass
+class ModelBank:
+    """Noised leaf cells of all sites (see module docstring)."""
+
+    n_features: int
+    site: np.ndarray  # (C,) str, opaque site ids
+    cell: np.ndarray  # (C,) str, opaque cell ids
+    lo: np.ndarray  # (C, m) public cell boxes, scaled coordinates
+    hi: np.ndarray  # (C, m)
+    gram: np.ndarray  # (C, m+1, m+1) noised Gram, scaled coordinates, PSD
+    sigma: np.ndarray  # (C,) noise std of the release, in the cell's own coordinates
+    min_records: int = 10
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        c = len(self.site)
+        m = self.n_features
+        shapes = {
+            "cell": (self.cell.shape, (c,)), "lo": (self.lo.shape, (c, m)),
+            "hi": (self.hi.shape, (c, m)), "gram": (self.gram.shape, (c, m + 1, m + 1)),
+            "sigma": (self.sigma.shape, (c,)),
+        }
+        for name, (got, want) in shapes.items():
+            if tuple(got) != want:
+                raise BankError(f"bank field {name!r} has shape {got}, expected {want}")
+        if c and np.any(self.counts < self.min_records):
+            raise BankError(f"bank holds cells describing fewer than {self.min_records} "
+                            "records; they must be dropped before a bank is formed")
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.site)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Noisy record count of each cell."""
+        return self.gram[:, 0, 0]
+
+    @property
+    def anchors(self) -> np.ndarray:
+        """Noisy centroid of each cell (scaled coordinates)."""
+        return gram_centroid(self.gram)
+
+    def pooled_gram(self) -> np.ndarray:
+        """Sum of all cells: the federation-wide statistic (global model, mean, spread)."""
+        return self.gram.sum(axis=0)
+
+    def feature_scale(self) -> np.ndarray:
+        """Federation-wide standard deviation per attribute, read off the pooled Gram.
+
+        Used to standardise anchor distances (bounds may be much wider than the data).
+        """
+        g = self.pooled_gram()
+        n = max(g[0, 0], 1.0)
+        mean = g[0, 1:] / n
+        var = np.diag(g)[1:] / n - mean**2
+        return np.sqrt(np.maximum(var, 1e-12))
+
+    @classmethod
+    def concat(cls, banks: list[ModelBank], meta: dict[str, Any] | None = None) -> ModelBank:
+        """Merge per-site banks into one federation bank."""
+        if not banks:
+            raise BankError("no cells to assemble a bank from")
+        m = {b.n_features for b in banks}
+        if len(m) != 1:
+            raise BankError(f"banks disagree on the number of features: {sorted(m)}")
+        return cls(
+            n_features=m.pop(),
+            site=np.concatenate([b.site for b in banks]),
+            cell=np.concatenate([b.cell for b in banks]),
+            lo=np.concatenate([b.lo for b in banks]),
+            hi=np.concatenate([b.hi for b in banks]),
+            gram=np.concatenate([b.gram for b in banks]),
+            sigma=np.concatenate([b.sigma for b in banks]),
+            min_records=max(b.min_records for b in banks),
+            meta=dict(meta or {}),
+        )
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Versioned serialisation: an npz with the arrays and a JSON manifest."""
+        manifest = {
+            "format": BANK_FORMAT, "n_features": self.n_features, "n_cells": self.n_cells,
+            "min_records": self.min_records, "meta": self.meta,
+        }
+        buf = io.BytesIO()
+        np.savez(
+            buf, manifest=np.array(json.dumps(manifest, sort_keys=True)),
+            site=self.site.astype(str), cell=self.cell.astype(str), lo=self.lo, hi=self.hi,
+            gram=self.gram, sigma=self.sigma,
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ModelBank:
+        """Inverse of :meth:`to_bytes`; a clear :class:`BankError` on anything unexpected."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                manifest = json.loads(str(z["manifest"]))
+                arrays = {k: z[k] for k in ("site", "cell", "lo", "hi", "gram", "sigma")}
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad bank
+            raise BankError(f"{source}: not a readable fediim bank ({exc})") from exc
+        if manifest.get("format") != BANK_FORMAT:
+            raise BankError(f"{source}: format {manifest.get('format')!r}, expected "
+                            f"{BANK_FORMAT!r}")
+        if not all(np.all(np.isfinite(arrays[k])) for k in ("lo", "hi", "gram", "sigma")):
+            raise BankError(f"{source}: bank holds non-finite numbers")
+        return cls(n_features=int(manifest["n_features"]),
+                   min_records=int(manifest["min_records"]), meta=manifest.get("meta", {}),
+                   **arrays)
+
+    def save(self, path: str | Path) -> None:
+        """Write the bank atomically."""
+        atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelBank:
+        return cls.from_bytes(Path(path).read_bytes(), source=str(path))
+
+
+def default_cell_grid(n_cells: int) -> np.ndarray:
+    """1, 2, 3, 5, 8, ... (roughly geometric) up to all cells."""
+    g = {1, 2, 3}
+    v = 3.0
+    while v < n_cells:
+        v *= 1.6
+        g.add(int(round(v)))
+    return np.unique(np.clip(np.array(sorted(g)), 1, max(n_cells, 1)))
+
+
+class CellPatternModels:
+    """IIM over the bank's cells for one (target, features) pattern."""
+
+    def __init__(self, bank: ModelBank, target: int, features: tuple[int, ...],
+                 config: BankConfig) -> None:
+        self.bank, self.target, self.features, self.config = bank, target, features, config
+        idx = subsystem_index(target, features)
+        # Work in standardised coordinates (federation-wide std per attribute, read off the
+        # pooled Gram): ridge penalties then mean the same as in the centralized engine,
+        # whatever the public bounds were.
+        std = np.concatenate([[1.0], bank.feature_scale()])[idx]
+        self._std = std
+        self._g = bank.gram[:, idx[:, None], idx[None, :]] / np.outer(std, std)
+        # Noise std of a Gram entry in these coordinates: the cell's release std, scaled by
+        # how far the cell's coordinates stretch (|center| + width per attribute).
+        reach = (np.abs(0.5 * (bank.lo + bank.hi)) + (bank.hi - bank.lo))[:, idx[1:] - 1]
+        stretch = np.max(reach / std[1:], axis=1) ** 2
+        self._noise = (bank.sigma * np.maximum(stretch, 1.0)) ** 2
+        self._anchors = bank.anchors[:, list(features)] / std[1:-1]
+        self._index = NeighborIndex(self._anchors)
+        c = bank.n_cells
+        grid = config.ell_grid
+        self._grid = default_cell_grid(c) if grid is None else np.unique(
+            np.minimum(np.asarray(grid, dtype=int), c))
+        self._phi: np.ndarray | None = None
+        self._ell: np.ndarray | None = None
+
+    def _alpha(self, noise_var: np.ndarray) -> np.ndarray:
+        p = len(self.features) + 1
+        return self.config.alpha + self.config.noise_alpha * np.sqrt(noise_var) * np.sqrt(p)
+
+    def _learn(self) -> None:
+        c = self.bank.n_cells
+        p = len(self.features) + 1
+        lmax = int(self._grid[-1])
+        _, nbr = self._index.query(self._anchors, lmax)
+        cands = []
+        g = np.zeros((c, p + 1, p + 1))
+        nv = np.zeros(c)
+        prev = 0
+        for ell in self._grid:
+            g += self._g[nbr[:, prev:ell]].sum(axis=1)
+            nv += self._noise[nbr[:, prev:ell]].sum(axis=1)
+            prev = int(ell)
+            cands.append(_ridge(g, self._alpha(nv)))
+        cands = np.stack(cands, axis=1)  # (C, L, p)
+        k = min(self.config.n_neighbors, c - 1)
+        if len(self._grid) > 1 and k > 0:
+            _, vn = self._index.query(self._anchors, k + 1)
+            keep = vn != np.arange(c)[:, None]
+            keep[keep.all(axis=1), -1] = False
+            i = vn[keep].reshape(c, k).ravel()
+            j = np.repeat(np.arange(c), k)
+            p_idx = np.arange(p)
+            cost = np.zeros((c, len(self._grid)))
+            gj = self._g[j]
+            for li in range(len(self._grid)):
+                sse = _sse(cands[i, li], gj, p_idx)
+                cost[:, li] = np.bincount(i, weights=sse, minlength=c)
+            best = np.argmin(cost, axis=1)
+            best[np.bincount(i, minlength=c) == 0] = len(self._grid) - 1
+        else:
+            best = np.full(c, len(self._grid) - 1)
+        self._phi = cands[np.arange(c), best]
+        self._ell = self._grid[best]
+
+    def impute(self, queries: np.ndarray) -> PatternResult:
+        """Impute the target for queries given on F (scaled coordinates)."""
+        if self._phi is None:
+            self._learn()
+        assert self._phi is not None and self._ell is not None
+        k = min(self.config.n_neighbors, self.bank.n_cells)
+        qs = np.asarray(queries) / self._std[1:-1]
+        _, nbr = self._index.query(qs, k)
+        qaug = np.column_stack([np.ones(len(qs)), qs])
+        cand = np.einsum("qf,qkf->qk", qaug, self._phi[nbr]) * self._std[-1]
+        w = vote_weights(cand)
+        val = (w * cand).sum(axis=1)
+        spread = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1))
+        return PatternResult(val, spread, nbr, self._ell[nbr], w, cand)
+
+
+def _ridge(g: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    p = g.shape[-1] - 1
+    u = g[..., :p, :p] + alpha[:, None, None] * np.eye(p)
+    return np.linalg.solve(u, g[..., :p, p][..., None])[..., 0]
+
+
+def _sse(phi: np.ndarray, g: np.ndarray, p_idx: np.ndarray) -> np.ndarray:
+    p = len(p_idx)
+    u, v, yy = g[:, :p, :p], g[:, :p, p], g[:, p, p]
+    return yy - 2 * np.einsum("ci,ci->c", phi, v) + np.einsum("ci,cij,cj->c", phi, u, phi)

@@ -1,0 +1,149 @@
+"""Private partitioning of a site's complete records into disjoint cells (PrivTree-style).
+
+A kd-style tree over the public bounds: the root is the whole box; a cell is split at the
+midpoint of its next attribute (cycling) when its *noisy* count says it is large enough; a
+split that leaves a child below ``min_records`` (by its noisy count) is undone and the next
+attribute is tried, so no record is lost to a cell too small to release. The counts of one
+depth are released together (the cells are disjoint, so one
+record changes one count by one: L2 sensitivity 1, parallel composition within a depth,
+sequential across depths). The split decision is post-processing of those counts, so the
+tree's shape — and therefore every cell's bounds — is public once released.
+
+The leaves partition the records: each record falls in exactly one leaf. Only leaves carry
+Gram matrices (see :mod:`fediim.federated`); the depth at which a region stops splitting is
+where the noisy counts said signal and noise break even, and the model bank then pools
+neighbouring leaves, so the bias/noise trade of "levels" is made per anchor at imputation
+time (pool few cells -> local model, pool many -> global model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fediim.privacy import (
+    NoiseSource,
+    PrivacyLedger,
+    count_sensitivity,
+    gaussian_sigma,
+    release_gaussian,
+)
+
+__all__ = ["Leaf", "PartitionPlan", "build_partition"]
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """Public parameters of the tree.
+
+    max_depth : depth cap (counts are released for depths 0..max_depth: at most
+        ``max_depth + 1`` releases).
+    rho_per_depth : zCDP budget of one depth's count release (inf = exact counts, no charge).
+    split_threshold : a cell is split when its noisy count is at least this.
+    min_records : a split is undone when either child's noisy count falls below this, so
+        that no record is lost to a cell too small to be released.
+    """
+
+    max_depth: int
+    rho_per_depth: float
+    split_threshold: float
+    min_records: int = 1
+
+
+@dataclass
+class Leaf:
+    """A leaf cell: its public box (in [-1/2, 1/2]^m coordinates) and its member rows."""
+
+    path: str
+    lo: np.ndarray
+    hi: np.ndarray
+    rows: np.ndarray
+    axis: int = 0  # the attribute this cell is split on next
+    tries: int = 0  # failed split attempts (a too-small child) so far
+
+    @property
+    def center(self) -> np.ndarray:
+        return 0.5 * (self.lo + self.hi)
+
+    @property
+    def width(self) -> np.ndarray:
+        return self.hi - self.lo
+
+
+def build_partition(
+    x: np.ndarray,
+    plan: PartitionPlan,
+    *,
+    ledger: PrivacyLedger | None,
+    noise: NoiseSource | None = None,
+) -> list[Leaf]:
+    """Split the rows of ``x`` (n, m), already scaled into [-1/2, 1/2], into leaves.
+
+    Every depth's counts are charged to ``ledger`` before they are drawn; with
+    ``rho_per_depth = inf`` counts are exact and nothing is charged.
+    """
+    n, m = x.shape
+    root = Leaf("r", np.full(m, -0.5), np.full(m, 0.5), np.arange(n))
+    # The frontier holds sibling pairs (or the root alone) together with their parent.
+    frontier: list[tuple[Leaf | None, list[Leaf]]] = [(None, [root])]
+    leaves: list[Leaf] = []
+    for depth in range(plan.max_depth + 1):
+        if not frontier:
+            break
+        cells = [c for _, group in frontier for c in group]
+        counts = np.array([len(c.rows) for c in cells], dtype=np.float64)
+        if np.isfinite(plan.rho_per_depth):
+            if ledger is None:
+                raise ValueError("a private partition needs a ledger to charge")
+            counts = release_gaussian(
+                counts,
+                sensitivity_l2=count_sensitivity(),
+                rho=plan.rho_per_depth,
+                ledger=ledger,
+                purpose=f"partition counts, depth {depth} ({len(cells)} cells)",
+                noise=noise,
+            )
+        nxt: list[tuple[Leaf | None, list[Leaf]]] = []
+        pos = 0
+        for parent, group in frontier:
+            c = counts[pos : pos + len(group)]
+            pos += len(group)
+            if parent is not None and np.any(c < plan.min_records):
+                # A too-small child: undo the split, and try the next attribute instead
+                # (at the next depth) until every attribute was tried.
+                parent.tries += 1
+                parent.axis = (parent.axis + 1) % m
+                if parent.tries >= m or depth == plan.max_depth:
+                    leaves.append(parent)
+                else:
+                    nxt.append((parent, _split(x, parent)))
+                continue
+            for cell, cnt in zip(group, c, strict=True):
+                if cnt < plan.split_threshold or depth == plan.max_depth:
+                    leaves.append(cell)
+                else:
+                    nxt.append((cell, _split(x, cell)))
+        frontier = nxt
+    return leaves
+
+
+def _split(x: np.ndarray, cell: Leaf) -> list[Leaf]:
+    """Halve ``cell`` at the midpoint of its current axis (a public, data-free choice)."""
+    a = cell.axis
+    m = x.shape[1]
+    mid = 0.5 * (cell.lo[a] + cell.hi[a])
+    left = x[cell.rows, a] < mid
+    hi_l = cell.hi.copy()
+    hi_l[a] = mid
+    lo_r = cell.lo.copy()
+    lo_r[a] = mid
+    nxt = (a + 1) % m
+    return [Leaf(cell.path + "0", cell.lo.copy(), hi_l, cell.rows[left], nxt),
+            Leaf(cell.path + "1", lo_r, cell.hi.copy(), cell.rows[~left], nxt)]
+
+
+def count_sigma(rho_per_depth: float) -> float:
+    """Noise scale of one depth's counts (0 when exact)."""
+    return 0.0 if not np.isfinite(rho_per_depth) else gaussian_sigma(count_sensitivity(),
+                                                                    rho_per_depth)
