@@ -6,7 +6,8 @@ blocked BLAS (``|q|^2 - 2 q.x + |x|^2`` on row blocks, ``argpartition`` per bloc
 
 Ties in distance are broken by row position (the earlier reference row first), exactly, also
 at the k-th place: the KD-tree path widens its query until the tie group at the boundary is
-complete. This is the convention of a stable sort, as in the IIM authors' reference code
+complete, the BLAS path re-selects rows whose k-th place is tied. This is the convention of a
+stable sort, as in the IIM authors' reference code
 (which it reproduces on their ASF example).
 """
 
@@ -98,9 +99,17 @@ class NeighborIndex:
             d2 = self._sqnorm[None, :] - 2.0 * (q @ self._data.T)
             d2 += np.einsum("ij,ij->i", q, q)[:, None]
             np.maximum(d2, 0.0, out=d2)
-            part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < self.n else (
-                np.broadcast_to(np.arange(self.n), d2.shape).copy()
-            )
+            if k < self.n:
+                part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+                # Ties at the k-th place: argpartition picks an arbitrary member of the tie
+                # group; redo those (rare) rows exactly, preferring the earlier row.
+                kth = np.take_along_axis(d2, part, axis=1).max(axis=1)
+                n_le = np.count_nonzero(d2 <= kth[:, None], axis=1)
+                for r in np.flatnonzero(n_le > k):
+                    cand = np.flatnonzero(d2[r] <= kth[r])
+                    part[r] = cand[np.lexsort((cand, d2[r, cand]))[:k]]
+            else:
+                part = np.broadcast_to(np.arange(self.n), d2.shape).copy()
             pd = np.take_along_axis(d2, part, axis=1)
             # Sort by distance, ties by position.
             o = np.lexsort((part, pd), axis=1)
