@@ -105,9 +105,13 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         if self.weights not in ("vote", "uniform"):
             raise ValueError(f"weights must be 'vote' or 'uniform', got {self.weights!r}")
         ell = self.ell
-        if not (ell in ("adaptive", "n") or (isinstance(ell, int | np.integer) and ell >= 1)):
+        is_int = isinstance(ell, int | np.integer) and not isinstance(ell, bool)
+        if not (ell in ("adaptive", "n") or (is_int and ell >= 1)):
             raise ValueError(f"ell must be 'adaptive', 'n' or an int >= 1, got {ell!r}")
         grid = None if self.ell_grid is None else tuple(int(g) for g in self.ell_grid)
+        if grid is not None and (not grid or min(grid) < 1):
+            raise ValueError(f"ell_grid must be a non-empty sequence of ints >= 1, got "
+                             f"{self.ell_grid!r}")
         alpha = self.alpha if np.isscalar(self.alpha) else tuple(self.alpha)
         cfg = IIMConfig(
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
