@@ -158,14 +158,22 @@ class ModelBank:
                 arrays = {k: z[k] for k in ("site", "cell", "lo", "hi", "gram", "sigma")}
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad bank
             raise BankError(f"{source}: not a readable fediim bank ({exc})") from exc
-        if manifest.get("format") != BANK_FORMAT:
-            raise BankError(f"{source}: format {manifest.get('format')!r}, expected "
-                            f"{BANK_FORMAT!r}")
-        if not all(np.all(np.isfinite(arrays[k])) for k in ("lo", "hi", "gram", "sigma")):
-            raise BankError(f"{source}: bank holds non-finite numbers")
-        return cls(n_features=int(manifest["n_features"]),
-                   min_records=int(manifest["min_records"]), meta=manifest.get("meta", {}),
-                   **arrays)
+        if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
+            got = manifest.get("format") if isinstance(manifest, dict) else manifest
+            raise BankError(f"{source}: format {got!r}, expected {BANK_FORMAT!r}")
+        for key in ("n_features", "min_records"):
+            if not isinstance(manifest.get(key), int) or isinstance(manifest.get(key), bool):
+                raise BankError(f"{source}: manifest key {key!r} must be an integer, got "
+                                f"{manifest.get(key)!r}")
+        meta = manifest.get("meta", {})
+        if not isinstance(meta, dict):
+            raise BankError(f"{source}: manifest key 'meta' must be an object")
+        for k in ("lo", "hi", "gram", "sigma"):
+            if arrays[k].dtype.kind != "f" or not np.all(np.isfinite(arrays[k])):
+                raise BankError(f"{source}: bank array {k!r} must hold finite floats (found "
+                                "non-finite or non-float values)")
+        return cls(n_features=manifest["n_features"], min_records=manifest["min_records"],
+                   meta=meta, **arrays)
 
     def save(self, path: str | Path) -> None:
         """Write the bank atomically."""

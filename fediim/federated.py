@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from fediim.bank import BankConfig, CellPatternModels, ModelBank
+from fediim.bank import BankConfig, BankError, CellPatternModels, ModelBank
 from fediim.gram import (
     affine_map,
     augmented_gram,
@@ -37,6 +37,7 @@ from fediim.iim import IIMConfig, PatternModels, vote_weights
 from fediim.imputer import METHOD_IIM, METHOD_MEAN, IIMImputer, ImputationResult
 from fediim.partition import PartitionPlan, build_partition
 from fediim.privacy import (
+    BudgetExceeded,
     NoiseSource,
     PrivacyLedger,
     SeededGaussianNoise,
@@ -141,6 +142,16 @@ def site_release(
     """A site's whole release: private partition + noised leaf Gram matrices (see module)."""
     x = np.asarray(x, dtype=np.float64)
     m = x.shape[1]
+    if np.isfinite(plan.rho_total):
+        # Refuse the whole plan up front: a release that could not be finished must not
+        # spend anything (the tree may stop early and spend less, never more).
+        if ledger is None:
+            raise ValueError("a private release needs a ledger to charge")
+        if not ledger.can_afford(plan.rho_total):
+            raise BudgetExceeded(
+                f"site {site_id!r}: this release needs rho={plan.rho_total:.6g} but only "
+                f"{ledger.remaining_rho:.6g} of {ledger.rho_budget:.6g} remains; nothing "
+                "was released")
     complete = x[~np.isnan(x).any(axis=1)]
     xs, _ = scale_to_bounds(complete, bounds)
     leaves = build_partition(xs, plan.partition, ledger=ledger, noise=noise)
@@ -197,6 +208,10 @@ def site_impute(
         return IIMImputer(n_neighbors=n_neighbors).fit(x).impute(x)
     if bank is None:
         raise ValueError(f"mode {mode!r} needs a model bank")
+    if bank.n_cells == 0:
+        raise BankError(f"mode {mode!r}: the model bank holds no cells (every site had "
+                        f"fewer than {bank.min_records} complete records per cell); use "
+                        "mode='local' or gather more sites")
     cfg = bank_config or BankConfig(n_neighbors=n_neighbors)
     n, m = x.shape
     miss = np.isnan(x)
