@@ -66,6 +66,10 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     scale : bool, default=True
         z-score attributes (with the fitted mean/std) before neighbour search and learning.
         ``False`` uses raw distances, as the authors' reference code does.
+    validation : {"loo", "paper"}, default="loo"
+        How adaptive ell scores a model on a validation tuple that is one of its own
+        learning neighbours: the exact leave-one-out ridge residual, or the paper's
+        in-sample residual (Alg. 3 as published).
 
     Attributes
     ----------
@@ -84,6 +88,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         weights: Literal["vote", "uniform"] = "vote",
         include_global: bool = True,
         scale: bool = True,
+        validation: Literal["loo", "paper"] = "loo",
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -92,6 +97,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.weights = weights
         self.include_global = include_global
         self.scale = scale
+        self.validation = validation
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -102,6 +108,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def _config(self) -> IIMConfig:
         if not isinstance(self.n_neighbors, int | np.integer) or self.n_neighbors < 1:
             raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}")
+        if self.validation not in ("loo", "paper"):
+            raise ValueError(f"validation must be 'loo' or 'paper', got {self.validation!r}")
         if self.weights not in ("vote", "uniform"):
             raise ValueError(f"weights must be 'vote' or 'uniform', got {self.weights!r}")
         ell = self.ell
@@ -116,6 +124,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         cfg = IIMConfig(
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
             weights=self.weights, include_global=bool(self.include_global),
+            validation=self.validation,
         )
         cfg.alphas()  # validates alpha
         return cfg
