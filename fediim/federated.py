@@ -33,7 +33,7 @@ from fediim.gram import (
     transform_gram,
     upper_triangle,
 )
-from fediim.iim import IIMConfig, PatternModels, vote_weights
+from fediim.iim import IIMConfig, PatternModels
 from fediim.imputer import METHOD_IIM, METHOD_MEAN, IIMImputer, ImputationResult
 from fediim.partition import PartitionPlan, build_partition
 from fediim.privacy import (
@@ -84,8 +84,8 @@ def plan_privacy(
     *,
     min_records: int = 10,
     count_fraction: float = 0.1,
-    max_depth: int = 10,
-    cell_noise_ratio: float = 8.0,
+    max_depth: int = 16,
+    cell_noise_ratio: float = 4.0,
 ) -> PrivacyPlan:
     """Split a site's (epsilon, delta) into the tree's counts and the leaves' Gram matrices.
 
@@ -196,12 +196,18 @@ def site_impute(
     mode: Mode = "hybrid",
     n_neighbors: int = 10,
     bank_config: BankConfig | None = None,
+    site_id: str | None = None,
+    n_validation: int = 400,
 ) -> ImputationResult:
     """Impute a site's incomplete rows locally (queries never leave the site).
 
-    ``federated``: bank candidates only; ``hybrid``: bank candidates plus the site's own
-    exact IIM candidates in one vote; ``local``: the site's own IIM only; ``mean``: the
-    federation-wide mean read off the bank.
+    ``federated``: bank candidates only; ``local``: the site's own IIM only; ``mean``: the
+    federation-wide mean read off the bank; ``hybrid``: a blend
+    ``lam * local + (1 - lam) * federated`` per pattern, with ``lam`` in {0, 0.1, .., 1}
+    chosen on the site's own complete rows (up to ``n_validation`` of them, each imputed
+    without itself, the federated side from the *other* sites' cells so the site's own
+    records do not flatter it). ``lam = 1`` is on the grid and wins ties, so hybrid can
+    only lose to local by validation noise, and a small site leans on the federation.
     """
     x = np.asarray(x, dtype=np.float64)
     if mode == "local":
@@ -224,7 +230,6 @@ def site_impute(
     pooled = bank.pooled_gram()
     fed_mean = pooled[0, 1:] / max(pooled[0, 0], 1.0)
     scale = bank.feature_scale()
-    complete = ~miss.any(axis=1)
     rows = np.flatnonzero(miss.any(axis=1))
     if rows.size == 0:
         return ImputationResult(out, miss, unc, method, ell, ncand)
@@ -240,24 +245,50 @@ def site_impute(
                 method[r, a] = METHOD_MEAN
                 continue
             q = xs[np.ix_(r, list(feats))]
-            res = CellPatternModels(bank, a, feats, cfg).impute(q)
-            cand, ells = res.candidates, res.ell.astype(float)
-            train = complete | ((~miss[:, list(feats)]).all(axis=1) & ~miss[:, a])
-            if mode == "hybrid" and train.any():
+            fed = CellPatternModels(bank, a, feats, cfg).impute(q)
+            val, spread, ells, n_c = fed.values, fed.spread, fed.ell.mean(axis=1), fed.ell.shape[1]
+            train = (~miss[:, list(feats)]).all(axis=1) & ~miss[:, a]
+            if mode == "hybrid" and train.sum() > 1:
                 s = scale[list(feats)]
-                local = PatternModels(xs[np.ix_(train, list(feats))] / s, xs[train, a],
-                                      local_cfg).impute(q / s)
-                cand = np.column_stack([cand, local.candidates])
-                ells = np.column_stack([ells, local.ell])
-            w = vote_weights(cand)
-            val = (w * cand).sum(axis=1)
+                tf, ty = xs[np.ix_(train, list(feats))] / s, xs[train, a]
+                local = PatternModels(tf, ty, local_cfg)
+                loc = local.impute(q / s)
+                lam = _blend_weight(local, tf, ty, s, bank, site_id, a, feats, cfg,
+                                    n_validation)
+                mix = lam * loc.values + (1 - lam) * val
+                spread = np.sqrt(lam * loc.spread**2 + (1 - lam) * spread**2
+                                 + lam * (1 - lam) * (loc.values - val) ** 2)
+                ells = lam * loc.ell.mean(axis=1) + (1 - lam) * ells
+                n_c += loc.ell.shape[1]
+                val = mix
             out[r, a] = unscale(val, bounds, a)
-            unc[r, a] = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1)) * (
-                bounds[a, 1] - bounds[a, 0])
+            unc[r, a] = spread * (bounds[a, 1] - bounds[a, 0])
             method[r, a] = METHOD_IIM
-            ell[r, a] = ells.mean(axis=1)
-            ncand[r, a] = cand.shape[1]
+            ell[r, a] = ells
+            ncand[r, a] = n_c
     return ImputationResult(out, miss, unc, method, ell, ncand)
+
+
+_BLEND_GRID = np.linspace(1.0, 0.0, 11)  # local first: ties go to the site's own model
+
+
+def _blend_weight(local: PatternModels, tf: np.ndarray, ty: np.ndarray, s: np.ndarray,
+                  bank: ModelBank, site_id: str | None, target: int, feats: tuple[int, ...],
+                  cfg: BankConfig, n_validation: int) -> float:
+    """Weight of the local estimate in hybrid mode, chosen on the site's own rows.
+
+    ``tf`` are the site's training features standardised by ``s`` (the bank works on the
+    unstandardised scaled coordinates, hence ``tf * s`` for it).
+    """
+    others = bank.select(bank.site != site_id) if site_id is not None else bank
+    if others.n_cells == 0 or len(ty) < 2:
+        return 1.0
+    rng = np.random.default_rng(0)
+    v = rng.permutation(len(ty))[:n_validation]
+    pl = local.impute(tf[v], exclude=v).values
+    pf = CellPatternModels(others, target, feats, cfg).impute(tf[v] * s).values
+    err = [np.mean((lam * pl + (1 - lam) * pf - ty[v]) ** 2) for lam in _BLEND_GRID]
+    return float(_BLEND_GRID[int(np.argmin(err))])
 
 
 class FederatedIIM:
@@ -287,9 +318,9 @@ class FederatedIIM:
         bounds: np.ndarray | None = None,
         mode: Mode = "hybrid",
         min_records: int = 10,
-        max_depth: int = 10,
+        max_depth: int = 16,
         count_fraction: float = 0.1,
-        cell_noise_ratio: float = 8.0,
+        cell_noise_ratio: float = 4.0,
         seed: int | None = None,
     ) -> None:
         if mode not in ("hybrid", "federated", "local", "mean"):
@@ -348,7 +379,8 @@ class FederatedIIM:
     def impute(self, sites: Sequence[np.ndarray]) -> list[ImputationResult]:
         """Like :meth:`transform`, with per-cell provenance and uncertainty."""
         return [site_impute(np.asarray(x, dtype=np.float64), self.bank_, self.bounds_,
-                            mode=self.mode, n_neighbors=self.k) for x in sites]
+                            mode=self.mode, n_neighbors=self.k, site_id=sid)
+                for x, sid in zip(sites, self.site_ids_, strict=True)]
 
     def fit_transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Fit on the sites and impute them."""

@@ -341,11 +341,24 @@ class PatternModels:
         return self._ell[np.asarray(rows, dtype=np.intp)]
 
     # -- imputation ---------------------------------------------------------------------
-    def impute(self, queries: np.ndarray) -> PatternResult:
-        """Impute the target for query rows given on F (Alg. 2)."""
+    def impute(self, queries: np.ndarray, exclude: np.ndarray | None = None) -> PatternResult:
+        """Impute the target for query rows given on F (Alg. 2).
+
+        ``exclude[q]`` (optional) is a training row that query q may not use as a
+        neighbour: imputing training rows themselves for validation, without seeing them.
+        """
         queries = np.asarray(queries, dtype=np.float64)
         k = min(self.config.n_neighbors, self.n)
-        _, nbr = self._index.query(queries, k)
+        if exclude is None:
+            _, nbr = self._index.query(queries, k)
+        else:
+            k = min(k, self.n - 1)
+            if k <= 0:
+                raise ValueError("excluding a row leaves no training row to impute from")
+            _, nbr = self._index.query(queries, k + 1)
+            keep = nbr != np.asarray(exclude)[:, None]
+            keep[keep.all(axis=1), -1] = False
+            nbr = nbr[keep].reshape(len(queries), k)
         phi = self.models(nbr.ravel()).reshape(len(queries), k, self.f + 1)
         qaug = np.column_stack([np.ones(len(queries)), queries])
         cand = np.einsum("qf,qkf->qk", qaug, phi)
