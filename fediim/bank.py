@@ -239,7 +239,7 @@ class CellPatternModels:
         p = len(self.features) + 1
         lmax = int(self._grid[-1])
         _, nbr = self._index.query(self._anchors, lmax)
-        cands = []
+        cands, pooled, pooled_nv = [], [], []
         g = np.zeros((c, p + 1, p + 1))
         nv = np.zeros(c)
         prev = 0
@@ -248,6 +248,8 @@ class CellPatternModels:
             nv += self._noise[nbr[:, prev:ell]].sum(axis=1)
             prev = int(ell)
             cands.append(_ridge(g, self._alpha(nv)))
+            pooled.append(g.copy())
+            pooled_nv.append(nv.copy())
         cands = np.stack(cands, axis=1)  # (C, L, p)
         k = min(self.config.n_neighbors, c - 1)
         if len(self._grid) > 1 and k > 0:
@@ -259,8 +261,19 @@ class CellPatternModels:
             p_idx = np.arange(p)
             cost = np.zeros((c, len(self._grid)))
             gj = self._g[j]
-            for li in range(len(self._grid)):
-                sse = _sse(cands[i, li], gj, p_idx)
+            # Leave-cell-out: where validation cell j is one of the ell cells pooled into
+            # i's model, score the model refitted without it (the cell analogue of LOO).
+            match = nbr[i] == j[:, None]
+            rank = np.where(match.any(axis=1), match.argmax(axis=1), c)
+            for li, ell in enumerate(self._grid):
+                phi = cands[i, li]
+                inside = np.flatnonzero(rank < ell)
+                if inside.size:
+                    ii, jj = i[inside], j[inside]
+                    phi = phi.copy()
+                    phi[inside] = _ridge(pooled[li][ii] - self._g[jj],
+                                         self._alpha(pooled_nv[li][ii] - self._noise[jj]))
+                sse = _sse(phi, gj, p_idx)
                 cost[:, li] = np.bincount(i, weights=sse, minlength=c)
             best = np.argmin(cost, axis=1)
             best[np.bincount(i, minlength=c) == 0] = len(self._grid) - 1
