@@ -206,8 +206,9 @@ def site_impute(
     ``lam * local + (1 - lam) * federated`` per pattern, with ``lam`` in {0, 0.1, .., 1}
     chosen on the site's own complete rows (up to ``n_validation`` of them, each imputed
     without itself, the federated side from the *other* sites' cells so the site's own
-    records do not flatter it). ``lam = 1`` is on the grid and wins ties, so hybrid can
-    only lose to local by validation noise, and a small site leans on the federation.
+    records do not flatter it). ``lam < 1`` is taken only when its gain over ``lam = 1``
+    exceeds one standard error of the paired differences, so hybrid loses to local only by
+    validation noise.
     """
     x = np.asarray(x, dtype=np.float64)
     if mode == "local":
@@ -229,7 +230,14 @@ def site_impute(
     ncand = np.zeros((n, m), dtype=np.int64)
     pooled = bank.pooled_gram()
     fed_mean = pooled[0, 1:] / max(pooled[0, 0], 1.0)
-    scale = bank.feature_scale()
+    # The local side standardises with the site's own spread, exactly as local mode does
+    # (its data never leaves, so nothing here is private); the bank side uses its own.
+    with np.errstate(invalid="ignore"):
+        sd = np.nanstd(xs, axis=0)
+        mu = np.nanmean(xs, axis=0)
+    sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
+    mu = np.where(np.isfinite(mu), mu, 0.0)
+    zs = (xs - mu) / sd
     rows = np.flatnonzero(miss.any(axis=1))
     if rows.size == 0:
         return ImputationResult(out, miss, unc, method, ell, ncand)
@@ -249,15 +257,17 @@ def site_impute(
             val, spread, ells, n_c = fed.values, fed.spread, fed.ell.mean(axis=1), fed.ell.shape[1]
             train = (~miss[:, list(feats)]).all(axis=1) & ~miss[:, a]
             if mode == "hybrid" and train.sum() > 1:
-                s = scale[list(feats)]
-                tf, ty = xs[np.ix_(train, list(feats))] / s, xs[train, a]
-                local = PatternModels(tf, ty, local_cfg)
-                loc = local.impute(q / s)
-                lam = _blend_weight(local, tf, ty, s, bank, site_id, a, feats, cfg,
-                                    n_validation)
-                mix = lam * loc.values + (1 - lam) * val
-                spread = np.sqrt(lam * loc.spread**2 + (1 - lam) * spread**2
-                                 + lam * (1 - lam) * (loc.values - val) ** 2)
+                fz = list(feats)
+                local = PatternModels(zs[np.ix_(train, fz)], zs[train, a], local_cfg)
+                loc = local.impute(zs[np.ix_(r, fz)])
+                loc_val = loc.values * sd[a] + mu[a]
+                lam = _blend_weight(local, zs[np.ix_(train, fz)], xs[np.ix_(train, fz)],
+                                    xs[train, a], (mu[a], sd[a]), bank, site_id, a, feats,
+                                    cfg, n_validation)
+                mix = lam * loc_val + (1 - lam) * val
+                loc_spread = loc.spread * sd[a]
+                spread = np.sqrt(lam * loc_spread**2 + (1 - lam) * spread**2
+                                 + lam * (1 - lam) * (loc_val - val) ** 2)
                 ells = lam * loc.ell.mean(axis=1) + (1 - lam) * ells
                 n_c += loc.ell.shape[1]
                 val = mix
@@ -272,23 +282,30 @@ def site_impute(
 _BLEND_GRID = np.linspace(1.0, 0.0, 11)  # local first: ties go to the site's own model
 
 
-def _blend_weight(local: PatternModels, tf: np.ndarray, ty: np.ndarray, s: np.ndarray,
-                  bank: ModelBank, site_id: str | None, target: int, feats: tuple[int, ...],
-                  cfg: BankConfig, n_validation: int) -> float:
+def _blend_weight(local: PatternModels, tz: np.ndarray, tx: np.ndarray, ty: np.ndarray,
+                  target_z: tuple[float, float], bank: ModelBank, site_id: str | None, target: int,
+                  feats: tuple[int, ...], cfg: BankConfig, n_validation: int) -> float:
     """Weight of the local estimate in hybrid mode, chosen on the site's own rows.
 
-    ``tf`` are the site's training features standardised by ``s`` (the bank works on the
-    unstandardised scaled coordinates, hence ``tf * s`` for it).
+    ``tz``: the site's training features as the local model sees them (z-scored), ``tx``:
+    the same rows in the bank's scaled coordinates, ``ty``: their targets (scaled
+    coordinates); local predictions are mapped back with ``target_z`` = (mean, sd).
     """
     others = bank.select(bank.site != site_id) if site_id is not None else bank
     if others.n_cells == 0 or len(ty) < 2:
         return 1.0
     rng = np.random.default_rng(0)
     v = rng.permutation(len(ty))[:n_validation]
-    pl = local.impute(tf[v], exclude=v).values
-    pf = CellPatternModels(others, target, feats, cfg).impute(tf[v] * s).values
-    err = [np.mean((lam * pl + (1 - lam) * pf - ty[v]) ** 2) for lam in _BLEND_GRID]
-    return float(_BLEND_GRID[int(np.argmin(err))])
+    pl = local.impute(tz[v], exclude=v).values * target_z[1] + target_z[0]
+    pf = CellPatternModels(others, target, feats, cfg).impute(tx[v]).values
+    err = np.stack([(lam * pl + (1 - lam) * pf - ty[v]) ** 2 for lam in _BLEND_GRID])
+    best = int(np.argmin(err.mean(axis=1)))
+    # Lean on the federation only when the gain over local is clear on these rows (one
+    # standard error of the paired difference): a small site's validation is noisy.
+    gain = err[0] - err[best]
+    if best == 0 or gain.mean() <= gain.std(ddof=1) / np.sqrt(len(gain)):
+        return 1.0
+    return float(_BLEND_GRID[best])
 
 
 class FederatedIIM:
