@@ -1,157 +1,119 @@
-"""The ``make demo`` job: IIM against kNN imputation on bundled data, then the CLI's files.
+"""The ``make demo`` job: a four-hospital privacy–utility study, then the CLI on one table.
 
-Run as ``python -m fediim.demo``. Uses scikit-learn's diabetes table (442 patients x 10
-attributes, shipped with scikit-learn: no download). For seeds 0, 1, 2 it hides one random
-attribute in 5% of the rows, fills the gaps with :class:`~fediim.imputer.IIMImputer` and
-with scikit-learn's ``KNNImputer(n_neighbors=10)`` (on z-scored data), and prints the
-normalised error of each::
+Run as ``python -m fediim.demo``. It is the study ``simulations/studies/diabetes.toml``
+(:data:`DEMO_STUDY` below, the same settings) on scikit-learn's bundled diabetes data
+(442 patients x 10 attributes; no download):
+
+- four hospitals A, B, C, D hold 40 / 30 / 20 / 10 % of the patients (a seeded shuffle);
+- in 20% of each hospital's complete records one random attribute is hidden (the IIM
+  paper's protocol), seeds 0, 1, 2;
+- each hospital fills its gaps alone (``local``), from the federation's private model bank
+  (``federated``) or both blended (``hybrid``) at a privacy budget of epsilon = 1, 4 and
+  infinity per hospital (delta = 1e-6); for reference, not private, with all records
+  pooled (``centralized`` IIM, scikit-learn ``knn``, the column ``mean``).
+
+It prints the error of each method at each budget,
 
     NRMSE = sqrt(mean over hidden cells of ((imputed - truth) / attribute std)^2)
 
-(0 is perfect; about 1 is what filling in the column mean gives). It then writes the
-seed-0 masked table to ``demo-output/diabetes_masked.csv`` and runs
-``fediim impute`` on it, to show the files a user gets.
+(0 is perfect, about 1 is as bad as the column mean), the privacy each hospital spent,
+and writes ``demo-output/report.md`` with its plots. Finished cells are cached in
+``demo-output/cache`` (a rerun reuses them; delete the folder to recompute). Finally it
+runs ``fediim impute`` on hospital D's masked table to show the files a user gets.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-from sklearn.datasets import load_diabetes
-from sklearn.impute import KNNImputer
+from typing import Any
 
 from fediim import cli
 from fediim.data import write_csv
-from fediim.imputer import IIMImputer
 
-__all__ = ["MethodScore", "compare", "main", "mask_cells", "nrmse"]
+__all__ = ["DEMO_STUDY", "demo_study", "main"]
 
-SEEDS: tuple[int, ...] = (0, 1, 2)
-MASK_FRACTION = 0.05
-
-Imputer = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class MethodScore:
-    """One method's result over the seeds: NRMSE per seed and mean seconds per run."""
-
-    method: str
-    nrmse: tuple[float, ...]
-    seconds: float
-
-    @property
-    def mean(self) -> float:
-        """NRMSE averaged over the seeds."""
-        return float(np.mean(self.nrmse))
-
-
-def mask_cells(
-    X: np.ndarray, seed: int, fraction: float = MASK_FRACTION
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hide one random attribute in ``fraction`` of the rows of ``X``.
-
-    Returns ``(masked copy with NaN, rows, cols)``; the hidden cells are ``X[rows, cols]``.
-    """
-    rng = np.random.default_rng(seed)
-    n, m = X.shape
-    rows = np.sort(rng.choice(n, size=max(1, round(fraction * n)), replace=False))
-    cols = rng.integers(0, m, size=rows.size)
-    masked = np.array(X, dtype=np.float64, copy=True)
-    masked[rows, cols] = np.nan
-    return masked, rows, cols
+#: The demo's study, key for key the same as ``simulations/studies/diabetes.toml``.
+DEMO_STUDY: dict[str, Any] = {
+    "study": {
+        "name": "diabetes",
+        "title": "Four hospitals, one shared schema: what does privacy cost?",
+        "description": (
+            "Four hospitals hold 40%, 30%, 20% and 10% of 442 diabetes patients (age, sex, "
+            "body mass\nindex, blood pressure and six blood serum measurements). In 20% of "
+            "each hospital's\ncomplete records one attribute is hidden; each hospital then "
+            "fills its gaps alone\n(`local`), with the federation's privately released "
+            "statistics (`federated`, `hybrid`),\nor -- for reference, not private -- with "
+            "everybody's raw records pooled (`centralized`,\n`knn`, `mean`)."),
+        "methods": ["local", "federated", "hybrid", "centralized", "knn", "mean"],
+        "epsilons": [1, 4, math.inf],
+        "delta": 1e-6,
+        "seeds": [0, 1, 2],
+        "k": 10,
+    },
+    "missingness": {"mechanism": "one_attribute", "rate": 0.2},
+    "datasets": [{
+        "name": "diabetes",
+        "builtin": "diabetes",
+        "partition": {"kind": "size_skew", "sizes": [0.4, 0.3, 0.2, 0.1],
+                      "site_names": ["A", "B", "C", "D"]},
+    }],
+    "bounds": {
+        "age": [0, 120], "sex": [1, 2], "bmi": [10, 70], "bp": [40, 200], "s1": [50, 500],
+        "s2": [0, 400], "s3": [0, 150], "s4": [0, 15], "s5": [2, 8], "s6": [40, 300],
+    },
+}
 
 
-def nrmse(
-    imputed: np.ndarray, truth: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-    std: np.ndarray,
-) -> float:
-    """Root mean square error over the cells ``(rows, cols)``, each in units of its
-    attribute's standard deviation ``std``."""
-    err = (imputed[rows, cols] - truth[rows, cols]) / std[cols]
-    return float(np.sqrt(np.mean(err**2)))
+def demo_study(seeds: Sequence[int] | None = None) -> Any:
+    """:data:`DEMO_STUDY` validated (optionally with other seeds, e.g. for a quick test)."""
+    from simulations.config import study_from_dict
+
+    raw = {**DEMO_STUDY, "study": dict(DEMO_STUDY["study"])}
+    if seeds is not None:
+        raw["study"]["seeds"] = list(seeds)
+    return study_from_dict(raw, source="simulations/studies/diabetes.toml")
 
 
-def _iim(masked: np.ndarray) -> np.ndarray:
-    return IIMImputer().fit(masked).impute(masked).values
+def _privacy_table(summary: dict[str, Any], study: Any, rows: dict[str, int]) -> str:
+    from simulations.config import eps_key
+
+    cells = summary["diabetes"][study.private_methods[0]]
+    keys = [eps_key(e) for e in study.config.study.epsilons]
+    head = ["site", "patients"] + [f"ε={'∞' if k == 'inf' else k}" for k in keys]
+    body = []
+    for site, n in rows.items():
+        row = [site, str(n)]
+        for k in keys:
+            p = (cells.get(k, {}).get("privacy_site") or {}).get(site)
+            row.append("none (no noise)" if k == "inf" else
+                       "" if p is None else f"{p['epsilon_spent']:.2f} of {k}")
+        body.append(row)
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    return "\n".join("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                      for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in [head, *body])
 
 
-def _knn(masked: np.ndarray) -> np.ndarray:
-    mu = np.nanmean(masked, axis=0)
-    sd = np.nanstd(masked, axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
-    z = KNNImputer(n_neighbors=10).fit_transform((masked - mu) / sd)
-    return z * sd + mu
+def _cli_walkthrough(study: Any, out: Path) -> int:
+    """``fediim impute`` on hospital D's masked table (seed 0)."""
+    from simulations.methods import prepare
 
-
-METHODS: tuple[tuple[str, Imputer], ...] = (
-    ("fediim IIMImputer()", _iim),
-    ("sklearn KNNImputer(n_neighbors=10), z-scored", _knn),
-)
-
-
-def compare(X: np.ndarray, seeds: Sequence[int] = SEEDS) -> list[MethodScore]:
-    """Score every method of :data:`METHODS` on ``X`` with one masking per seed."""
-    std = X.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    errors: dict[str, list[float]] = {name: [] for name, _ in METHODS}
-    seconds: dict[str, float] = {name: 0.0 for name, _ in METHODS}
-    for seed in seeds:
-        masked, rows, cols = mask_cells(X, seed)
-        for name, impute in METHODS:
-            start = time.perf_counter()
-            filled = impute(masked)
-            seconds[name] += time.perf_counter() - start
-            errors[name].append(nrmse(filled, X, rows, cols, std))
-    return [
-        MethodScore(name, tuple(errors[name]), seconds[name] / len(seeds)) for name, _ in METHODS
-    ]
-
-
-def _table(scores: list[MethodScore]) -> str:
-    width = max(len("method"), *(len(s.method) for s in scores))
-    lines = [f"  {'method':<{width}}  {'NRMSE (mean ± sd)':>18}  {'seconds/run':>11}"]
-    for s in scores:
-        nr = f"{s.mean:.3f} ± {float(np.std(s.nrmse)):.3f}"
-        lines.append(f"  {s.method:<{width}}  {nr:>18}  {s.seconds:>11.3f}")
-    return "\n".join(lines)
-
-
-def main(out_dir: str | os.PathLike[str] = "demo-output") -> int:
-    """Run the demo, writing its files under ``out_dir``; return the CLI's exit code."""
-    data = load_diabetes(scaled=False)
-    X = np.asarray(data.data, dtype=np.float64)
-    columns = [str(c) for c in data.feature_names]
-    n, m = X.shape
-    n_hidden = mask_cells(X, SEEDS[0])[1].size
-
-    print(f"fediim demo: scikit-learn's diabetes data, {n} patients x {m} attributes")
-    print(f"  ({', '.join(columns)})")
-    print(
-        f"hiding one random attribute in {MASK_FRACTION:.0%} of the rows ({n_hidden} cells), "
-        f"seeds {', '.join(map(str, SEEDS))}; error in units of each attribute's std "
-        "(lower is better, ~1 = column mean)\n"
-    )
-    scores = compare(X)
-    print(_table(scores))
-    best = min(scores, key=lambda s: s.mean)
-    print(f"\nlowest error: {best.method}\n")
-
-    out = Path(out_dir)
-    masked, _, _ = mask_cells(X, SEEDS[0])
-    src = out / "diabetes_masked.csv"
-    dst = out / "diabetes_imputed.csv"
-    write_csv(src, masked, columns, float_format=None)
+    p = prepare(study, 0, study.config.study.seeds[0])
+    site = p.fed.site_names[-1]
+    x = p.masked[-1]
+    src = out / f"hospital_{site}_masked.csv"
+    dst = out / f"hospital_{site}_imputed.csv"
+    write_csv(src, x, p.fed.columns, float_format=None)
     argv = ["impute", str(src), "-o", str(dst)]
-    print("the same with the command line (seed 0):")
+    print(f"\nthe same gaps at one hospital with the command line (hospital {site}, seed "
+          f"{study.config.study.seeds[0]}, no federation):")
     print(f"  $ fediim {' '.join(argv)}")
     sys.stdout.flush()
     err = io.StringIO()
@@ -162,17 +124,77 @@ def main(out_dir: str | os.PathLike[str] = "demo-output") -> int:
     if code != 0:
         return code
     flags, audit = cli.default_sidecar_paths(dst)
-    print("\nfiles:")
-    for path, what in (
-        (src, f"input: the masked table ({n_hidden} empty cells)"),
-        (dst, "the imputed table (same columns; observed cells unchanged)"),
-        (flags, "per cell: <col>_imputed (0/1) and <col>_uncertainty"),
-        (audit, "one JSON line per imputed cell: method, k, ell, candidates, spread"),
-    ):
-        print(f"  {str(path):<40}  {what}")
-    with open(audit, encoding="utf-8") as fh:
-        first = fh.readline().strip()
-    print(f"\nfirst audit record:\n  {first}")
+    for path, what in ((dst, "the imputed table (observed cells unchanged)"),
+                       (flags, "per cell: imputed (0/1) and uncertainty"),
+                       (audit, "one JSON line per imputed cell: method, k, candidates")):
+        print(f"  {str(path):<44}  {what}")
+    return 0
+
+
+def main(out_dir: str | os.PathLike[str] = "demo-output", *,
+         seeds: Sequence[int] | None = None, workers: int = 2,
+         progress: bool | None = None) -> int:
+    """Run the demo, writing under ``out_dir``; return 0 on success."""
+    from simulations.report import summarise, table_text
+    from simulations.runner import run_study
+
+    study = demo_study(seeds)
+    s = study.config.study
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    print("fediim demo: four hospitals fill gaps in their records, alone or together under "
+          "differential privacy")
+    print("  data: scikit-learn's diabetes table, 442 patients x 10 attributes (age, sex, "
+          "bmi, bp, s1-s6)")
+    print("  hospitals A, B, C, D hold 40/30/20/10% of the patients; in 20% of each one's "
+          "complete records")
+    print(f"  one random attribute is hidden (seeds {', '.join(map(str, s.seeds))}); "
+          "budgets ε = 1, 4, ∞ per hospital, δ = 1e-6\n")
+    sys.stdout.flush()
+    run = run_study(study, out, workers=workers,
+                    progress=sys.stderr.isatty() if progress is None else progress,
+                    log=lambda _msg: None)
+    if run.failures:
+        for f in run.failures:
+            print(f"error: {f['task']}: {f['error']}", file=sys.stderr)
+        return 1
+    summary = summarise(run.records)
+    rows = run.records[0]["n_rows_site"]
+    print(f"NRMSE, mean ± sd over {len(s.seeds)} seed(s) (lower is better; 0 = perfect, "
+          "~1 = as bad as the column mean):\n")
+    print("\n".join("  " + line for line in
+                    table_text(summary, study, "diabetes", markdown=False).splitlines()))
+    print("\n  local: each hospital alone, nothing shared · federated: the private model bank "
+          "only ·\n  hybrid: bank + the hospital's own model · centralized / knn / mean: all "
+          "records pooled (NOT private)")
+    print("\nprivacy spent per hospital (ε of its budget; `local` spends nothing):\n")
+    print(_privacy_table(summary, study, rows))
+
+    res = summary["diabetes"]
+    small = run.records[0]["sites"][-1]
+    loc, mean = res.get("local", {}).get("-"), res.get("mean", {}).get("-")
+    hyb, fed = res.get("hybrid", {}).get("1"), res.get("federated", {}).get("1")
+    print()
+    if fed and mean and hyb and fed["nrmse_mean"] > mean["nrmse_mean"]:
+        print(f"at ε=1 the noised bank alone is worse than the column mean "
+              f"({fed['nrmse_mean']:.3f} vs {mean['nrmse_mean']:.3f}); hybrid, which also "
+              f"uses the hospital's own records, gets {hyb['nrmse_mean']:.3f}")
+    if loc and hyb:
+        print(f"smallest hospital {small} ({rows[small]} patients): local "
+              f"{loc['nrmse_site'][small]['mean']:.3f} -> hybrid at ε=1 "
+              f"{hyb['nrmse_site'][small]['mean']:.3f}")
+    cached = f", {run.n_cached} reused from {run.cache_dir}" if run.n_cached else ""
+    print(f"\nstudy: {run.n_cells} cells in {run.wall_s:.1f} s ({run.n_computed} computed"
+          f"{cached})")
+    print(f"report: {run.files['report']} (plots: "
+          + ", ".join(str(run.files[k].name) for k in ("nrmse", "sites", "privacy")
+                      if k in run.files) + ")")
+    code = _cli_walkthrough(study, out)
+    if code != 0:
+        return code
+    print("\nnext: fediim study simulations/studies/heart.toml   (four real hospitals; "
+          "see simulations/studies/)")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -1,48 +1,59 @@
-"""The ``make demo`` job: runs quickly, prints both methods, IIM beats kNN, writes the files."""
+"""The ``make demo`` job: a real (one-seed) run prints its tables and writes the report."""
 
 from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fediim import demo
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_demo_runs_and_iim_beats_knn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main(out_dir=tmp_path) == 0
+
+def test_demo_study_is_the_shipped_diabetes_toml() -> None:
+    with open(REPO / "simulations" / "studies" / "diabetes.toml", "rb") as fh:
+        assert tomllib.load(fh) == demo.DEMO_STUDY
+    study = demo.demo_study()
+    s = study.config.study
+    assert s.methods == ["local", "federated", "hybrid", "centralized", "knn", "mean"]
+    assert s.seeds == [0, 1, 2] and [str(e) for e in s.epsilons] == ["1.0", "4.0", "inf"]
+
+
+def test_demo_runs_and_writes_the_report(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(out_dir=tmp_path, seeds=(0,), workers=2, progress=False) == 0
     out = capsys.readouterr().out
-    assert "IIMImputer" in out and "KNNImputer" in out
 
-    nrmse = {}
+    # the method x epsilon table
+    header = next(line for line in out.splitlines() if line.strip().startswith("method"))
+    assert re.findall(r"ε=\S+", header) == ["ε=1", "ε=4", "ε=∞"]
+    nrmse: dict[str, list[float]] = {}
     for line in out.splitlines():
-        m = re.match(r"\s+(fediim IIMImputer|sklearn KNNImputer)\S*.*?\s(\d+\.\d+) ±", line)
+        m = re.match(r"\s+(local|federated|hybrid|centralized|knn|mean)\s+(.*)$", line)
         if m:
-            nrmse[m.group(1)] = float(m.group(2))
-    assert set(nrmse) == {"fediim IIMImputer", "sklearn KNNImputer"}
-    assert 0 < nrmse["fediim IIMImputer"] < nrmse["sklearn KNNImputer"] < 1.5
+            nrmse[m.group(1)] = [float(x) for x in re.findall(r"\d+\.\d{3}", m.group(2))]
+    assert set(nrmse) == {"local", "federated", "hybrid", "centralized", "knn", "mean"}
+    assert len(nrmse["hybrid"]) == 3 and len(nrmse["local"]) == 1
+    assert 0.8 < nrmse["mean"][0] < 1.2                 # the column mean is the ~1 level
+    assert nrmse["centralized"][0] < nrmse["mean"][0]
+    assert nrmse["federated"][2] < nrmse["federated"][0]  # epsilon = inf beats epsilon = 1
 
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [
-        "diabetes_imputed.audit.jsonl",
-        "diabetes_imputed.csv",
-        "diabetes_imputed.flags.csv",
-        "diabetes_masked.csv",
-    ]
-    for name in names:
-        assert str(tmp_path / name) in out
-    audit = (tmp_path / "diabetes_imputed.audit.jsonl").read_text().splitlines()
-    assert len(audit) == 22 and json.loads(audit[0])["method"] == "iim"
+    # privacy spent per hospital
+    for site in ("A", "B", "C", "D"):
+        assert re.search(rf"^\s+{site}\s+\d+\s+0\.\d\d of 1\s+\d\.\d\d of 4\s+none", out,
+                         re.M), site
+    assert "report: " in out and "study: 10 cells" in out
 
-
-def test_mask_and_nrmse() -> None:
-    X = np.arange(200, dtype=float).reshape(40, 5)
-    masked, rows, cols = demo.mask_cells(X, seed=1)
-    assert rows.size == 2 and np.isnan(masked).sum() == 2
-    assert np.isnan(masked[rows, cols]).all()
-    assert demo.nrmse(X, X, rows, cols, np.ones(5)) == 0.0
-    shifted = X + 2.0
-    assert demo.nrmse(shifted, X, rows, cols, np.full(5, 4.0)) == pytest.approx(0.5)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"report.md", "results.json", "results.csv", "nrmse_vs_epsilon.png", "per_site.png",
+            "privacy_spent.png", "cache", "hospital_D_masked.csv", "hospital_D_imputed.csv",
+            "hospital_D_imputed.flags.csv", "hospital_D_imputed.audit.jsonl"} <= names
+    report = (tmp_path / "report.md").read_text()
+    assert "Four hospitals" in report and "![nrmse](nrmse_vs_epsilon.png)" in report
+    audit = (tmp_path / "hospital_D_imputed.audit.jsonl").read_text().splitlines()
+    assert audit and json.loads(audit[0])["method"] == "iim"
+    assert "$ fediim impute" in out

@@ -1,0 +1,368 @@
+"""Datasets and partitioners: from a study's ``[[datasets]]`` entry to a list of site tables.
+
+Sources
+    path = a CSV file            one table, split by ``partition``
+    path = a folder              one CSV per site (``files`` lists them in order; default:
+                                 every ``*.csv`` in name order); with a partition other
+                                 than ``natural`` the files are stacked first
+    builtin = "diabetes"         scikit-learn's diabetes table (442 x 10, unscaled),
+                                 shipped with scikit-learn
+
+Every CSV needs a header row; an empty field (or NA, NaN, nan, ?) is missing. Then, in
+this order: the natural-partition column is taken out (if any), ``drop_columns`` are
+dropped, ``columns`` (if given) selects and orders the rest, and ``missing_codes`` turn
+coded values into missing (UCI Heart's ``chol = 0``).
+
+Partitions (``seed`` is the study seed; random ones use ``default_rng(seed_offset + seed)``)
+    natural      one site per file, or one site per value of ``column`` (a single table)
+    iid          a random permutation cut into ``sites`` near-equal parts
+    size_skew    a random permutation cut at the cumulative ``sizes`` fractions
+    dirichlet    label/feature skew on ``column``: its values are classes (or ``bins``
+                 quantile bins when it has more distinct values); each class is spread over
+                 the sites by proportions drawn from Dirichlet(``alpha``) -- small alpha,
+                 strong skew. Redrawn (up to 100 times) until every site has ``min_rows``.
+    sorted       rows sorted by ``column`` and cut into ``sites`` contiguous blocks (the
+                 most extreme feature skew: each site sees one range of the column)
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simulations.config import DatasetConfig, Study, StudyConfigError
+
+__all__ = [
+    "DEFAULT_MISSING_MARKERS",
+    "Federation",
+    "RawData",
+    "load_raw",
+    "make_federation",
+    "partition_rows",
+    "read_table",
+]
+
+DEFAULT_MISSING_MARKERS: tuple[str, ...] = ("", "NA", "NaN", "nan", "?")
+
+
+class DataLoadError(StudyConfigError):
+    """A dataset could not be read or does not fit the study (names file, line, column)."""
+
+
+@dataclass(frozen=True)
+class RawData:
+    """A dataset before partitioning: tables (one per file) over the same columns."""
+
+    name: str
+    columns: list[str]
+    tables: list[np.ndarray]
+    table_names: list[str]
+    labels: list[np.ndarray] | None  # natural partition by column: the column, per table
+    fingerprint: str                 # sha256 of the source bytes + preprocessing
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Sites holding disjoint rows over one schema."""
+
+    name: str
+    columns: list[str]
+    site_names: list[str]
+    sites: list[np.ndarray]
+    bounds: np.ndarray | None   # (m, 2) public bounds, or None when not all are given
+
+
+# -- reading ------------------------------------------------------------------------------
+def read_table(path: Path, markers: tuple[str, ...] = DEFAULT_MISSING_MARKERS
+               ) -> tuple[list[str], np.ndarray, bytes]:
+    """A numeric CSV with a header row: (columns, values with NaN, the file's bytes).
+
+    Unlike ``fediim.data.read_csv`` a column may be entirely missing at one site.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataLoadError(f"{path}: cannot read: {exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataLoadError(f"{path}: not UTF-8 text ({exc})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataLoadError(f"{path}: empty file; expected a header row") from None
+    cols = [h.strip() for h in header]
+    if len(set(cols)) != len(cols) or any(not c for c in cols):
+        raise DataLoadError(f"{path}: line 1: header needs distinct non-empty column names")
+    mark = {m.strip() for m in markers}
+    rows: list[list[float]] = []
+    for rec in reader:
+        if not rec:
+            continue
+        line = reader.line_num
+        if len(rec) != len(cols):
+            raise DataLoadError(f"{path}: line {line}: {len(rec)} fields, expected {len(cols)}")
+        row = []
+        for j, cell in enumerate(rec):
+            c = cell.strip()
+            if c in mark:
+                row.append(math.nan)
+                continue
+            try:
+                v = float(c)
+            except ValueError:
+                raise DataLoadError(f"{path}: line {line}, column {cols[j]!r}: {cell!r} is "
+                                    "not a number (nor a missing marker)") from None
+            if not math.isfinite(v):
+                raise DataLoadError(f"{path}: line {line}, column {cols[j]!r}: {cell!r} is "
+                                    "not finite")
+            row.append(v)
+        rows.append(row)
+    if not rows:
+        raise DataLoadError(f"{path}: no data rows")
+    return cols, np.array(rows, dtype=np.float64), data
+
+
+def _builtin(name: str) -> tuple[list[str], np.ndarray, bytes]:
+    if name == "diabetes":
+        from sklearn.datasets import load_diabetes
+
+        d = load_diabetes(scaled=False)
+        x = np.ascontiguousarray(d.data, dtype=np.float64)
+        return [str(c) for c in d.feature_names], x, x.tobytes()
+    raise DataLoadError(f"unknown builtin dataset {name!r}")  # pragma: no cover
+
+
+def _ds_key(study: Study, index: int) -> str:
+    return f"datasets[{index}] ({study.config.datasets[index].name})"
+
+
+def load_raw(study: Study, index: int) -> RawData:
+    """Read dataset ``index`` of the study and apply its column preprocessing."""
+    return _load_raw(study.config.datasets[index], study.base_dir, study.source,
+                     _ds_key(study, index))
+
+
+def _load_raw(ds: DatasetConfig, base_dir: Path, source: str, key: str) -> RawData:
+    markers = tuple(ds.missing_markers) if ds.missing_markers is not None \
+        else DEFAULT_MISSING_MARKERS
+    h = hashlib.sha256()
+    tables: list[tuple[str, list[str], np.ndarray]] = []
+    if ds.builtin is not None:
+        cols, x, b = _builtin(ds.builtin)
+        h.update(b)
+        tables.append((ds.builtin, cols, x))
+    else:
+        assert ds.path is not None
+        p = Path(ds.path).expanduser()
+        p = p if p.is_absolute() else base_dir / p
+        if p.is_dir():
+            if ds.files is not None:
+                files = [p / f for f in ds.files]
+                for i, f in enumerate(files):
+                    if not f.is_file():
+                        raise DataLoadError(f"{source}: {key}.files[{i}]: no such file "
+                                            f"{f}")
+            else:
+                files = sorted(p.glob("*.csv"))
+                if not files:
+                    raise DataLoadError(f"{source}: {key}.path: folder {p} holds no "
+                                        "*.csv files")
+            for f in files:
+                cols, x, b = read_table(f, markers)
+                h.update(f.name.encode() + b"\0" + b)
+                tables.append((f.stem, cols, x))
+        elif p.is_file():
+            if ds.files is not None:
+                raise DataLoadError(f"{source}: {key}.files: path {p} is a file, not a "
+                                    "folder")
+            cols, x, b = read_table(p, markers)
+            h.update(b)
+            tables.append((p.stem, cols, x))
+        else:
+            raise DataLoadError(f"{source}: {key}.path: {ds.path!r} not found (resolved "
+                                f"to {p}; relative paths are taken from {base_dir})")
+    first_cols = tables[0][1]
+    for tname, cols, _ in tables[1:]:
+        if set(cols) != set(first_cols):
+            raise DataLoadError(f"{source}: {key}: file {tname!r} has columns {cols}, "
+                                f"the first file has {first_cols}")
+
+    def need(col: str, what: str) -> None:
+        if col not in first_cols:
+            raise DataLoadError(f"{source}: {key}.{what}: no column {col!r} in the data "
+                                f"(columns: {', '.join(first_cols)})")
+
+    part = ds.partition
+    label_col = part.column if part.kind == "natural" else None
+    if part.kind == "natural" and label_col is None and len(tables) == 1:
+        raise DataLoadError(f"{source}: {key}.partition.column: kind = 'natural' on a "
+                            "single table needs the column whose value names the site (or "
+                            "give path = a folder with one CSV per site)")
+    if part.kind == "natural" and label_col is not None and len(tables) > 1:
+        raise DataLoadError(f"{source}: {key}.partition.column: the folder already has "
+                            "one file per site; drop partition.column")
+    if label_col is not None:
+        need(label_col, "partition.column")
+    for i, c in enumerate(ds.drop_columns):
+        need(c, f"drop_columns[{i}]")
+    keep = [c for c in first_cols if c not in ds.drop_columns and c != label_col]
+    if ds.columns is not None:
+        for i, c in enumerate(ds.columns):
+            need(c, f"columns[{i}]")
+            if c not in keep:
+                raise DataLoadError(f"{source}: {key}.columns[{i}]: {c!r} is dropped")
+        keep = list(ds.columns)
+    for c in ds.missing_codes:
+        if c not in keep:
+            raise DataLoadError(f"{source}: {key}.missing_codes.{c}: no such column "
+                                f"(columns: {', '.join(keep)})")
+    if len(keep) < 2:
+        raise DataLoadError(f"{source}: {key}: at least two columns are needed, "
+                            f"got {keep}")
+    out, labels = [], []
+    for _, cols, x in tables:
+        idx = [cols.index(c) for c in keep]
+        y = x[:, idx].copy()
+        for c, codes in ds.missing_codes.items():
+            j = keep.index(c)
+            y[np.isin(y[:, j], codes), j] = np.nan
+        out.append(y)
+        if label_col is not None:
+            labels.append(x[:, cols.index(label_col)])
+    pre = {k: v for k, v in ds.model_dump().items() if k in (
+        "columns", "drop_columns", "missing_codes", "missing_markers", "files")}
+    h.update(json.dumps(pre, sort_keys=True).encode())
+    return RawData(ds.name, keep, out, [t[0] for t in tables],
+                   labels if label_col is not None else None, h.hexdigest())
+
+
+# -- partitioning -------------------------------------------------------------------------
+def _dirichlet(values: np.ndarray, n_sites: int, alpha: float, bins: int, min_rows: int,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    v = np.where(np.isnan(values), np.nanmedian(values), values)
+    uniq = np.unique(v)
+    if len(uniq) <= bins:
+        classes = np.searchsorted(uniq, v)
+    else:
+        edges = np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])
+        classes = np.searchsorted(edges, v, side="right")
+    n = len(v)
+    if n < n_sites * min_rows:
+        raise ValueError(f"{n} rows cannot give {n_sites} sites of min_rows = {min_rows}")
+    for _ in range(100):
+        parts: list[list[int]] = [[] for _ in range(n_sites)]
+        for c in np.unique(classes):
+            idx = rng.permutation(np.flatnonzero(classes == c))
+            p = rng.dirichlet(np.full(n_sites, alpha))
+            cuts = (np.cumsum(p)[:-1] * len(idx)).round().astype(int)
+            for s, chunk in enumerate(np.split(idx, cuts)):
+                parts[s].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_rows:
+            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"no Dirichlet(alpha = {alpha}) draw in 100 gave every site at least "
+                     f"min_rows = {min_rows} rows; raise alpha or lower min_rows")
+
+
+def partition_rows(n: int, kind: str, seed: int, *, sites: int | None = None,
+                   sizes: list[float] | None = None, column: np.ndarray | None = None,
+                   alpha: float = 0.5, bins: int = 4, min_rows: int = 10,
+                   seed_offset: int = 10_000) -> list[np.ndarray]:
+    """Row indices of each site for the random/sorted partitions (see the module doc)."""
+    rng = np.random.default_rng(seed_offset + seed)
+    if kind == "iid":
+        assert sites is not None
+        return list(np.array_split(rng.permutation(n), sites))
+    if kind == "size_skew":
+        assert sizes is not None
+        w = np.asarray(sizes, dtype=np.float64)
+        cuts = (np.cumsum(w / w.sum())[:-1] * n).round().astype(int)
+        return list(np.split(rng.permutation(n), cuts))
+    if kind == "sorted":
+        assert sites is not None and column is not None
+        return list(np.array_split(np.argsort(column, kind="stable"), sites))
+    if kind == "dirichlet":
+        assert sites is not None and column is not None
+        return _dirichlet(column, sites, alpha, bins, min_rows, rng)
+    raise ValueError(f"unknown partition kind {kind!r}")
+
+
+def _natural_names(raw: RawData, values: np.ndarray | None = None) -> list[str]:
+    if values is None:
+        return list(raw.table_names)
+    return [f"{v:g}" for v in values]
+
+
+def make_federation(study: Study, index: int, seed: int, raw: RawData | None = None
+                    ) -> Federation:
+    """Dataset ``index`` split into its sites for ``seed``, with its public bounds."""
+    ds = study.config.datasets[index]
+    raw = raw if raw is not None else load_raw(study, index)
+    part = ds.partition
+    key = _ds_key(study, index)
+    source = study.source
+    if part.kind == "natural":
+        if raw.labels is None:
+            sites = list(raw.tables)
+            names = _natural_names(raw)
+        else:
+            x, lab = raw.tables[0], raw.labels[0]
+            if np.isnan(lab).any():
+                raise DataLoadError(f"{source}: {key}.partition.column: "
+                                    f"{part.column!r} is missing in some rows")
+            vals = np.unique(lab)
+            if len(vals) < 2:
+                raise DataLoadError(f"{source}: {key}.partition.column: "
+                                    f"{part.column!r} has a single value; need >= 2 sites")
+            sites = [x[lab == v] for v in vals]
+            names = [f"{part.column}={n}" for n in _natural_names(raw, vals)]
+    else:
+        x = np.vstack(raw.tables)
+        col = None
+        if part.column is not None:
+            if part.column not in raw.columns:
+                raise DataLoadError(f"{source}: {key}.partition.column: no column "
+                                    f"{part.column!r} (columns: {', '.join(raw.columns)})")
+            col = x[:, raw.columns.index(part.column)]
+        try:
+            idx = partition_rows(len(x), part.kind, seed, sites=part.sites, sizes=part.sizes,
+                                 column=col, alpha=part.alpha, bins=part.bins,
+                                 min_rows=part.min_rows, seed_offset=part.seed_offset)
+        except ValueError as exc:
+            raise DataLoadError(f"{source}: {key}.partition: {exc}") from None
+        sites = [x[i] for i in idx]
+        names = [f"site{i}" for i in range(len(sites))]
+    if part.site_names is not None:
+        if len(part.site_names) != len(sites) or len(set(part.site_names)) != len(sites):
+            raise DataLoadError(f"{source}: {key}.partition.site_names: {len(sites)} "
+                                f"distinct names needed, got {part.site_names}")
+        names = list(part.site_names)
+    for name, s in zip(names, sites, strict=True):
+        if len(s) < 2:
+            raise DataLoadError(f"{source}: {key}: site {name!r} has {len(s)} row(s)")
+    bmap = study.bounds_for(ds)
+    bounds = None
+    if all(c in bmap for c in raw.columns):
+        bounds = np.array([bmap[c] for c in raw.columns], dtype=np.float64)
+    return Federation(ds.name, list(raw.columns), names, sites, bounds)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_raw(ds_json: str, base_dir: str, source: str, key: str) -> RawData:
+    return _load_raw(DatasetConfig.model_validate_json(ds_json), Path(base_dir), source, key)
+
+
+def cached_raw(study: Study, index: int) -> RawData:
+    """:func:`load_raw`, memoised per process (workers load each dataset once)."""
+    ds = study.config.datasets[index]
+    return _cached_raw(ds.model_dump_json(), str(study.base_dir), study.source,
+                       _ds_key(study, index))

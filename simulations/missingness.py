@@ -1,0 +1,130 @@
+"""Missingness mechanisms: which observed cells a study hides (and then scores).
+
+Only cells observed in the data can be hidden (a real gap has no truth); a row never loses
+all of its observed cells. ``rate`` means:
+
+one_attribute  the IIM paper's protocol: per site, ``round(rate * n_complete)`` of its
+               complete rows each lose one uniformly random attribute (columns a site never
+               observes do not count against "complete" and are never hidden there). One
+               ``default_rng(seed)`` draws the sites in order -- the same masks as
+               ``benchmarks/privacy_utility.py``.
+mcar           every observed cell of the target ``columns`` is hidden independently with
+               probability ``rate`` (missing completely at random).
+mar            missing at random: the probability that a row's target cells are hidden is
+               ``sigmoid(b + strength * z)``, ``z`` the row's ``driver`` value standardised
+               over the federation; the driver itself is never hidden, so given the
+               driver, missingness does not depend on the hidden values. ``b`` is set so
+               the expected fraction of hidden target cells is ``rate``.
+mnar           missing not at random (self-masking): each target cell is hidden with
+               probability ``sigmoid(b_j + strength * z)``, ``z`` the cell's own value
+               standardised over the federation, so larger values go missing more often;
+               ``b_j`` is set per column so each column loses ``rate`` of its cells in
+               expectation.
+
+For mcar/mar/mnar the draws are made on the sites stacked in order with
+``default_rng(seed)``, so a site whose values are higher loses more under mnar (the
+mechanism is the federation's, not tuned per site). The target ``columns`` default to all
+columns (all but the driver for mar).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.special import expit
+
+from simulations.config import MissingnessConfig
+
+__all__ = ["apply_missingness", "mask_one_attribute", "mask_pooled"]
+
+
+def mask_one_attribute(sites: Sequence[np.ndarray], rate: float, seed: int,
+                       columns: Sequence[int] | None = None) -> list[np.ndarray]:
+    """The paper protocol per site (see the module doc); boolean masks of hidden cells."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for x in sites:
+        seen = np.flatnonzero(~np.isnan(x).all(axis=0))
+        complete = np.flatnonzero(~np.isnan(x[:, seen]).any(axis=1))
+        cand = seen if columns is None else np.intersect1d(seen, np.asarray(columns))
+        k = int(round(rate * len(complete))) if cand.size else 0
+        rows = np.sort(rng.choice(complete, size=k, replace=False))
+        cols = rng.choice(cand, size=k) if cand.size else np.zeros(0, dtype=np.int64)
+        mask = np.zeros(x.shape, dtype=bool)
+        mask[rows, cols] = True
+        masks.append(mask)
+    return masks
+
+
+def _intercept(z: np.ndarray, strength: float, rate: float) -> float:
+    """b with mean(sigmoid(b + strength * z)) == rate (bisection; the mean rises with b)."""
+    lo, hi = -60.0, 60.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float(np.mean(expit(mid + strength * z))) < rate:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _standardise(v: np.ndarray) -> np.ndarray:
+    mu, sd = np.nanmean(v), np.nanstd(v)
+    return (v - mu) / (sd if sd > 0 else 1.0)
+
+
+def mask_pooled(x: np.ndarray, mechanism: str, rate: float, rng: np.random.Generator, *,
+                targets: Sequence[int], driver: int | None = None, strength: float = 2.0
+                ) -> np.ndarray:
+    """mcar / mar / mnar on one stacked table; a boolean mask of the hidden cells."""
+    n, m = x.shape
+    observed = ~np.isnan(x)
+    t = np.zeros(m, dtype=bool)
+    t[list(targets)] = True
+    eligible = observed & t[None, :]
+    u = rng.random((n, m))
+    if mechanism == "mcar":
+        p = np.full((n, m), rate)
+    elif mechanism == "mar":
+        assert driver is not None
+        z = np.nan_to_num(_standardise(x[:, driver]))  # a missing driver counts as average
+        w = eligible.sum(axis=1)                        # cells each row can lose
+        zr = np.repeat(z, w)                            # one entry per eligible cell
+        b = _intercept(zr, strength, rate) if zr.size else 0.0
+        p = np.repeat(expit(b + strength * z)[:, None], m, axis=1)
+    elif mechanism == "mnar":
+        p = np.zeros((n, m))
+        for j in targets:
+            z = _standardise(x[:, j])
+            ok = observed[:, j]
+            if ok.any():
+                b = _intercept(z[ok], strength, rate)
+                p[ok, j] = expit(b + strength * z[ok])
+    else:
+        raise ValueError(f"unknown mechanism {mechanism!r}")
+    mask = eligible & (u < p)
+    # Never blank a row: give back the hidden cell the draw was least sure about.
+    blank = np.flatnonzero(observed.any(axis=1) & (mask == observed).all(axis=1))
+    for i in blank:
+        cells = np.flatnonzero(mask[i])
+        mask[i, cells[np.argmax(u[i, cells] / np.maximum(p[i, cells], 1e-300))]] = False
+    return mask
+
+
+def apply_missingness(sites: Sequence[np.ndarray], columns: Sequence[str],
+                      cfg: MissingnessConfig, seed: int) -> list[np.ndarray]:
+    """Boolean masks (one per site) of the cells the study hides for ``seed``."""
+    def idx(name: str) -> int:
+        return list(columns).index(name)
+
+    targets = [idx(c) for c in cfg.columns] if cfg.columns is not None else None
+    if cfg.mechanism == "one_attribute":
+        return mask_one_attribute(sites, cfg.rate, seed, targets)
+    driver = idx(cfg.driver) if cfg.driver is not None else None
+    if targets is None:
+        targets = [j for j in range(len(columns)) if j != driver]
+    stacked = np.vstack(sites)
+    mask = mask_pooled(stacked, cfg.mechanism, cfg.rate, np.random.default_rng(seed),
+                       targets=targets, driver=driver, strength=cfg.strength)
+    return np.split(mask, np.cumsum([len(s) for s in sites])[:-1])
