@@ -27,8 +27,10 @@ from fediim import __version__
 from fediim.atomic import atomic_open, atomic_write_text
 from fediim.audit import audit_records, dump_audit_jsonl
 from fediim.data import DataError, read_csv
+from fediim.deploy import register_local_deploy, register_simulate
 from fediim.imputer import IIMImputer, ImputationResult
 from fediim.schema import DEFAULT_MISSING, SchemaError, TableSchema, infer_schema, load_schema
+from simulations.cli import register_study
 
 __all__ = ["SUBCOMMANDS", "build_parser", "default_sidecar_paths", "main"]
 
@@ -388,6 +390,9 @@ def _run_schema_infer(args: argparse.Namespace) -> int:
 SUBCOMMANDS: tuple[Registrar, ...] = (
     _register_impute,
     _register_schema,
+    register_local_deploy,
+    register_simulate,
+    register_study,
 )
 
 

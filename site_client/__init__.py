@@ -1,1 +1,2 @@
-"""site_client package."""
+"""site_client: a hospital's Flower ClientApp (its data, releases under its ledger, local
+imputation). The app object is ``site_client.app:app``."""

@@ -1,0 +1,22 @@
+"""The coordinator's Flower ServerApp (``coordinator.app:app``): three rounds — handshake,
+release, impute — see :mod:`coordinator.federation`; configuration in
+:mod:`coordinator.config`."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.config import CoordinatorConfig
+from coordinator.federation import run_federation
+
+__all__ = ["app"]
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one federated imputation; raises (the run fails) when quorum is not met."""
+    cfg = CoordinatorConfig.from_run_config(dict(context.run_config))
+    run_federation(grid, cfg, context.run_id)

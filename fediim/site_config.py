@@ -1,0 +1,152 @@
+"""A site's (hospital's) configuration: one TOML file, owned by the site, never sent anywhere.
+
+The SuperNode is started with ``--node-config 'site-config="/path/site.toml"'``; the site's
+ClientApp reads the file for every message. Relative paths are resolved against the
+directory of the TOML file::
+
+    site_id = "hospital-a"                      # opaque id shown to the coordinator
+    data = "data/visits.csv"                    # the site's table (never leaves the site)
+    schema = "schema.toml"                      # the federation's agreed schema
+    ledger = "out/ledger.json"                  # this site's privacy ledger (created if absent)
+    output_dir = "out"                          # imputed.csv, flags.csv, audit.jsonl, bank.npz
+    coordinator_public_key = "coordinator.pub"  # pinned Ed25519 key that must sign the bank
+
+    [budget]                                    # this site's total privacy budget
+    epsilon = 3.0
+    delta = 1e-6
+
+    # allow_seeded_noise = true                 # simulations only; never in a deployment
+
+The coordinator's public key is pinned here, out of band: the site never learns it from the
+coordinator itself (no trust on first use), and refuses any bank not signed with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
+
+from fediim.privacy import epsilon_to_rho
+
+__all__ = ["Budget", "SiteConfig", "SiteConfigError", "load_site_config", "site_config_toml"]
+
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class SiteConfigError(ValueError):
+    """The site TOML is missing, unreadable or invalid; the message names file and key."""
+
+
+class Budget(BaseModel):
+    """The site's total (epsilon, delta) budget, kept as rho-zCDP in its ledger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+
+    @field_validator("epsilon")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @property
+    def rho(self) -> float:
+        """The budget in rho-zCDP (what the ledger is opened with)."""
+        return _rho(self.epsilon, self.delta)
+
+
+@lru_cache(maxsize=64)
+def _rho(epsilon: float, delta: float) -> float:
+    # epsilon_to_rho bisects over OpenDP's conversion (~0.1-0.3 s): compute each once.
+    return epsilon_to_rho(epsilon, delta)
+
+
+class SiteConfig(BaseModel):
+    """A validated site configuration (paths absolute)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    data: Path
+    schema_path: Path = Field(alias="schema")
+    ledger: Path
+    output_dir: Path
+    coordinator_public_key: Path
+    budget: Budget
+    allow_seeded_noise: StrictBool = False
+
+
+def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
+    """Read and validate a site TOML (SiteConfigError naming the file on any problem)."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SiteConfigError(f"{source}: site configuration file not found") from None
+    except OSError as exc:
+        raise SiteConfigError(f"{source}: cannot read ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SiteConfigError(f"{source}: invalid TOML ({exc})") from None
+    base = Path(source).resolve().parent
+    for key in ("data", "schema", "ledger", "output_dir", "coordinator_public_key"):
+        if isinstance(raw.get(key), str):
+            raw[key] = base / Path(raw[key]).expanduser()
+    try:
+        return SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+            msg = e["msg"] if e["type"] != "extra_forbidden" else (
+                "unknown key; expected: " + ", ".join(
+                    f.alias or n for n, f in SiteConfig.model_fields.items()))
+            problems.append(f"{key}: {msg}")
+        raise SiteConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def _toml_string(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def site_config_toml(config: SiteConfig) -> str:
+    """TOML text that :func:`load_site_config` reads back to ``config``."""
+    lines = [
+        "# fediim site configuration: stays at the site; see fediim/site_config.py",
+        f"site_id = {_toml_string(config.site_id)}",
+        f"data = {_toml_string(str(config.data))}",
+        f"schema = {_toml_string(str(config.schema_path))}",
+        f"ledger = {_toml_string(str(config.ledger))}",
+        f"output_dir = {_toml_string(str(config.output_dir))}",
+        f"coordinator_public_key = {_toml_string(str(config.coordinator_public_key))}",
+        f"allow_seeded_noise = {'true' if config.allow_seeded_noise else 'false'}",
+        "",
+        "[budget]",
+        f"epsilon = {config.budget.epsilon!r}",
+        f"delta = {config.budget.delta!r}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,423 @@
+"""A site's side of a fediim run: one function per stage, no Flower objects except records.
+
+Each stage re-reads everything it needs from the site's TOML (a ClientApp runs in a new
+process per message in a deployment) and never raises for an expected problem: it answers
+with a :class:`~fediim.messages.ReplyCode` and a reason, and logs details locally. What a
+reply may contain: codes, reasons (file *names*, never paths or cell values), the site's
+ledger summary, its noised cells (release) and counts (impute).
+
+The only state kept between messages (``context.state``) is a digest of the cells this site
+released, so that at the impute stage it can check the bank carries them unaltered.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from contextlib import ExitStack
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from fediim.atomic import atomic_open
+from fediim.audit import audit_records, dump_audit_jsonl
+from fediim.bank import BankError, ModelBank
+from fediim.data import DataError, Table, read_csv
+from fediim.federated import PrivacyPlan, plan_privacy, site_impute, site_release
+from fediim.imputer import ImputationResult
+from fediim.messages import (
+    HandshakeReply,
+    HandshakeRequest,
+    ImputeReply,
+    ImputeRequest,
+    LedgerView,
+    MessageError,
+    PrivacyRequest,
+    ReleaseReply,
+    ReleaseRequest,
+    ReplyCode,
+    parse_request,
+    request_stage,
+)
+from fediim.privacy import (
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+    SeededGaussianNoise,
+    rho_to_epsilon,
+)
+from fediim.schema import SchemaError, TableSchema, load_schema
+from fediim.signing import (
+    SignatureError,
+    SigningKeyError,
+    key_id,
+    load_public_key,
+    signature_json,
+    verify_bank,
+)
+from fediim.site_config import SiteConfig, SiteConfigError, load_site_config
+
+__all__ = ["NODE_CONFIG_KEY", "STATE_RECORD", "OUTPUT_FILES", "handle", "site_config_path"]
+
+log = logging.getLogger("flwr.fediim.site")
+
+#: The SuperNode ``--node-config`` key naming the site's TOML file.
+NODE_CONFIG_KEY = "site-config"
+#: ``context.state`` record holding what this site released in the current run.
+STATE_RECORD = "fediim.site"
+OUTPUT_FILES = ("imputed.csv", "flags.csv", "audit.jsonl", "bank.npz", "bank.sig.json")
+
+_QUOTED = re.compile(r"""^(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+# Conversions between (epsilon, delta) and rho bisect over OpenDP (~0.1-0.3 s each): compute
+# each distinct one once per process. Both functions are pure; PrivacyPlan is frozen.
+_epsilon = lru_cache(maxsize=256)(rho_to_epsilon)
+_plan = lru_cache(maxsize=32)(plan_privacy)
+
+
+class _Refusal(Exception):
+    """An expected reason to refuse a stage (becomes a reply, never a crash)."""
+
+    def __init__(self, code: ReplyCode, reason: str, ledger: LedgerView | None = None) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.ledger = code, reason, ledger
+
+
+def _redact_data_error(exc: DataError, data_path: Path) -> str:
+    """A DataError for the coordinator: the file's name instead of its path, and the
+    offending cell's text withheld (the full message stays in the site's log)."""
+    text = str(exc)
+    source = str(exc.source)
+    if text.startswith(source):
+        text = data_path.name + text[len(source):]
+    head, sep, tail = text.partition(": ")
+    if sep and exc.row is not None and exc.column is not None:
+        tail = _QUOTED.sub("<cell value withheld>", tail, count=1)
+    return head + sep + tail
+
+
+class _Site:
+    """Everything a stage needs, loaded lazily from the site TOML."""
+
+    def __init__(self, config_path: str | None, node_id: int) -> None:
+        self.site_id = f"node-{node_id}"
+        if not config_path:
+            raise _Refusal(ReplyCode.BAD_CONFIG,
+                           f"the SuperNode has no --node-config '{NODE_CONFIG_KEY}=...' naming "
+                           "the site's TOML file")
+        try:
+            self.cfg: SiteConfig = load_site_config(config_path)
+        except SiteConfigError as exc:
+            log.error("%s", exc)
+            raise _Refusal(ReplyCode.BAD_CONFIG,
+                           f"invalid site configuration {Path(config_path).name}: "
+                           f"{str(exc).split(': ', 1)[-1]}") from None
+        self.site_id = self.cfg.site_id
+        self._schema: TableSchema | None = None
+        self._ledger: PrivacyLedger | None = None
+
+    # -- pieces ---------------------------------------------------------------------------
+    @property
+    def schema(self) -> TableSchema:
+        if self._schema is None:
+            try:
+                self._schema = load_schema(self.cfg.schema_path)
+                self._schema.bounds_array()
+            except SchemaError as exc:
+                log.error("%s", exc)
+                raise _Refusal(ReplyCode.BAD_CONFIG,
+                               f"the site's schema {self.cfg.schema_path.name} is invalid: "
+                               f"{str(exc).split(': ', 1)[-1]}") from None
+        return self._schema
+
+    def check_schema(self, schema_hash: str) -> None:
+        mine = self.schema.schema_hash()
+        if mine != schema_hash:
+            raise _Refusal(
+                ReplyCode.SCHEMA_MISMATCH,
+                f"schema mismatch: the site's schema {self.cfg.schema_path.name} has hash "
+                f"{mine[:12]}…, the coordinator's has {schema_hash[:12]}… (columns, order, "
+                "bounds and missing markers must agree)")
+
+    def check_key(self, requested_key_id: str) -> Any:
+        try:
+            pub = load_public_key(self.cfg.coordinator_public_key)
+        except SigningKeyError as exc:
+            log.error("%s", exc)
+            raise _Refusal(ReplyCode.BAD_CONFIG,
+                           "the site's pinned coordinator public key "
+                           f"{self.cfg.coordinator_public_key.name} cannot be used: "
+                           f"{str(exc).split(': ', 1)[-1]}") from None
+        if key_id(pub) != requested_key_id:
+            raise _Refusal(ReplyCode.KEY_MISMATCH,
+                           f"the coordinator's signing key {requested_key_id} is not the key "
+                           f"pinned by this site ({key_id(pub)})")
+        return pub
+
+    def table(self) -> Table:
+        try:
+            return read_csv(self.cfg.data, schema=self.schema)
+        except DataError as exc:
+            log.error("site %s: %s", self.site_id, exc)
+            raise _Refusal(ReplyCode.BAD_DATA,
+                           "unreadable data: " + _redact_data_error(exc, self.cfg.data)) from None
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        if self._ledger is None:
+            try:
+                self._ledger = PrivacyLedger.open(self.cfg.ledger, self.cfg.budget.rho,
+                                                  self.cfg.site_id)
+            except (LedgerError, ValueError, OSError) as exc:
+                log.error("site %s: %s", self.site_id, exc)
+                msg = str(exc).replace(str(self.cfg.ledger), self.cfg.ledger.name)
+                raise _Refusal(ReplyCode.LEDGER_ERROR, f"privacy ledger unusable: {msg}") from None
+        return self._ledger
+
+    def ledger_view(self) -> LedgerView:
+        """The ledger summary reported to the coordinator (as ``PrivacyLedger.summary``
+        without the local path), (epsilon, delta) at the site's budget delta."""
+        led, delta = self.ledger, self.cfg.budget.delta
+        return LedgerView(releases=len(led.entries), rho_budget=led.rho_budget,
+                          rho_spent=led.spent_rho, rho_remaining=led.remaining_rho,
+                          delta=delta, epsilon_spent=_epsilon(led.spent_rho, delta),
+                          epsilon_budget=_epsilon(led.rho_budget, delta))
+
+    def plan(self, req: PrivacyRequest) -> PrivacyPlan:
+        m = len(self.schema.columns)
+        try:
+            return _plan(req.epsilon, req.delta, m, **req.plan_kwargs())
+        except ValueError as exc:
+            raise _Refusal(ReplyCode.BAD_REQUEST, f"invalid privacy request: {exc}") from None
+
+    def check_request(self, req: PrivacyRequest) -> tuple[Table, PrivacyPlan]:
+        """Everything handshake and release check, in order; returns (table, plan)."""
+        self.check_schema(req.schema_hash)
+        self.check_key(req.coordinator_key_id)
+        if req.seed >= 0 and not self.cfg.allow_seeded_noise:
+            raise _Refusal(ReplyCode.SEEDED_NOISE_REFUSED,
+                           "the coordinator asks for seeded (simulation-only) noise, which a "
+                           "known seed makes removable; this site does not allow it "
+                           "(allow_seeded_noise = false)")
+        table = self.table()
+        plan = self.plan(req)
+        view = self.ledger_view()
+        if not self.ledger.can_afford(plan.rho_total):
+            raise _Refusal(
+                ReplyCode.INSUFFICIENT_BUDGET,
+                f"insufficient privacy budget: this fit needs rho={plan.rho_total:.6g} "
+                f"(epsilon={req.epsilon:g}, delta={req.delta:g}) but only "
+                f"rho={self.ledger.remaining_rho:.6g} of {self.ledger.rho_budget:.6g} remains",
+                view)
+        return table, plan
+
+
+# -- stages ---------------------------------------------------------------------------------
+
+
+def _handshake(site: _Site, req: HandshakeRequest) -> HandshakeReply:
+    _, plan = site.check_request(req)
+    log.info("site %s: handshake accepted (rho %.6g of remaining %.6g)", site.site_id,
+             plan.rho_total, site.ledger.remaining_rho)
+    return HandshakeReply(site_id=site.site_id, rho_requested=plan.rho_total,
+                          ledger=site.ledger_view())
+
+
+def _cells_digest(bank: ModelBank, site_id: str) -> str:
+    """Digest of one site's cells in a bank (order, ids, boxes, Gram matrices, noise)."""
+    mask = bank.site == site_id
+    h = hashlib.sha256()
+    h.update("\n".join(bank.cell[mask].tolist()).encode("utf-8"))
+    for arr in (bank.lo[mask], bank.hi[mask], bank.gram[mask], bank.sigma[mask]):
+        h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _release(site: _Site, req: ReleaseRequest, run_id: int, state: RecordDict) -> ReleaseReply:
+    table, plan = site.check_request(req)
+    noise = None
+    if req.seed >= 0:
+        if req.seed_index < 0:
+            raise _Refusal(ReplyCode.BAD_REQUEST, "seeded noise needs a seed_index >= 0")
+        noise = SeededGaussianNoise(np.random.SeedSequence(req.seed, spawn_key=(req.seed_index,)))
+    bounds = site.schema.bounds_array()
+    try:
+        bank = site_release(table.values, bounds, plan, site_id=site.site_id, ledger=site.ledger,
+                            noise=noise)
+    except BudgetExceeded as exc:
+        raise _Refusal(ReplyCode.INSUFFICIENT_BUDGET, f"insufficient privacy budget: {exc}",
+                       site.ledger_view()) from None
+    except LedgerError as exc:
+        log.error("site %s: %s", site.site_id, exc)
+        raise _Refusal(ReplyCode.LEDGER_ERROR, "privacy ledger changed during the release; "
+                       "nothing was sent", site.ledger_view()) from None
+    state[STATE_RECORD] = ConfigRecord({
+        "run_id": int(run_id), "site_id": site.site_id,
+        "cells_sha256": _cells_digest(bank, site.site_id), "n_cells": bank.n_cells,
+    })
+    log.info("site %s: released %d cells (rho spent %.6g of %.6g)", site.site_id, bank.n_cells,
+             site.ledger.spent_rho, site.ledger.rho_budget)
+    return ReleaseReply(site_id=site.site_id, bank=bank.to_bytes(), n_cells=bank.n_cells,
+                        ledger=site.ledger_view())
+
+
+def _apply_schema(result: ImputationResult, schema: TableSchema) -> None:
+    """Undo imputation in columns marked ``impute = false``; clip imputed cells to bounds."""
+    for j, spec in enumerate(schema.columns):
+        cells = result.imputed[:, j].copy()
+        if not spec.impute:
+            result.values[cells, j] = np.nan
+            result.imputed[cells, j] = False
+            result.uncertainty[cells, j] = np.nan
+            result.method[cells, j] = ""
+            result.ell[cells, j] = np.nan
+            result.n_candidates[cells, j] = 0
+        elif spec.bounds is not None:
+            result.values[cells, j] = np.clip(result.values[cells, j], *spec.bounds)
+
+
+def _cell(v: float) -> str:
+    f = float(v)
+    if np.isnan(f):
+        return ""
+    if f.is_integer() and abs(f) < 2**53:
+        return str(int(f))
+    return repr(f)
+
+
+def _write_outputs(out: Path, result: ImputationResult, columns: list[str], k: int,
+                   bank_bytes: bytes, signature: bytes, schema_hash: str, run_id: int,
+                   signer: str) -> None:
+    """All outputs staged as temporary files and renamed into place together, table last."""
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        fh_table = stack.enter_context(atomic_open(out / "imputed.csv", "w", newline=""))
+        fh_audit = stack.enter_context(atomic_open(out / "audit.jsonl", "w", newline=""))
+        fh_flags = stack.enter_context(atomic_open(out / "flags.csv", "w", newline=""))
+        fh_bank = stack.enter_context(atomic_open(out / "bank.npz", "wb"))
+        fh_sig = stack.enter_context(atomic_open(out / "bank.sig.json", "w", newline=""))
+        fh_bank.write(bank_bytes)
+        fh_sig.write(signature_json(signature, bank_bytes, schema_hash, run_id, signer))
+        w = csv.writer(fh_flags, lineterminator="\n")
+        w.writerow([f"{c}{s}" for c in columns for s in ("_imputed", "_uncertainty")])
+        for imp, unc in zip(result.imputed, result.uncertainty, strict=True):
+            row: list[str] = []
+            for flag, u in zip(imp, unc, strict=True):
+                row += ["1" if flag else "0", f"{u:.6g}" if flag and np.isfinite(u) else ""]
+            w.writerow(row)
+        dump_audit_jsonl(fh_audit, audit_records(result, columns, k=k))
+        w = csv.writer(fh_table, lineterminator="\n")
+        w.writerow(columns)
+        for values in result.values:
+            w.writerow([_cell(v) for v in values])
+
+
+def _impute(site: _Site, req: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:
+    site.check_schema(req.schema_hash)
+    pub = site.check_key(req.coordinator_key_id)
+    try:
+        verify_bank(pub, req.signature, req.bank, req.schema_hash, run_id)
+    except SignatureError as exc:
+        log.error("site %s: %s", site.site_id, exc)
+        raise _Refusal(ReplyCode.BAD_SIGNATURE, str(exc)) from None
+    try:
+        bank = ModelBank.from_bytes(req.bank, source="the federation bank")
+    except BankError as exc:
+        raise _Refusal(ReplyCode.BAD_BANK, str(exc)) from None
+    m = len(site.schema.columns)
+    if bank.n_features != m:
+        raise _Refusal(ReplyCode.BAD_BANK, f"the bank has {bank.n_features} features, the "
+                       f"schema {m}")
+    released = state.config_records.get(STATE_RECORD)
+    if released is not None and int(released["run_id"]) == int(run_id):
+        if _cells_digest(bank, site.site_id) != released["cells_sha256"]:
+            raise _Refusal(ReplyCode.BAD_BANK, "the bank does not carry this site's cells as "
+                           "it released them; refusing to use it")
+    table = site.table()
+    bounds = site.schema.bounds_array()
+    try:
+        result = site_impute(table.values, bank, bounds, mode=req.mode, n_neighbors=req.k,
+                             site_id=site.site_id)
+    except (BankError, ValueError) as exc:
+        raise _Refusal(ReplyCode.ERROR, f"imputation failed: {exc}") from None
+    _apply_schema(result, site.schema)
+    if not np.isfinite(result.values[result.imputed]).all():
+        raise _Refusal(ReplyCode.ERROR, "imputation produced a non-finite value; nothing was "
+                       "written")
+    try:
+        _write_outputs(site.cfg.output_dir, result, table.columns, req.k, req.bank,
+                       req.signature, req.schema_hash, run_id, req.coordinator_key_id)
+    except OSError as exc:
+        log.error("site %s: cannot write outputs: %s", site.site_id, exc)
+        raise _Refusal(ReplyCode.ERROR, f"cannot write the outputs ({exc.strerror}); nothing "
+                       "was written") from None
+    n_cells = int(result.imputed.sum())
+    log.info("site %s: imputed %d cells -> %s", site.site_id, n_cells, site.cfg.output_dir)
+    view = site.ledger_view()
+    return ImputeReply(site_id=site.site_id, n_rows=table.n_rows,
+                       n_incomplete_rows=int(table.missing_mask.any(axis=1).sum()),
+                       n_imputed_cells=n_cells, outputs=list(OUTPUT_FILES), ledger=view)
+
+
+def site_config_path(node_config: dict[str, Any], run_config: dict[str, Any]) -> str | None:
+    """The site TOML of this node: ``--node-config site-config=...`` (deployment), else, for a
+    node of the Simulation Engine (which only has ``partition-id``), entry ``partition-id``
+    of the run config's ``site-configs`` JSON list."""
+    path = node_config.get(NODE_CONFIG_KEY)
+    if path:
+        return str(path)
+    if "partition-id" in node_config and run_config.get("site-configs"):
+        try:
+            paths = json.loads(str(run_config["site-configs"]))
+            return str(paths[int(node_config["partition-id"])])
+        except (ValueError, IndexError, TypeError, KeyError):
+            return None
+    return None
+
+
+def handle(content: RecordDict, *, node_config: dict[str, Any], run_id: int, node_id: int,
+           state: RecordDict, run_config: dict[str, Any] | None = None) -> RecordDict:
+    """Answer one request record with one reply record (never raises for a bad request)."""
+    try:
+        stage = request_stage(content)
+    except MessageError as exc:
+        return HandshakeReply(site_id=f"node-{node_id}", code=ReplyCode.BAD_REQUEST,
+                              reason=str(exc)).to_record()
+    reply_cls: Any = {"handshake": HandshakeReply, "release": ReleaseReply,
+                 "impute": ImputeReply}[stage]
+    site_id = f"node-{node_id}"
+    site: _Site | None = None
+    try:
+        req = parse_request(content)
+        site = _Site(site_config_path(node_config, run_config or {}), node_id)
+        site_id = site.site_id
+        if isinstance(req, HandshakeRequest):
+            reply = _handshake(site, req)
+        elif isinstance(req, ReleaseRequest):
+            reply = _release(site, req, run_id, state)
+        else:
+            reply = _impute(site, req, run_id, state)
+    except MessageError as exc:
+        reply = reply_cls(site_id=site_id, code=ReplyCode.BAD_REQUEST, reason=str(exc))
+    except _Refusal as exc:
+        log.warning("site %s: %s refused (%s): %s", site_id, stage, exc.code, exc.reason)
+        reply = reply_cls(site_id=site_id, code=exc.code, reason=exc.reason, ledger=exc.ledger)
+    except Exception as exc:  # noqa: BLE001 - a site must answer, not crash; details stay local
+        log.exception("site %s: %s failed", site_id, stage)
+        view = None
+        if site is not None and site._ledger is not None:  # report any spend already charged
+            try:
+                view = site.ledger_view()
+            except Exception:  # noqa: BLE001
+                view = None
+        reply = reply_cls(site_id=site_id, code=ReplyCode.ERROR, ledger=view,
+                          reason=f"internal error at the site ({type(exc).__name__}); see the "
+                                 "site's log")
+    return reply.to_record()
