@@ -11,7 +11,6 @@ Exit codes: 0 success, 1 an output could not be written, 2 bad usage or bad inpu
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -24,11 +23,13 @@ from typing import Any
 import numpy as np
 
 from fediim import __version__
+from fediim.argtypes import nonnegative_float, positive_int
 from fediim.atomic import atomic_open, atomic_write_text
 from fediim.audit import audit_records, dump_audit_jsonl
 from fediim.data import DataError, read_csv
 from fediim.deploy import register_local_deploy, register_simulate
-from fediim.imputer import IIMImputer, ImputationResult
+from fediim.imputer import IIMImputer
+from fediim.outputs import apply_schema, write_flags, write_table
 from fediim.schema import DEFAULT_MISSING, SchemaError, TableSchema, infer_schema, load_schema
 from simulations.cli import register_study
 
@@ -74,26 +75,6 @@ def _error(message: str) -> None:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (np.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -162,7 +143,7 @@ into the column bounds. Make a starting schema with: fediim schema infer""",
                    help="where to write the imputed table")
     p.add_argument("--schema", metavar="SCHEMA.toml",
                    help="table schema (columns, bounds, missing markers, what to impute)")
-    p.add_argument("--k", type=_positive_int, default=10, metavar="K",
+    p.add_argument("--k", type=positive_int, default=10, metavar="K",
                    help="number of neighbours whose models vote on each cell (default: 10)")
     p.add_argument("--scale", action=argparse.BooleanOptionalAction, default=True,
                    help="z-score the columns before comparing rows (default: --scale); "
@@ -177,23 +158,6 @@ into the column bounds. Make a starting schema with: fediim schema infer""",
     p.set_defaults(func=_run_impute)
 
 
-def _apply_schema(result: ImputationResult, schema: TableSchema, columns: list[str]) -> None:
-    """Undo imputation in columns marked ``impute = false``; clip imputed cells to bounds."""
-    for j, name in enumerate(columns):
-        spec = schema.column(name)
-        cells = result.imputed[:, j].copy()
-        if not spec.impute:
-            result.values[cells, j] = np.nan
-            result.imputed[cells, j] = False
-            result.uncertainty[cells, j] = np.nan
-            result.method[cells, j] = ""
-            result.ell[cells, j] = np.nan
-            result.n_candidates[cells, j] = 0
-        elif spec.bounds is not None:
-            lo, hi = spec.bounds
-            result.values[cells, j] = np.clip(result.values[cells, j], lo, hi)
-
-
 def _count_out_of_bounds(values: np.ndarray, schema: TableSchema, columns: list[str]) -> int:
     total = 0
     for j, name in enumerate(columns):
@@ -202,35 +166,6 @@ def _count_out_of_bounds(values: np.ndarray, schema: TableSchema, columns: list[
             col = values[:, j]
             total += int(((col < bounds[0]) | (col > bounds[1])).sum())
     return total
-
-
-def _cell(v: float) -> str:
-    """CSV field for a table value: empty if missing, else its shortest exact text
-    (integral values without a trailing ``.0``, so ``59`` stays ``59``)."""
-    f = float(v)
-    if np.isnan(f):
-        return ""
-    if f.is_integer() and abs(f) < 2**53:
-        return str(int(f))
-    return repr(f)
-
-
-def _write_table(fh: Any, values: np.ndarray, columns: list[str]) -> None:
-    writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow(columns)
-    for row in values:
-        writer.writerow([_cell(v) for v in row])
-
-
-def _write_flags(fh: Any, result: ImputationResult, columns: list[str]) -> None:
-    writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow([f"{c}{s}" for c in columns for s in ("_imputed", "_uncertainty")])
-    for imp, unc in zip(result.imputed, result.uncertainty, strict=True):
-        fields: list[str] = []
-        for flag, u in zip(imp, unc, strict=True):
-            fields.append("1" if flag else "0")
-            fields.append(f"{u:.6g}" if flag and np.isfinite(u) else "")
-        writer.writerow(fields)
 
 
 def _run_impute(args: argparse.Namespace) -> int:
@@ -265,7 +200,7 @@ def _run_impute(args: argparse.Namespace) -> int:
         _error(f"{table.source}: cannot impute: {exc}")
         return EXIT_USAGE
     if schema is not None:
-        _apply_schema(result, schema, columns)
+        apply_schema(result, schema, columns)
     if not np.isfinite(result.values[result.imputed]).all():  # pragma: no cover - defensive
         _error(f"{table.source}: imputation produced a non-finite value; nothing was written")
         return EXIT_WRITE
@@ -278,9 +213,9 @@ def _run_impute(args: argparse.Namespace) -> int:
             fh_table = stack.enter_context(atomic_open(out, "w", newline=""))
             fh_audit = stack.enter_context(atomic_open(audit, "w", newline=""))
             fh_flags = stack.enter_context(atomic_open(flags, "w", newline=""))
-            _write_flags(fh_flags, result, columns)
+            write_flags(fh_flags, result, columns)
             n_cells = dump_audit_jsonl(fh_audit, audit_records(result, columns, k=args.k))
-            _write_table(fh_table, result.values, columns)
+            write_table(fh_table, result.values, columns)
     except OSError as exc:
         _error(f"cannot write the outputs ({exc}); nothing was written")
         return EXIT_WRITE
@@ -332,7 +267,7 @@ examples:
     infer.add_argument("data", metavar="DATA.csv", help="table to read the bounds from")
     infer.add_argument("-o", "--output", metavar="SCHEMA.toml", required=True,
                        help="where to write the schema")
-    infer.add_argument("--margin", type=_nonnegative_float, default=0.0, metavar="FRACTION",
+    infer.add_argument("--margin", type=nonnegative_float, default=0.0, metavar="FRACTION",
                        help="widen each range by this fraction of its width on both sides "
                             "(default: 0)")
     infer.add_argument("--missing", metavar="MARKER", nargs="+", action="extend",

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fediim.argtypes import positive_float, positive_int
 from fediim.atomic import atomic_write_text
 
 # Heavier modules (flwr, OpenDP, cryptography) are imported where used, so that importing
@@ -653,50 +654,25 @@ exit codes: 0 the run completed, 1 the run failed (e.g. quorum not met; see the 
 printed and OUT/coordinator/federation.json), 2 bad usage or input"""
 
 
-def _positive_float(text: str) -> float:
-    import argparse
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def _add_run_arguments(p: Any) -> None:
     p.add_argument("--data", metavar="SITE.csv", action="append", required=True,
                    help="one site's table (repeat once per site)")
     p.add_argument("--schema", metavar="SCHEMA.toml", required=True,
                    help="the federation's schema (public bounds for every column)")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory")
-    p.add_argument("--epsilon", type=_positive_float, default=1.0,
+    p.add_argument("--epsilon", type=positive_float, default=1.0,
                    help="privacy spend of this fit at every site (default: 1)")
-    p.add_argument("--delta", type=_positive_float, default=1e-6,
+    p.add_argument("--delta", type=positive_float, default=1e-6,
                    help="delta of the (epsilon, delta) guarantee (default: 1e-6)")
-    p.add_argument("--min-sites", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--min-sites", type=positive_int, default=None, metavar="N",
                    help="quorum: the run fails if fewer sites remain after any stage "
                         "(default: every site)")
-    p.add_argument("--budget-epsilon", type=_positive_float, default=None, metavar="E",
+    p.add_argument("--budget-epsilon", type=positive_float, default=None, metavar="E",
                    help="each site's total budget, kept in its ledger (default: --epsilon)")
     p.add_argument("--mode", choices=["hybrid", "federated", "local", "mean"],
                    default="hybrid", help="how sites impute (default: hybrid)")
-    p.add_argument("--k", type=_positive_int, default=10, help="neighbours (default: 10)")
-    p.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+    p.add_argument("--k", type=positive_int, default=10, help="neighbours (default: 10)")
+    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="give up on the run after this long (default: 600)")
     p.add_argument("--seed", type=int, default=None,
                    help="SIMULATION ONLY: seeded numpy noise instead of OpenDP's sampler "

@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Any
 
+from fediim.argtypes import positive_int
+
 __all__ = ["register_study"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -45,16 +47,6 @@ exit codes: 0 every cell computed, 1 some cell failed or an output could not be 
 (the message names the key), 130 interrupted (finished cells are kept; rerun to resume)"""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def register_study(sub: Any) -> None:
     """Add the ``study`` subcommand to ``fediim``'s subparsers."""
     p: argparse.ArgumentParser = sub.add_parser(
@@ -64,7 +56,7 @@ def register_study(sub: Any) -> None:
     p.add_argument("study", metavar="STUDY.toml", help="the study file")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: study-output/<study name>)")
-    p.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N",
                    help="processes computing cells in parallel (default: 2)")
     p.add_argument("--cache", metavar="DIR", help="cell cache folder (default: DIR/cache)")
     p.add_argument("--no-progress", action="store_true",

@@ -12,7 +12,6 @@ released, so that at the impute stage it can check the bank carries them unalter
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ from fediim.messages import (
     parse_request,
     request_stage,
 )
+from fediim.outputs import apply_schema, write_flags, write_table
 from fediim.privacy import (
     BudgetExceeded,
     LedgerError,
@@ -268,30 +268,6 @@ def _release(site: _Site, req: ReleaseRequest, run_id: int, state: RecordDict) -
                         ledger=site.ledger_view())
 
 
-def _apply_schema(result: ImputationResult, schema: TableSchema) -> None:
-    """Undo imputation in columns marked ``impute = false``; clip imputed cells to bounds."""
-    for j, spec in enumerate(schema.columns):
-        cells = result.imputed[:, j].copy()
-        if not spec.impute:
-            result.values[cells, j] = np.nan
-            result.imputed[cells, j] = False
-            result.uncertainty[cells, j] = np.nan
-            result.method[cells, j] = ""
-            result.ell[cells, j] = np.nan
-            result.n_candidates[cells, j] = 0
-        elif spec.bounds is not None:
-            result.values[cells, j] = np.clip(result.values[cells, j], *spec.bounds)
-
-
-def _cell(v: float) -> str:
-    f = float(v)
-    if np.isnan(f):
-        return ""
-    if f.is_integer() and abs(f) < 2**53:
-        return str(int(f))
-    return repr(f)
-
-
 def _write_outputs(out: Path, result: ImputationResult, columns: list[str], k: int,
                    bank_bytes: bytes, signature: bytes, schema_hash: str, run_id: int,
                    signer: str) -> None:
@@ -305,18 +281,9 @@ def _write_outputs(out: Path, result: ImputationResult, columns: list[str], k: i
         fh_sig = stack.enter_context(atomic_open(out / "bank.sig.json", "w", newline=""))
         fh_bank.write(bank_bytes)
         fh_sig.write(signature_json(signature, bank_bytes, schema_hash, run_id, signer))
-        w = csv.writer(fh_flags, lineterminator="\n")
-        w.writerow([f"{c}{s}" for c in columns for s in ("_imputed", "_uncertainty")])
-        for imp, unc in zip(result.imputed, result.uncertainty, strict=True):
-            row: list[str] = []
-            for flag, u in zip(imp, unc, strict=True):
-                row += ["1" if flag else "0", f"{u:.6g}" if flag and np.isfinite(u) else ""]
-            w.writerow(row)
+        write_flags(fh_flags, result, columns)
         dump_audit_jsonl(fh_audit, audit_records(result, columns, k=k))
-        w = csv.writer(fh_table, lineterminator="\n")
-        w.writerow(columns)
-        for values in result.values:
-            w.writerow([_cell(v) for v in values])
+        write_table(fh_table, result.values, columns)
 
 
 def _impute(site: _Site, req: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:
@@ -347,7 +314,7 @@ def _impute(site: _Site, req: ImputeRequest, run_id: int, state: RecordDict) -> 
                              site_id=site.site_id)
     except (BankError, ValueError) as exc:
         raise _Refusal(ReplyCode.ERROR, f"imputation failed: {exc}") from None
-    _apply_schema(result, site.schema)
+    apply_schema(result, site.schema, site.schema.column_names)
     if not np.isfinite(result.values[result.imputed]).all():
         raise _Refusal(ReplyCode.ERROR, "imputation produced a non-finite value; nothing was "
                        "written")
