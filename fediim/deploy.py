@@ -296,6 +296,7 @@ class LocalDeployment:
         self.port = 0
         self.run_id: int | None = None
         self.swept: list[int] = []
+        self.label = "fediim local-deploy"  # prefix of progress lines
 
     # -- context management -----------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -305,7 +306,7 @@ class LocalDeployment:
         self.stop()
 
     def _say(self, msg: str) -> None:
-        print(f"fediim local-deploy: {msg}", file=sys.stderr, flush=True)
+        print(f"{self.label}: {msg}", file=sys.stderr, flush=True)
 
     def _exe(self, name: str) -> str:
         p = self.bindir / name
@@ -416,6 +417,7 @@ class LocalDeployment:
         """A SuperLink in simulation mode (localhost only, no SuperNodes: the Simulation
         Engine runs the ClientApps as Ray actors inside it)."""
         self.ca_cert = None
+        self.label = "fediim simulate"
         self.port = _free_ports(1)[0]
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
