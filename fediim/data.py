@@ -100,6 +100,7 @@ def read_csv(
     path: str | os.PathLike[str],
     schema: TableSchema | None = None,
     missing_markers: Iterable[str] | None = None,
+    allow_empty_columns: bool = False,
 ) -> Table:
     """Read a numeric CSV file (header row required) into a :class:`Table`.
 
@@ -107,6 +108,8 @@ def read_csv(
     for its column: ``missing_markers`` (default: the schema's global markers, else
     ``DEFAULT_MISSING``) plus the schema's per-column markers. Every other cell must be a
     finite decimal number. With a schema, the header must equal the schema's columns.
+    A column with no observed value is an error unless ``allow_empty_columns`` (a site of a
+    federation that never measures an attribute can still have it imputed from the bank).
     """
     source = os.fspath(path)
     text = _read_text(path, source)
@@ -168,7 +171,7 @@ def read_csv(
         raise DataError(source, "no data rows; expected at least one row after the header")
     values = np.array(rows, dtype=np.float64).reshape(len(rows), m)
     empty = [names[j] for j in np.flatnonzero(np.isnan(values).all(axis=0))]
-    if empty:
+    if empty and not allow_empty_columns:
         raise DataError(
             source,
             f"no observed values in column(s) {', '.join(map(repr, empty))} (every cell is a "

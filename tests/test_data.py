@@ -350,3 +350,9 @@ def test_clamp_bad_bounds() -> None:
 def test_table_shape_check() -> None:
     with pytest.raises(ValueError, match="expected values of shape"):
         Table(values=np.zeros((2, 3)), columns=["a", "b"])
+
+
+def test_entirely_missing_column_allowed_when_asked(tmp_path: Path) -> None:
+    table = read_csv(_csv(tmp_path, "age,chol\n1,NA\n2,\n"), allow_empty_columns=True)
+    assert table.columns == ["age", "chol"]
+    assert np.isnan(table.values[:, 1]).all() and table.values[:, 0].tolist() == [1.0, 2.0]

@@ -3,9 +3,9 @@ authentication, three SuperNodes (Cleveland, Hungarian, Switzerland heart data) 
 run and stopped through ``fediim local-deploy``; then outputs, ledgers, the signed bank and
 the absence of any leftover process are checked.
 
-Switzerland never measured cholesterol (every ``chol`` is 0, i.e. missing), so its table is
-rejected by ``read_csv`` (an all-missing column) and the site refuses at the handshake with
-a ``bad_data`` reason; the other two make the quorum of two and complete.
+Switzerland never measured cholesterol (every ``chol`` is 0, i.e. missing): it has no
+complete record to release, yet takes part and gets every ``chol`` imputed from the other
+hospitals' cells.
 """
 
 from __future__ import annotations
@@ -91,23 +91,23 @@ def test_local_deploy_over_heart_data(tmp_path: Path, capsys: pytest.CaptureFixt
     rho_budget = epsilon_to_rho(2.0, 1e-6)
 
     swiss = view["sites"]["switzerland"]
-    assert not swiss["active"]
-    hs = swiss["stages"]["handshake"]
-    assert hs["code"] == "bad_data" and "'chol'" in hs["reason"]
-    assert not (out / "switzerland" / "imputed.csv").exists()
+    assert swiss["active"] and swiss["stages"]["impute"]["code"] == "ok", swiss
+    got = read_csv(out / "switzerland" / "imputed.csv")
+    chol = got.columns.index("chol")
+    assert not np.isnan(got.values[:, chol]).any()  # the column it never measured
 
     bank_bytes = (out / "coordinator" / "bank.npz").read_bytes()
     sig = read_signature_file(out / "coordinator" / "bank.sig.json")
     verify_bank(load_public_key(out / "coordinator" / "coordinator.pub"), sig["signature"],
                 bank_bytes, sig["schema_hash"], deploy["run_id"])
     assert sorted(ModelBank.from_bytes(bank_bytes).site.tolist()) != []
-    assert view["bank"]["sites"] == ["cleveland", "hungarian"]
+    assert set(view["bank"]["sites"]) >= {"cleveland", "hungarian"}
 
-    for name, src_path in zip(SITES[:2], data[:2], strict=True):
+    for name, src_path in zip(SITES, data, strict=True):
         site = out / name
         entry = view["sites"][name]
         assert entry["active"] and entry["stages"]["impute"]["code"] == "ok", entry
-        src = read_csv(src_path)
+        src = read_csv(src_path, allow_empty_columns=True)
         got = read_csv(site / "imputed.csv")
         assert got.columns == src.columns and got.n_rows == src.n_rows
         obs = ~np.isnan(src.values)
