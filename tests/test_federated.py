@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from release_doubles import RecordingNoise, ReleaseRecorder
 
 import fediim.federated as federated
 import fediim.partition as partition
@@ -70,43 +70,6 @@ def _nrmse(out: list[np.ndarray], truth: list[np.ndarray], obs: list[np.ndarray]
     err = np.concatenate([(o - t)[np.isnan(b)] for o, t, b in zip(out, truth, obs, strict=True)])
     ref = np.concatenate([t[np.isnan(b)] for t, b in zip(truth, obs, strict=True)])
     return float(np.sqrt(np.mean(err**2)) / ref.std())
-
-
-class RecordingNoise:
-    """Noise stub: counts calls, returns zeros."""
-
-    name = "recording-stub"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def sample(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-        self.calls += 1
-        return np.zeros(shape)
-
-
-class Recorder:
-    """Wraps ``release_gaussian``: records every exact input and released output.
-
-    With ``replay`` the released outputs are taken from a previous run instead (so that a
-    neighbouring dataset is cut by the very same public tree).
-    """
-
-    def __init__(self, real: Callable[..., np.ndarray],
-                 replay: list[np.ndarray] | None = None) -> None:
-        self.real, self.replay = real, replay
-        self.exact: list[np.ndarray] = []
-        self.released: list[np.ndarray] = []
-
-    def __call__(self, values: np.ndarray, **kw: Any) -> np.ndarray:
-        self.exact.append(np.array(values, dtype=float))
-        if self.replay is None:
-            out = self.real(values, **kw)
-        else:
-            out = self.replay[len(self.exact) - 1]
-            assert out.shape == np.shape(values), "the neighbour's tree differs"
-        self.released.append(out)
-        return out
 
 
 # --------------------------------------------------------------------------- plan / scaling
@@ -173,10 +136,10 @@ def _raw_record(spec: list[str | float]) -> np.ndarray:
 
 
 def _release_vectors(x: np.ndarray, plan: Any, seed: int,
-                     replay: list[np.ndarray] | None) -> tuple[Recorder, Recorder]:
+                     replay: list[np.ndarray] | None) -> tuple[ReleaseRecorder, ReleaseRecorder]:
     """Run site_release, recording the exact count vectors and the pre-noise Gram vector."""
-    counts = Recorder(partition.release_gaussian, replay=replay)
-    grams = Recorder(federated.release_gaussian)
+    counts = ReleaseRecorder(partition.release_gaussian, replay=replay)
+    grams = ReleaseRecorder(federated.release_gaussian)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(partition, "release_gaussian", counts)
         mp.setattr(federated, "release_gaussian", grams)
@@ -257,7 +220,7 @@ def test_pre_noise_gram_entries_are_in_cell_coordinates() -> None:
 def test_site_release_ledger_names_mechanism_sensitivity_sigma_rho() -> None:
     plan = plan_privacy(1.0, DELTA, M, max_depth=3)
     ledger = PrivacyLedger.in_memory(plan.rho_total, "s")
-    rec = Recorder(federated.release_gaussian)
+    rec = ReleaseRecorder(federated.release_gaussian)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(federated, "release_gaussian", rec)
         site_release(_truth(0, 600), BOUNDS, plan, site_id="s", ledger=ledger,
@@ -287,7 +250,7 @@ def test_empirical_noise_of_gram_release_matches_sigma() -> None:
     plan = plan_privacy(8.0, DELTA, M, min_records=2, cell_noise_ratio=0.0, max_depth=10,
                         count_fraction=0.5)
     ledger = PrivacyLedger.in_memory(plan.rho_total, "s")
-    rec = Recorder(federated.release_gaussian)
+    rec = ReleaseRecorder(federated.release_gaussian)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(federated, "release_gaussian", rec)
         site_release(x, BOUNDS, plan, site_id="s", ledger=ledger, noise=SeededGaussianNoise(3))

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from release_doubles import ReleaseRecorder
 
 import fediim.partition as partition
 from fediim.partition import Leaf, PartitionPlan, build_partition, count_sigma
@@ -167,31 +165,6 @@ def test_private_partition_is_reproducible_with_a_seed() -> None:
 # --------------------------------------------------------------------------- sensitivity
 
 
-class _CountRecorder:
-    """Stands in for ``release_gaussian`` inside the partition.
-
-    ``replay=None``: releases through the real mechanism and remembers every released
-    (noisy) vector. ``replay=[...]``: returns those vectors in order, so a neighbouring
-    dataset is cut by the very same public tree. Always records the exact count vectors.
-    """
-
-    def __init__(self, real: Callable[..., np.ndarray],
-                 replay: list[np.ndarray] | None = None) -> None:
-        self.real, self.replay = real, replay
-        self.exact: list[np.ndarray] = []
-        self.released: list[np.ndarray] = []
-
-    def __call__(self, values: np.ndarray, **kw: Any) -> np.ndarray:
-        self.exact.append(np.array(values, dtype=float))
-        if self.replay is None:
-            out = self.real(values, **kw)
-        else:
-            out = self.replay[len(self.exact) - 1]
-            assert out.shape == np.shape(values), "the neighbour's tree differs"
-        self.released.append(out)
-        return out
-
-
 _COORD = st.one_of(st.sampled_from([-0.5, 0.5]), st.floats(-0.5, 0.5))
 
 
@@ -209,12 +182,12 @@ def test_count_vectors_of_neighbours_differ_by_at_most_one(
     x_nb = np.insert(x, position, np.asarray(record), axis=0)
     plan = PartitionPlan(max_depth=6, rho_per_depth=0.5, split_threshold=30.0, min_records=5)
     real = partition.release_gaussian
-    first = _CountRecorder(real)
+    first = ReleaseRecorder(real)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(partition, "release_gaussian", first)
         build_partition(x, plan, ledger=PrivacyLedger.in_memory(10.0, "s"),
                         noise=SeededGaussianNoise(seed))
-        second = _CountRecorder(real, replay=first.released)
+        second = ReleaseRecorder(real, replay=first.released)
         mp.setattr(partition, "release_gaussian", second)
         leaves = build_partition(x_nb, plan, ledger=PrivacyLedger.in_memory(10.0, "s"),
                                  noise=SeededGaussianNoise(seed))

@@ -12,6 +12,7 @@ import opendp.prelude as dp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from release_doubles import RecordingNoise
 
 from fediim.privacy import (
     LEDGER_FORMAT,
@@ -35,19 +36,6 @@ dp.enable_features("contrib")
 
 def _space(n: int) -> tuple[object, object]:
     return dp.vector_domain(dp.atom_domain(T=float, nan=False), size=n), dp.l2_distance(T=float)
-
-
-class RecordingNoise:
-    """Noise stub that records whether it was asked for noise."""
-
-    name = "recording-stub"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def sample(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-        self.calls += 1
-        return np.zeros(shape)
 
 
 def _charge(ledger: PrivacyLedger, rho: float, purpose: str = "test") -> None:
