@@ -214,12 +214,13 @@ class PatternModels:
         """
         return self._candidates(rows)[0]
 
-    def _candidates(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(models, inverses of U + alpha I, rank limit) of every candidate of ``rows``.
+    def _candidates(
+        self, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(models, inverses of U + alpha I, rank limits, neighbour lists) of ``rows``.
 
         ``limit[c]``: a training row at position < limit[c] of the row's neighbour list is
         one of candidate c's learning tuples (0 for ell = 1, whose model is the row itself).
-        Also returns the neighbour lists as a third item via ``self._last_nbr``.
         """
         rows = np.asarray(rows, dtype=np.intp)
         r = len(rows)
@@ -256,8 +257,7 @@ class PatternModels:
                 inv = _stacked_inverse((g[:f1, :f1] + a * eye)[None])[0]
                 invs.append(np.broadcast_to(inv, (r, f1, f1)))
                 limits.append(self.n + 1)
-        self._last_nbr = nbr
-        return np.stack(phis, axis=1), np.stack(invs, axis=1), np.asarray(limits)
+        return np.stack(phis, axis=1), np.stack(invs, axis=1), np.asarray(limits), nbr
 
     def _validation_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(j, i) pairs: training row t_i is among the k nearest of t_j (t_j excluded)."""
@@ -279,8 +279,7 @@ class PatternModels:
         """Alg. 3 costs: ``cost[r, c]`` = sum over validation tuples t_j that have ``rows[r]``
         among their k nearest of the squared error of candidate ``c``; plus how many t_j."""
         rows = np.asarray(rows, dtype=np.intp)
-        cands, invs, limits = self._candidates(rows)
-        return self._costs(rows, cands, invs, limits, self._last_nbr)
+        return self._costs(rows, *self._candidates(rows))
 
     def _costs(self, rows: np.ndarray, cands: np.ndarray, invs: np.ndarray,
                limits: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -310,13 +309,13 @@ class PatternModels:
         """Compute and cache the chosen model of each row in ``rows`` (not yet computed)."""
         if rows.size == 0:
             return
-        cands, invs, limits = self._candidates(rows)  # (r, C, f + 1), ...
+        cands, invs, limits, nbr = self._candidates(rows)  # (r, C, f + 1), ...
         labels = self.candidate_labels()
         n_c = len(labels)
         if n_c == 1:
             best = np.zeros(len(rows), dtype=np.intp)
         else:
-            cost, n_val = self._costs(rows, cands, invs, limits, self._last_nbr)
+            cost, n_val = self._costs(rows, cands, invs, limits, nbr)
             best = np.argmin(cost, axis=1)  # ties -> the smaller ell, as in the paper
             # A row that validates no one keeps the most stable candidate: the global model
             # when it is offered, else the largest ell.
