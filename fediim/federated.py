@@ -244,6 +244,9 @@ def site_impute(
         return ImputationResult(out, miss, unc, method, ell, ncand)
     pats, inverse = np.unique(miss[rows], axis=0, return_inverse=True)
     local_cfg = IIMConfig(n_neighbors=n_neighbors)
+    # The blend is validated against the *other* sites' cells, so the site's own records
+    # do not flatter the federated side.
+    others = bank.select(bank.site != site_id) if site_id is not None else bank
     for p, pat in enumerate(pats):
         r = rows[inverse.ravel() == p]
         feats = tuple(int(c) for c in np.flatnonzero(~pat))
@@ -263,8 +266,8 @@ def site_impute(
                 loc = local.impute(zs[np.ix_(r, fz)])
                 loc_val = loc.values * sd[a] + mu[a]
                 lam = _blend_weight(local, zs[np.ix_(train, fz)], xs[np.ix_(train, fz)],
-                                    xs[train, a], (mu[a], sd[a]), bank, site_id, a, feats,
-                                    cfg, n_validation)
+                                    xs[train, a], (mu[a], sd[a]), others, a, feats, cfg,
+                                    n_validation)
                 mix = lam * loc_val + (1 - lam) * val
                 loc_spread = loc.spread * sd[a]
                 spread = np.sqrt(lam * loc_spread**2 + (1 - lam) * spread**2
@@ -284,15 +287,15 @@ _BLEND_GRID = np.linspace(1.0, 0.0, 11)  # local first: ties go to the site's ow
 
 
 def _blend_weight(local: PatternModels, tz: np.ndarray, tx: np.ndarray, ty: np.ndarray,
-                  target_z: tuple[float, float], bank: ModelBank, site_id: str | None, target: int,
+                  target_z: tuple[float, float], others: ModelBank, target: int,
                   feats: tuple[int, ...], cfg: BankConfig, n_validation: int) -> float:
     """Weight of the local estimate in hybrid mode, chosen on the site's own rows.
 
     ``tz``: the site's training features as the local model sees them (z-scored), ``tx``:
     the same rows in the bank's scaled coordinates, ``ty``: their targets (scaled
     coordinates); local predictions are mapped back with ``target_z`` = (mean, sd).
+    ``others``: the bank without the site's own cells.
     """
-    others = bank.select(bank.site != site_id) if site_id is not None else bank
     if others.n_cells == 0 or len(ty) < 2:
         return 1.0
     rng = np.random.default_rng(0)
