@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from fediim.atomic import atomic_write_bytes
-from fediim.gram import gram_centroid, subsystem_index
-from fediim.iim import PatternResult, vote_weights
+from fediim.gram import gram_centroid, subsystem_index, subsystem_sse
+from fediim.iim import PatternResult, ridge_solve, vote_weights
 from fediim.neighbors import NeighborIndex
 
 __all__ = ["BANK_FORMAT", "BankError", "ModelBank", "CellPatternModels", "BankConfig"]
@@ -247,7 +247,7 @@ class CellPatternModels:
             g += self._g[nbr[:, prev:ell]].sum(axis=1)
             nv += self._noise[nbr[:, prev:ell]].sum(axis=1)
             prev = int(ell)
-            cands.append(_ridge(g, self._alpha(nv)))
+            cands.append(ridge_solve(g, self._alpha(nv)))
             pooled.append(g.copy())
             pooled_nv.append(nv.copy())
         cands = np.stack(cands, axis=1)  # (C, L, p)
@@ -258,7 +258,6 @@ class CellPatternModels:
             keep[keep.all(axis=1), -1] = False
             i = vn[keep].reshape(c, k).ravel()
             j = np.repeat(np.arange(c), k)
-            p_idx = np.arange(p)
             cost = np.zeros((c, len(self._grid)))
             gj = self._g[j]
             # Leave-cell-out: where validation cell j is one of the ell cells pooled into
@@ -271,9 +270,9 @@ class CellPatternModels:
                 if inside.size:
                     ii, jj = i[inside], j[inside]
                     phi = phi.copy()
-                    phi[inside] = _ridge(pooled[li][ii] - self._g[jj],
-                                         self._alpha(pooled_nv[li][ii] - self._noise[jj]))
-                sse = _sse(phi, gj, p_idx)
+                    phi[inside] = ridge_solve(pooled[li][ii] - self._g[jj],
+                                              self._alpha(pooled_nv[li][ii] - self._noise[jj]))
+                sse = subsystem_sse(phi, gj)
                 cost[:, li] = np.bincount(i, weights=sse, minlength=c)
             best = np.argmin(cost, axis=1)
             best[np.bincount(i, minlength=c) == 0] = len(self._grid) - 1
@@ -296,15 +295,3 @@ class CellPatternModels:
         val = (w * cand).sum(axis=1)
         spread = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1))
         return PatternResult(val, spread, nbr, self._ell[nbr], w, cand)
-
-
-def _ridge(g: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    p = g.shape[-1] - 1
-    u = g[..., :p, :p] + alpha[:, None, None] * np.eye(p)
-    return np.linalg.solve(u, g[..., :p, p][..., None])[..., 0]
-
-
-def _sse(phi: np.ndarray, g: np.ndarray, p_idx: np.ndarray) -> np.ndarray:
-    p = len(p_idx)
-    u, v, yy = g[:, :p, :p], g[:, :p, p], g[:, p, p]
-    return yy - 2 * np.einsum("ci,ci->c", phi, v) + np.einsum("ci,cij,cj->c", phi, u, phi)

@@ -24,6 +24,7 @@ __all__ = [
     "subsystem_index",
     "ridge_from_gram",
     "residual_sse",
+    "subsystem_sse",
     "upper_triangle",
     "from_upper_triangle",
     "project_psd",
@@ -62,14 +63,7 @@ def ridge_from_gram(
     ``alpha`` may be an array broadcasting against the stack of G.
     """
     idx = subsystem_index(target, features)
-    sub = g[..., idx[:, None], idx[None, :]]
-    a = np.asarray(alpha, dtype=np.float64)
-    if a.ndim == 0:
-        return ridge_solve(sub, float(a))
-    p = len(idx) - 1
-    u = sub[..., :p, :p] + a[..., None, None] * np.eye(p)
-    v = sub[..., :p, p]
-    return np.linalg.solve(u, v[..., None])[..., 0]
+    return ridge_solve(g[..., idx[:, None], idx[None, :]], alpha)
 
 
 def residual_sse(
@@ -80,8 +74,12 @@ def residual_sse(
     ``sum (y - x phi)^2 = y^T y - 2 phi^T V' + phi^T U' phi``, read off G' alone.
     """
     idx = subsystem_index(target, features)
-    sub = g_other[..., idx[:, None], idx[None, :]]
-    p = len(idx) - 1
+    return subsystem_sse(phi, g_other[..., idx[:, None], idx[None, :]])
+
+
+def subsystem_sse(phi: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """:func:`residual_sse` for a Gram already restricted to (1, t[F], t[A])."""
+    p = sub.shape[-1] - 1
     u, v, yy = sub[..., :p, :p], sub[..., :p, p], sub[..., p, p]
     return yy - 2.0 * np.einsum("...i,...i->...", phi, v) + np.einsum(
         "...i,...ij,...j->...", phi, u, phi

@@ -94,15 +94,17 @@ def auto_ell_grid(n: int, n_features: int) -> np.ndarray:
     return np.unique(np.clip(np.asarray(grid, dtype=int), 1, max(n, 1)))
 
 
-def ridge_solve(gram: np.ndarray, alpha: float) -> np.ndarray:
+def ridge_solve(gram: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
     """Solve ridge systems from stacked augmented Gram matrices.
 
     ``gram`` has shape (..., p + 1, p + 1) over z = (1, features..., target); returns phi of
     shape (..., p) with phi = (U + alpha I)^-1 V, U = G[:p, :p], V = G[:p, p]. The intercept
-    is penalised like the other coefficients, as in the paper's Formula 5.
+    is penalised like the other coefficients, as in the paper's Formula 5. ``alpha`` is a
+    scalar or an array broadcasting against the stack (one penalty per system).
     """
     p = gram.shape[-1] - 1
-    u = gram[..., :p, :p] + alpha * np.eye(p)
+    a = np.asarray(alpha, dtype=np.float64)
+    u = gram[..., :p, :p] + a[..., None, None] * np.eye(p)
     v = gram[..., :p, p]
     try:
         return np.linalg.solve(u, v[..., None])[..., 0]
