@@ -28,7 +28,7 @@ import numpy as np
 
 from fediim.atomic import atomic_write_bytes
 from fediim.gram import gram_centroid, subsystem_index, subsystem_sse
-from fediim.iim import PatternResult, ridge_solve, vote_weights
+from fediim.iim import PatternResult, ridge_solve
 from fediim.neighbors import NeighborIndex
 
 __all__ = ["BANK_FORMAT", "BankError", "ModelBank", "CellPatternModels", "BankConfig"]
@@ -291,7 +291,4 @@ class CellPatternModels:
         _, nbr = self._index.query(qs, k)
         qaug = np.column_stack([np.ones(len(qs)), qs])
         cand = np.einsum("qf,qkf->qk", qaug, self._phi[nbr]) * self._std[-1]
-        w = vote_weights(cand)
-        val = (w * cand).sum(axis=1)
-        spread = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1))
-        return PatternResult(val, spread, nbr, self._ell[nbr], w, cand)
+        return PatternResult.vote(cand, nbr, self._ell[nbr])

@@ -147,6 +147,15 @@ class PatternResult:
     weights: np.ndarray  # (q, k)
     candidates: np.ndarray | None = None  # (q, k) the candidates c_i themselves
 
+    @classmethod
+    def vote(cls, cand: np.ndarray, neighbors: np.ndarray, ell: np.ndarray,
+             weights: Weighting = "vote") -> PatternResult:
+        """Combine candidates (q, k) into values and their weighted spread."""
+        w = vote_weights(cand, weights)
+        val = (w * cand).sum(axis=1)
+        spread = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1))
+        return cls(val, spread, neighbors, ell, w, cand)
+
 
 @dataclass
 class PatternModels:
@@ -363,10 +372,7 @@ class PatternModels:
         phi = self.models(nbr.ravel()).reshape(len(queries), k, self.f + 1)
         qaug = np.column_stack([np.ones(len(queries)), queries])
         cand = np.einsum("qf,qkf->qk", qaug, phi)
-        w = vote_weights(cand, self.config.weights)
-        val = (w * cand).sum(axis=1)
-        spread = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1))
-        return PatternResult(val, spread, nbr, self._ell[nbr], w, cand)
+        return PatternResult.vote(cand, nbr, self._ell[nbr], self.config.weights)
 
 
 def _stacked_inverse(a: np.ndarray) -> np.ndarray:
