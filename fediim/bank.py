@@ -31,7 +31,10 @@ from fediim.gram import gram_centroid, subsystem_index, subsystem_sse
 from fediim.iim import PatternResult, ridge_solve
 from fediim.neighbors import NeighborIndex
 
-__all__ = ["BANK_FORMAT", "BankError", "ModelBank", "CellPatternModels", "BankConfig"]
+__all__ = [
+    "BANK_FORMAT", "BankError", "ModelBank", "CellPatternModels", "MixturePatternModels",
+    "BankConfig", "pattern_models",
+]
 
 BANK_FORMAT = "fediim-bank/1"
 
@@ -49,12 +52,27 @@ class BankConfig:
     alpha : base ridge penalty (scaled coordinates).
     noise_alpha : multiplier of the noise-driven part of the penalty (0.03 measured best
         on ccpp at epsilon = 1 among 0-10: the noise estimate is conservative).
+    engine : "cells" (IIM over cells), "mixture" (conditional mean of the cells as a
+        Gaussian mixture) or "auto": mixture for an exact bank (every sigma = 0), cells for
+        a noised one. Measured on ccpp 4 sites: exact, mixture 0.46 vs cells 0.53 NRMSE;
+        at epsilon <= 8 the noised within-cell covariances make the mixture worse.
+    mixture_prior : pseudo-records of the in-box uniform covariance added to each cell's
+        covariance in the mixture (keeps thin cells' Gaussians proper; 0.03 measured best
+        among 0.03-30 on exact ccpp banks).
     """
 
     n_neighbors: int = 10
     ell_grid: tuple[int, ...] | None = None
     alpha: float = 1e-3
     noise_alpha: float = 0.03
+    engine: str = "auto"
+    mixture_prior: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("auto", "cells", "mixture"):
+            raise ValueError(f"engine must be auto, cells or mixture; got {self.engine!r}")
+        if not self.mixture_prior > 0:
+            raise ValueError(f"mixture_prior must be > 0, got {self.mixture_prior}")
 
 
 @dataclass
@@ -70,14 +88,17 @@ class ModelBank:
     sigma: np.ndarray  # (C,) noise std of the release, in the cell's own coordinates
     min_records: int = 10
     meta: dict[str, Any] = field(default_factory=dict)
+    tree: np.ndarray | None = None  # (C,) int, which of a site's partitions; None = all 0
 
     def __post_init__(self) -> None:
         c = len(self.site)
         m = self.n_features
+        if self.tree is None:
+            self.tree = np.zeros(c, dtype=np.int64)
         shapes = {
             "cell": (self.cell.shape, (c,)), "lo": (self.lo.shape, (c, m)),
             "hi": (self.hi.shape, (c, m)), "gram": (self.gram.shape, (c, m + 1, m + 1)),
-            "sigma": (self.sigma.shape, (c,)),
+            "sigma": (self.sigma.shape, (c,)), "tree": (self.tree.shape, (c,)),
         }
         for name, (got, want) in shapes.items():
             if tuple(got) != want:
@@ -105,12 +126,19 @@ class ModelBank:
         return ModelBank(
             n_features=self.n_features, site=self.site[mask], cell=self.cell[mask],
             lo=self.lo[mask], hi=self.hi[mask], gram=self.gram[mask], sigma=self.sigma[mask],
-            min_records=self.min_records, meta=dict(self.meta),
+            min_records=self.min_records, meta=dict(self.meta), tree=self.tree[mask],
         )
 
+    @property
+    def n_trees(self) -> int:
+        """Partitions per site: every record is described once per tree."""
+        return int(self.tree.max()) + 1 if self.n_cells else 1
+
     def pooled_gram(self) -> np.ndarray:
-        """Sum of all cells: the federation-wide statistic (global model, mean, spread)."""
-        return self.gram.sum(axis=0)
+        """Sum of all cells per tree: the federation-wide statistic (global model, mean,
+        spread). With several trees each describes every record once, so their sum is
+        divided by the number of trees (an average of the trees' estimates)."""
+        return self.gram.sum(axis=0) / self.n_trees
 
     def feature_scale(self) -> np.ndarray:
         """Federation-wide standard deviation per attribute, read off the pooled Gram.
@@ -141,6 +169,7 @@ class ModelBank:
             sigma=np.concatenate([b.sigma for b in banks]),
             min_records=max(b.min_records for b in banks),
             meta=dict(meta or {}),
+            tree=np.concatenate([b.tree for b in banks]),
         )
 
     # -- serialisation ------------------------------------------------------------------
@@ -154,7 +183,7 @@ class ModelBank:
         np.savez(
             buf, manifest=np.array(json.dumps(manifest, sort_keys=True)),
             site=self.site.astype(str), cell=self.cell.astype(str), lo=self.lo, hi=self.hi,
-            gram=self.gram, sigma=self.sigma,
+            gram=self.gram, sigma=self.sigma, tree=self.tree.astype(np.int64),
         )
         return buf.getvalue()
 
@@ -165,6 +194,7 @@ class ModelBank:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 manifest = json.loads(str(z["manifest"]))
                 arrays = {k: z[k] for k in ("site", "cell", "lo", "hi", "gram", "sigma")}
+                tree = z["tree"] if "tree" in z.files else None
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad bank
             raise BankError(f"{source}: not a readable fediim bank ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
@@ -181,8 +211,13 @@ class ModelBank:
             if arrays[k].dtype.kind != "f" or not np.all(np.isfinite(arrays[k])):
                 raise BankError(f"{source}: bank array {k!r} must hold finite floats (found "
                                 "non-finite or non-float values)")
-        return cls(n_features=manifest["n_features"], min_records=manifest["min_records"],
-                   meta=meta, **arrays)
+        if tree is not None and (tree.dtype.kind not in "iu" or np.any(tree < 0)):
+            raise BankError(f"{source}: bank array 'tree' must hold non-negative integers")
+        try:
+            return cls(n_features=manifest["n_features"], min_records=manifest["min_records"],
+                       meta=meta, tree=tree, **arrays)
+        except BankError as exc:
+            raise BankError(f"{source}: {exc}") from exc
 
     def save(self, path: str | Path) -> None:
         """Write the bank atomically."""
@@ -292,3 +327,76 @@ class CellPatternModels:
         qaug = np.column_stack([np.ones(len(qs)), qs])
         cand = np.einsum("qf,qkf->qk", qaug, self._phi[nbr]) * self._std[-1]
         return PatternResult.vote(cand, nbr, self._ell[nbr])
+
+
+class MixturePatternModels:
+    """The bank's cells as a Gaussian mixture; imputation = E[target | observed features].
+
+    Each cell c is a component with weight n_c (its count), mean mu_c and covariance S_c read
+    off its Gram matrix; S_c is shrunk towards the covariance of a uniform distribution on
+    the cell's public box with ``mixture_prior`` pseudo-records, so thin cells stay proper.
+    For a query x_F the estimate is ``sum_c r_c(x_F) (mu_c,a + S_c,aF S_c,FF^-1 (x_F -
+    mu_c,F))`` with responsibilities ``r_c ~ n_c N(x_F; mu_c,F, S_c,FF)``: the cells whose
+    region holds the query decide, each with its own within-cell regression, and cells that
+    differ only in the target (a partition also cuts along it) are weighed by the data
+    instead of by anchor distance. Cells of several trees over the same records simply add
+    up as components (an ensemble of partitions). Needs exact or nearly exact covariances.
+    """
+
+    def __init__(self, bank: ModelBank, target: int, features: tuple[int, ...],
+                 config: BankConfig) -> None:
+        self.bank, self.target, self.features, self.config = bank, target, features, config
+        g = bank.gram
+        n = np.maximum(g[:, 0, 0], 1.0)
+        mu = g[:, 0, 1:] / n[:, None]
+        cov = g[:, 1:, 1:] / n[:, None, None] - mu[:, :, None] * mu[:, None, :]
+        box = (bank.hi - bank.lo) ** 2 / 12.0
+        tau = config.mixture_prior
+        idx = np.asarray(list(features) + [target])
+        cov = cov[:, idx[:, None], idx[None, :]]
+        prior = box[:, idx, None] * np.eye(len(idx))[None]
+        cov = (n[:, None, None] * cov + tau * prior) / (n + tau)[:, None, None]
+        f = len(features)
+        sff = cov[:, :f, :f]
+        chol = np.linalg.cholesky(sff)
+        self._whiten = np.linalg.inv(chol)  # (C, f, f)
+        self._logw = np.log(n) - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+        self._beta = np.linalg.solve(sff, cov[:, :f, f:])[..., 0]  # (C, f)
+        self._mu_f = mu[:, list(features)]
+        self._mu_a = mu[:, target]
+
+    def impute(self, queries: np.ndarray, block: int = 256) -> PatternResult:
+        """Impute the target for queries given on F (the bank's scaled coordinates)."""
+        q = np.asarray(queries, dtype=np.float64)
+        k = min(self.config.n_neighbors, self.bank.n_cells)
+        vals, spread = np.empty(len(q)), np.empty(len(q))
+        top = np.empty((len(q), k), dtype=np.int64)
+        wtop, ctop = np.empty((len(q), k)), np.empty((len(q), k))
+        for s in range(0, len(q), block):
+            d = q[s:s + block, None, :] - self._mu_f[None]  # (b, C, f)
+            z = np.einsum("cij,bcj->bci", self._whiten, d)
+            logr = self._logw[None] - 0.5 * np.einsum("bci,bci->bc", z, z)
+            logr -= logr.max(axis=1, keepdims=True)
+            r = np.exp(logr)
+            r /= r.sum(axis=1, keepdims=True)
+            cand = self._mu_a[None] + np.einsum("cf,bcf->bc", self._beta, d)
+            v = (r * cand).sum(axis=1)
+            vals[s:s + block] = v
+            spread[s:s + block] = np.sqrt((r * (cand - v[:, None]) ** 2).sum(axis=1))
+            order = np.argsort(-r, axis=1)[:, :k]
+            top[s:s + block] = order
+            wtop[s:s + block] = np.take_along_axis(r, order, axis=1)
+            ctop[s:s + block] = np.take_along_axis(cand, order, axis=1)
+        # Provenance: the k most responsible cells (their share of the vote, their estimate).
+        return PatternResult(vals, spread, top, np.ones_like(top), wtop, ctop)
+
+
+def pattern_models(bank: ModelBank, target: int, features: tuple[int, ...],
+                   config: BankConfig) -> CellPatternModels | MixturePatternModels:
+    """The bank engine ``config.engine`` asks for (``auto``: mixture iff the bank is exact)."""
+    engine = config.engine
+    if engine == "auto":
+        engine = "mixture" if bank.n_cells and np.all(bank.sigma == 0) else "cells"
+    if engine == "mixture":
+        return MixturePatternModels(bank, target, features, config)
+    return CellPatternModels(bank, target, features, config)

@@ -18,6 +18,7 @@ time (pool few cells -> local model, pool many -> global model).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ from fediim.privacy import (
     release_gaussian,
 )
 
-__all__ = ["Leaf", "PartitionPlan", "build_partition"]
+__all__ = ["Leaf", "PartitionPlan", "build_partition", "split_fraction"]
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,19 @@ def build_partition(
     *,
     ledger: PrivacyLedger | None,
     noise: NoiseSource | None = None,
+    tree: int = 0,
 ) -> list[Leaf]:
     """Split the rows of ``x`` (n, m), already scaled into [-1/2, 1/2], into leaves.
 
     Every depth's counts are charged to ``ledger`` before they are drawn; with
-    ``rho_per_depth = inf`` counts are exact and nothing is charged.
+    ``rho_per_depth = inf`` counts are exact and nothing is charged. ``tree`` numbers one of
+    several partitions of the same records: tree 0 splits at midpoints starting with
+    attribute 0; tree t > 0 starts with attribute ``t mod m`` and splits at a public
+    pseudo-random fraction of each cell (see :func:`split_fraction`), so the trees' cell
+    boundaries differ. Both choices are data-free.
     """
     n, m = x.shape
-    root = Leaf("r", np.full(m, -0.5), np.full(m, 0.5), np.arange(n))
+    root = Leaf("r", np.full(m, -0.5), np.full(m, 0.5), np.arange(n), axis=tree % m)
     # The frontier holds sibling pairs (or the root alone) together with their parent.
     frontier: list[tuple[Leaf | None, list[Leaf]]] = [(None, [root])]
     leaves: list[Leaf] = []
@@ -117,22 +123,33 @@ def build_partition(
                 if parent.tries >= m or depth == plan.max_depth:
                     leaves.append(parent)
                 else:
-                    nxt.append((parent, _split(x, parent)))
+                    nxt.append((parent, _split(x, parent, tree)))
                 continue
             for cell, cnt in zip(group, c, strict=True):
                 if cnt < plan.split_threshold or depth == plan.max_depth:
                     leaves.append(cell)
                 else:
-                    nxt.append((cell, _split(x, cell)))
+                    nxt.append((cell, _split(x, cell, tree)))
         frontier = nxt
     return leaves
 
 
-def _split(x: np.ndarray, cell: Leaf) -> list[Leaf]:
-    """Halve ``cell`` at the midpoint of its current axis (a public, data-free choice)."""
+def split_fraction(tree: int, path: str, axis: int) -> float:
+    """Where along its axis a cell of ``tree`` is cut: 1/2 for tree 0, else in [0.3, 0.7].
+
+    A hash of (tree, path, axis): public, reproducible, independent of the data.
+    """
+    if tree == 0:
+        return 0.5
+    u = zlib.crc32(f"{tree}:{path}:{axis}".encode()) / 2**32
+    return 0.3 + 0.4 * u
+
+
+def _split(x: np.ndarray, cell: Leaf, tree: int = 0) -> list[Leaf]:
+    """Cut ``cell`` across its current axis at :func:`split_fraction` (data-free)."""
     a = cell.axis
     m = x.shape[1]
-    mid = 0.5 * (cell.lo[a] + cell.hi[a])
+    mid = cell.lo[a] + split_fraction(tree, cell.path, a) * (cell.hi[a] - cell.lo[a])
     left = x[cell.rows, a] < mid
     hi_l = cell.hi.copy()
     hi_l[a] = mid

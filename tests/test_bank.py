@@ -14,8 +14,10 @@ from fediim.bank import (
     BankConfig,
     BankError,
     CellPatternModels,
+    MixturePatternModels,
     ModelBank,
     default_cell_grid,
+    pattern_models,
 )
 from fediim.federated import plan_privacy, scale_to_bounds, site_release
 from fediim.gram import augmented_gram
@@ -32,7 +34,7 @@ def _data(seed: int, n: int) -> np.ndarray:
 
 
 def _bank(epsilon: float = np.inf, seed: int = 0, n: int = 600, site: str = "a") -> ModelBank:
-    plan = plan_privacy(epsilon, 1e-6, M, min_records=10, max_depth=6)
+    plan = plan_privacy(epsilon, 1e-6, M, min_records=10, max_depth=6, n_trees=1)
     ledger = None if np.isinf(epsilon) else PrivacyLedger.in_memory(plan.rho_total, site)
     return site_release(_data(seed, n), BOUNDS, plan, site_id=site, ledger=ledger,
                         noise=SeededGaussianNoise(seed))
@@ -257,7 +259,7 @@ def test_malformed_manifest_raises_bank_error(case: str) -> None:
 def test_single_cell_bank_imputes_like_global_regression() -> None:
     """One exact cell: every anchor's model is the global ridge, i.e. (near) OLS."""
     x = _data(3, 500)
-    plan = plan_privacy(np.inf, 1e-6, M, min_records=10, max_depth=0)
+    plan = plan_privacy(np.inf, 1e-6, M, min_records=10, max_depth=0, n_trees=1)
     bank = site_release(x, BOUNDS, plan, site_id="a", ledger=None)
     assert bank.n_cells == 1
     xs, _ = scale_to_bounds(x, BOUNDS)
@@ -286,3 +288,65 @@ def test_cell_models_impute_finite_values_with_sensible_error(epsilon: float) ->
     assert np.all(np.isin(res.ell, default_cell_grid(bank.n_cells)))
     nrmse = np.sqrt(np.mean((res.values - ts[:, 1]) ** 2)) / ts[:, 1].std()
     assert nrmse < 0.5  # strongly correlated data: far better than the mean (1.0)
+
+
+# --------------------------------------------------------------------------- mixture engine
+
+
+def test_mixture_of_one_exact_cell_is_the_gaussian_conditional_mean() -> None:
+    """One exact cell: E[y | x_F] of a Gaussian with the data's mean and covariance (shrunk
+    by the tiny box prior) is the least-squares regression."""
+    x = _data(3, 500)
+    plan = plan_privacy(np.inf, 1e-6, M, min_records=10, max_depth=0, n_trees=1)
+    bank = site_release(x, BOUNDS, plan, site_id="a", ledger=None)
+    xs, _ = scale_to_bounds(x, BOUNDS)
+    feats = (0, 1, 3)
+    res = MixturePatternModels(bank, 2, feats, BankConfig(mixture_prior=1e-6)).impute(
+        xs[:20, list(feats)])
+    xx = np.column_stack([np.ones(len(xs)), xs[:, list(feats)]])
+    beta = np.linalg.lstsq(xx, xs[:, 2], rcond=None)[0]
+    np.testing.assert_allclose(res.values, xx[:20] @ beta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.spread, 0.0, atol=1e-12)  # one component: no spread
+
+
+def test_mixture_follows_the_cell_that_holds_the_query() -> None:
+    """Two separated clusters with opposite slopes: each query is imputed from its own."""
+    rng = np.random.default_rng(0)
+    f1 = rng.uniform(-0.45, -0.3, 300)
+    f2 = rng.uniform(0.3, 0.45, 300)
+    a = np.column_stack([f1, 2 * (f1 + 0.375)])
+    b = np.column_stack([f2, -2 * (f2 - 0.375)])
+    bounds = np.array([[-0.5, 0.5], [-0.5, 0.5]])
+    plan = plan_privacy(np.inf, 1e-6, 2, min_records=10, max_depth=2, n_trees=1)
+    bank = ModelBank.concat([site_release(a, bounds, plan, site_id="a", ledger=None),
+                             site_release(b, bounds, plan, site_id="b", ledger=None)])
+    q = np.array([[-0.4], [0.4]])
+    got = MixturePatternModels(bank, 1, (0,), BankConfig()).impute(q).values
+    np.testing.assert_allclose(got, [2 * (-0.4 + 0.375), -2 * (0.4 - 0.375)], atol=1e-3)
+
+
+def test_auto_engine_is_the_mixture_only_for_exact_banks() -> None:
+    exact, noised = _bank(np.inf), _bank(4.0)
+    assert isinstance(pattern_models(exact, 0, (1, 2), BankConfig()), MixturePatternModels)
+    assert isinstance(pattern_models(noised, 0, (1, 2), BankConfig()), CellPatternModels)
+    assert isinstance(pattern_models(exact, 0, (1, 2), BankConfig(engine="cells")),
+                      CellPatternModels)
+    with pytest.raises(ValueError, match="engine"):
+        BankConfig(engine="forest")
+
+
+def test_tree_field_round_trips_and_old_banks_load() -> None:
+    bank = ModelBank.concat([_bank(), _bank()])
+    bank = ModelBank(n_features=M, site=bank.site, cell=bank.cell, lo=bank.lo, hi=bank.hi,
+                     gram=bank.gram, sigma=bank.sigma,
+                     tree=np.repeat([0, 1], len(bank.site) // 2))
+    back = ModelBank.from_bytes(bank.to_bytes())
+    np.testing.assert_array_equal(back.tree, bank.tree)
+    assert back.n_trees == 2
+    # Two trees over the same records: the pooled statistic counts each record once.
+    np.testing.assert_allclose(back.pooled_gram(), _bank().pooled_gram())
+    # A bank written before trees existed (no 'tree' array) loads as one tree.
+    buf = io.BytesIO()
+    z = np.load(io.BytesIO(_bank().to_bytes()))
+    np.savez(buf, **{k: z[k] for k in z.files if k != "tree"})
+    assert ModelBank.from_bytes(buf.getvalue()).n_trees == 1

@@ -14,7 +14,7 @@ from release_doubles import RecordingNoise, ReleaseRecorder
 
 import fediim.federated as federated
 import fediim.partition as partition
-from fediim.bank import ModelBank
+from fediim.bank import BankConfig, ModelBank
 from fediim.federated import (
     FederatedIIM,
     plan_privacy,
@@ -386,16 +386,18 @@ def test_infinite_epsilon_bank_is_exact(two_sites: tuple[list[np.ndarray], ...])
         xs, clamped = scale_to_bounds(complete, model.bounds_)
         assert clamped.sum() == 0  # bounds read off the data
         all_complete.append(xs)
-        leaves = build_partition(xs, model.plan_.partition, ledger=None)
-        kept = [lf for lf in leaves if len(lf.rows) >= model.min_records]
-        sel = bank.site == sid
-        assert sel.sum() == len(kept)
-        expected = np.stack([augmented_gram(xs[lf.rows]) for lf in kept])
-        np.testing.assert_allclose(bank.gram[sel], expected, rtol=1e-9, atol=1e-9)
-        np.testing.assert_array_equal(bank.lo[sel], np.stack([lf.lo for lf in kept]))
-        np.testing.assert_array_equal(bank.hi[sel], np.stack([lf.hi for lf in kept]))
-        # No record lost: the counts add up to the site's complete rows.
-        assert bank.counts[sel].sum() == pytest.approx(len(complete), abs=1e-9)
+        assert model.plan_.n_trees > 1  # exact statistics: several trees, each exact
+        for tree in range(model.plan_.n_trees):
+            leaves = build_partition(xs, model.plan_.partition, ledger=None, tree=tree)
+            kept = [lf for lf in leaves if len(lf.rows) >= model.min_records]
+            sel = (bank.site == sid) & (bank.tree == tree)
+            assert sel.sum() == len(kept)
+            expected = np.stack([augmented_gram(xs[lf.rows]) for lf in kept])
+            np.testing.assert_allclose(bank.gram[sel], expected, rtol=1e-9, atol=1e-9)
+            np.testing.assert_array_equal(bank.lo[sel], np.stack([lf.lo for lf in kept]))
+            np.testing.assert_array_equal(bank.hi[sel], np.stack([lf.hi for lf in kept]))
+            # No record lost: each tree's counts add up to the site's complete rows.
+            assert bank.counts[sel].sum() == pytest.approx(len(complete), abs=1e-9)
     np.testing.assert_allclose(bank.pooled_gram(), augmented_gram(np.vstack(all_complete)),
                                rtol=1e-9, atol=1e-8)
 
@@ -549,3 +551,102 @@ def test_empty_bank_is_not_silently_used() -> None:
     except ValueError:
         return
     assert not np.any((res.method == METHOD_IIM) & (res.n_candidates == 0))
+
+
+# --------------------------------------------------------------------------- several trees
+
+
+def test_several_trees_split_the_budget_and_spend_at_most_it(
+        two_sites: tuple[list[np.ndarray], ...]) -> None:
+    """Each of n trees gets 1/n of the count and Gram budgets; sigma grows by sqrt(n)."""
+    _, obs = two_sites
+    one = plan_privacy(2.0, DELTA, M, max_depth=3, n_trees=1)
+    three = plan_privacy(2.0, DELTA, M, max_depth=3, n_trees=3)
+    assert three.rho_total == one.rho_total and three.rho_gram == one.rho_gram
+    assert three.sigma_gram == pytest.approx(one.sigma_gram * math.sqrt(3), rel=1e-9)
+    assert three.partition.rho_per_depth == pytest.approx(one.partition.rho_per_depth / 3)
+    model = FederatedIIM(epsilon=2.0, delta=DELTA, bounds=BOUNDS, mode="federated",
+                         max_depth=3, n_trees=3, seed=0).fit(obs)
+    assert set(model.bank_.tree) == {0, 1, 2}
+    for ledger in model.ledgers_:
+        assert ledger is not None
+        grams = [e for e in ledger.entries if e.sensitivity_l2 != 1.0]
+        assert len(grams) == 3
+        assert math.fsum(e.rho for e in grams) == pytest.approx(three.rho_gram, rel=1e-9)
+        assert all(e.sigma == pytest.approx(three.sigma_gram) for e in grams)
+        assert ledger.spent_rho <= three.rho_total * (1 + 1e-12)
+
+
+def test_trees_cut_differently_from_public_choices_only() -> None:
+    """Tree 0 halves cells; other trees cut at a data-free hash of (tree, path, axis)."""
+    assert partition.split_fraction(0, "r01", 2) == 0.5
+    f = partition.split_fraction(1, "r01", 2)
+    assert 0.3 <= f <= 0.7 and f == partition.split_fraction(1, "r01", 2)
+    assert f != partition.split_fraction(2, "r01", 2)
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(400, 3))
+    plan = partition.PartitionPlan(6, np.inf, 20.0, 10)
+    a = build_partition(x, plan, ledger=None, tree=1)
+    b = build_partition(x[::-1].copy(), plan, ledger=None, tree=1)
+    assert [lf.path for lf in a] == [lf.path for lf in b]  # same data, same cells
+    c = build_partition(x, plan, ledger=None, tree=0)
+    assert {tuple(lf.lo) for lf in a} != {tuple(lf.lo) for lf in c}
+    for leaves in (a, c):  # every tree still partitions all the records
+        rows = np.sort(np.concatenate([lf.rows for lf in leaves]))
+        np.testing.assert_array_equal(rows, np.arange(len(x)))
+
+
+def test_exact_plan_uses_several_deep_trees_noisy_plan_one() -> None:
+    assert plan_privacy(np.inf, DELTA, M).n_trees == federated.EXACT_TREES > 1
+    assert plan_privacy(np.inf, DELTA, M).partition.max_depth == federated.EXACT_MAX_DEPTH
+    assert plan_privacy(1.0, DELTA, M).n_trees == 1
+    with pytest.raises(ValueError, match="n_trees"):
+        plan_privacy(1.0, DELTA, M, n_trees=0)
+
+
+# --------------------------------------------------------------------------- hybrid
+
+
+def test_hybrid_recentres_the_federation_for_a_site_with_its_own_level() -> None:
+    """A site whose target sits 3 sd above the others' (same slopes) and is too small for a
+    good local model: hybrid keeps the federation's slopes at the site's own level and
+    beats both local IIM and the raw federated estimate."""
+    rng = np.random.default_rng(5)
+
+    coef = np.array([1.0, -1.0, 0.5, 0.8, -0.6, 0.3])
+
+    def site(n: int, shift: float) -> np.ndarray:
+        f = rng.normal(size=(n, 6))
+        y = f @ coef + shift + 0.3 * rng.normal(size=n)
+        return np.column_stack([f, y])
+
+    big = [site(800, 0.0), site(800, 0.0)]
+    small_truth = site(12, 3.0)
+    small = small_truth.copy()
+    rows = np.arange(0, 12, 3)
+    small[rows, 6] = np.nan
+    bounds = np.array([[-5, 5]] * 6 + [[-10, 12]], dtype=float)
+    model = FederatedIIM(epsilon=np.inf, bounds=bounds, mode="federated").fit(
+        [*big, small], site_ids=["a", "b", "small"])
+    err = {}
+    for mode in ("local", "federated", "hybrid"):
+        out = site_impute(small, model.bank_, bounds, mode=mode, site_id="small").values
+        err[mode] = float(np.sqrt(np.mean((out[rows, 6] - small_truth[rows, 6]) ** 2)))
+
+    assert err["hybrid"] < 0.85 * err["local"]
+    assert err["hybrid"] < 0.25 * err["federated"]
+
+
+def test_hybrid_weights_prefer_local_on_ties() -> None:
+    w, bias = federated._hybrid_weights(
+        np.array([1.0, 2.0, 3.0]), ModelBank.concat([_empty_bank()]), 0, (1,), BankConfig(),
+        np.zeros((3, 1)), np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(w, [1.0, 0.0, 0.0])
+    assert bias == 0.0
+    assert tuple(federated._HYBRID_GRID[0]) == (1.0, 0.0, 0.0)
+    np.testing.assert_allclose(federated._HYBRID_GRID.sum(axis=1), 1.0)
+
+
+def _empty_bank() -> ModelBank:
+    return ModelBank(n_features=2, site=np.array([], str), cell=np.array([], str),
+                     lo=np.zeros((0, 2)), hi=np.zeros((0, 2)), gram=np.zeros((0, 3, 3)),
+                     sigma=np.zeros(0))
