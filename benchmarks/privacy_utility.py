@@ -20,7 +20,9 @@ Methods
     local           IIMImputer() on each site alone (no sharing, no privacy cost)
     centralized     IIMImputer() on the vertical stack of all masked sites: non-private ceiling
     federated       FederatedIIM bank candidates only, at each epsilon
-    hybrid          bank candidates + the site's own exact IIM candidates, one vote
+    hybrid          per pattern and target, a blend of the site's own IIM, the other sites'
+                    cells recentred by the site's mean residual, and the site mean, with
+                    weights chosen on the site's own rows (local side cross-fitted)
     federated_mean  the federation-wide mean read off the bank
 Per (scenario, seed, epsilon) the bank is fitted once (each site spends its (epsilon, delta =
 1e-6) budget once); federated, hybrid and federated_mean all impute from that same bank with

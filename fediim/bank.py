@@ -393,10 +393,17 @@ class MixturePatternModels:
 
 def pattern_models(bank: ModelBank, target: int, features: tuple[int, ...],
                    config: BankConfig) -> CellPatternModels | MixturePatternModels:
-    """The bank engine ``config.engine`` asks for (``auto``: mixture iff the bank is exact)."""
+    """The bank engine ``config.engine`` asks for (``auto``: mixture iff the bank is exact).
+
+    IIM over cells reads only tree 0 of a bank with several trees (see below).
+    """
     engine = config.engine
     if engine == "auto":
         engine = "mixture" if bank.n_cells and np.all(bank.sigma == 0) else "cells"
     if engine == "mixture":
         return MixturePatternModels(bank, target, features, config)
+    # IIM over cells pools neighbouring cells of one partition; the extra trees of an exact
+    # bank would count records several times (and cost 4x the cells), so it reads tree 0.
+    if bank.n_trees > 1:
+        bank = bank.select(bank.tree == 0)
     return CellPatternModels(bank, target, features, config)

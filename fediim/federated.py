@@ -18,6 +18,7 @@ disjoint leaves, parallel composition), all in rho-zCDP and recorded in its ledg
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -271,7 +272,8 @@ def site_impute(
     fed_mean = pooled[0, 1:] / max(pooled[0, 0], 1.0)
     # The local side standardises with the site's own spread, exactly as local mode does
     # (its data never leaves, so nothing here is private); the bank side uses its own.
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a column the site never observes: NaN, handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
         sd = np.nanstd(xs, axis=0)
         mu = np.nanmean(xs, axis=0)
     sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)

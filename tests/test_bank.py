@@ -350,3 +350,12 @@ def test_tree_field_round_trips_and_old_banks_load() -> None:
     z = np.load(io.BytesIO(_bank().to_bytes()))
     np.savez(buf, **{k: z[k] for k in z.files if k != "tree"})
     assert ModelBank.from_bytes(buf.getvalue()).n_trees == 1
+
+
+def test_cells_engine_reads_one_tree_of_a_several_tree_bank() -> None:
+    one = _bank()
+    two = ModelBank.concat([one, one])
+    two = ModelBank(n_features=M, site=two.site, cell=two.cell, lo=two.lo, hi=two.hi,
+                    gram=two.gram, sigma=two.sigma, tree=np.repeat([0, 1], one.n_cells))
+    models = pattern_models(two, 0, (1, 2), BankConfig(engine="cells"))
+    assert isinstance(models, CellPatternModels) and models.bank.n_cells == one.n_cells

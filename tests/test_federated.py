@@ -81,7 +81,7 @@ def test_plan_privacy_splits_the_budget() -> None:
     assert plan.rho_total == pytest.approx(rho)
     assert plan.rho_gram == pytest.approx(0.8 * rho)
     assert plan.partition.rho_per_depth * 5 == pytest.approx(0.2 * rho)
-    assert plan.sigma_gram == pytest.approx((1 + M / 4) / math.sqrt(2 * plan.rho_gram))
+    assert plan.sigma_gram == pytest.approx(gram_sensitivity(M) / math.sqrt(2 * plan.rho_gram))
     assert plan.partition.split_threshold >= 2 * plan.min_records
     assert plan.min_records == plan.partition.min_records == 7
     inf = plan_privacy(np.inf, DELTA, M)
@@ -157,7 +157,8 @@ _SENS_PLAN = plan_privacy(50.0, DELTA, M, min_records=5, cell_noise_ratio=0.5, m
 def test_gram_release_of_neighbours_differs_by_at_most_the_sensitivity(
     spec: list[str | float], position: int, seed: int
 ) -> None:
-    """The privacy claim: one added record moves the pre-noise leaf-Gram vector by <= 1 + m/4.
+    """The privacy claim: one added record moves the pre-noise leaf-Gram vector (the upper
+    triangles) by at most gram_sensitivity(m) in L2 (the full matrix by <= 1 + m/4).
 
     Both datasets are cut by the same (public) tree: the neighbour's partition replays the
     noisy counts released for the original dataset. Each leaf's Gram matrix is formed in the
@@ -174,7 +175,7 @@ def test_gram_release_of_neighbours_differs_by_at_most_the_sensitivity(
     d = M + 1
     assert before.size % (d * (d + 1) // 2) == 0 and before.size > d * (d + 1) // 2
     sens = gram_sensitivity(M)
-    assert sens == 1 + M / 4
+    assert sens == pytest.approx(math.sqrt(((1 + M / 4) ** 2 + 1 + M / 16) / 2))
     diff = np.linalg.norm(after - before)
     assert diff <= sens * (1 + 1e-12)
     # The full symmetric difference is one z z^T: Frobenius norm ||z||^2 <= 1 + m/4.
@@ -182,10 +183,10 @@ def test_gram_release_of_neighbours_differs_by_at_most_the_sensitivity(
     changed = np.flatnonzero(np.abs(full).reshape(len(full), -1).max(axis=1) > 0)
     assert len(changed) == 1  # exactly one leaf changes
     frob = np.linalg.norm(full[changed[0]])
-    assert frob <= sens * (1 + 1e-12)
+    assert frob <= (1 + M / 4) * (1 + 1e-12)
     assert full[changed[0], 0, 0] == pytest.approx(1.0)
     if all(isinstance(s, str) for s in spec):
-        assert frob == pytest.approx(sens)  # a corner of the box: the bound is tight
+        assert diff == pytest.approx(sens)  # a corner of the box: the bound is tight
     # Counts: one record changes one count per depth by one (same tree).
     assert len(c1.exact) == len(c2.exact)
     for a, b in zip(c1.exact, c2.exact, strict=True):
@@ -235,9 +236,10 @@ def test_site_release_ledger_names_mechanism_sensitivity_sigma_rho() -> None:
         assert e.noise_source == SeededGaussianNoise.name
         assert "partition counts" in e.purpose
     assert gram.mechanism == "gaussian"
-    assert gram.sensitivity_l2 == 1 + M / 4
+    assert gram.sensitivity_l2 == gram_sensitivity(M)
     assert gram.rho == pytest.approx(plan.rho_gram, rel=1e-9)
-    assert gram.sigma == pytest.approx((1 + M / 4) / math.sqrt(2 * plan.rho_gram), rel=1e-12)
+    assert gram.sigma == pytest.approx(gram_sensitivity(M) / math.sqrt(2 * plan.rho_gram),
+                                       rel=1e-12)
     assert gram.sigma == pytest.approx(plan.sigma_gram, rel=1e-12)
     assert gram.dimension == rec.exact[0].size
     assert gram.noise_source == SeededGaussianNoise.name
@@ -267,7 +269,8 @@ def test_release_gaussian_noise_std_seeded() -> None:
     out = release_gaussian(np.zeros(100_000), sensitivity_l2=gram_sensitivity(M), rho=rho,
                            ledger=ledger, purpose="std check", noise=SeededGaussianNoise(0))
     sigma = gaussian_sigma(gram_sensitivity(M), rho)
-    assert sigma == pytest.approx(2.0 / math.sqrt(0.02))
+    assert sigma == pytest.approx(math.sqrt(((1 + M / 4) ** 2 + 1 + M / 16) / 2)
+                                  / math.sqrt(0.02))
     assert out.std() == pytest.approx(sigma, rel=0.01)
     assert ledger.entries[-1].sigma == pytest.approx(sigma)
 

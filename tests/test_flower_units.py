@@ -353,9 +353,16 @@ def test_run_config_defaults_follow_the_library_defaults() -> None:
 
     plan = inspect.signature(plan_privacy).parameters
     fed = inspect.signature(FederatedIIM).parameters
-    for key in ("min-records", "count-fraction", "max-depth", "cell-noise-ratio"):
+    for key in ("min-records", "count-fraction", "cell-noise-ratio"):
         name = key.replace("-", "_")
         assert RUN_CONFIG_DEFAULTS[key] == plan[name].default == fed[name].default, key
+    # The depth cap and the number of trees default by budget (None); a Flower run is
+    # always private (finite epsilon), where that means max-depth 16 and one tree.
+    assert plan["max_depth"].default is None and fed["max_depth"].default is None
+    assert plan["n_trees"].default is None and fed["n_trees"].default is None
+    noisy = plan_privacy(1.0, 1e-6, 4)
+    assert RUN_CONFIG_DEFAULTS["max-depth"] == noisy.partition.max_depth
+    assert noisy.n_trees == 1
     assert RUN_CONFIG_DEFAULTS["k"] == fed["k"].default
     assert RUN_CONFIG_DEFAULTS["mode"] == fed["mode"].default
 
