@@ -7,13 +7,13 @@ machine (schema, signing key, output directory), never secrets themselves.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fediim.messages import RUN_CONFIG_DEFAULTS
+from fediim.validation import FiniteFloat, format_validation_error
 
 _D = RUN_CONFIG_DEFAULTS
 
@@ -34,12 +34,12 @@ class CoordinatorConfig(BaseModel):
     out_dir: Path
     min_sites: int = Field(default=_D["min-sites"], ge=1)
     expected_sites: int = Field(default=_D["expected-sites"], ge=0)
-    epsilon: float = Field(default=_D["epsilon"], gt=0)
+    epsilon: FiniteFloat = Field(default=_D["epsilon"], gt=0)
     delta: float = Field(default=_D["delta"], gt=0, lt=1)
     min_records: int = Field(default=_D["min-records"], ge=1)
     count_fraction: float = Field(default=_D["count-fraction"], gt=0, lt=1)
     max_depth: int = Field(default=_D["max-depth"], ge=0, le=64)
-    cell_noise_ratio: float = Field(default=_D["cell-noise-ratio"], gt=0)
+    cell_noise_ratio: FiniteFloat = Field(default=_D["cell-noise-ratio"], gt=0)
     mode: Literal["hybrid", "federated", "local", "mean"] = _D["mode"]
     k: int = Field(default=_D["k"], ge=1)
     seed: int = Field(default=_D["seed"], ge=-1)
@@ -55,13 +55,6 @@ class CoordinatorConfig(BaseModel):
             raise ValueError("must name a path on the coordinator machine")
         return v
 
-    @field_validator("epsilon", "cell_noise_ratio")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v
-
     @property
     def wanted_sites(self) -> int:
         """How many SuperNodes to wait for before the handshake."""
@@ -74,7 +67,6 @@ class CoordinatorConfig(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-                for e in exc.errors())
-            raise ConfigError(f"invalid run configuration: {problems}") from None
+            raise ConfigError(format_validation_error(
+                exc, "invalid run configuration", multiline=False,
+                rename=lambda key: key.replace("_", "-"))) from None

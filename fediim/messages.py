@@ -29,13 +29,14 @@ refuses it unless its own configuration says ``allow_seeded_noise = true``.
 
 from __future__ import annotations
 
-import math
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fediim.validation import FiniteFloat, format_validation_error
 
 __all__ = [
     "CONFIG_RECORD",
@@ -196,10 +197,8 @@ class _Message(BaseModel):
         try:
             return cls.model_validate(fields)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '<message>'}: {e['msg']}"
-                for e in exc.errors())
-            raise MessageError(f"invalid {cls.STAGE!r} message: {problems}") from None
+            raise MessageError(format_validation_error(
+                exc, f"invalid {cls.STAGE!r} message", multiline=False)) from None
 
 
 def _config_of(record: RecordDict) -> dict[str, Any]:
@@ -226,20 +225,13 @@ class PrivacyRequest(_Message):
     STAGE: ClassVar[str] = ""
     schema_hash: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
     coordinator_key_id: str = Field(min_length=1)
-    epsilon: float = Field(gt=0)
+    epsilon: FiniteFloat = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
     min_records: int = Field(default=RUN_CONFIG_DEFAULTS["min-records"], ge=1)
     count_fraction: float = Field(default=RUN_CONFIG_DEFAULTS["count-fraction"], gt=0, lt=1)
     max_depth: int = Field(default=RUN_CONFIG_DEFAULTS["max-depth"], ge=0, le=64)
-    cell_noise_ratio: float = Field(default=RUN_CONFIG_DEFAULTS["cell-noise-ratio"], gt=0)
+    cell_noise_ratio: FiniteFloat = Field(default=RUN_CONFIG_DEFAULTS["cell-noise-ratio"], gt=0)
     seed: int = Field(default=-1, ge=-1)
-
-    @field_validator("epsilon", "cell_noise_ratio")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v
 
     def plan_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`fediim.federated.plan_privacy` besides (eps, delta, m)."""

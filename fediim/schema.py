@@ -38,6 +38,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
+
+from fediim.validation import error_lines, join_errors
 
 __all__ = [
     "DEFAULT_MISSING",
@@ -294,37 +297,16 @@ def infer_schema(values: np.ndarray, columns: Sequence[str], margin: float = 0.0
 
 
 def _format_errors(exc: ValidationError, prefix: str) -> list[str]:
-    """Turn pydantic errors into "key: expected ..." lines with TOML-style key paths."""
-    out = []
-    for err in exc.errors():
-        key = prefix
-        for part in err["loc"]:
-            if isinstance(part, int):
-                key += f"[{part}]"
-            elif isinstance(part, str) and part.startswith(("function-", "tuple[", "list[")):
-                continue  # pydantic union-branch tags
-            else:
-                key += f".{part}" if key else str(part)
-        key = key or "<top level>"
-        kind = err["type"]
-        got = f" (got {err.get('input')!r})"
-        if kind == "extra_forbidden":
-            what = "unknown key; expected only: " + ", ".join(_allowed_keys(prefix))
-        elif "bounds" in err["loc"] and kind != "value_error":
-            what = "expected bounds = [lo, hi]: two finite numbers with lo < hi" + got
-        elif kind == "missing":
-            what = "required key is missing"
-        elif kind in _EXPECTED:
-            what = _EXPECTED[kind] + got
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            if msg.startswith("Input should be "):
-                msg = "expected " + msg.removeprefix("Input should be ")
-            if kind != "value_error":
-                msg += got
-            what = msg
-        out.append(f"{key}: {what}")
-    return out
+    """Pydantic errors as "key: expected ... (got ...)" lines with TOML-style key paths."""
+    return error_lines(exc, prefix=prefix, allowed_keys=_allowed_keys(prefix),
+                       describe=_describe)
+
+
+def _describe(err: ErrorDetails) -> str | None:
+    """Schema-specific wording (None: the shared default of :func:`error_lines`)."""
+    if "bounds" in err["loc"] and err["type"] not in ("value_error", "extra_forbidden"):
+        return "expected bounds = [lo, hi]: two finite numbers with lo < hi"
+    return _EXPECTED.get(err["type"])
 
 
 _EXPECTED = {
@@ -342,9 +324,7 @@ def _allowed_keys(prefix: str) -> list[str]:
 
 
 def _join(source: str, problems: list[str]) -> str:
-    if len(problems) == 1:
-        return f"{source}: {problems[0]}"
-    return f"{source}: {len(problems)} schema errors:\n  " + "\n  ".join(problems)
+    return join_errors(source, problems, noun="schema errors")
 
 
 def _toml_str(s: str) -> str:

@@ -23,22 +23,15 @@ coordinator itself (no trust on first use), and refuses any bank not signed with
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    ValidationError,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from fediim.privacy import epsilon_to_rho
+from fediim.validation import FiniteFloat, format_validation_error
 
 __all__ = ["Budget", "SiteConfig", "SiteConfigError", "load_site_config", "site_config_toml"]
 
@@ -54,15 +47,8 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epsilon: float = Field(gt=0)
+    epsilon: FiniteFloat = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
-
-    @field_validator("epsilon")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v
 
     @property
     def rho(self) -> float:
@@ -110,14 +96,11 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
     try:
         return SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "<top level>"
-            msg = e["msg"] if e["type"] != "extra_forbidden" else (
-                "unknown key; expected: " + ", ".join(
-                    f.alias or n for n, f in SiteConfig.model_fields.items()))
-            problems.append(f"{key}: {msg}")
-        raise SiteConfigError(f"{source}: " + "; ".join(problems)) from None
+        # No offending values: a site relays this message to the coordinator in its refusal.
+        raise SiteConfigError(format_validation_error(
+            exc, source, multiline=False, show_input=False,
+            allowed_keys=[f.alias or n for n, f in SiteConfig.model_fields.items()],
+        )) from None
 
 
 def _toml_string(value: str) -> str:

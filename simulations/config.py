@@ -37,12 +37,13 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fediim.validation import format_validation_error
 
 __all__ = [
     "BASELINES",
@@ -275,41 +276,6 @@ class Study:
 
 
 # -- loading ------------------------------------------------------------------------------
-def _loc(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _format_validation(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        msg = str(err["msg"])
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        msg = msg.removeprefix("Value error, ")
-        # Our validators name a sub-key as "[i]: ..." or "col: ..."; fold it into the path.
-        m = re.match(r"^(\[\d+\]|[A-Za-z0-9_.-]+): (.*)$", msg, re.S)
-        if m and err["type"] == "value_error":
-            sub, msg = m.groups()
-            loc.append(int(sub[1:-1]) if sub.startswith("[") else sub)
-        if err["type"] not in ("extra_forbidden", "missing") and "input" in err \
-                and "got" not in msg and not isinstance(err["input"], dict | list):
-            msg += f" (got {err['input']!r})"
-        lines.append(f"{_loc(loc)}: {msg}")
-    head = f"{source}: invalid study"
-    if len(lines) == 1:
-        return f"{head}: {lines[0]}"
-    return head + ":\n" + "\n".join(f"  {line}" for line in lines)
-
-
 def _project_root(folder: Path) -> Path:
     for d in (folder, *folder.parents):
         if (d / "pyproject.toml").is_file():
@@ -382,7 +348,7 @@ def study_from_dict(raw: dict[str, Any], source: str = "<study>",
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as exc:
-        raise StudyConfigError(_format_validation(exc, source)) from None
+        raise StudyConfigError(format_validation_error(exc, f"{source}: invalid study")) from None
     _cross_checks(cfg, source)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     if cfg.study.base_dir is not None:
