@@ -293,11 +293,40 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def checks(summary: dict[str, Any]) -> dict[str, Any]:
-    """Headline comparisons: hybrid vs local per epsilon; federated / centralized ratios."""
+def _paired_hybrid_minus_local(records: list[dict[str, Any]], scenario: str
+                               ) -> dict[str, dict[str, float | bool | int]]:
+    """Per epsilon: hybrid - local pooled NRMSE, paired by seed (same masked cells).
+
+    ``within_noise``: the mean difference is at most two standard errors above zero (the
+    seeds do not show hybrid to be worse than local).
+    """
+    local = {r["seed"]: r["nrmse"] for r in records
+             if r["scenario"] == scenario and r["method"] == "local"}
+    diffs: dict[str, list[float]] = {}
+    for r in records:
+        if r["scenario"] == scenario and r["method"] == "hybrid" and r["seed"] in local:
+            diffs.setdefault(r["epsilon"], []).append(r["nrmse"] - local[r["seed"]])
+    out: dict[str, dict[str, float | bool | int]] = {}
+    for ek, d in diffs.items():
+        mean = float(np.mean(d))
+        se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+        out[ek] = {"mean": mean, "se": se, "n_seeds": len(d),
+                   "within_noise": bool(mean <= 2 * se)}
+    return out
+
+
+def checks(summary: dict[str, Any], records: list[dict[str, Any]] | None = None
+           ) -> dict[str, Any]:
+    """Headline comparisons: hybrid vs local per epsilon (raw and paired by seed);
+    federated / centralized ratios."""
     res: dict[str, Any] = {}
     for sc, meths in summary.items():
         c: dict[str, Any] = {}
+        if records:
+            paired = _paired_hybrid_minus_local(records, sc)
+            c["hybrid_minus_local_paired"] = paired
+            c["hybrid_not_worse_within_noise_all_eps"] = all(
+                v["within_noise"] for v in paired.values())
         loc = meths.get("local", {}).get("-", {}).get("nrmse_mean")
         cen = meths.get("centralized", {}).get("-", {}).get("nrmse_mean")
         if loc is not None and "hybrid" in meths:
@@ -420,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(default 0.5,1,2,4,8,inf)")
     ap.add_argument("--out", type=Path, default=here / "results" / "privacy_utility.json",
                     help="JSON output; the PNG goes beside it with the same stem")
+    ap.add_argument("--resummarise", type=Path, default=None, metavar="JSON",
+                    help="recompute summary/checks/table/plot of an earlier results JSON "
+                         "from its per-seed records (no imputation is run)")
     args = ap.parse_args(argv)
+    if args.resummarise is not None:
+        return resummarise(args.resummarise)
 
     bad = [s for s in args.scenarios if s not in SCENARIOS]
     if bad:
@@ -467,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["summary"] = summarise(records)
         write_json_atomic(args.out, _json_safe(payload))  # partial results survive
     payload["summary"] = summarise(records)
-    payload["checks"] = checks(payload["summary"])
+    payload["checks"] = checks(payload["summary"], records)
     payload["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     payload["total_wall_s"] = time.perf_counter() - t_start
     write_json_atomic(args.out, _json_safe(payload))
@@ -475,11 +509,39 @@ def main(argv: list[str] | None = None) -> int:
     plot(payload["summary"], eps_keys, png)
     print(markdown(payload["summary"], eps_keys))
     print()
-    for sc, c in payload["checks"].items():
+    _print_checks(payload["checks"])
+    print(f"\nwrote {args.out} and {png} in {payload['total_wall_s']:.0f} s")
+    return 0
+
+
+def _print_checks(checks_: dict[str, Any]) -> None:
+    for sc, c in checks_.items():
         print(f"{sc}: hybrid <= local at every ε: {c.get('hybrid_le_local_all_eps')}"
               + (f" (worse at {c['hybrid_worse_than_local_at']})"
                  if c.get("hybrid_worse_than_local_at") else ""))
-    print(f"\nwrote {args.out} and {png} in {payload['total_wall_s']:.0f} s")
+        paired = c.get("hybrid_minus_local_paired", {})
+        if paired:
+            print("    paired by seed, hybrid - local: " + ", ".join(
+                f"ε={ek}: {v['mean']:+.3f} ± {v['se']:.3f}" for ek, v in
+                sorted(paired.items(),
+                       key=lambda kv: math.inf if kv[0] == "inf" else float(kv[0])))
+                + f"  -> not worse within noise: {c['hybrid_not_worse_within_noise_all_eps']}")
+
+
+def resummarise(path: Path) -> int:
+    """Recompute summary, checks, table and plot of a results JSON from its records."""
+    import json
+
+    payload = json.loads(path.read_text())
+    records = payload["records"]
+    payload["summary"] = summarise(records)
+    payload["checks"] = checks(payload["summary"], records)
+    write_json_atomic(path, _json_safe(payload))
+    eps_keys = payload["protocol"]["epsilons"]
+    plot(payload["summary"], eps_keys, path.with_suffix(".png"))
+    print(markdown(payload["summary"], eps_keys))
+    print()
+    _print_checks(payload["checks"])
     return 0
 
 

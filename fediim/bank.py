@@ -329,6 +329,9 @@ class CellPatternModels:
         return PatternResult.vote(cand, nbr, self._ell[nbr])
 
 
+_MIXTURE_BLOCK_FLOATS = 4_000_000
+
+
 class MixturePatternModels:
     """The bank's cells as a Gaussian mixture; imputation = E[target | observed features].
 
@@ -365,10 +368,12 @@ class MixturePatternModels:
         self._mu_f = mu[:, list(features)]
         self._mu_a = mu[:, target]
 
-    def impute(self, queries: np.ndarray, block: int = 256) -> PatternResult:
+    def impute(self, queries: np.ndarray) -> PatternResult:
         """Impute the target for queries given on F (the bank's scaled coordinates)."""
         q = np.asarray(queries, dtype=np.float64)
         k = min(self.config.n_neighbors, self.bank.n_cells)
+        # Queries per block so that a (block, cells, features) array stays near 32 MB.
+        block = max(1, min(256, _MIXTURE_BLOCK_FLOATS // max(self._mu_f.size, 1)))
         vals, spread = np.empty(len(q)), np.empty(len(q))
         top = np.empty((len(q), k), dtype=np.int64)
         wtop, ctop = np.empty((len(q), k)), np.empty((len(q), k))
