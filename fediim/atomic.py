@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_secret", "atomic_write_text"]
 
 _WRITE_MODES = {"w", "wt", "wb"}
 
@@ -108,6 +108,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically replace ``path`` with ``data``."""
     with atomic_open(path, "wb") as fh:
         fh.write(data)
+
+
+def atomic_write_secret(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically replace ``path`` with ``data`` readable by its owner only (0600).
+
+    For private keys. The file is created 0600 first (and an existing one set to 0600),
+    because :func:`atomic_open` keeps the mode the target already has.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.touch(mode=0o600, exist_ok=True)
+    os.chmod(p, 0o600)
+    atomic_write_bytes(p, data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fediim.atomic import atomic_write_bytes, atomic_write_text
+from fediim.atomic import atomic_write_bytes, atomic_write_secret, atomic_write_text
 
 __all__ = [
     "SIGNATURE_FORMAT",
@@ -58,11 +58,7 @@ def write_keypair(private_path: str | os.PathLike[str],
                   public_path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Generate an Ed25519 key pair; private key 0600 at ``private_path``, public key PEM."""
     key = Ed25519PrivateKey.generate()
-    priv = Path(private_path)
-    priv.parent.mkdir(parents=True, exist_ok=True)
-    priv.touch(mode=0o600, exist_ok=True)
-    os.chmod(priv, 0o600)
-    atomic_write_bytes(priv, key.private_bytes(
+    atomic_write_secret(private_path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     pub = key.public_key()

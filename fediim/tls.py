@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fediim.atomic import atomic_write_bytes
+from fediim.atomic import atomic_write_bytes, atomic_write_secret
 
 __all__ = [
     "TLSFiles",
@@ -125,11 +125,7 @@ def write_private_key(path: str | os.PathLike[str], key: ec.EllipticCurvePrivate
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.touch(mode=0o600, exist_ok=True)
-    os.chmod(p, 0o600)  # atomic_write_bytes keeps an existing file's mode
-    atomic_write_bytes(p, pem)
+    atomic_write_secret(path, pem)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
@@ -166,11 +162,7 @@ def write_node_auth_keypair(private_path: str | os.PathLike[str],
     operator registers ``PUBLIC`` with ``flwr supernode register PUBLIC <connection>``.
     """
     key = ec.generate_private_key(ec.SECP384R1())
-    p = Path(private_path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.touch(mode=0o600, exist_ok=True)
-    os.chmod(p, 0o600)
-    atomic_write_bytes(p, key.private_bytes(
+    atomic_write_secret(private_path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption()))
     atomic_write_bytes(public_path, key.public_key().public_bytes(

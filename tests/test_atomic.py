@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fediim import atomic
-from fediim.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from fediim.atomic import atomic_open, atomic_write_bytes, atomic_write_secret, atomic_write_text
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -105,3 +105,14 @@ def test_permissions_preserved(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_write_secret_is_owner_only_even_over_a_readable_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "site.key"
+    atomic_write_secret(path, b"secret-1")
+    assert path.read_bytes() == b"secret-1"
+    assert (path.stat().st_mode & 0o777) == 0o600
+    path.chmod(0o644)  # an existing, world-readable file is tightened, not kept
+    atomic_write_secret(path, b"secret-2")
+    assert path.read_bytes() == b"secret-2"
+    assert (path.stat().st_mode & 0o777) == 0o600
