@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from fediim.atomic import atomic_write_bytes
-from fediim.gram import gram_centroid, subsystem_index, subsystem_sse
+from fediim.gram import gram_centroid, gram_count, subsystem_index, subsystem_sse
 from fediim.iim import PatternResult, ridge_solve
 from fediim.neighbors import NeighborIndex
 
 __all__ = [
     "BANK_FORMAT", "BankError", "ModelBank", "CellPatternModels", "MixturePatternModels",
-    "BankConfig", "pattern_models",
+    "BankConfig", "BankModels", "pattern_models",
 ]
 
 BANK_FORMAT = "fediim-bank/1"
@@ -350,8 +350,8 @@ class MixturePatternModels:
                  config: BankConfig) -> None:
         self.bank, self.target, self.features, self.config = bank, target, features, config
         g = bank.gram
-        n = np.maximum(g[:, 0, 0], 1.0)
-        mu = g[:, 0, 1:] / n[:, None]
+        n = np.maximum(gram_count(g), 1.0)
+        mu = bank.anchors  # the cells' centroids
         cov = g[:, 1:, 1:] / n[:, None, None] - mu[:, :, None] * mu[:, None, :]
         box = (bank.hi - bank.lo) ** 2 / 12.0
         tau = config.mixture_prior
@@ -396,8 +396,12 @@ class MixturePatternModels:
         return PatternResult(vals, spread, top, np.ones_like(top), wtop, ctop)
 
 
+#: Either bank engine: both impute a pattern's queries into a :class:`PatternResult`.
+BankModels = CellPatternModels | MixturePatternModels
+
+
 def pattern_models(bank: ModelBank, target: int, features: tuple[int, ...],
-                   config: BankConfig) -> CellPatternModels | MixturePatternModels:
+                   config: BankConfig) -> BankModels:
     """The bank engine ``config.engine`` asks for (``auto``: mixture iff the bank is exact).
 
     IIM over cells reads only tree 0 of a bank with several trees (see below).

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from fediim.bank import BankConfig, BankError, ModelBank, pattern_models
+from fediim.bank import BankConfig, BankError, BankModels, ModelBank, pattern_models
 from fediim.gram import (
     affine_map,
     augmented_gram,
@@ -305,24 +305,25 @@ def site_impute(
             train = np.flatnonzero((~miss[:, fz]).all(axis=1) & ~miss[:, a])
             v = np.random.default_rng(0).permutation(train)[:n_validation]
             val_q = xs[np.ix_(v, fz)]
-            acfg = cfg
+            acfg, other_models = cfg, None
             if choose_engine and len(v) >= _MIN_VALIDATION:
-                acfg = _best_engine(others, a, feats, cfg, val_q, xs[v, a])
+                acfg, other_models = _best_engine(others, a, feats, cfg, val_q, xs[v, a])
             q = xs[np.ix_(r, fz)]
             if mode == "hybrid" and len(train) > 1:
+                if other_models is None and others.n_cells > 0:
+                    other_models = pattern_models(others, a, feats, acfg)
                 local = PatternModels(zs[np.ix_(train, fz)], zs[train, a], local_cfg)
                 loc = local.impute(zs[np.ix_(r, fz)])
                 loc_val = loc.values * sd[a] + mu[a]
                 pos = np.searchsorted(train, v)  # v's positions among the training rows
                 pl = _local_crossfit(zs[np.ix_(train, fz)], zs[train, a], pos,
                                      local_cfg) * sd[a] + mu[a]
-                w, bias = _hybrid_weights(pl, others, a, feats, acfg, val_q, xs[v, a],
-                                          xs[train, a])
+                w, bias = _hybrid_weights(pl, other_models, val_q, xs[v, a], xs[train, a])
                 site_mean = float(xs[train, a].mean())
                 parts = [(w[0], loc_val, loc.spread * sd[a])]
                 fed = None
-                if w[1] > 0:
-                    fed = pattern_models(others, a, feats, acfg).impute(q)
+                if w[1] > 0 and other_models is not None:
+                    fed = other_models.impute(q)
                     parts.append((w[1], fed.values + bias, fed.spread))
                 parts.append((w[2], np.full(len(r), site_mean), np.zeros(len(r))))
                 val = sum(wi * vi for wi, vi, _ in parts)
@@ -435,30 +436,32 @@ def _shrink_weight(bank: ModelBank, site_id: str, target: int, feats: tuple[int,
 
 
 def _best_engine(others: ModelBank, target: int, feats: tuple[int, ...], cfg: BankConfig,
-                 val_q: np.ndarray, val_y: np.ndarray) -> BankConfig:
-    """The bank engine with the lower error on the site's validation rows."""
-    errs = {}
+                 val_q: np.ndarray, val_y: np.ndarray) -> tuple[BankConfig, BankModels]:
+    """The bank engine with the lower error on the site's validation rows, and its models
+    over ``others`` (fitted once, reused by the hybrid blend)."""
+    fitted: dict[str, tuple[float, BankModels]] = {}
     for engine in ("cells", "mixture"):
-        c = replace(cfg, engine=engine)
-        errs[engine] = float(np.mean(
-            (pattern_models(others, target, feats, c).impute(val_q).values - val_y) ** 2))
-    return replace(cfg, engine=min(errs, key=errs.__getitem__))
+        models = pattern_models(others, target, feats, replace(cfg, engine=engine))
+        err = float(np.mean((models.impute(val_q).values - val_y) ** 2))
+        fitted[engine] = (err, models)
+    best = min(fitted, key=lambda e: fitted[e][0])
+    return replace(cfg, engine=best), fitted[best][1]
 
 
-def _hybrid_weights(pl: np.ndarray, others: ModelBank, target: int, feats: tuple[int, ...],
-                    cfg: BankConfig, val_q: np.ndarray, val_y: np.ndarray,
-                    train_y: np.ndarray) -> tuple[np.ndarray, float]:
+def _hybrid_weights(pl: np.ndarray, others: BankModels | None, val_q: np.ndarray,
+                    val_y: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray, float]:
     """Hybrid blend weights and the federated side's recentring, from the site's own rows.
 
     ``pl``: cross-fitted local predictions of the validation rows (``val_q``, ``val_y``);
+    ``others``: the bank models over the other sites' cells (None if there are none);
     ``train_y``: the target on all the site's training rows. Every validation prediction
     leaves its own row out: the local one by cross-fitting, the recentring and the site
     mean as leave-one-out means.
     """
     nv = len(val_y)
-    if others.n_cells == 0 or nv < 2:
+    if others is None or nv < 2:
         return np.array([1.0, 0.0, 0.0]), 0.0
-    pf = pattern_models(others, target, feats, cfg).impute(val_q).values
+    pf = others.impute(val_q).values
     res = val_y - pf
     bias = float(res.mean())
     bias_loo = (res.sum() - res) / (nv - 1)

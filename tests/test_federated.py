@@ -641,18 +641,13 @@ def test_hybrid_recentres_the_federation_for_a_site_with_its_own_level() -> None
 
 def test_hybrid_weights_prefer_local_on_ties() -> None:
     w, bias = federated._hybrid_weights(
-        np.array([1.0, 2.0, 3.0]), ModelBank.concat([_empty_bank()]), 0, (1,), BankConfig(),
-        np.zeros((3, 1)), np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]))
+        np.array([1.0, 2.0, 3.0]), None, np.zeros((3, 1)), np.array([1.0, 2.0, 3.0]),
+        np.array([1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(w, [1.0, 0.0, 0.0])
     assert bias == 0.0
     assert tuple(federated._HYBRID_GRID[0]) == (1.0, 0.0, 0.0)
     np.testing.assert_allclose(federated._HYBRID_GRID.sum(axis=1), 1.0)
 
-
-def _empty_bank() -> ModelBank:
-    return ModelBank(n_features=2, site=np.array([], str), cell=np.array([], str),
-                     lo=np.zeros((0, 2)), hi=np.zeros((0, 2)), gram=np.zeros((0, 3, 3)),
-                     sigma=np.zeros(0))
 
 
 def test_federated_mode_shrinks_a_noise_only_bank_towards_the_mean(
