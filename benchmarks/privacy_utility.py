@@ -500,18 +500,25 @@ def main(argv: list[str] | None = None) -> int:
             records.extend(run_scenario_seed(sc, args.datasets, seed, args.eps))
         payload["summary"] = summarise(records)
         write_json_atomic(args.out, _json_safe(payload))  # partial results survive
-    payload["summary"] = summarise(records)
-    payload["checks"] = checks(payload["summary"], records)
     payload["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     payload["total_wall_s"] = time.perf_counter() - t_start
-    write_json_atomic(args.out, _json_safe(payload))
-    png = args.out.with_suffix(".png")
-    plot(payload["summary"], eps_keys, png)
+    _finish(payload, args.out)
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} in "
+          f"{payload['total_wall_s']:.0f} s")
+    return 0
+
+
+def _finish(payload: dict[str, Any], path: Path) -> None:
+    """Summary and checks from the payload's records; write JSON and PNG; print the table."""
+    records = payload["records"]
+    payload["summary"] = summarise(records)
+    payload["checks"] = checks(payload["summary"], records)
+    write_json_atomic(path, _json_safe(payload))
+    eps_keys = payload["protocol"]["epsilons"]
+    plot(payload["summary"], eps_keys, path.with_suffix(".png"))
     print(markdown(payload["summary"], eps_keys))
     print()
     _print_checks(payload["checks"])
-    print(f"\nwrote {args.out} and {png} in {payload['total_wall_s']:.0f} s")
-    return 0
 
 
 def _print_checks(checks_: dict[str, Any]) -> None:
@@ -532,16 +539,7 @@ def resummarise(path: Path) -> int:
     """Recompute summary, checks, table and plot of a results JSON from its records."""
     import json
 
-    payload = json.loads(path.read_text())
-    records = payload["records"]
-    payload["summary"] = summarise(records)
-    payload["checks"] = checks(payload["summary"], records)
-    write_json_atomic(path, _json_safe(payload))
-    eps_keys = payload["protocol"]["epsilons"]
-    plot(payload["summary"], eps_keys, path.with_suffix(".png"))
-    print(markdown(payload["summary"], eps_keys))
-    print()
-    _print_checks(payload["checks"])
+    _finish(json.loads(path.read_text()), path)
     return 0
 
 
