@@ -14,12 +14,25 @@ Methods at the smallest site (all impute the same masked tables; one bank per se
                    site mean only) -- what the site gets *without* the federation
     federated      bank candidates only
 
+Sweep design (``--sweep N``): random seeds give ~2 cells each, and the federated share of
+the hybrid is small, so this design scores *every* cell of the site's complete rows (46
+rows x 10 attributes at Switzerland) with masking as in the protocol: each imputation
+masks two cells in different rows (the protocol masks ~2 of its 46 complete rows), and
+the same fixed pairing of cells is used for every bank. Banks come from N noise seeds
+(the other sites masked by ``mask_sites`` with that seed). The site's own table is
+released whole: ``hybrid`` reads only the *other* sites' cells, so its own release does
+not enter (``federated`` does, and is left out of this design). Differences are averaged
+over banks per cell, then reported with the standard error over cells and, separately,
+per bank so that the bank-to-bank spread is visible.
+
 Usage::
 
     .venv/bin/python benchmarks/small_site.py                 # 40 seeds, ε = 1, 4, ∞
     .venv/bin/python benchmarks/small_site.py --seeds 10 --eps 4
     .venv/bin/python benchmarks/small_site.py --eps 4 --frac 0.3 \
         --out benchmarks/results/small_site_frac30.json    # 30% masked: 7x the cells
+    .venv/bin/python benchmarks/small_site.py --sweep 6 --eps 4,inf --jobs 2 \
+        --out benchmarks/results/small_site_sweep.json     # every cell, 6 banks
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +130,130 @@ def markdown(summary: dict[str, Any], site: str, n_seeds: int) -> str:
     return "\n".join(lines)
 
 
+def sweep_batches(x: np.ndarray, seed: int = 0) -> list[list[tuple[int, int]]]:
+    """Every (complete row, observed column) cell of ``x``, shuffled once and paired into
+    imputations of two cells in different rows (a last odd cell goes alone)."""
+    seen = np.flatnonzero(~np.isnan(x).all(axis=0))
+    complete = np.flatnonzero(~np.isnan(x[:, seen]).any(axis=1))
+    cells = [(int(i), int(j)) for i in complete for j in seen]
+    pending = [cells[k] for k in np.random.default_rng(seed).permutation(len(cells))]
+    batches = []
+    while pending:
+        a = pending.pop(0)
+        k = next((t for t, c in enumerate(pending) if c[0] != a[0]), None)
+        batches.append([a] if k is None else [a, pending.pop(k)])
+    return batches
+
+
+def _masked(x: np.ndarray, batch: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+    xm = x.copy()
+    r = np.array([i for i, _ in batch])
+    c = np.array([j for _, j in batch])
+    xm[r, c] = np.nan
+    return xm, r, c
+
+
+def sweep_local(datasets: Path) -> dict[str, Any]:
+    """Local IIM's error on every sweep cell (it does not depend on the bank)."""
+    names, sites, _, _ = load_scenario("heart", datasets, 0)
+    sd = pooled_std(sites)
+    small = int(np.argmin([len(x) for x in sites]))
+    x = sites[small]
+    cells, errs = [], []
+    for batch in sweep_batches(x):
+        xm, r, c = _masked(x, batch)
+        errs += ((local_iim(xm)[r, c] - x[r, c]) / sd[c]).tolist()
+        cells += batch
+    return {"site": names[small], "cells": cells, "local": errs}
+
+
+def sweep_bank(datasets: Path, seed: int, eps: float) -> dict[str, Any]:
+    """Hybrid and its no-federation ablation on every sweep cell, one bank (noise seed)."""
+    names, sites, _, bounds = load_scenario("heart", datasets, seed)
+    sd = pooled_std(sites)
+    small = int(np.argmin([len(x) for x in sites]))
+    masked, _ = mask_sites(sites, seed)
+    masked[small] = sites[small]  # hybrid reads only the other sites' cells
+    sid, x = names[small], sites[small]
+    f = FederatedIIM(k=K, epsilon=eps, delta=DELTA, bounds=bounds, mode="federated",
+                     seed=seed).fit(masked, site_ids=names)
+    out: dict[str, list[float]] = {"hybrid": [], "hybrid_nofed": []}
+    for batch in sweep_batches(x):
+        xm, r, c = _masked(x, batch)
+        out["hybrid"] += ((site_impute(xm, f.bank_, f.bounds_, mode="hybrid", n_neighbors=K,
+                                       site_id=sid).values[r, c] - x[r, c]) / sd[c]).tolist()
+        with _no_federated_weight():
+            out["hybrid_nofed"] += ((site_impute(
+                xm, f.bank_, f.bounds_, mode="hybrid", n_neighbors=K, site_id=sid
+            ).values[r, c] - x[r, c]) / sd[c]).tolist()
+    return {"seed": seed, "eps": "inf" if math.isinf(eps) else f"{eps:g}", **out}
+
+
+def summarise_sweep(local: dict[str, Any], banks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per epsilon: NRMSE over all cells and banks; paired MSE differences, averaged over
+    banks per cell (standard error over cells) and per bank."""
+    lsq = np.square(local["local"])
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(b["eps"] for b in banks):
+        rec = [b for b in banks if b["eps"] == key]
+        sq = {m: np.square([b[m] for b in rec]) for m in ("hybrid", "hybrid_nofed")}  # (B, n)
+        sq["local"] = np.broadcast_to(lsq, sq["hybrid"].shape)
+        s: dict[str, Any] = {"n_cells": int(len(lsq)), "n_banks": len(rec),
+                             "nrmse": {m: float(np.sqrt(v.mean())) for m, v in sq.items()}}
+        for a, b in (("hybrid", "local"), ("hybrid", "hybrid_nofed"),
+                     ("hybrid_nofed", "local")):
+            d = (sq[a] - sq[b]).mean(axis=0)  # per cell, averaged over banks
+            s[f"mse_{a}_minus_{b}"] = {
+                "mean": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d))),
+                "per_bank": [float(v) for v in (sq[a] - sq[b]).mean(axis=1)]}
+        out[key] = s
+    return out
+
+
+def markdown_sweep(summary: dict[str, Any], site: str) -> str:
+    lines = [f"Smallest heart hospital ({site}), sweep: every cell of its complete rows; "
+             "paired MSE differences (mean over banks per cell) ± standard error over cells",
+             "", "| ε | cells | banks | local | hybrid | hybrid without federation | "
+             "MSE hybrid − local | MSE hybrid − hybrid w/o fed | per bank |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, s in summary.items():
+        n = s["nrmse"]
+        d1, d2 = s["mse_hybrid_minus_local"], s["mse_hybrid_minus_hybrid_nofed"]
+        per = ", ".join(f"{v:+.3f}" for v in d2["per_bank"])
+        lines.append(f"| {'∞' if key == 'inf' else key} | {s['n_cells']} | {s['n_banks']} | "
+                     f"{fmt(n['local'])} | {fmt(n['hybrid'])} | {fmt(n['hybrid_nofed'])} | "
+                     f"{d1['mean']:+.3f} ± {d1['se']:.3f} | {d2['mean']:+.3f} ± {d2['se']:.3f} "
+                     f"| {per} |")
+    return "\n".join(lines)
+
+
+def run_sweep(args: argparse.Namespace, epsilons: list[float]) -> int:
+    t0 = time.perf_counter()
+    jobs = [(args.datasets, seed, eps) for eps in epsilons for seed in range(args.sweep)]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        local_f = pool.submit(sweep_local, args.datasets)
+        futures = [pool.submit(sweep_bank, *job) for job in jobs]
+        banks = []
+        for job, fut in zip(jobs, futures, strict=True):
+            banks.append(fut.result())
+            print(f"bank seed {job[1]} eps {job[2]:g} done ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+        local = local_f.result()
+    summary = summarise_sweep(local, banks)
+    payload = {"benchmark": "small_site_sweep", "machine": machine_info(),
+               "protocol": {"scenario": "heart", "site": local["site"],
+                            "design": "every complete-row cell, 2 per imputation",
+                            "bank_seeds": list(range(args.sweep)), "epsilons": list(summary),
+                            "delta": DELTA, "k": K},
+               "cells": local["cells"], "local": local["local"], "banks": banks,
+               "summary": summary, "total_wall_s": time.perf_counter() - t0}
+    write_json_atomic(args.out, payload)
+    print(markdown_sweep(summary, local["site"]))
+    print(f"\nwrote {args.out} in {payload['total_wall_s']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     here = Path(__file__).resolve().parent
@@ -125,9 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frac", type=float, default=0.05,
                     help="fraction of each site's complete rows masked (default 0.05, the "
                          "privacy_utility protocol; larger gives more cells per seed)")
+    ap.add_argument("--sweep", type=int, default=0, metavar="N",
+                    help="sweep design with N banks (noise seeds) instead of random seeds")
+    ap.add_argument("--jobs", type=int, default=1, help="processes for the sweep")
     ap.add_argument("--out", type=Path, default=here / "results" / "small_site.json")
     args = ap.parse_args(argv)
     epsilons = [float(e) for e in args.eps.split(",")]
+    if args.sweep:
+        return run_sweep(args, epsilons)
     t0 = time.perf_counter()
     records = []
     for seed in range(args.seeds):
