@@ -259,8 +259,9 @@ def site_impute(
     its noise penalty is chosen so too (heart, Switzerland at epsilon = 4: the other sites'
     cells predict with MSE 0.711 at multiplier 3 vs 0.750 at 0.03). In ``federated`` mode a
     noised bank's estimate is shrunk towards the federation's mean by a weight the site's
-    rows choose (see :func:`_shrink_weight`). Every estimate is clipped into the public
-    bounds.
+    rows choose jointly with the noise penalty, on the whole bank with each row taken out
+    of its own cell (see :func:`_shrink_choice`). Every estimate is clipped into the
+    public bounds.
     """
     x = np.asarray(x, dtype=np.float64)
     if mode == "local":
@@ -315,7 +316,9 @@ def site_impute(
             v = np.random.default_rng(0).permutation(train)[:n_validation]
             val_q = xs[np.ix_(v, fz)]
             acfg, other_models = cfg, None
-            if choose and len(v) >= _MIN_VALIDATION:
+            shrink = (mode != "hybrid" and site_id is not None and bank.n_trees == 1
+                      and bool(np.any(bank.sigma > 0)))
+            if choose and not shrink and len(v) >= _MIN_VALIDATION:
                 acfg, other_models = _best_bank_models(others, a, feats, choices, val_q,
                                                        xs[v, a])
             q = xs[np.ix_(r, fz)]
@@ -345,16 +348,19 @@ def site_impute(
                     ells = ells + w[1] * fed.ell.mean(axis=1)
                     n_c += fed.ell.shape[1]
             else:
-                fed = pattern_models(bank, a, feats, acfg).impute(q)
-                val, spread = fed.values, fed.spread
-                ells, n_c = fed.ell.mean(axis=1), fed.ell.shape[1]
-                if site_id is not None and bank.n_trees == 1 and np.any(bank.sigma > 0):
+                w = 1.0
+                if shrink:
                     # Noised cell models can be worse than the federation's mean (diabetes,
                     # epsilon = 1: NRMSE 1.75 vs 0.97): shrink towards it by the weight the
-                    # site's rows choose (bank-only information, chosen locally).
-                    w = _shrink_weight(bank, site_id, a, feats, acfg, xs[train], fed_mean[a])
-                    val = w * val + (1 - w) * fed_mean[a]
-                    spread = w * spread
+                    # site's rows choose, jointly with the noise penalty, on the whole bank
+                    # with each row out of its own cell (bank-only information, chosen
+                    # locally).
+                    acfg, w = _shrink_choice(bank, site_id, a, feats, choices, xs[train],
+                                             fed_mean[a])
+                fed = pattern_models(bank, a, feats, acfg).impute(q)
+                val = w * fed.values + (1 - w) * fed_mean[a]
+                spread = w * fed.spread
+                ells, n_c = fed.ell.mean(axis=1), fed.ell.shape[1]
             # An imputation outside the public domain bounds is never right: clip into them.
             out[r, a] = unscale(np.clip(val, -0.5, 0.5), bounds, a)
             unc[r, a] = spread * (bounds[a, 1] - bounds[a, 0])
@@ -402,9 +408,11 @@ def _local_crossfit(tf: np.ndarray, ty: np.ndarray, pos: np.ndarray,
 _SHRINK_GRID = np.linspace(1.0, 0.0, 11)  # bank first: ties keep the bank's models
 
 
-def _shrink_weight(bank: ModelBank, site_id: str, target: int, feats: tuple[int, ...],
-                   cfg: BankConfig, rows: np.ndarray, mean: float) -> float:
-    """Weight of the bank's models against the federation's mean, on the site's rows.
+def _shrink_choice(bank: ModelBank, site_id: str, target: int, feats: tuple[int, ...],
+                   choices: list[BankConfig], rows: np.ndarray, mean: float
+                   ) -> tuple[BankConfig, float]:
+    """Bank configuration and weight of its models against the federation's mean, chosen
+    jointly on the site's rows.
 
     ``rows``: the site's rows observed on F and the target (scaled coordinates, NaN where
     missing). Each is predicted by a bank from which the row itself was taken out: a row
@@ -413,11 +421,13 @@ def _shrink_weight(bank: ModelBank, site_id: str, target: int, feats: tuple[int,
     a time); other rows were never in the bank. Validating against the bank as released
     flatters it (most at a small site whose one or two cells are nearly all its rows);
     leaving the site's cells out altogether misjudges a site unlike the others (red vs
-    white wine). Both sides are bank information; ties go to the bank's models.
+    white wine: a noise penalty chosen against white's cells alone made red's federated
+    imputation worse at every epsilon >= 2). Both sides are bank information; ties go to
+    the first configuration and to the bank's models.
     """
     own = np.flatnonzero(bank.site == site_id)
     if own.size == 0 or len(rows) < _MIN_VALIDATION:
-        return 1.0
+        return choices[0], 1.0
     m = bank.n_features
     tx, ty = rows[:, list(feats)], rows[:, target]
     released = np.flatnonzero(~np.isnan(rows).any(axis=1))
@@ -429,7 +439,7 @@ def _shrink_weight(bank: ModelBank, site_id: str, target: int, feats: tuple[int,
     cell = np.full(len(rows), -1)
     cell[released] = np.where(inside.any(axis=1), own[inside.argmax(axis=1)], -1)
     z = np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
-    pf = np.empty(len(rows))
+    pf = np.empty((len(choices), len(rows)))
     folds = np.random.default_rng(0).permutation(len(rows)) % _FOLDS
     for k in range(_FOLDS):
         held = np.flatnonzero(folds == k)
@@ -440,9 +450,12 @@ def _shrink_weight(bank: ModelBank, site_id: str, target: int, feats: tuple[int,
         gram[:, 0, 0] = np.maximum(gram[:, 0, 0], 1e-9)
         loo = ModelBank(n_features=m, site=bank.site, cell=bank.cell, lo=bank.lo, hi=bank.hi,
                         gram=gram, sigma=bank.sigma, min_records=0, tree=bank.tree)
-        pf[held] = pattern_models(loo, target, feats, cfg).impute(tx[held]).values
-    err = ((_SHRINK_GRID[:, None] * pf + (1 - _SHRINK_GRID[:, None]) * mean - ty) ** 2)
-    return float(_SHRINK_GRID[int(np.argmin(err.mean(axis=1)))])
+        for c, cfg in enumerate(choices):
+            pf[c, held] = pattern_models(loo, target, feats, cfg).impute(tx[held]).values
+    w = _SHRINK_GRID[None, :, None]
+    err = ((w * pf[:, None, :] + (1 - w) * mean - ty) ** 2).mean(axis=2)  # (choice, weight)
+    c, i = np.unravel_index(int(np.argmin(err)), err.shape)
+    return choices[int(c)], float(_SHRINK_GRID[i])
 
 
 def _bank_choices(cfg: BankConfig, exact: bool) -> list[BankConfig]:
