@@ -31,8 +31,10 @@ Usage::
     .venv/bin/python benchmarks/small_site.py --seeds 10 --eps 4
     .venv/bin/python benchmarks/small_site.py --eps 4 --frac 0.3 \
         --out benchmarks/results/small_site_frac30.json    # 30% masked: 7x the cells
-    .venv/bin/python benchmarks/small_site.py --sweep 6 --eps 4,inf --jobs 2 \
-        --out benchmarks/results/small_site_sweep.json     # every cell, 6 banks
+    .venv/bin/python benchmarks/small_site.py --sweep 6 --eps 4 --jobs 2 \
+        --out benchmarks/results/small_site_sweep.json     # every cell, 6 banks, ~19 min
+    .venv/bin/python benchmarks/small_site.py --sweep 2 --eps inf --jobs 2 \
+        --out benchmarks/results/small_site_sweep_inf.json # ~14 min
 """
 
 from __future__ import annotations
