@@ -57,3 +57,16 @@ def test_demo_runs_and_writes_the_report(tmp_path: Path,
     audit = (tmp_path / "hospital_D_imputed.audit.jsonl").read_text().splitlines()
     assert audit and json.loads(audit[0])["method"] == "iim"
     assert "$ fediim impute" in out
+
+
+def test_bounds_span_is_in_standard_deviations_of_the_data() -> None:
+    """The demo's explanation of the federated-only number: public bounds / data spread."""
+    from sklearn.datasets import load_diabetes
+
+    from fediim.demo import bounds_span_sd
+
+    d = load_diabetes(scaled=False)
+    glucose = d.feature_names.index("s6")  # bounds 40-300 mg/dl: the widest in sds
+    med, widest = bounds_span_sd()
+    assert widest == pytest.approx(260.0 / d.data[:, glucose].std())
+    assert 2.0 < med < widest
