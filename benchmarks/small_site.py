@@ -117,6 +117,11 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _pm(d: dict[str, Any]) -> str:
+    """A paired difference as "mean ± standard error"."""
+    return f"{d['mean']:+.3f} ± {d['se']:.3f}"
+
+
 def markdown(summary: dict[str, Any], site: str, n_seeds: int) -> str:
     lines = [f"Smallest heart hospital ({site}), {n_seeds} seeds, NRMSE over all its masked "
              "cells; paired MSE differences ± standard error",
@@ -125,10 +130,10 @@ def markdown(summary: dict[str, Any], site: str, n_seeds: int) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for key, s in summary.items():
         n = s["nrmse"]
-        d1, d2 = s["mse_hybrid_minus_local"], s["mse_hybrid_minus_hybrid_nofed"]
         lines.append(f"| {'∞' if key == 'inf' else key} | {s['n_cells']} | {fmt(n['local'])} | "
                      f"{fmt(n['hybrid'])} | {fmt(n['hybrid_nofed'])} | {fmt(n['federated'])} | "
-                     f"{d1['mean']:+.3f} ± {d1['se']:.3f} | {d2['mean']:+.3f} ± {d2['se']:.3f} |")
+                     f"{_pm(s['mse_hybrid_minus_local'])} | "
+                     f"{_pm(s['mse_hybrid_minus_hybrid_nofed'])} |")
     return "\n".join(lines)
 
 
@@ -220,13 +225,11 @@ def markdown_sweep(summary: dict[str, Any], site: str) -> str:
              "MSE hybrid − local | MSE hybrid − hybrid w/o fed | per bank |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, s in summary.items():
-        n = s["nrmse"]
-        d1, d2 = s["mse_hybrid_minus_local"], s["mse_hybrid_minus_hybrid_nofed"]
+        n, d2 = s["nrmse"], s["mse_hybrid_minus_hybrid_nofed"]
         per = ", ".join(f"{v:+.3f}" for v in d2["per_bank"])
         lines.append(f"| {'∞' if key == 'inf' else key} | {s['n_cells']} | {s['n_banks']} | "
                      f"{fmt(n['local'])} | {fmt(n['hybrid'])} | {fmt(n['hybrid_nofed'])} | "
-                     f"{d1['mean']:+.3f} ± {d1['se']:.3f} | {d2['mean']:+.3f} ± {d2['se']:.3f} "
-                     f"| {per} |")
+                     f"{_pm(s['mse_hybrid_minus_local'])} | {_pm(d2)} | {per} |")
     return "\n".join(lines)
 
 
