@@ -302,6 +302,9 @@ def site_impute(
     others = bank.select(bank.site != site_id) if site_id is not None else bank
     choices = _bank_choices(cfg, exact=bool(np.all(bank.sigma == 0)))
     choose = len(choices) > 1 and others.n_cells > 0
+    # Federated mode on a noised bank validates on the whole bank instead (_shrink_choice).
+    shrink = (mode != "hybrid" and site_id is not None and bank.n_trees == 1
+              and bool(np.any(bank.sigma > 0)))
     for p, pat in enumerate(pats):
         r = rows[inverse.ravel() == p]
         feats = tuple(int(c) for c in np.flatnonzero(~pat))
@@ -316,8 +319,6 @@ def site_impute(
             v = np.random.default_rng(0).permutation(train)[:n_validation]
             val_q = xs[np.ix_(v, fz)]
             acfg, other_models = cfg, None
-            shrink = (mode != "hybrid" and site_id is not None and bank.n_trees == 1
-                      and bool(np.any(bank.sigma > 0)))
             if choose and not shrink and len(v) >= _MIN_VALIDATION:
                 acfg, other_models = _best_bank_models(others, a, feats, choices, val_q,
                                                        xs[v, a])
