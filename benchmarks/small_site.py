@@ -35,6 +35,8 @@ Usage::
         --out benchmarks/results/small_site_sweep.json     # every cell, 6 banks, ~19 min
     .venv/bin/python benchmarks/small_site.py --sweep 2 --eps inf --jobs 2 \
         --out benchmarks/results/small_site_sweep_inf.json # ~14 min
+    .venv/bin/python benchmarks/small_site.py --sweep 6 --eps 4 --jobs 2 --merge-others \
+        --out benchmarks/results/small_site_sweep_merged.json  # global-tree bound
 """
 
 from __future__ import annotations
@@ -175,16 +177,33 @@ def sweep_local(datasets: Path) -> dict[str, Any]:
     return {"site": names[small], "cells": cells, "local": errs}
 
 
-def sweep_bank(datasets: Path, seed: int, eps: float) -> dict[str, Any]:
-    """Hybrid and its no-federation ablation on every sweep cell, one bank (noise seed)."""
+def bank_sites(tables: list[np.ndarray], names: list[str], small: int, merge_others: bool
+               ) -> tuple[list[np.ndarray], list[str]]:
+    """The tables that release into the bank, and their site ids: every site, or the small
+    site and the union of the others as one site named "others"."""
+    if not merge_others:
+        return list(tables), list(names)
+    others = np.vstack([t for i, t in enumerate(tables) if i != small])
+    return [tables[small], others], [names[small], "others"]
+
+
+def sweep_bank(datasets: Path, seed: int, eps: float, merge_others: bool = False
+               ) -> dict[str, Any]:
+    """Hybrid and its no-federation ablation on every sweep cell, one bank (noise seed).
+
+    ``merge_others``: the other sites release as *one* site (one tree over their union,
+    noise sigma per cell), which is what DESIGN's global tree with secure aggregation would
+    give the small site at the same epsilon (without a margin for dropouts or collusion):
+    an upper bound for that design, not something the product does."""
     names, sites, _, bounds = load_scenario("heart", datasets, seed)
     sd = pooled_std(sites)
     small = int(np.argmin([len(x) for x in sites]))
     masked, _ = mask_sites(sites, seed)
     masked[small] = sites[small]  # hybrid reads only the other sites' cells
     sid, x = names[small], sites[small]
+    released, ids = bank_sites(masked, names, small, merge_others)
     f = FederatedIIM(k=K, epsilon=eps, delta=DELTA, bounds=bounds, mode="federated",
-                     seed=seed).fit(masked, site_ids=names)
+                     seed=seed).fit(released, site_ids=ids)
     out: dict[str, list[float]] = {"hybrid": [], "hybrid_nofed": []}
     for batch in sweep_batches(x):
         xm, r, c = _masked(x, batch)
@@ -235,7 +254,8 @@ def markdown_sweep(summary: dict[str, Any], site: str) -> str:
 
 def run_sweep(args: argparse.Namespace, epsilons: list[float]) -> int:
     t0 = time.perf_counter()
-    jobs = [(args.datasets, seed, eps) for eps in epsilons for seed in range(args.sweep)]
+    jobs = [(args.datasets, seed, eps, args.merge_others)
+            for eps in epsilons for seed in range(args.sweep)]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         local_f = pool.submit(sweep_local, args.datasets)
         futures = [pool.submit(sweep_bank, *job) for job in jobs]
@@ -249,6 +269,8 @@ def run_sweep(args: argparse.Namespace, epsilons: list[float]) -> int:
     payload = {"benchmark": "small_site_sweep", "machine": machine_info(),
                "protocol": {"scenario": "heart", "site": local["site"],
                             "design": "every complete-row cell, 2 per imputation",
+                            "other_sites": ("merged into one release (global-tree bound)"
+                                            if args.merge_others else "one release each"),
                             "bank_seeds": list(range(args.sweep)), "epsilons": list(summary),
                             "delta": DELTA, "k": K},
                "cells": local["cells"], "local": local["local"], "banks": banks,
@@ -271,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", type=int, default=0, metavar="N",
                     help="sweep design with N banks (noise seeds) instead of random seeds")
     ap.add_argument("--jobs", type=int, default=1, help="processes for the sweep")
+    ap.add_argument("--merge-others", action="store_true",
+                    help="sweep: the other sites release as one (bound for a global tree)")
     ap.add_argument("--out", type=Path, default=here / "results" / "small_site.json")
     args = ap.parse_args(argv)
     epsilons = [float(e) for e in args.eps.split(",")]

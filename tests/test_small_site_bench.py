@@ -49,3 +49,14 @@ def test_sweep_summary_pairs_cells_and_banks(small_site: Any) -> None:
     assert d["se"] == pytest.approx(np.std([-0.5, 0, -2], ddof=1) / np.sqrt(3))
     assert d["per_bank"] == pytest.approx([-1 / 3, -4 / 3])
     assert s["nrmse"]["local"] == pytest.approx(np.sqrt(2.0))
+
+
+def test_merged_release_keeps_the_small_site_and_unites_the_others(small_site: Any) -> None:
+    tables = [np.full((n, 2), float(n)) for n in (5, 2, 7)]
+    names = ["a", "b", "c"]
+    same, ids = small_site.bank_sites(tables, names, 1, merge_others=False)
+    assert ids == names and all(s is t for s, t in zip(same, tables, strict=True))
+    merged, ids = small_site.bank_sites(tables, names, 1, merge_others=True)
+    assert ids == ["b", "others"]
+    assert merged[0] is tables[1]
+    np.testing.assert_array_equal(merged[1], np.vstack([tables[0], tables[2]]))
