@@ -72,12 +72,22 @@ def _no_federated_weight() -> Iterator[None]:
         federated._HYBRID_GRID = grid
 
 
+def _smallest(sites: list[np.ndarray]) -> int:
+    """Index of the site with the fewest rows (Switzerland in heart)."""
+    return int(np.argmin([len(x) for x in sites]))
+
+
+def _impute(xm: np.ndarray, f: FederatedIIM, sid: str, mode: str) -> np.ndarray:
+    """The small site's table imputed from the fitted federation's bank."""
+    return site_impute(xm, f.bank_, f.bounds_, mode=mode, n_neighbors=K, site_id=sid).values
+
+
 def run_seed(datasets: Path, seed: int, epsilons: list[float], frac: float = 0.05
              ) -> dict[str, Any]:
     names, sites, _, bounds = load_scenario("heart", datasets, seed)
     masked, cells = mask_sites(sites, seed, frac)
     sd = pooled_std(sites)
-    small = int(np.argmin([len(x) for x in sites]))
+    small = _smallest(sites)
     sid, x, xm = names[small], sites[small], masked[small]
     r, c = cells[small]
 
@@ -92,11 +102,9 @@ def run_seed(datasets: Path, seed: int, epsilons: list[float], frac: float = 0.0
                          seed=seed).fit(masked, site_ids=names)
         row = {}
         for method in ("hybrid", "federated"):
-            row[method] = err(site_impute(xm, f.bank_, f.bounds_, mode=method,
-                                          n_neighbors=K, site_id=sid).values)
+            row[method] = err(_impute(xm, f, sid, method))
         with _no_federated_weight():
-            row["hybrid_nofed"] = err(site_impute(xm, f.bank_, f.bounds_, mode="hybrid",
-                                                  n_neighbors=K, site_id=sid).values)
+            row["hybrid_nofed"] = err(_impute(xm, f, sid, "hybrid"))
         rec["eps"]["inf" if math.isinf(eps) else f"{eps:g}"] = row
     return rec
 
@@ -167,7 +175,7 @@ def sweep_local(datasets: Path) -> dict[str, Any]:
     """Local IIM's error on every sweep cell (it does not depend on the bank)."""
     names, sites, _, _ = load_scenario("heart", datasets, 0)
     sd = pooled_std(sites)
-    small = int(np.argmin([len(x) for x in sites]))
+    small = _smallest(sites)
     x = sites[small]
     cells, errs = [], []
     for batch in sweep_batches(x):
@@ -197,7 +205,7 @@ def sweep_bank(datasets: Path, seed: int, eps: float, merge_others: bool = False
     an upper bound for that design, not something the product does."""
     names, sites, _, bounds = load_scenario("heart", datasets, seed)
     sd = pooled_std(sites)
-    small = int(np.argmin([len(x) for x in sites]))
+    small = _smallest(sites)
     masked, _ = mask_sites(sites, seed)
     masked[small] = sites[small]  # hybrid reads only the other sites' cells
     sid, x = names[small], sites[small]
@@ -207,12 +215,10 @@ def sweep_bank(datasets: Path, seed: int, eps: float, merge_others: bool = False
     out: dict[str, list[float]] = {"hybrid": [], "hybrid_nofed": []}
     for batch in sweep_batches(x):
         xm, r, c = _masked(x, batch)
-        out["hybrid"] += ((site_impute(xm, f.bank_, f.bounds_, mode="hybrid", n_neighbors=K,
-                                       site_id=sid).values[r, c] - x[r, c]) / sd[c]).tolist()
+        out["hybrid"] += ((_impute(xm, f, sid, "hybrid")[r, c] - x[r, c]) / sd[c]).tolist()
         with _no_federated_weight():
-            out["hybrid_nofed"] += ((site_impute(
-                xm, f.bank_, f.bounds_, mode="hybrid", n_neighbors=K, site_id=sid
-            ).values[r, c] - x[r, c]) / sd[c]).tolist()
+            out["hybrid_nofed"] += (
+                (_impute(xm, f, sid, "hybrid")[r, c] - x[r, c]) / sd[c]).tolist()
     return {"seed": seed, "eps": "inf" if math.isinf(eps) else f"{eps:g}", **out}
 
 
