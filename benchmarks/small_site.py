@@ -55,7 +55,7 @@ import numpy as np
 from _common import DEFAULT_DATASETS, fmt, machine_info, write_json_atomic
 from privacy_utility import DELTA, K, load_scenario, local_iim, mask_sites, pooled_std
 
-import fediim.federated as federated
+import fediim.federated.site_imputation as federated
 from fediim.federated import FederatedIIM, site_impute
 
 METHODS = ("local", "hybrid", "hybrid_nofed", "federated")

@@ -12,16 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fediim.messages import RUN_CONFIG_DEFAULTS
-from fediim.validation import FiniteFloat, format_validation_error
+from fediim.errors import ConfigError
+from fediim.io.validation import FiniteFloat, format_validation_error
+from fediim.protocol.messages import RUN_CONFIG_DEFAULTS
 
 _D = RUN_CONFIG_DEFAULTS
 
 __all__ = ["RUN_CONFIG_DEFAULTS", "CoordinatorConfig", "ConfigError"]
-
-
-class ConfigError(ValueError):
-    """Invalid run configuration (names the key)."""
 
 
 class CoordinatorConfig(BaseModel):

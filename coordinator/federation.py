@@ -32,10 +32,12 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.config import CoordinatorConfig
-from fediim.atomic import atomic_write_bytes, atomic_write_text
-from fediim.bank import BankError, ModelBank
+from fediim.errors import QuorumNotMet
 from fediim.federated import assemble_bank, plan_privacy
-from fediim.messages import (
+from fediim.federated.bank import BankError, ModelBank
+from fediim.io.atomic import atomic_write_bytes, atomic_write_text
+from fediim.io.schema import load_schema
+from fediim.protocol.messages import (
     MESSAGE_TYPE,
     HandshakeRequest,
     ImputeReply,
@@ -46,18 +48,13 @@ from fediim.messages import (
     ReplyCode,
     reply_type,
 )
-from fediim.schema import load_schema
-from fediim.signing import key_id, load_private_key, sign_bank, signature_json
+from fediim.protocol.signing import key_id, load_private_key, sign_bank, signature_json
 
 __all__ = ["FEDERATION_FORMAT", "QuorumNotMet", "run_federation"]
 
 log = logging.getLogger("flwr.fediim.coordinator")
 
 FEDERATION_FORMAT = "fediim-federation/1"
-
-
-class QuorumNotMet(RuntimeError):
-    """Fewer than ``min-sites`` sites are still in the run after a stage."""
 
 
 #: Seconds between pulls for replies. Flower's own ``send_and_receive`` sleeps 3 s between

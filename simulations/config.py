@@ -43,7 +43,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fediim.validation import format_validation_error
+from fediim.errors import StudyConfigError
+from fediim.io.validation import format_validation_error
 
 __all__ = [
     "BASELINES",
@@ -72,10 +73,6 @@ METHODS: tuple[str, ...] = (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class StudyConfigError(ValueError):
-    """A study file is invalid; the message names the file and the key."""
 
 
 class _Model(BaseModel):

@@ -85,7 +85,7 @@ def read_table(path: Path, markers: tuple[str, ...] = DEFAULT_MISSING_MARKERS
                ) -> tuple[list[str], np.ndarray, bytes]:
     """A numeric CSV with a header row: (columns, values with NaN, the file's bytes).
 
-    Unlike ``fediim.data.read_csv`` a column may be entirely missing at one site.
+    Unlike ``fediim.io.table.read_csv`` a column may be entirely missing at one site.
     """
     try:
         data = path.read_bytes()

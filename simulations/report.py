@@ -1,6 +1,6 @@
 """A study's outputs: results JSON and CSV, three plots, and ``report.md``.
 
-Every file is written atomically (``fediim.atomic``); the report is written last.
+Every file is written atomically (``fediim.io.atomic``); the report is written last.
 Plots need matplotlib (``pip install 'fediim[dev]'``); without it the report says so and
 keeps its tables.
 """
@@ -14,15 +14,13 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from fediim.atomic import atomic_write_bytes, atomic_write_text
+from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from simulations.config import METHODS, PRIVATE_METHODS, Study, eps_key
-
-if TYPE_CHECKING:
-    from simulations.runner import StudyRun
+from simulations.provenance import StudyRun, machine_info
 
 __all__ = ["METHOD_INFO", "summarise", "table_text", "write_outputs"]
 
@@ -574,7 +572,6 @@ def _csv(records: Sequence[dict[str, Any]]) -> str:
 
 def write_outputs(run: StudyRun) -> dict[str, Path]:
     """Write results.json, results.csv, the plots and report.md (last) under run.out_dir."""
-    from simulations.runner import machine_info
 
     out = run.out_dir
     out.mkdir(parents=True, exist_ok=True)

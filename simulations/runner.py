@@ -16,12 +16,10 @@ bank fit, the methods are post-processing of it); each still has its own cache f
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import multiprocessing
 import os
-import platform
 import signal
 import sys
 import time
@@ -29,46 +27,23 @@ import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fediim.atomic import atomic_write_text
+from fediim.io.atomic import atomic_write_text
 from simulations.config import PRIVATE_METHODS, Study, StudyConfigError, eps_key
 from simulations.data import DataLoadError, cached_raw, make_federation
 from simulations.methods import Task, TaskResult, compute_task
+from simulations.provenance import StudyRun, code_fingerprint
+from simulations.report import write_outputs
 
 __all__ = ["CACHE_VERSION", "StudyRun", "code_fingerprint", "plan", "run_study",
            "validate_data"]
 
 CACHE_VERSION = 1
-_CODE_MODULES = ("fediim.bank", "fediim.federated", "fediim.gram", "fediim.iim",
-                 "fediim.imputer", "fediim.neighbors", "fediim.partition", "fediim.privacy",
-                 "simulations.data", "simulations.missingness", "simulations.methods")
-
 Compute = Callable[[Task], TaskResult]
-
-
-def code_fingerprint() -> str:
-    """SHA-256 over the sources of the modules that compute a cell, and library versions."""
-    import scipy
-    import sklearn
-
-    h = hashlib.sha256()
-    for name in _CODE_MODULES:
-        mod = importlib.import_module(name)
-        h.update(name.encode() + b"\0" + Path(str(mod.__file__)).read_bytes())
-    for lib in (np, scipy, sklearn):
-        h.update(f"{lib.__name__}={lib.__version__}".encode())
-    try:
-        import opendp
-
-        h.update(f"opendp={getattr(opendp, '__version__', '?')}".encode())
-    except ImportError:  # pragma: no cover
-        pass
-    return h.hexdigest()
 
 
 # -- validation against the data -----------------------------------------------------------
@@ -255,24 +230,6 @@ class _Progress:
 
 
 # -- running ------------------------------------------------------------------------------
-@dataclass
-class StudyRun:
-    """What :func:`run_study` produced."""
-
-    study: Study
-    records: list[dict[str, Any]]
-    failures: list[dict[str, Any]]
-    n_cells: int
-    n_cached: int
-    n_computed: int
-    wall_s: float
-    code_fp: str
-    out_dir: Path
-    cache_dir: Path
-    files: dict[str, Path] = field(default_factory=dict)
-    started: str = ""
-
-
 def _worker_init() -> None:
     # Ctrl-C is the main process's to handle: it stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -404,21 +361,5 @@ def run_study(study: Study, out_dir: str | os.PathLike[str], *, workers: int = 2
     run = StudyRun(study, ordered, failures, n_cells, n_cached, n_cells - n_cached,
                    time.perf_counter() - t_start, code_fp, out, cache, started=started)
     if write:
-        from simulations.report import write_outputs
-
         run.files = write_outputs(run)
     return run
-
-
-def machine_info() -> dict[str, Any]:
-    """A little provenance for the results file."""
-    import scipy
-    import sklearn
-
-    import fediim
-
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "numpy": np.__version__, "scipy": scipy.__version__,
-            "sklearn": sklearn.__version__, "fediim": fediim.__version__,
-            "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
-            else None}

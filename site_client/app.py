@@ -1,7 +1,7 @@
 """The site's Flower ClientApp: one ``@app.query()`` handler, dispatched on the ``stage`` field.
 
 Start a SuperNode with ``--node-config 'site-config="/path/to/site.toml"'`` (see
-:mod:`fediim.site_config`); the stages are implemented in :mod:`site_client.site`.
+:mod:`fediim.protocol.site_config`); the stages are implemented in :mod:`site_client.site`.
 """
 
 from __future__ import annotations

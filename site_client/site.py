@@ -2,7 +2,7 @@
 
 Each stage re-reads everything it needs from the site's TOML (a ClientApp runs in a new
 process per message in a deployment) and never raises for an expected problem: it answers
-with a :class:`~fediim.messages.ReplyCode` and a reason, and logs details locally. What a
+with a :class:`~fediim.protocol.messages.ReplyCode` and a reason, and logs details locally. What a
 reply may contain: codes, reasons (file *names*, never paths or cell values), the site's
 ledger summary, its noised cells (release) and counts (impute).
 
@@ -24,13 +24,22 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fediim.atomic import atomic_open
-from fediim.audit import audit_records, dump_audit_jsonl
-from fediim.bank import BankError, ModelBank
-from fediim.data import DataError, Table, read_csv
 from fediim.federated import PrivacyPlan, plan_privacy, site_impute, site_release
-from fediim.imputer import ImputationResult
-from fediim.messages import (
+from fediim.federated.bank import BankError, ModelBank
+from fediim.impute.estimator import ImputationResult
+from fediim.io.atomic import atomic_open
+from fediim.io.audit import audit_records, dump_audit_jsonl
+from fediim.io.outputs import apply_schema, write_flags, write_table
+from fediim.io.schema import SchemaError, TableSchema, load_schema
+from fediim.io.table import DataError, Table, read_csv
+from fediim.privacy import (
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+    SeededGaussianNoise,
+    rho_to_epsilon,
+)
+from fediim.protocol.messages import (
     HandshakeReply,
     HandshakeRequest,
     ImputeReply,
@@ -44,16 +53,7 @@ from fediim.messages import (
     parse_request,
     request_stage,
 )
-from fediim.outputs import apply_schema, write_flags, write_table
-from fediim.privacy import (
-    BudgetExceeded,
-    LedgerError,
-    PrivacyLedger,
-    SeededGaussianNoise,
-    rho_to_epsilon,
-)
-from fediim.schema import SchemaError, TableSchema, load_schema
-from fediim.signing import (
+from fediim.protocol.signing import (
     SignatureError,
     SigningKeyError,
     key_id,
@@ -61,7 +61,7 @@ from fediim.signing import (
     signature_json,
     verify_bank,
 )
-from fediim.site_config import SiteConfig, SiteConfigError, load_site_config
+from fediim.protocol.site_config import SiteConfig, SiteConfigError, load_site_config
 
 __all__ = ["NODE_CONFIG_KEY", "STATE_RECORD", "OUTPUT_FILES", "handle", "site_config_path"]
 

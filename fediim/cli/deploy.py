@@ -1,0 +1,167 @@
+"""``fediim local-deploy`` and ``fediim simulate``: arguments, the run, the summary."""
+
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from fediim.cli.argtypes import positive_float, positive_int
+from fediim.deploy.local import local_deploy
+from fediim.errors import DeployError
+
+__all__ = ["register_local_deploy", "register_simulate"]
+
+
+_DESCRIPTION = """\
+Run a real federation on this machine: one Flower SuperLink (TLS, node authentication) and
+one SuperNode per --data file, each SuperNode acting as a hospital with its own data,
+privacy ledger and outputs. The coordinator asks every site for a handshake, a private
+release of its noised cells (charged to the site's ledger first) and, with the signed
+model bank, a local imputation of its own records. Nothing but noised statistics and
+counts leaves a site.
+
+Layout of OUT:
+  OUT/<site>/site.toml          the site's configuration (data, schema, ledger, budget,
+                                pinned coordinator public key)
+  OUT/<site>/imputed.csv        the site's table with its gaps filled (same columns)
+  OUT/<site>/flags.csv          per cell: imputed flag and uncertainty
+  OUT/<site>/audit.jsonl        one line per imputed cell
+  OUT/<site>/ledger.json        the site's privacy ledger (persists across runs)
+  OUT/<site>/bank.npz, bank.sig.json   the signed federation bank the site used
+  OUT/coordinator/federation.json      every site's stages, reasons and reported spend
+  OUT/coordinator/signing.key, coordinator.pub   the coordinator's Ed25519 key pair
+  OUT/logs/                     SuperLink, SuperNode and run logs
+
+Site ids are the data files' names (A.csv -> A). Each site's budget defaults to this
+run's --epsilon: running again into the same OUT is refused by the sites once their
+ledgers are spent (use --budget-epsilon for a larger total budget)."""
+
+_EPILOG = """\
+examples:
+  fediim local-deploy --data a.csv --data b.csv --data c.csv --schema schema.toml --out fed
+  fediim local-deploy --data a.csv --data b.csv --schema s.toml --out fed --epsilon 2 \\
+      --min-sites 2 --budget-epsilon 10
+
+exit codes: 0 the run completed, 1 the run failed (e.g. quorum not met; see the reasons
+printed and OUT/coordinator/federation.json), 2 bad usage or input"""
+
+
+def _add_run_arguments(p: Any) -> None:
+    p.add_argument("--data", metavar="SITE.csv", action="append", required=True,
+                   help="one site's table (repeat once per site)")
+    p.add_argument("--schema", metavar="SCHEMA.toml", required=True,
+                   help="the federation's schema (public bounds for every column)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    p.add_argument("--epsilon", type=positive_float, default=1.0,
+                   help="privacy spend of this fit at every site (default: 1)")
+    p.add_argument("--delta", type=positive_float, default=1e-6,
+                   help="delta of the (epsilon, delta) guarantee (default: 1e-6)")
+    p.add_argument("--min-sites", type=positive_int, default=None, metavar="N",
+                   help="quorum: the run fails if fewer sites remain after any stage "
+                        "(default: every site)")
+    p.add_argument("--budget-epsilon", type=positive_float, default=None, metavar="E",
+                   help="each site's total budget, kept in its ledger (default: --epsilon)")
+    p.add_argument("--mode", choices=["hybrid", "federated", "local", "mean"],
+                   default="hybrid", help="how sites impute (default: hybrid)")
+    p.add_argument("--k", type=positive_int, default=10, help="neighbours (default: 10)")
+    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="give up on the run after this long (default: 600)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="SIMULATION ONLY: seeded numpy noise instead of OpenDP's sampler "
+                        "(reproducible, and removable by anyone who knows the seed)")
+
+
+def register_local_deploy(sub: Any) -> None:
+    """Register ``fediim local-deploy`` (called from :data:`fediim.cli.SUBCOMMANDS`)."""
+    import argparse
+
+    p = sub.add_parser("local-deploy", help="run a real Flower federation on localhost "
+                       "(one SuperNode per data file)", description=_DESCRIPTION,
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_arguments(p)
+    p.add_argument("--node-auth", action=argparse.BooleanOptionalAction, default=True,
+                   help="SuperNode authentication with registered EC keys (default: on)")
+    p.set_defaults(func=_run_local_deploy, simulation=False)
+
+
+def register_simulate(sub: Any) -> None:
+    """Register ``fediim simulate`` (called from :data:`fediim.cli.SUBCOMMANDS`)."""
+    import argparse
+
+    p = sub.add_parser(
+        "simulate", help="run the same federation on Flower's Simulation Engine (needs Ray)",
+        description="""\
+Run the federation of 'fediim local-deploy' on Flower's Simulation Engine instead of real
+SuperNodes: the same ServerApp and ClientApp, each simulated node mapped to one --data
+file's site (same OUT layout, same ledgers and outputs). Needs Ray: pip install
+'fediim[sim]'. Use --seed for reproducible studies.""",
+        epilog="""\
+example:
+  fediim simulate --data a.csv --data b.csv --schema schema.toml --out sim --seed 1""",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_arguments(p)
+    p.set_defaults(func=_run_local_deploy, simulation=True, node_auth=False)
+
+
+def _run_local_deploy(args: Any) -> int:
+    from fediim.io.schema import SchemaError
+
+    missing = [d for d in args.data if not Path(d).is_file()]
+    if missing:
+        print(f"error: data file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if args.delta >= 1:
+        print("error: --delta must be < 1", file=sys.stderr)
+        return 2
+    if args.min_sites is not None and args.min_sites > len(args.data):
+        print(f"error: --min-sites {args.min_sites} exceeds the {len(args.data)} site(s)",
+              file=sys.stderr)
+        return 2
+    run_config: dict[str, Any] = {"mode": args.mode, "k": args.k}
+    if args.seed is not None:
+        run_config["seed"] = int(args.seed)
+    try:
+        view = local_deploy(args.data, args.schema, args.out, epsilon=args.epsilon,
+                            delta=args.delta, min_sites=args.min_sites,
+                            budget_epsilon=args.budget_epsilon, run_config=run_config,
+                            node_auth=args.node_auth, timeout=args.timeout,
+                            allow_seeded_noise=args.seed is not None,
+                            simulation=args.simulation)
+    except SchemaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DeployError as exc:
+        _print_sites(getattr(exc, "federation", {}), Path(args.out))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if "needs Ray" in str(exc) else 1
+    except KeyboardInterrupt:
+        print("error: interrupted; every process was stopped", file=sys.stderr)
+        return 130
+    _print_sites(view, Path(args.out))
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in view["deploy"]["phase_seconds"].items())
+    print(f"fediim {'simulate' if args.simulation else 'local-deploy'}: run "
+          f"{view['deploy']['run_id']} completed in "
+          f"{view['deploy']['seconds']:.0f} s ({phases}) -> {Path(args.out).resolve()}",
+          file=sys.stderr)
+    return 0
+
+
+def _print_sites(view: dict[str, Any], out: Path) -> None:
+    for sid, site in sorted((view.get("sites") or {}).items()):
+        ledger = site.get("ledger") or {}
+        spend = (f"epsilon spent {ledger['epsilon_spent']:.3g} of {ledger['epsilon_budget']:.3g}"
+                 if ledger else "no ledger reported")
+        imp = site.get("stages", {}).get("impute", {})
+        if site.get("active") and imp.get("code") == "ok":
+            print(f"  {sid}: {imp['n_rows']} rows, {imp['n_imputed_cells']} cells imputed, "
+                  f"{spend} -> {out / sid / 'imputed.csv'}", file=sys.stderr)
+        elif site.get("active"):
+            done = ", ".join(site.get("stages", {})) or "nothing"
+            print(f"  {sid}: took part ({done}) but the run stopped; {spend}", file=sys.stderr)
+        else:
+            bad = next((f"{stage}: {st['code']}: {st['reason']}"
+                        for stage, st in site.get("stages", {}).items()
+                        if st.get("code") != "ok"), "excluded")
+            print(f"  {sid}: EXCLUDED ({bad}); {spend}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Local deployment: a whole federation (SuperLink, SuperNodes, TLS) on one machine."""

@@ -1,0 +1,112 @@
+"""The privacy plan: how a site's budget is split between counts and Gram releases.
+
+A site's total spend is ``rho_counts`` (one count release per tree depth, parallel within
+a depth) plus ``rho_gram`` (one Gram release over disjoint leaves, parallel composition),
+all in ρ-zCDP and recorded in its ledger. Records enter every release scaled into the
+schema's public bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from fediim.federated.partition import PartitionPlan
+from fediim.privacy import epsilon_to_rho, gaussian_sigma, gram_sensitivity
+
+__all__ = ["EXACT_TREES", "Mode", "PrivacyPlan", "plan_privacy", "scale_to_bounds", "unscale"]
+
+Mode = Literal["hybrid", "federated", "local", "mean"]
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """How one site's budget is spent (all public).
+
+    rho_total : the site's budget for this fit, rho-zCDP.
+    rho_gram : spent on the leaf Gram matrices, over all trees (one release per tree).
+    partition : one tree's public parameters (per-depth count budget, threshold, depth cap).
+    sigma_gram : Gaussian noise std of each Gram entry, in the leaf's own coordinates.
+    n_trees : how many differently cut partitions of the same records are released; each
+        tree gets ``1 / n_trees`` of the budget (a record is in one leaf per tree).
+    """
+
+    rho_total: float
+    rho_gram: float
+    partition: PartitionPlan
+    sigma_gram: float
+    min_records: int
+    n_trees: int = 1
+
+
+#: Trees released when statistics are exact (epsilon = inf): they cost nothing, and the
+#: mixture over 4 differently cut partitions is ~4% more accurate than one on ccpp
+#: (benchmarks/README.md).
+EXACT_TREES = 4
+#: Depth cap when statistics are exact: deeper trees leave smaller cells (ccpp: median 15
+#: records per leaf at depth 40 vs 25 at 16); with noise every depth costs count budget.
+EXACT_MAX_DEPTH = 40
+
+
+def plan_privacy(
+    epsilon: float,
+    delta: float,
+    n_features: int,
+    *,
+    min_records: int = 10,
+    count_fraction: float = 0.1,
+    max_depth: int | None = None,
+    cell_noise_ratio: float = 4.0,
+    n_trees: int | None = None,
+) -> PrivacyPlan:
+    """Split a site's (epsilon, delta) into the trees' counts and the leaves' Gram matrices.
+
+    A cell is split while its noisy count exceeds ``2 * max(min_records, cell_noise_ratio *
+    sigma_gram)``: each child should still hold enough records for its Gram matrix to carry
+    signal above the noise (within-cell second moments grow like n/12 per attribute in the
+    cell's coordinates, the noise like sigma_gram). ``max_depth`` defaults to 16 under noise
+    and :data:`EXACT_MAX_DEPTH` for exact statistics; ``n_trees`` to 1 under noise (each
+    extra tree would halve everyone's budget) and :data:`EXACT_TREES` for exact statistics.
+    """
+    if not 0 < count_fraction < 1:
+        raise ValueError(f"count_fraction must be in (0, 1), got {count_fraction}")
+    if min_records < 1:
+        raise ValueError(f"min_records must be >= 1, got {min_records}")
+    if n_trees is not None and n_trees < 1:
+        raise ValueError(f"n_trees must be >= 1, got {n_trees}")
+    if np.isinf(epsilon):
+        depth = EXACT_MAX_DEPTH if max_depth is None else max_depth
+        part = PartitionPlan(depth, np.inf, 2.0 * min_records, min_records)
+        return PrivacyPlan(np.inf, np.inf, part, 0.0, min_records,
+                           EXACT_TREES if n_trees is None else n_trees)
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0 (or inf), got {epsilon}")
+    depth = 16 if max_depth is None else max_depth
+    trees = 1 if n_trees is None else n_trees
+    rho = epsilon_to_rho(epsilon, delta)
+    rho_counts = count_fraction * rho
+    rho_gram = rho - rho_counts
+    sigma = gaussian_sigma(gram_sensitivity(n_features), rho_gram / trees)
+    threshold = 2.0 * max(min_records, cell_noise_ratio * sigma)
+    part = PartitionPlan(depth, rho_counts / (trees * (depth + 1)), threshold, min_records)
+    return PrivacyPlan(rho, rho_gram, part, sigma, min_records, trees)
+
+
+def scale_to_bounds(x: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map each attribute's public bounds to [-1/2, 1/2], clamping; returns (scaled, n_clamped).
+
+    NaN stays NaN. Clamping is what makes the sensitivity bound hold.
+    """
+    lo, hi = bounds[:, 0], bounds[:, 1]
+    s = (x - lo) / (hi - lo) - 0.5
+    with np.errstate(invalid="ignore"):
+        clamped = np.sum((s < -0.5) | (s > 0.5), axis=0)
+    return np.clip(s, -0.5, 0.5), clamped
+
+
+def unscale(values: np.ndarray, bounds: np.ndarray, cols: np.ndarray | int) -> np.ndarray:
+    """Inverse of :func:`scale_to_bounds` for column(s) ``cols``."""
+    lo, hi = bounds[cols, 0], bounds[cols, 1]
+    return (values + 0.5) * (hi - lo) + lo

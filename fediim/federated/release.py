@@ -1,0 +1,106 @@
+"""A site's release (private partition + noised leaf Gram matrices) and the bank's assembly.
+
+1. :func:`site_release` (site): scale complete records into the public bounds, build the
+   private partition (noisy counts, charged), release every leaf's Gram matrix in the
+   leaf's own coordinates with the Gaussian mechanism (charged to the site's ledger
+   *before* noise is drawn), map back, drop cells whose noisy count is below
+   ``min_records``. Returns the site's cells as a :class:`~fediim.federated.bank.ModelBank`.
+2. :func:`assemble_bank` (coordinator): concatenate the sites' cells into one bank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fediim.federated.bank import ModelBank
+from fediim.federated.gram import (
+    affine_map,
+    augmented_gram,
+    from_upper_triangle,
+    project_psd,
+    transform_gram,
+    upper_triangle,
+)
+from fediim.federated.partition import build_partition
+from fediim.federated.plan import PrivacyPlan, scale_to_bounds
+from fediim.privacy import (
+    BudgetExceeded,
+    NoiseSource,
+    PrivacyLedger,
+    gram_sensitivity,
+    release_gaussian,
+)
+
+__all__ = ["assemble_bank", "site_release"]
+
+def site_release(
+    x: np.ndarray,
+    bounds: np.ndarray,
+    plan: PrivacyPlan,
+    *,
+    site_id: str,
+    ledger: PrivacyLedger | None,
+    noise: NoiseSource | None = None,
+) -> ModelBank:
+    """A site's whole release: private partition + noised leaf Gram matrices (see module)."""
+    x = np.asarray(x, dtype=np.float64)
+    if np.isfinite(plan.rho_total):
+        # Refuse the whole plan up front: a release that could not be finished must not
+        # spend anything (the tree may stop early and spend less, never more).
+        if ledger is None:
+            raise ValueError("a private release needs a ledger to charge")
+        if not ledger.can_afford(plan.rho_total):
+            raise BudgetExceeded(
+                f"site {site_id!r}: this release needs rho={plan.rho_total:.6g} but only "
+                f"{ledger.remaining_rho:.6g} of {ledger.rho_budget:.6g} remains; nothing "
+                "was released")
+    complete = x[~np.isnan(x).any(axis=1)]
+    xs, _ = scale_to_bounds(complete, bounds)
+    parts = [_release_tree(xs, plan, t, site_id=site_id, ledger=ledger, noise=noise)
+             for t in range(plan.n_trees)]
+    return ModelBank.concat(parts) if len(parts) > 1 else parts[0]
+
+
+def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
+                  ledger: PrivacyLedger | None, noise: NoiseSource | None) -> ModelBank:
+    """One tree of :func:`site_release`: its partition and its leaves' noised Grams."""
+    m = xs.shape[1]
+    leaves = build_partition(xs, plan.partition, ledger=ledger, noise=noise, tree=tree)
+    los = np.array([lf.lo for lf in leaves]).reshape(-1, m)
+    his = np.array([lf.hi for lf in leaves]).reshape(-1, m)
+    centers, widths = 0.5 * (los + his), his - los
+    grams = np.stack([
+        augmented_gram((xs[lf.rows] - lf.center) / lf.width) for lf in leaves
+    ]) if leaves else np.zeros((0, m + 1, m + 1))
+    if np.isfinite(plan.rho_gram):
+        if ledger is None:
+            raise ValueError("a private release needs a ledger to charge")
+        vec = upper_triangle(grams).ravel()
+        tree_note = f", tree {tree + 1} of {plan.n_trees}" if plan.n_trees > 1 else ""
+        noised = release_gaussian(
+            vec, sensitivity_l2=gram_sensitivity(m), rho=plan.rho_gram / plan.n_trees,
+            ledger=ledger, noise=noise,
+            purpose=f"leaf Gram matrices ({len(leaves)} cells, {m} attributes{tree_note})",
+        )
+        grams = project_psd(from_upper_triangle(noised.reshape(len(leaves), -1), m + 1))
+    # Back to the federation's coordinates: z_glob = A^-1 z_cell.
+    inv = affine_map(-centers / widths, 1.0 / widths)
+    grams = transform_gram(grams, inv)
+    keep = grams[:, 0, 0] >= plan.min_records
+    n = int(keep.sum())
+    prefix = f"{site_id}:" if tree == 0 else f"{site_id}:t{tree}:"
+    return ModelBank(
+        n_features=m,
+        site=np.full(n, site_id, dtype=object).astype(str),
+        cell=np.array([f"{prefix}{i}" for i in range(n)], dtype=str),
+        lo=los[keep], hi=his[keep],
+        gram=grams[keep], sigma=np.full(n, plan.sigma_gram), min_records=plan.min_records,
+        tree=np.full(n, tree, dtype=np.int64),
+    )
+
+
+def assemble_bank(releases: Sequence[ModelBank], meta: dict | None = None) -> ModelBank:
+    """Coordinator: gather every site's cells into the federation's bank."""
+    return ModelBank.concat(list(releases), meta=meta)

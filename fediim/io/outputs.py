@@ -1,0 +1,65 @@
+"""What a site writes after imputing: the table, the per-cell flags, schema rules applied.
+
+One implementation for the ``fediim impute`` CLI and the Flower site, so both give a user
+the same files.
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import IO
+
+import numpy as np
+
+from fediim.io.result import ImputationResult
+from fediim.io.schema import TableSchema
+
+__all__ = ["apply_schema", "format_cell", "write_table", "write_flags"]
+
+
+def apply_schema(result: ImputationResult, schema: TableSchema, columns: list[str]) -> None:
+    """Undo imputation in columns marked ``impute = false``; clip imputed cells to bounds."""
+    for j, name in enumerate(columns):
+        spec = schema.column(name)
+        cells = result.imputed[:, j].copy()
+        if not spec.impute:
+            result.values[cells, j] = np.nan
+            result.imputed[cells, j] = False
+            result.uncertainty[cells, j] = np.nan
+            result.method[cells, j] = ""
+            result.ell[cells, j] = np.nan
+            result.n_candidates[cells, j] = 0
+        elif spec.bounds is not None:
+            lo, hi = spec.bounds
+            result.values[cells, j] = np.clip(result.values[cells, j], lo, hi)
+
+
+def format_cell(v: float) -> str:
+    """CSV field for a table value: empty if missing, else its shortest exact text
+    (integral values without a trailing ``.0``, so ``59`` stays ``59``)."""
+    f = float(v)
+    if np.isnan(f):
+        return ""
+    if f.is_integer() and abs(f) < 2**53:
+        return str(int(f))
+    return repr(f)
+
+
+def write_table(fh: IO[str], values: np.ndarray, columns: list[str]) -> None:
+    """The imputed table: same columns, same order, observed cells as read."""
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(columns)
+    for row in values:
+        writer.writerow([format_cell(v) for v in row])
+
+
+def write_flags(fh: IO[str], result: ImputationResult, columns: list[str]) -> None:
+    """Per cell: ``<col>_imputed`` (0/1) and ``<col>_uncertainty`` (candidate spread)."""
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow([f"{c}{s}" for c in columns for s in ("_imputed", "_uncertainty")])
+    for imp, unc in zip(result.imputed, result.uncertainty, strict=True):
+        fields: list[str] = []
+        for flag, u in zip(imp, unc, strict=True):
+            fields.append("1" if flag else "0")
+            fields.append(f"{u:.6g}" if flag and np.isfinite(u) else "")
+        writer.writerow(fields)

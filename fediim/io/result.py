@@ -1,0 +1,39 @@
+"""The result of one imputation: the completed matrix and what was done to each cell.
+
+Produced by the engines (:mod:`fediim.impute`, :mod:`fediim.federated`), written by
+:mod:`fediim.io.outputs` and :mod:`fediim.io.audit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["METHOD_IIM", "METHOD_MEAN", "ImputationResult"]
+
+#: Method codes recorded per imputed cell.
+METHOD_IIM = "iim"
+METHOD_MEAN = "mean"
+
+
+@dataclass
+class ImputationResult:
+    """Imputed matrix plus per-cell provenance.
+
+    values : (n, m) imputed matrix (observed cells copied exactly).
+    imputed : (n, m) bool, True where a value was filled in.
+    uncertainty : (n, m) weighted spread of the voting candidates (NaN where not imputed;
+        0 for a mean fallback, which has no candidates).
+    method : (n, m) object array: "iim", "mean" (no usable training row), or "" (observed).
+    ell : (n, m) mean chosen ell over the neighbours' models (0 where the global model).
+    n_candidates : (n, m) int, number of candidates combined.
+    """
+
+    values: np.ndarray
+    imputed: np.ndarray
+    uncertainty: np.ndarray
+    method: np.ndarray
+    ell: np.ndarray
+    n_candidates: np.ndarray
+

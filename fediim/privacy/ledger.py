@@ -1,0 +1,374 @@
+"""The site's ρ-zCDP privacy ledger: every release recorded before it is sent, on disk.
+
+A :class:`PrivacyLedger` is the site's own record of what it released (mechanism,
+sensitivity, σ, ρ, purpose, time), persisted atomically with a checksum; a charge that
+would pass the site's budget is refused and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fediim.errors import BudgetExceeded, LedgerError
+from fediim.io.atomic import atomic_write_text
+from fediim.privacy.mechanisms import finite_float, rho_to_epsilon
+
+__all__ = ["LEDGER_FORMAT", "BudgetExceeded", "LedgerEntry", "LedgerError", "PrivacyLedger"]
+
+LEDGER_FORMAT = "fediim-ledger/1"
+_BUDGET_RTOL = 1e-12  # float slack when comparing spend against the budget
+_LEDGER_KEYS = frozenset({"format", "site_id", "rho_budget", "entries", "checksum"})
+
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One charged release: what was released, how noisy, and what it cost in ρ."""
+
+    mechanism: str
+    sensitivity_l2: float
+    sigma: float
+    rho: float
+    purpose: str
+    time: str  # ISO-8601, UTC
+    dimension: int  # number of noised values
+    noise_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+def _entry_from_dict(raw: Any, index: int) -> LedgerEntry:
+    """Validate one stored entry (raises ValueError describing the problem)."""
+    fields = set(LedgerEntry.__dataclass_fields__)
+    if not isinstance(raw, dict):
+        raise ValueError(f"entry {index} is not an object")
+    if set(raw) != fields:
+        missing, extra = sorted(fields - set(raw)), sorted(set(raw) - fields)
+        raise ValueError(f"entry {index} has missing keys {missing} / unknown keys {extra}")
+    for key in ("mechanism", "purpose", "time", "noise_source"):
+        if not isinstance(raw[key], str):
+            raise ValueError(f"entry {index}: {key} must be a string")
+    for key in ("sensitivity_l2", "sigma", "rho"):
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"entry {index}: {key} must be a number")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"entry {index}: {key} = {v!r} is negative or non-finite")
+    dim = raw["dimension"]
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+        raise ValueError(f"entry {index}: dimension must be a non-negative int")
+    try:
+        datetime.fromisoformat(raw["time"])
+    except ValueError:
+        raise ValueError(f"entry {index}: time {raw['time']!r} is not ISO-8601") from None
+    return LedgerEntry(
+        mechanism=raw["mechanism"],
+        sensitivity_l2=float(raw["sensitivity_l2"]),
+        sigma=float(raw["sigma"]),
+        rho=float(raw["rho"]),
+        purpose=raw["purpose"],
+        time=raw["time"],
+        dimension=dim,
+        noise_source=raw["noise_source"],
+    )
+
+
+def _canonical_json(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no whitespace, UTF-8, no NaN/Infinity)."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _checksum(payload: dict[str, Any]) -> str:
+    """sha256 hex digest of the canonical JSON of the ledger minus its checksum."""
+    return hashlib.sha256(_canonical_json(payload)).hexdigest()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def _within_budget(total: float, budget: float) -> bool:
+    return total <= budget * (1.0 + _BUDGET_RTOL)
+
+
+class PrivacyLedger:
+    """Per-site ρ-zCDP accountant under sequential composition, persisted as JSON.
+
+    File layout: ``{"format": "fediim-ledger/1", "site_id", "rho_budget", "entries": [...],
+    "checksum"}`` where ``checksum`` is the sha256 of the canonical JSON (sorted keys, no
+    whitespace) of everything else. Every charge is written atomically (temp file, flush,
+    fsync, ``os.replace``) *before* :meth:`charge` returns, so a crash after a charge can
+    only over-report spend, never under-report it. Opening an existing file re-verifies it
+    and never silently resets it.
+
+    The checksum detects corruption and naive edits (e.g. lowering a ρ by hand); it does
+    NOT stop a determined local adversary, who can recompute it — that would need a key
+    the site does not hold (e.g. a coordinator-signed ledger). One process should own a
+    ledger file; a concurrent writer is detected at the next charge (the file changed on
+    disk) and raises :class:`LedgerError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        site_id: str,
+        rho_budget: float,
+        path: Path | None = None,
+        entries: list[LedgerEntry] | None = None,
+    ) -> None:
+        """Prefer :meth:`open` (file-backed) or :meth:`in_memory` (simulations)."""
+        if not isinstance(site_id, str) or not site_id:
+            raise ValueError("site_id must be a non-empty string")
+        self._site_id = site_id
+        self._rho_budget = finite_float("rho_budget", rho_budget, strict=True)
+        self._path = path
+        self._entries: list[LedgerEntry] = list(entries or [])
+        self._disk_bytes: bytes | None = None  # what we last read or wrote
+
+    # ---- construction
+
+    @classmethod
+    def in_memory(cls, rho_budget: float, site_id: str) -> PrivacyLedger:
+        """A ledger that lives only in memory (simulations; nothing is persisted)."""
+        return cls(site_id=site_id, rho_budget=rho_budget)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        rho_budget: float,
+        site_id: str,
+        *,
+        must_exist: bool = False,
+    ) -> PrivacyLedger:
+        """Load and verify the ledger at ``path``, or create it (written at once) if absent.
+
+        An existing file must hold this ``site_id`` and exactly this ``rho_budget``;
+        otherwise :class:`LedgerError` (a budget is never silently reset or changed). The
+        parent directory must exist (a mistyped directory must not create a fresh, empty
+        ledger); pass ``must_exist=True`` to refuse creating a new file at all.
+        """
+        p = Path(path)
+        ledger = cls(site_id=site_id, rho_budget=rho_budget, path=p)
+        if p.exists():
+            stored = cls._load(p)
+            if stored._site_id != ledger._site_id:
+                raise LedgerError(
+                    f"ledger {p}: belongs to site {stored._site_id!r}, not {site_id!r}"
+                )
+            if stored._rho_budget != ledger._rho_budget:
+                raise LedgerError(
+                    f"ledger {p}: stored rho_budget {stored._rho_budget!r} differs from the "
+                    f"configured {ledger._rho_budget!r}; refusing to change a budget silently"
+                )
+            return stored
+        if must_exist:
+            raise LedgerError(f"ledger {p} does not exist (must_exist=True)")
+        if not p.parent.is_dir():
+            raise LedgerError(f"ledger {p}: directory {p.parent} does not exist")
+        ledger._persist(ledger._entries)
+        return ledger
+
+    @classmethod
+    def _load(cls, path: Path) -> PrivacyLedger:
+        """Read and fully verify a ledger file (LedgerError naming file and problem)."""
+        try:
+            raw_bytes = path.read_bytes()
+        except OSError as exc:
+            raise LedgerError(f"ledger {path}: cannot read ({exc})") from exc
+        try:
+            doc = json.loads(raw_bytes.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise LedgerError(f"ledger {path}: not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise LedgerError(f"ledger {path}: top level is not a JSON object")
+        missing = sorted(_LEDGER_KEYS - set(doc))
+        extra = sorted(set(doc) - _LEDGER_KEYS)
+        if missing or extra:
+            raise LedgerError(f"ledger {path}: missing keys {missing} / unknown keys {extra}")
+        if doc["format"] != LEDGER_FORMAT:
+            raise LedgerError(f"ledger {path}: format {doc['format']!r} is not {LEDGER_FORMAT!r}")
+        payload = {k: v for k, v in doc.items() if k != "checksum"}
+        stored_sum = doc["checksum"]
+        if not isinstance(stored_sum, str) or not hmac.compare_digest(
+            stored_sum, _checksum(payload)
+        ):
+            raise LedgerError(
+                f"ledger {path}: checksum mismatch (file corrupted or edited by hand)"
+            )
+        site_id, budget, raw_entries = doc["site_id"], doc["rho_budget"], doc["entries"]
+        if not isinstance(site_id, str) or not site_id:
+            raise LedgerError(f"ledger {path}: site_id must be a non-empty string")
+        if (
+            isinstance(budget, bool)
+            or not isinstance(budget, int | float)
+            or not math.isfinite(budget)
+            or budget <= 0
+        ):
+            raise LedgerError(f"ledger {path}: rho_budget {budget!r} must be finite and > 0")
+        if not isinstance(raw_entries, list):
+            raise LedgerError(f"ledger {path}: entries must be a list")
+        try:
+            entries = [_entry_from_dict(e, i) for i, e in enumerate(raw_entries)]
+        except ValueError as exc:
+            raise LedgerError(f"ledger {path}: {exc}") from exc
+        spent = math.fsum(e.rho for e in entries)
+        if not _within_budget(spent, float(budget)):
+            raise LedgerError(
+                f"ledger {path}: entries spend rho={spent!r}, more than the budget {budget!r}"
+            )
+        ledger = cls(site_id=site_id, rho_budget=float(budget), path=path, entries=entries)
+        ledger._disk_bytes = raw_bytes
+        return ledger
+
+    # ---- persistence
+
+    def _document(self, entries: list[LedgerEntry]) -> str:
+        payload: dict[str, Any] = {
+            "format": LEDGER_FORMAT,
+            "site_id": self._site_id,
+            "rho_budget": self._rho_budget,
+            "entries": [e.to_dict() for e in entries],
+        }
+        doc = {**payload, "checksum": _checksum(payload)}
+        return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def _persist(self, entries: list[LedgerEntry]) -> None:
+        """Atomically write ``entries`` (no-op for in-memory ledgers)."""
+        if self._path is None:
+            return
+        text = self._document(entries)
+        atomic_write_text(self._path, text)
+        self._disk_bytes = text.encode("utf-8")
+
+    def _check_disk_unchanged(self) -> None:
+        """Refuse to charge if someone else rewrote (or removed) the file since we last did."""
+        if self._path is None:
+            return
+        try:
+            current = self._path.read_bytes()
+        except OSError as exc:
+            raise LedgerError(
+                f"ledger {self._path}: cannot re-read before charging ({exc})"
+            ) from exc
+        if current != self._disk_bytes:
+            raise LedgerError(
+                f"ledger {self._path}: changed on disk since it was opened "
+                "(another writer or an edit); re-open it"
+            )
+
+    # ---- queries
+
+    @property
+    def site_id(self) -> str:
+        """The site this ledger accounts for."""
+        return self._site_id
+
+    @property
+    def rho_budget(self) -> float:
+        """Total ρ the site may spend."""
+        return self._rho_budget
+
+    @property
+    def path(self) -> Path | None:
+        """Backing file, or None for an in-memory ledger."""
+        return self._path
+
+    @property
+    def entries(self) -> tuple[LedgerEntry, ...]:
+        """All charged releases, oldest first."""
+        return tuple(self._entries)
+
+    @property
+    def spent_rho(self) -> float:
+        """ρ spent so far (sequential composition: the sum of the entries' ρ)."""
+        return math.fsum(e.rho for e in self._entries)
+
+    @property
+    def remaining_rho(self) -> float:
+        """ρ still available (never negative)."""
+        return max(0.0, self._rho_budget - self.spent_rho)
+
+    def can_afford(self, rho: float) -> bool:
+        """Whether charging ``rho`` more stays within the budget (1e-12 relative slack)."""
+        r = finite_float("rho", rho)
+        return _within_budget(math.fsum([*(e.rho for e in self._entries), r]), self._rho_budget)
+
+    def epsilon(self, delta: float) -> float:
+        """ε of the spent ρ at ``delta`` (display only; accounting is in ρ)."""
+        return rho_to_epsilon(self.spent_rho, delta)
+
+    def summary(self, delta: float) -> dict[str, Any]:
+        """Human/JSON-friendly status: spend and budget in ρ and in (ε, δ)."""
+        return {
+            "site_id": self._site_id,
+            "path": None if self._path is None else str(self._path),
+            "releases": len(self._entries),
+            "rho_budget": self._rho_budget,
+            "rho_spent": self.spent_rho,
+            "rho_remaining": self.remaining_rho,
+            "delta": float(delta),
+            "epsilon_spent": self.epsilon(delta),
+            "epsilon_budget": rho_to_epsilon(self._rho_budget, delta),
+        }
+
+    # ---- charging
+
+    def charge(
+        self,
+        mechanism: str,
+        sensitivity_l2: float,
+        sigma: float,
+        rho: float,
+        purpose: str,
+        dimension: int,
+        noise_source: str,
+    ) -> LedgerEntry:
+        """Record a release costing ``rho``; persisted before returning.
+
+        Raises :class:`BudgetExceeded` (nothing recorded) if it would pass the budget, and
+        :class:`LedgerError` if the file changed on disk behind this object's back.
+        """
+        r = finite_float("rho", rho)
+        entry = LedgerEntry(
+            mechanism=str(mechanism),
+            sensitivity_l2=finite_float("sensitivity_l2", sensitivity_l2),
+            sigma=finite_float("sigma", sigma),
+            rho=r,
+            purpose=str(purpose),
+            time=datetime.now(UTC).isoformat(timespec="microseconds"),
+            dimension=int(dimension),
+            noise_source=str(noise_source),
+        )
+        if entry.dimension < 0:
+            raise ValueError(f"dimension must be >= 0, got {dimension!r}")
+        if not self.can_afford(r):
+            raise BudgetExceeded(
+                f"site {self._site_id!r}: release {purpose!r} requests rho={r:.6g}, but "
+                f"rho={self.spent_rho:.6g} of the budget {self._rho_budget:.6g} is already "
+                f"spent (remaining {self.remaining_rho:.6g}); refused, nothing recorded"
+            )
+        self._check_disk_unchanged()
+        new_entries = [*self._entries, entry]
+        self._persist(new_entries)  # raises => in-memory state unchanged, nothing released
+        self._entries = new_entries
+        return entry
+
+    def __repr__(self) -> str:
+        where = "in-memory" if self._path is None else str(self._path)
+        return (
+            f"PrivacyLedger(site_id={self._site_id!r}, spent={self.spent_rho:.6g}, "
+            f"budget={self._rho_budget:.6g}, {where})"
+        )

@@ -1,0 +1,330 @@
+"""The messages between the coordinator (ServerApp) and the sites (ClientApps), defined once.
+
+Every message is a pydantic model and travels as a Flower ``RecordDict``:
+
+- ``"fediim.config"`` (``ConfigRecord``): every scalar field (str, int, float, bool, list of
+  str), plus ``protocol`` and ``stage``;
+- ``"fediim.arrays"`` (``ArrayRecord``): every ``bytes`` field (the serialised model bank,
+  the bank's signature) as a flat ``uint8`` array;
+- ``"fediim.ledger"`` (``MetricRecord``): a site's ledger summary (:class:`LedgerView`), in a
+  reply.
+
+A run has three stages, each one request from the coordinator and one reply per site:
+
+1. ``handshake``: the coordinator announces the schema hash, its signing-key id and the
+   privacy spend it asks for (epsilon, delta and the partition parameters). The site checks
+   them against its own schema, its pinned coordinator key and its own ledger, and accepts or
+   refuses with a :class:`ReplyCode` and a reason. Nothing is spent.
+2. ``release``: the same parameters again (the site re-checks everything: a ClientApp is a new
+   process per message); the site runs ``site_release`` (charged to its on-disk ledger first)
+   and replies with its cells (``ModelBank.to_bytes``) and its ledger summary.
+3. ``impute``: the signed federation bank; the site verifies the signature with the
+   coordinator public key named in its own configuration, imputes its own records locally,
+   writes its outputs and replies with status and counts only.
+
+``seed`` (>= 0) asks sites for seeded numpy noise instead of OpenDP's exact sampler. It is
+for reproducible simulations only: whoever knows the seed can subtract the noise, so a site
+refuses it unless its own configuration says ``allow_seeded_noise = true``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, Self
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fediim.errors import MessageError
+from fediim.io.validation import FiniteFloat, format_validation_error
+
+__all__ = [
+    "CONFIG_RECORD",
+    "ARRAYS_RECORD",
+    "LEDGER_RECORD",
+    "MESSAGE_TYPE",
+    "PROTOCOL",
+    "RUN_CONFIG_DEFAULTS",
+    "STAGES",
+    "HandshakeReply",
+    "HandshakeRequest",
+    "ImputeReply",
+    "ImputeRequest",
+    "LedgerView",
+    "MessageError",
+    "PrivacyRequest",
+    "ReleaseReply",
+    "ReleaseRequest",
+    "ReplyCode",
+    "parse_request",
+    "reply_type",
+    "request_stage",
+]
+
+PROTOCOL = "fediim-flower/1"
+STAGES = ("handshake", "release", "impute")
+#: Flower message type of every fediim message (handled by the ClientApp's ``@app.query()``).
+MESSAGE_TYPE = "query"
+CONFIG_RECORD = "fediim.config"
+ARRAYS_RECORD = "fediim.arrays"
+LEDGER_RECORD = "fediim.ledger"
+
+Mode = Literal["hybrid", "federated", "local", "mean"]
+
+#: The run configuration both apps receive (``[tool.flwr.app.config]``; every key that
+#: ``flwr run --run-config`` may override must be declared there), with its defaults. Paths
+#: are on the coordinator machine; ``seed`` >= 0 is for simulations only (see above).
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "schema": "",  # the federation's schema TOML (its hash is checked by every site)
+    "signing-key": "",  # the coordinator's Ed25519 private key (PEM)
+    "out-dir": "",  # federation.json (ledger view), bank.npz, bank.sig.json
+    "min-sites": 2,  # quorum, checked after every stage
+    "expected-sites": 0,  # SuperNodes to wait for before the handshake (0: min-sites)
+    "epsilon": 1.0,  # this fit's spend at every site
+    "delta": 1e-6,
+    "min-records": 10,
+    "count-fraction": 0.1,
+    "max-depth": 16,
+    "cell-noise-ratio": 4.0,
+    "mode": "hybrid",  # imputation at the sites: hybrid, federated, local or mean
+    "k": 10,
+    "seed": -1,  # -1: OpenDP noise. >= 0: seeded numpy noise, SIMULATION ONLY
+    "node-wait-timeout": 60.0,  # seconds
+    "handshake-timeout": 60.0,
+    "release-timeout": 300.0,
+    "impute-timeout": 300.0,
+    # Simulation Engine only: a JSON list of site TOMLs, picked by each simulated node's
+    # partition-id. Deployed SuperNodes name their own TOML in --node-config and ignore it.
+    "site-configs": "",
+}
+
+
+class ReplyCode(StrEnum):
+    """Why a site accepted, refused or failed a stage."""
+
+    OK = "ok"
+    SCHEMA_MISMATCH = "schema_mismatch"
+    INSUFFICIENT_BUDGET = "insufficient_budget"
+    BAD_DATA = "bad_data"
+    BAD_CONFIG = "bad_config"
+    LEDGER_ERROR = "ledger_error"
+    KEY_MISMATCH = "key_mismatch"
+    BAD_SIGNATURE = "bad_signature"
+    BAD_BANK = "bad_bank"
+    SEEDED_NOISE_REFUSED = "seeded_noise_refused"
+    BAD_REQUEST = "bad_request"
+    ERROR = "error"
+
+
+class LedgerView(BaseModel):
+    """A site's ledger summary as reported to the coordinator (all public numbers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    releases: int = Field(ge=0)
+    rho_budget: float = Field(ge=0)
+    rho_spent: float = Field(ge=0)
+    rho_remaining: float = Field(ge=0)
+    delta: float = Field(gt=0, lt=1)
+    epsilon_spent: float = Field(ge=0)
+    epsilon_budget: float = Field(ge=0)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> LedgerView:
+        """From :meth:`fediim.privacy.PrivacyLedger.summary` (drops the local path)."""
+        return cls.model_validate({k: summary[k] for k in cls.model_fields})
+
+
+class _Message(BaseModel):
+    """Base: (de)serialisation to a Flower RecordDict (see module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    STAGE: ClassVar[str]
+    protocol: Literal["fediim-flower/1"] = PROTOCOL
+
+    @property
+    def stage(self) -> str:
+        return self.STAGE
+
+    def to_record(self) -> RecordDict:
+        """This message as a Flower ``RecordDict``."""
+        config: dict[str, Any] = {"stage": self.STAGE}
+        arrays: dict[str, Array] = {}
+        ledger: dict[str, int | float] | None = None
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bytes):
+                arrays[name] = Array(np.frombuffer(value, dtype=np.uint8).copy())
+            elif isinstance(value, LedgerView):
+                ledger = value.model_dump()
+            elif isinstance(value, StrEnum):
+                config[name] = str(value)
+            elif isinstance(value, list | tuple):
+                config[name] = [str(v) for v in value]
+            else:
+                config[name] = value
+        rd = RecordDict({CONFIG_RECORD: ConfigRecord(config)})
+        if arrays:
+            rd[ARRAYS_RECORD] = ArrayRecord(arrays)
+        if ledger is not None:
+            rd[LEDGER_RECORD] = MetricRecord(ledger)
+        return rd
+
+    @classmethod
+    def from_record(cls, record: RecordDict) -> Self:
+        """Parse and validate; :class:`MessageError` says what is wrong."""
+        config = _config_of(record)
+        stage = config.pop("stage", None)
+        if stage != cls.STAGE:
+            raise MessageError(f"expected a {cls.STAGE!r} message, got stage {stage!r}")
+        fields: dict[str, Any] = dict(config)
+        if ARRAYS_RECORD in record.array_records:
+            for name, arr in record.array_records[ARRAYS_RECORD].items():
+                nd = arr.numpy()
+                if nd.dtype != np.uint8 or nd.ndim != 1:
+                    raise MessageError(f"{cls.STAGE}: field {name!r} must be a flat uint8 array, "
+                                       f"got {nd.dtype} of shape {nd.shape}")
+                fields[name] = nd.tobytes()
+        if LEDGER_RECORD in record.metric_records:
+            fields["ledger"] = dict(record.metric_records[LEDGER_RECORD])
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise MessageError(format_validation_error(
+                exc, f"invalid {cls.STAGE!r} message", multiline=False)) from None
+
+
+def _config_of(record: RecordDict) -> dict[str, Any]:
+    if not isinstance(record, RecordDict) or CONFIG_RECORD not in record.config_records:
+        raise MessageError(f"not a fediim message: no {CONFIG_RECORD!r} ConfigRecord")
+    config = dict(record.config_records[CONFIG_RECORD])
+    protocol = config.get("protocol")
+    if protocol != PROTOCOL:
+        raise MessageError(f"protocol {protocol!r} is not {PROTOCOL!r}")
+    return config
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class PrivacyRequest(_Message):
+    """What the coordinator asks a site to spend, and how (shared by handshake and release).
+
+    ``epsilon``/``delta`` is this fit's spend at every site (converted to rho-zCDP by
+    :func:`fediim.federated.plan_privacy` at the site); the partition parameters change how
+    the spend is used, never how much is spent. ``seed`` >= 0: seeded noise, simulations only.
+    """
+
+    STAGE: ClassVar[str] = ""
+    schema_hash: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+    coordinator_key_id: str = Field(min_length=1)
+    epsilon: FiniteFloat = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    min_records: int = Field(default=RUN_CONFIG_DEFAULTS["min-records"], ge=1)
+    count_fraction: float = Field(default=RUN_CONFIG_DEFAULTS["count-fraction"], gt=0, lt=1)
+    max_depth: int = Field(default=RUN_CONFIG_DEFAULTS["max-depth"], ge=0, le=64)
+    cell_noise_ratio: FiniteFloat = Field(default=RUN_CONFIG_DEFAULTS["cell-noise-ratio"], gt=0)
+    seed: int = Field(default=-1, ge=-1)
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`fediim.federated.plan_privacy` besides (eps, delta, m)."""
+        return {"min_records": self.min_records, "count_fraction": self.count_fraction,
+                "max_depth": self.max_depth, "cell_noise_ratio": self.cell_noise_ratio}
+
+
+class HandshakeRequest(PrivacyRequest):
+    """Stage 1: may this site take part, at this spend, under this schema?"""
+
+    STAGE: ClassVar[str] = "handshake"
+
+
+class ReleaseRequest(PrivacyRequest):
+    """Stage 2: release your cells. ``seed_index`` picks this site's seeded noise stream."""
+
+    STAGE: ClassVar[str] = "release"
+    seed_index: int = Field(default=-1, ge=-1)
+
+
+class ImputeRequest(_Message):
+    """Stage 3: the signed federation bank; impute your own records locally."""
+
+    STAGE: ClassVar[str] = "impute"
+    schema_hash: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+    coordinator_key_id: str = Field(min_length=1)
+    bank: bytes = Field(min_length=1)
+    signature: bytes = Field(min_length=1)
+    mode: Mode = "hybrid"
+    k: int = Field(default=RUN_CONFIG_DEFAULTS["k"], ge=1)
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class _Reply(_Message):
+    STAGE: ClassVar[str] = ""
+    site_id: str = Field(min_length=1)
+    code: ReplyCode = ReplyCode.OK
+    reason: str = ""
+    ledger: LedgerView | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code is ReplyCode.OK
+
+
+class HandshakeReply(_Reply):
+    """Accepted (``code == ok``) or refused with a reason; ``rho_requested`` as computed by
+    the site from the request."""
+
+    STAGE: ClassVar[str] = "handshake"
+    rho_requested: float = Field(default=0.0, ge=0)
+
+
+class ReleaseReply(_Reply):
+    """The site's cells (``ModelBank.to_bytes``) and its ledger after the charge."""
+
+    STAGE: ClassVar[str] = "release"
+    bank: bytes | None = None
+    n_cells: int = Field(default=0, ge=0)
+
+
+class ImputeReply(_Reply):
+    """Status and counts only; the imputed values stay at the site."""
+
+    STAGE: ClassVar[str] = "impute"
+    n_rows: int = Field(default=0, ge=0)
+    n_incomplete_rows: int = Field(default=0, ge=0)
+    n_imputed_cells: int = Field(default=0, ge=0)
+    outputs: list[str] = Field(default_factory=list)
+
+
+_REQUESTS: dict[str, type[_Message]] = {
+    "handshake": HandshakeRequest, "release": ReleaseRequest, "impute": ImputeRequest,
+}
+_REPLIES: dict[str, type[_Reply]] = {
+    "handshake": HandshakeReply, "release": ReleaseReply, "impute": ImputeReply,
+}
+
+
+def request_stage(record: RecordDict) -> str:
+    """The ``stage`` field of a request record (MessageError if absent or unknown)."""
+    stage = _config_of(record).get("stage")
+    if stage not in _REQUESTS:
+        raise MessageError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
+    return str(stage)
+
+
+def parse_request(record: RecordDict) -> HandshakeRequest | ReleaseRequest | ImputeRequest:
+    """The request in ``record``, dispatched on its ``stage`` field."""
+    return _REQUESTS[request_stage(record)].from_record(record)  # type: ignore[return-value]
+
+
+def reply_type(stage: str) -> type[_Reply]:
+    """The reply model of ``stage``."""
+    if stage not in _REPLIES:
+        raise MessageError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
+    return _REPLIES[stage]

@@ -1,0 +1,63 @@
+"""The small-site benchmark's sweep design: every cell once, paired summaries."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.paths import REPO
+
+BENCH = REPO / "benchmarks"
+
+
+@pytest.fixture
+def small_site(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("small_site_bench", BENCH / "small_site.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "small_site_bench", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_masks_every_complete_cell_once_two_rows_at_a_time(small_site: Any) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5))
+    x[:, 4] = np.nan                       # a column the site never observes
+    x[rng.random((30, 5)) < 0.1] = np.nan  # incomplete rows are never scored
+    complete = np.flatnonzero(~np.isnan(x[:, :4]).any(axis=1))
+    batches = small_site.sweep_batches(x)
+    cells = [c for b in batches for c in b]
+    assert sorted(cells) == [(int(i), j) for i in complete for j in range(4)]
+    assert all(len(b) == 2 and b[0][0] != b[1][0] for b in batches[:-1])
+    assert batches == small_site.sweep_batches(x)  # one fixed pairing for every bank
+
+
+def test_sweep_summary_pairs_cells_and_banks(small_site: Any) -> None:
+    local = {"local": [1.0, 1.0, 2.0]}
+    banks = [{"eps": "4", "hybrid": [0.0, 1.0, 2.0], "hybrid_nofed": [1.0, 1.0, 2.0]},
+             {"eps": "4", "hybrid": [1.0, 1.0, 0.0], "hybrid_nofed": [1.0, 1.0, 2.0]}]
+    s = small_site.summarise_sweep(local, banks)["4"]
+    assert s["n_cells"] == 3 and s["n_banks"] == 2
+    d = s["mse_hybrid_minus_hybrid_nofed"]
+    # per cell, averaged over banks: (-0.5, 0, -2); per bank: -1/3, -4/3
+    assert d["mean"] == pytest.approx(-2.5 / 3)
+    assert d["se"] == pytest.approx(np.std([-0.5, 0, -2], ddof=1) / np.sqrt(3))
+    assert d["per_bank"] == pytest.approx([-1 / 3, -4 / 3])
+    assert s["nrmse"]["local"] == pytest.approx(np.sqrt(2.0))
+
+
+def test_merged_release_keeps_the_small_site_and_unites_the_others(small_site: Any) -> None:
+    tables = [np.full((n, 2), float(n)) for n in (5, 2, 7)]
+    names = ["a", "b", "c"]
+    same, ids = small_site.bank_sites(tables, names, 1, merge_others=False)
+    assert ids == names and all(s is t for s, t in zip(same, tables, strict=True))
+    merged, ids = small_site.bank_sites(tables, names, 1, merge_others=True)
+    assert ids == ["b", "others"]
+    assert merged[0] is tables[1]
+    np.testing.assert_array_equal(merged[1], np.vstack([tables[0], tables[2]]))

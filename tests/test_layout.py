@@ -1,0 +1,29 @@
+"""The package's shape: the public API is light, and the layer contracts hold."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.paths import REPO
+
+HEAVY = ("flwr", "cryptography", "grpc", "simulations", "coordinator", "site_client")
+
+
+def test_public_api_loads_neither_flower_nor_cryptography() -> None:
+    code = (
+        "import sys, fediim\n"
+        "from fediim import IIMImputer, FederatedIIM\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+def test_import_contracts_hold() -> None:
+    """The layers of DESIGN.md §4, as declared in pyproject.toml (also run by `make test`)."""
+    lint = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command;"
+            " sys.exit(lint_imports_command())"]
+    out = subprocess.run(lint, capture_output=True, text=True, check=False, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
