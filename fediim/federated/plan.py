@@ -9,16 +9,42 @@ schema's public bounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from fediim.federated.partition import PartitionPlan
 from fediim.privacy import epsilon_to_rho, gaussian_sigma, gram_sensitivity
 
-__all__ = ["EXACT_TREES", "Mode", "PrivacyPlan", "plan_privacy", "scale_to_bounds", "unscale"]
+__all__ = ["EXACT_TREES", "MODES", "PLAN_DEFAULTS", "Mode", "PlanParams", "PrivacyPlan",
+           "plan_privacy", "scale_to_bounds", "unscale"]
 
+#: How a site imputes: a validated blend of local and federated (``hybrid``), the bank's
+#: models alone (``federated``), its own exact IIM (``local``) or its column means (``mean``).
 Mode = Literal["hybrid", "federated", "local", "mean"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """The public knobs of a privacy plan besides (epsilon, delta): one place for defaults.
+
+    min_records : no cell in the bank describes fewer records (by its noisy count).
+    count_fraction : share of the budget spent on the partition's noisy counts.
+    max_depth : the partition's depth cap; ``None`` picks by budget.
+    cell_noise_ratio : a cell is split only while its children keep this many Gram noise
+        standard deviations of records.
+    n_trees : differently cut partitions released; ``None`` picks by budget.
+    """
+
+    min_records: int = 10
+    count_fraction: float = 0.1
+    max_depth: int | None = None
+    cell_noise_ratio: float = 4.0
+    n_trees: int | None = None
+
+
+PLAN_DEFAULTS = PlanParams()
 
 
 @dataclass(frozen=True)
@@ -55,11 +81,11 @@ def plan_privacy(
     delta: float,
     n_features: int,
     *,
-    min_records: int = 10,
-    count_fraction: float = 0.1,
-    max_depth: int | None = None,
-    cell_noise_ratio: float = 4.0,
-    n_trees: int | None = None,
+    min_records: int = PLAN_DEFAULTS.min_records,
+    count_fraction: float = PLAN_DEFAULTS.count_fraction,
+    max_depth: int | None = PLAN_DEFAULTS.max_depth,
+    cell_noise_ratio: float = PLAN_DEFAULTS.cell_noise_ratio,
+    n_trees: int | None = PLAN_DEFAULTS.n_trees,
 ) -> PrivacyPlan:
     """Split a site's (epsilon, delta) into the trees' counts and the leaves' Gram matrices.
 
