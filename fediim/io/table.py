@@ -85,73 +85,87 @@ def read_csv(
     federation that never measures an attribute can still have it imputed from the bank).
     """
     source = os.fspath(path)
-    text = _read_text(path, source)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.reader(io.StringIO(_read_text(path, source), newline=""), strict=True)
+    names = _read_header(reader, source)
+    if schema is not None:
+        _check_against_schema(names, schema, source)
+    markers = _column_markers(names, schema, missing_markers)
+    values = _read_rows(reader, source, names, markers)
+    if not allow_empty_columns:
+        _check_observed(values, names, source)
+    return Table(values=values, columns=names, source=source)
 
+
+def _read_header(reader: Any, source: str) -> list[str]:
+    """The header's column names, checked (non-empty, unique)."""
     try:
         header = next(reader, None)
     except csv.Error as exc:
         raise DataError(source, f"malformed CSV header: {exc}", row=1, row_desc="line 1") from None
     if header is None:
         raise DataError(source, "empty file; expected a header row with column names")
-    names = _check_header(header, source, reader.line_num)
-    if schema is not None:
-        _check_against_schema(names, schema, source)
+    return _check_header(header, source, reader.line_num)
 
+
+def _column_markers(names: list[str], schema: TableSchema | None,
+                    missing_markers: Iterable[str] | None) -> list[set[str]]:
+    """Per column, the stripped strings that mean "missing" (global plus per-column)."""
     base = set(DEFAULT_MISSING) if missing_markers is None else set(missing_markers)
     if missing_markers is None and schema is not None:
         base = set(schema.missing)
-    col_markers = [
+    return [
         {s.strip() for s in base | (set(schema.column(n).missing) if schema else set())}
         for n in names
     ]
 
+
+def _read_rows(reader: Any, source: str, names: list[str],
+               markers: list[set[str]]) -> np.ndarray:
+    """Every data row parsed to floats (NaN = missing); trailing blank lines tolerated."""
     m = len(names)
     rows: list[list[float]] = []
     pending_blank: int | None = None  # trailing blank lines are tolerated, inner ones not
-    while True:
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            line = reader.line_num
-            raise DataError(
-                source, f"malformed CSV: {exc}", row=line, row_desc=f"line {line}"
-            ) from None
+    while (rec := _next_record(reader, source)) is not None:
         line = reader.line_num
         if not rec:
             pending_blank = pending_blank or line
             continue
         if pending_blank is not None:
             raise DataError(
-                source,
-                f"blank line inside the data; expected {m} fields (one per header column)",
-                row=pending_blank,
-                row_desc=f"line {pending_blank}",
-            )
+                source, f"blank line inside the data; expected {m} fields (one per header "
+                "column)", row=pending_blank, row_desc=f"line {pending_blank}")
         if len(rec) != m:
             raise DataError(
-                source,
-                f"row has {len(rec)} field{'s' if len(rec) != 1 else ''}, expected {m} "
-                "(one per header column)",
-                row=line,
-                row_desc=f"line {line}",
-            )
-        rows.append([_parse_cell(rec[j], col_markers[j], source, line, names[j]) for j in range(m)])
-
+                source, f"row has {len(rec)} field{'s' if len(rec) != 1 else ''}, expected "
+                f"{m} (one per header column)", row=line, row_desc=f"line {line}")
+        rows.append([_parse_cell(rec[j], markers[j], source, line, names[j]) for j in range(m)])
     if not rows:
         raise DataError(source, "no data rows; expected at least one row after the header")
-    values = np.array(rows, dtype=np.float64).reshape(len(rows), m)
+    return np.array(rows, dtype=np.float64).reshape(len(rows), m)
+
+
+def _next_record(reader: Any, source: str) -> list[str] | None:
+    """The next CSV record, or None at the end; malformed CSV is a :class:`DataError`."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:
+        line = reader.line_num
+        raise DataError(source, f"malformed CSV: {exc}", row=line,
+                        row_desc=f"line {line}") from None
+
+
+def _check_observed(values: np.ndarray, names: list[str], source: str) -> None:
+    """Every column must have at least one observed value."""
     empty = [names[j] for j in np.flatnonzero(np.isnan(values).all(axis=0))]
-    if empty and not allow_empty_columns:
+    if empty:
         raise DataError(
             source,
             f"no observed values in column(s) {', '.join(map(repr, empty))} (every cell is a "
             f"missing marker); expected at least one observed value per column",
             column=empty[0] if len(empty) == 1 else None,
         )
-    return Table(values=values, columns=names, source=source)
 
 
 def _read_text(path: str | os.PathLike[str], source: str) -> str:
