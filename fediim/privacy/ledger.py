@@ -7,11 +7,14 @@ would pass the site's budget is refused and nothing is recorded.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,9 +118,8 @@ class PrivacyLedger:
 
     The checksum detects corruption and naive edits (e.g. lowering a ρ by hand); it does
     NOT stop a determined local adversary, who can recompute it — that would need a key
-    the site does not hold (e.g. a coordinator-signed ledger). One process should own a
-    ledger file; a concurrent writer is detected at the next charge (the file changed on
-    disk) and raises :class:`LedgerError`.
+    the site does not hold (e.g. a coordinator-signed ledger). Several processes may charge
+    one file: each charge holds an exclusive lock across read–check–write.
     """
 
     def __init__(
@@ -135,7 +137,6 @@ class PrivacyLedger:
         self._rho_budget = finite_float("rho_budget", rho_budget, strict=True)
         self._path = path
         self._entries: list[LedgerEntry] = list(entries or [])
-        self._disk_bytes: bytes | None = None  # what we last read or wrote
 
     # ---- construction
 
@@ -230,7 +231,6 @@ class PrivacyLedger:
                 f"ledger {path}: entries spend rho={spent!r}, more than the budget {budget!r}"
             )
         ledger = cls(site_id=site_id, rho_budget=float(budget), path=path, entries=entries)
-        ledger._disk_bytes = raw_bytes
         return ledger
 
     # ---- persistence
@@ -251,23 +251,44 @@ class PrivacyLedger:
             return
         text = self._document(entries)
         atomic_write_text(self._path, text)
-        self._disk_bytes = text.encode("utf-8")
 
-    def _check_disk_unchanged(self) -> None:
-        """Refuse to charge if someone else rewrote (or removed) the file since we last did."""
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the ledger (``<ledger>.lock``) across read–check–write.
+
+        Every process that charges the same file serialises here, so no charge is lost and
+        the budget holds across processes. In-memory ledgers need no lock.
+        """
+        if self._path is None:
+            yield
+            return
+        lock_path = self._path.with_name(self._path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _sync_from_disk(self) -> None:
+        """Adopt what other writers charged since we last read; refuse a rewound file.
+
+        The file on disk must still verify and must extend the entries this object has
+        seen: a deleted, replaced or shortened ledger is a :class:`LedgerError`, never a
+        fresh budget.
+        """
         if self._path is None:
             return
-        try:
-            current = self._path.read_bytes()
-        except OSError as exc:
-            raise LedgerError(
-                f"ledger {self._path}: cannot re-read before charging ({exc})"
-            ) from exc
-        if current != self._disk_bytes:
-            raise LedgerError(
-                f"ledger {self._path}: changed on disk since it was opened "
-                "(another writer or an edit); re-open it"
-            )
+        if not self._path.exists():
+            raise LedgerError(f"ledger {self._path}: the file is gone; refusing to charge "
+                              "(a ledger is never recreated silently)")
+        stored = self._load(self._path)
+        if (stored._site_id, stored._rho_budget) != (self._site_id, self._rho_budget):
+            raise LedgerError(f"ledger {self._path}: changed on disk to another site or budget")
+        if list(stored._entries[: len(self._entries)]) != self._entries:
+            raise LedgerError(f"ledger {self._path}: changed on disk: entries this process "
+                              "saw are gone or altered (a rewound or replaced ledger)")
+        self._entries = list(stored._entries)
 
     # ---- queries
 
@@ -338,8 +359,10 @@ class PrivacyLedger:
     ) -> LedgerEntry:
         """Record a release costing ``rho``; persisted before returning.
 
-        Raises :class:`BudgetExceeded` (nothing recorded) if it would pass the budget, and
-        :class:`LedgerError` if the file changed on disk behind this object's back.
+        Holds the ledger's exclusive lock from reading the file to writing it, so charges
+        from several processes all land and together never pass the budget. Raises
+        :class:`BudgetExceeded` (nothing recorded) if it would pass the budget, and
+        :class:`LedgerError` if the file was deleted, rewound or replaced.
         """
         r = finite_float("rho", rho)
         entry = LedgerEntry(
@@ -354,16 +377,17 @@ class PrivacyLedger:
         )
         if entry.dimension < 0:
             raise ValueError(f"dimension must be >= 0, got {dimension!r}")
-        if not self.can_afford(r):
-            raise BudgetExceeded(
-                f"site {self._site_id!r}: release {purpose!r} requests rho={r:.6g}, but "
-                f"rho={self.spent_rho:.6g} of the budget {self._rho_budget:.6g} is already "
-                f"spent (remaining {self.remaining_rho:.6g}); refused, nothing recorded"
-            )
-        self._check_disk_unchanged()
-        new_entries = [*self._entries, entry]
-        self._persist(new_entries)  # raises => in-memory state unchanged, nothing released
-        self._entries = new_entries
+        with self._locked():
+            self._sync_from_disk()
+            if not self.can_afford(r):
+                raise BudgetExceeded(
+                    f"site {self._site_id!r}: release {purpose!r} requests rho={r:.6g}, but "
+                    f"rho={self.spent_rho:.6g} of the budget {self._rho_budget:.6g} is "
+                    f"already spent (remaining {self.remaining_rho:.6g}); refused, nothing "
+                    "recorded")
+            new_entries = [*self._entries, entry]
+            self._persist(new_entries)  # raises => state unchanged, nothing released
+            self._entries = new_entries
         return entry
 
     def __repr__(self) -> str:
