@@ -254,16 +254,17 @@ class PrivacyLedger:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold an exclusive lock on the ledger (``<ledger>.lock``) across read–check–write.
+        """Hold an exclusive lock across read–check–write: every process that charges the
+        same file serialises here, so no charge is lost and the budget holds across them.
 
-        Every process that charges the same file serialises here, so no charge is lost and
-        the budget holds across processes. In-memory ledgers need no lock.
+        The lock is on the ledger's directory (the file itself is replaced atomically at
+        every charge, so a lock on it would not outlive the charge). In-memory ledgers need
+        no lock.
         """
         if self._path is None:
             yield
             return
-        lock_path = self._path.with_name(self._path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._path.parent, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
