@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_secret", "atomic_write_text"]
+__all__ = ["OutputGroup", "atomic_open", "atomic_outputs", "atomic_write_bytes",
+           "atomic_write_secret", "atomic_write_text"]
 
 _WRITE_MODES = {"w", "wt", "wb"}
 
@@ -72,36 +73,8 @@ def atomic_open(
     ``"wb"``. Parent directories are created. If the block raises, the temporary file is
     removed and the target keeps its previous content (or stays absent).
     """
-    if mode not in _WRITE_MODES:
-        raise ValueError(
-            f"atomic_open: mode {mode!r} not supported; expected one of 'w', 'wt', 'wb'"
-        )
-    target = Path(path)
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    perms = _target_mode(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-    tmp = Path(tmp_name)
-    try:
-        if "b" in mode:
-            fh: IO[Any] = os.fdopen(fd, "wb")
-        else:
-            fh = os.fdopen(fd, "w", encoding=encoding, newline=newline)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        with fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, perms)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(parent)
+    with atomic_outputs() as group, group.open(path, mode, newline, encoding) as fh:
+        yield fh
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -127,3 +100,113 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     """Atomically replace ``path`` with ``text``, written exactly (no newline translation)."""
     with atomic_open(path, "w", newline="", encoding=encoding) as fh:
         fh.write(text)
+
+
+class OutputGroup:
+    """Files staged together and committed together: all of them are written, or none.
+
+    :meth:`open` stages one file (a temporary file beside its target, fsynced when its
+    block exits). :meth:`commit` first checks every target (its directory exists, it is
+    not a directory), then moves any existing targets aside, renames every staged file
+    into place and only then drops the old versions; if a rename fails, the targets
+    already replaced get their old content back. Only a crash in the middle of the
+    renames can leave a mix, and the old versions are then still on disk beside their
+    targets (``.NAME.*.old``).
+    """
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}
+
+    @contextmanager
+    def open(self, path: str | os.PathLike[str], mode: str = "w",
+             newline: str | None = None, encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+        """Stage ``path``: write it in the block; nothing is visible until :meth:`commit`."""
+        if mode not in _WRITE_MODES:
+            raise ValueError(f"OutputGroup.open: mode {mode!r} not supported; expected one "
+                             "of 'w', 'wt', 'wb'")
+        target = Path(path)
+        if target in self._staged:
+            raise ValueError(f"{target} is staged twice")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                        dir=target.parent)
+        self._staged[target] = Path(tmp_name)
+        with os.fdopen(fd, "wb") if "b" in mode else os.fdopen(
+                fd, "w", encoding=encoding, newline=newline) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, _target_mode(target))
+
+    def commit(self) -> None:
+        """Put every staged file in place, or none of them (see the class docstring)."""
+        try:
+            for target in self._staged:
+                if target.is_dir():
+                    raise IsADirectoryError(f"{target} is a directory; expected a file path")
+            self._place_all()
+        finally:
+            self.discard()
+
+    def _place_all(self) -> None:
+        moved_aside: dict[Path, Path] = {}
+        placed: list[Path] = []
+        single = len(self._staged) == 1  # one file: os.replace alone is atomic
+        try:
+            for target, tmp in self._staged.items():
+                if target.exists() and not single:
+                    moved_aside[target] = _move_aside(target)
+                os.replace(tmp, target)
+                placed.append(target)
+        except BaseException:
+            _roll_back(placed, moved_aside)
+            raise
+        for old in moved_aside.values():
+            old.unlink(missing_ok=True)
+        for directory in {t.parent for t in placed}:
+            _fsync_dir(directory)
+
+    def discard(self) -> None:
+        """Remove every staged file that was not committed."""
+        for tmp in self._staged.values():
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+
+
+def _move_aside(target: Path) -> Path:
+    """Rename ``target`` to a fresh ``.NAME.*.old`` beside it; return that path."""
+    fd, old_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".old",
+                                    dir=target.parent)
+    os.close(fd)
+    os.replace(target, old_name)
+    return Path(old_name)
+
+
+def _roll_back(placed: list[Path], moved_aside: dict[Path, Path]) -> None:
+    """Undo a partial commit: new files out, old files back."""
+    for target in placed:
+        target.unlink(missing_ok=True)
+    for target, old in moved_aside.items():
+        os.replace(old, target)
+
+
+@contextmanager
+def atomic_outputs() -> Iterator[OutputGroup]:
+    """An :class:`OutputGroup` committed when the block exits normally, discarded if it raises.
+
+    Example::
+
+        with atomic_outputs() as outputs:
+            with outputs.open("out.csv", newline="") as fh:
+                fh.write(table)
+            with outputs.open("out.audit.jsonl") as fh:
+                fh.write(audit)
+        # both files are in place here, or neither is (and the old ones are untouched)
+    """
+    group = OutputGroup()
+    try:
+        yield group
+    except BaseException:
+        group.discard()
+        raise
+    group.commit()

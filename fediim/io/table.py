@@ -25,7 +25,8 @@ from fediim.errors import DataError
 from fediim.io.atomic import atomic_open
 from fediim.io.schema import DEFAULT_MISSING, TableSchema
 
-__all__ = ["DataError", "Table", "as_matrix", "clamp_to_bounds", "read_csv", "write_csv"]
+__all__ = ["DataError", "Table", "as_matrix", "check_representable", "clamp_to_bounds", "read_csv",
+           "write_csv"]
 
 ARRAY_SOURCE = "<array>"
 
@@ -93,6 +94,7 @@ def read_csv(
     values = _read_rows(reader, source, names, markers)
     if not allow_empty_columns:
         _check_observed(values, names, source)
+    check_representable(values, names, source)
     return Table(values=values, columns=names, source=source)
 
 
@@ -335,6 +337,7 @@ def as_matrix(
             raise DataError(ARRAY_SOURCE, "duplicate column name; expected unique", column=name)
         seen.add(name)
     _check_finite(values, names, index)
+    check_representable(values, names, ARRAY_SOURCE)
     return values, names, index
 
 
@@ -448,6 +451,27 @@ def _convert_objects(col: np.ndarray, name: str, index: Any | None) -> npt.NDArr
                 column=name,
             )
     return out
+
+
+def check_representable(values: np.ndarray, names: Sequence[str], source: str) -> None:
+    """Every column's mean and spread must be finite in float64, or :class:`DataError`.
+
+    The engines standardise columns and form sums of squares; finite values as large as
+    ±1e308 overflow there and would come back as silent infinities or zero uncertainty.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        observed = np.isfinite(values)
+        counts = observed.sum(axis=0)
+        filled = np.where(observed, values, 0.0)
+        means = filled.sum(axis=0) / np.maximum(counts, 1)
+        spreads = (np.where(observed, values - means, 0.0) ** 2).sum(axis=0)
+    bad = [j for j in range(values.shape[1])
+           if counts[j] and not (np.isfinite(means[j]) and np.isfinite(spreads[j]))]
+    if bad:
+        biggest = float(np.nanmax(np.abs(values[:, bad[0]])))
+        raise DataError(source, f"values up to {biggest:.3g} in magnitude: the column's mean or "
+                        "spread overflows double precision; expected magnitudes below 1e150 "
+                        "(rescale the column, e.g. change its unit)", column=names[bad[0]])
 
 
 def _check_finite(values: np.ndarray, names: list[str], index: Any | None) -> None:

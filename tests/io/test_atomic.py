@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from fediim.io import atomic
-from fediim.io.atomic import atomic_open, atomic_write_bytes, atomic_write_secret, atomic_write_text
+from fediim.io.atomic import (
+    atomic_open,
+    atomic_outputs,
+    atomic_write_bytes,
+    atomic_write_secret,
+    atomic_write_text,
+)
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -116,3 +122,63 @@ def test_atomic_write_secret_is_owner_only_even_over_a_readable_file(tmp_path: P
     atomic_write_secret(path, b"secret-2")
     assert path.read_bytes() == b"secret-2"
     assert (path.stat().st_mode & 0o777) == 0o600
+
+
+# -- several outputs, committed together ---------------------------------------------------
+
+
+def _write_group(paths: list[Path], texts: list[str]) -> None:
+    with atomic_outputs() as outputs:
+        for path, text in zip(paths, texts, strict=True):
+            with outputs.open(path, newline="") as fh:
+                fh.write(text)
+
+
+def test_output_group_commits_every_file(tmp_path: Path) -> None:
+    paths = [tmp_path / "out.csv", tmp_path / "sub" / "out.flags.csv"]
+    paths[0].write_text("old")
+    _write_group(paths, ["a", "b"])
+    assert [p.read_text() for p in paths] == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
+        "out.csv", "out.flags.csv"]
+
+
+def test_output_group_with_a_directory_target_writes_nothing(tmp_path: Path) -> None:
+    """Finding: with the audit path a directory, the flags file was still written."""
+    out, flags, audit = tmp_path / "out.csv", tmp_path / "out.flags.csv", tmp_path / "audit"
+    out.write_text("old table")
+    audit.mkdir()
+    with pytest.raises(IsADirectoryError):
+        _write_group([out, flags, audit], ["t", "f", "a"])
+    assert out.read_text() == "old table" and not flags.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit", "out.csv"]
+
+
+def test_output_group_rolls_back_when_a_rename_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [tmp_path / f"f{i}.txt" for i in range(3)]
+    for p in paths:
+        p.write_text(f"old {p.name}")
+    real_replace = os.replace
+    failed: list[Path] = []
+
+    def failing_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == paths[2] and str(src).endswith(".tmp") and not failed:
+            failed.append(Path(dst))
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        _write_group(paths, ["new0", "new1", "new2"])
+    monkeypatch.undo()
+    assert [p.read_text() for p in paths] == [f"old {p.name}" for p in paths]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.txt", "f1.txt", "f2.txt"]
+
+
+def test_output_group_discards_everything_when_the_block_raises(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), atomic_outputs() as outputs:
+        with outputs.open(tmp_path / "a.txt") as fh:
+            fh.write("a")
+        raise RuntimeError("imputation failed")
+    assert list(tmp_path.iterdir()) == []
