@@ -67,7 +67,7 @@ def _craft(bank: ModelBank, what: str) -> ModelBank:
         gram[0, 1, 2] = gram[0, 2, 1] = 3.6e13
         return _crafted(bank, gram=gram)
     if what == "negative eigenvalue":
-        gram[0] -= 5e3 * np.eye(M + 1)
+        gram[0, 1:, 1:] -= 5e3 * np.eye(M)
         return _crafted(bank, gram=gram)
     if what == "asymmetric":
         gram[0, 1, 2] += 1.0
