@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fediim.errors import BankError
 from fediim.federated.bank import ModelBank
 from fediim.federated.plan import PrivacyPlan
 
@@ -74,7 +75,11 @@ def bank_problems(bank: ModelBank, limits: ReleaseLimits) -> list[str]:
         return [f"the bank has {bank.n_features} attributes, the schema {limits.n_features}"]
     problems: list[str] = []
     for site in map(str, np.unique(bank.site.astype(str))):
-        part = bank.select(bank.site.astype(str) == site)
+        try:
+            part = bank.select(bank.site.astype(str) == site)
+        except BankError as exc:
+            problems.append(f"cells of site {site!r}: {exc}")
+            continue
         problems += [f"cells of site {site!r}: {p}" for p in release_problems(part, limits)]
     return problems
 
