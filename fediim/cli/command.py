@@ -18,6 +18,7 @@ from fediim._version import __version__
 from fediim.cli.common import Registrar, error
 from fediim.cli.deploy import register_local_deploy, register_simulate
 from fediim.cli.impute import IIM_PARAGRAPH, register_impute
+from fediim.cli.ledger import register_ledger
 from fediim.cli.schema import register_schema
 from fediim.cli.study import register_study
 from fediim.errors import ExitCode
@@ -33,6 +34,7 @@ SUBCOMMANDS: tuple[Registrar, ...] = (
     register_local_deploy,
     register_simulate,
     register_study,
+    register_ledger,
 )
 
 

@@ -146,6 +146,26 @@ class PrivacyLedger:
         return cls(site_id=site_id, rho_budget=rho_budget)
 
     @classmethod
+    def create(cls, path: str | os.PathLike[str], rho_budget: float,
+               site_id: str) -> PrivacyLedger:
+        """Create the site's ledger at ``path`` (an explicit, one-time act).
+
+        Refuses if a file is already there (a ledger is never replaced) or if the directory
+        does not exist (a mistyped path must not start a fresh budget elsewhere).
+        """
+        p = Path(path)
+        if p.exists():
+            raise LedgerError(f"ledger {p} already exists; a ledger is never replaced")
+        if not p.parent.is_dir():
+            raise LedgerError(f"ledger {p}: directory {p.parent} does not exist")
+        ledger = cls(site_id=site_id, rho_budget=rho_budget, path=p)
+        with ledger._locked():
+            if p.exists():  # created by another process since the check above
+                raise LedgerError(f"ledger {p} already exists; a ledger is never replaced")
+            ledger._persist([])
+        return ledger
+
+    @classmethod
     def open(
         cls,
         path: str | os.PathLike[str],
