@@ -313,7 +313,7 @@ _REPLIES: dict[str, type[_Reply]] = {
 def request_stage(record: RecordDict) -> str:
     """The ``stage`` field of a request record (MessageError if absent or unknown)."""
     stage = _config_of(record).get("stage")
-    if stage not in _REQUESTS:
+    if not isinstance(stage, str) or stage not in _REQUESTS:
         raise MessageError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
     return str(stage)
 
@@ -325,6 +325,6 @@ def parse_request(record: RecordDict) -> HandshakeRequest | ReleaseRequest | Imp
 
 def reply_type(stage: str) -> type[_Reply]:
     """The reply model of ``stage``."""
-    if stage not in _REPLIES:
+    if not isinstance(stage, str) or stage not in _REPLIES:
         raise MessageError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
     return _REPLIES[stage]
