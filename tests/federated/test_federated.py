@@ -460,7 +460,7 @@ def test_fit_transform_keeps_observed_fills_all(
 ) -> None:
     _, obs = two_sites
     bounds = None if np.isinf(epsilon) else BOUNDS
-    model = FederatedIIM(epsilon=epsilon, bounds=bounds, mode=mode, seed=0, k=5)
+    model = FederatedIIM(epsilon=epsilon, bounds=bounds, mode=mode, seed=0, n_neighbors=5)
     results = model.fit(obs).impute(obs)
     assert len(results) == len(obs)
     for res, x in zip(results, obs, strict=True):
@@ -499,7 +499,7 @@ def test_bounds_required_for_private_fit(two_sites: tuple[list[np.ndarray], ...]
     with pytest.raises(ValueError, match="bounds"):
         FederatedIIM(epsilon=1.0, bounds=BOUNDS[:, ::-1]).fit(obs)
     with pytest.raises(ValueError, match="mode"):
-        FederatedIIM(mode="magic")  # type: ignore[arg-type]
+        FederatedIIM(mode="magic").fit(obs)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         FederatedIIM(epsilon=np.inf).fit([obs[0], obs[1][:, :2]])
 
@@ -519,7 +519,7 @@ def test_saved_bank_imputes_later_identically(
     tmp_path: Path, two_sites: tuple[list[np.ndarray], ...],
 ) -> None:
     _, obs = two_sites
-    model = FederatedIIM(epsilon=2.0, bounds=BOUNDS, seed=3, k=5).fit(obs)
+    model = FederatedIIM(epsilon=2.0, bounds=BOUNDS, seed=3, n_neighbors=5).fit(obs)
     path = tmp_path / "bank.npz"
     model.bank_.save(path)
     loaded = ModelBank.load(path)
@@ -643,13 +643,13 @@ def test_hybrid_recentres_the_federation_for_a_site_with_its_own_level() -> None
 
 
 def test_hybrid_weights_prefer_local_on_ties() -> None:
-    w, bias = federated._hybrid_weights(
+    w, bias = federated.choose_blend(
         np.array([1.0, 2.0, 3.0]), None, np.zeros((3, 1)), np.array([1.0, 2.0, 3.0]),
-        np.array([1.0, 2.0, 3.0]))
+        np.array([1.0, 2.0, 3.0]), federated.BLEND_WEIGHTS)
     np.testing.assert_array_equal(w, [1.0, 0.0, 0.0])
     assert bias == 0.0
-    assert tuple(federated._HYBRID_GRID[0]) == (1.0, 0.0, 0.0)
-    np.testing.assert_allclose(federated._HYBRID_GRID.sum(axis=1), 1.0)
+    assert tuple(federated.BLEND_WEIGHTS[0]) == (1.0, 0.0, 0.0)
+    np.testing.assert_allclose(federated.BLEND_WEIGHTS.sum(axis=1), 1.0)
 
 
 
@@ -669,7 +669,7 @@ def test_federated_mode_shrinks_a_noise_only_bank_towards_the_mean(
         return _nrmse([r.values for r in model.impute(obs)], truth, obs)
 
     shrunk = fit_impute()
-    monkeypatch.setattr(federated, "_SHRINK_GRID", np.array([1.0]))
+    monkeypatch.setattr(federated, "SHRINK_WEIGHTS", np.array([1.0]))
     assert shrunk < 0.95 * fit_impute()
 
 
@@ -678,7 +678,7 @@ def test_noise_penalty_is_chosen_on_the_sites_rows(
     """A noise-only bank: choosing the ridge multiplier on the site's rows (each out of its
     own cell) beats the fixed default (measured 1.01 vs 1.78 NRMSE, unshrunk)."""
     truth, obs = two_sites
-    monkeypatch.setattr(federated, "_SHRINK_GRID", np.array([1.0]))
+    monkeypatch.setattr(federated, "SHRINK_WEIGHTS", np.array([1.0]))
     seen: list[float | None] = []
     real = federated.pattern_models
 
@@ -703,12 +703,12 @@ def test_bank_choices() -> None:
     """Exact + auto: the two engines; noised + unset penalty: the penalty grid; an explicit
     choice is kept."""
     cfg = BankConfig()
-    assert [c.engine for c in federated._bank_choices(cfg, exact=True)] == ["cells", "mixture"]
-    assert [c.noise_alpha for c in federated._bank_choices(cfg, exact=False)] == list(
+    assert [c.engine for c in federated.bank_choices(cfg, exact=True)] == ["cells", "mixture"]
+    assert [c.noise_alpha for c in federated.bank_choices(cfg, exact=False)] == list(
         NOISE_ALPHA_GRID)
     fixed = BankConfig(noise_alpha=0.3)
-    assert federated._bank_choices(fixed, exact=False) == [fixed]
-    assert federated._bank_choices(BankConfig(engine="mixture"), exact=True) == [
+    assert federated.bank_choices(fixed, exact=False) == [fixed]
+    assert federated.bank_choices(BankConfig(engine="mixture"), exact=True) == [
         BankConfig(engine="mixture")]
     with pytest.raises(ValueError, match="noise_alpha"):
         BankConfig(noise_alpha=-1.0)
@@ -730,8 +730,8 @@ def test_shrink_validation_takes_each_row_out_of_its_own_cell(
 
     monkeypatch.setattr(federated, "pattern_models", spy)
     xs, _ = scale_to_bounds(x, BOUNDS)
-    federated._shrink_choice(bank, "s", 0, (1, 2, 3), [BankConfig()], xs, 0.0)
-    assert len(seen) == federated._FOLDS
+    federated.choose_shrinkage(bank, "s", 0, (1, 2, 3), [BankConfig()], xs, 0.0)
+    assert len(seen) == federated.CROSSFIT_FOLDS
     removed = np.sum([bank.counts - c for c in seen], axis=0)
     # Every released row was taken out exactly once, from its own cell.
     np.testing.assert_allclose(removed.sum(), len(x))
