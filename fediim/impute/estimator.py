@@ -116,7 +116,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         is_int = isinstance(ell, int | np.integer) and not isinstance(ell, bool)
         if not (ell in ("adaptive", "n") or (is_int and ell >= 1)):
             raise ValueError(f"ell must be 'adaptive', 'n' or an int >= 1, got {ell!r}")
-        grid = None if self.ell_grid is None else tuple(int(g) for g in self.ell_grid)
+        grid = None if self.ell_grid is None else tuple(int(ell) for ell in self.ell_grid)
         if grid is not None and (not grid or min(grid) < 1):
             raise ValueError(f"ell_grid must be a non-empty sequence of ints >= 1, got "
                              f"{self.ell_grid!r}")
@@ -153,7 +153,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
 
     def _column_names(self, cols: np.ndarray) -> list[str]:
         names = getattr(self, "feature_names_in_", None)
-        return [str(names[c]) if names is not None else f"x{c}" for c in cols]
+        return [str(names[column]) if names is not None else f"x{column}" for column in cols]
 
     def _pattern(self, target: int, features: tuple[int, ...]) -> PatternModels | None:
         key = (target, features)
@@ -210,7 +210,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "n_features_in_")
         names = getattr(self, "feature_names_in_", None)
         if names is None:
-            names = np.array([f"x{i}" for i in range(self.n_features_in_)], dtype=object)
+            names = np.array([f"x{column}" for column in range(self.n_features_in_)],
+                             dtype=object)
         return np.asarray(names, dtype=object)
 
 
@@ -235,8 +236,8 @@ def missing_patterns(missing: np.ndarray
     patterns, inverse = np.unique(missing[incomplete], axis=0, return_inverse=True)
     for number, pattern in enumerate(patterns):
         yield (incomplete[inverse.ravel() == number],
-               tuple(int(c) for c in np.flatnonzero(~pattern)),
-               [int(c) for c in np.flatnonzero(pattern)])
+               tuple(int(column) for column in np.flatnonzero(~pattern)),
+               [int(column) for column in np.flatnonzero(pattern)])
 
 
 def _like_input(X: Any, values: np.ndarray) -> Any:

@@ -10,8 +10,8 @@ ell nearest training rows on F (t_i itself first):
   rows t_i (t_j excluded) is charged ``(t_j[A] - (1, t_j[F]) phi_i^(ell))^2`` for every
   candidate ell; t_i keeps the candidate of least cost. By default the residual is the exact
   leave-one-out one when t_j is among t_i's own ell learning neighbours (the paper's
-  in-sample residual rewards small ell for fitting its validation tuples; measured gains on
-  ccs, wine and asf in benchmarks/README.md). The candidates may also include
+  in-sample residual rewards small ell for fitting its validation tuples; see
+  benchmarks/README.md). The candidates may also include
   several ridge alphas and the global model (ell = n), chosen the same way.
 * Incremental learning (Prop. 3): U^(ell+h) = U^(ell) + dX^T dX and V likewise, i.e. a
   cumulative Gram matrix along each row's sorted neighbour list, so the cost per candidate
@@ -295,12 +295,13 @@ class PatternModels:
         """(validated, model) pairs of training rows: ``model`` is among the k nearest
         other rows of ``validated``, so its models are charged for ``validated``'s error."""
         if self._val_pairs is None:
-            k = min(self.config.n_neighbors, self.n_rows - 1)
-            if k <= 0:
+            n_nearest = min(self.config.n_neighbors, self.n_rows - 1)
+            if n_nearest <= 0:
                 self._val_pairs = (np.zeros(0, np.intp), np.zeros(0, np.intp))
             else:
-                nearest = self._index.nearest_others(k)
-                self._val_pairs = (np.repeat(np.arange(self.n_rows), k), nearest.ravel())
+                nearest = self._index.nearest_others(n_nearest)
+                self._val_pairs = (np.repeat(np.arange(self.n_rows), n_nearest),
+                                   nearest.ravel())
         return self._val_pairs
 
     def validation_costs(self, rows: np.ndarray, candidates: Candidates
@@ -374,10 +375,10 @@ class PatternModels:
     def impute(self, queries: np.ndarray) -> PatternResult:
         """Impute the target for query rows given on F (Alg. 2)."""
         queries = np.asarray(queries, dtype=np.float64)
-        k = min(self.config.n_neighbors, self.n_rows)
-        _, neighbors = self._index.query(queries, k)
+        n_nearest = min(self.config.n_neighbors, self.n_rows)
+        _, neighbors = self._index.query(queries, n_nearest)
         phi, ell = self.chosen_models(neighbors.ravel())
-        phi = phi.reshape(len(queries), k, self.n_features + 1)
+        phi = phi.reshape(len(queries), n_nearest, self.n_features + 1)
         queries_augmented = np.column_stack([np.ones(len(queries)), queries])
         candidates = np.einsum("qf,qkf->qk", queries_augmented, phi)
         return PatternResult.vote(candidates, neighbors, ell.reshape(neighbors.shape),
