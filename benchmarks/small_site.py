@@ -42,11 +42,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,21 +53,9 @@ import numpy as np
 from _common import DEFAULT_DATASETS, fmt, machine_info, write_json_atomic
 from privacy_utility import DELTA, K, load_scenario, local_iim, mask_sites, pooled_std
 
-import fediim.federated.site_imputation as federated
 from fediim.federated import FederatedIIM, site_impute
 
 METHODS = ("local", "hybrid", "hybrid_nofed", "federated")
-
-
-@contextlib.contextmanager
-def _no_federated_weight() -> Iterator[None]:
-    """Ablation: restrict the hybrid's weight grid to w_federated = 0."""
-    grid = federated._HYBRID_GRID
-    federated._HYBRID_GRID = grid[grid[:, 1] == 0]
-    try:
-        yield
-    finally:
-        federated._HYBRID_GRID = grid
 
 
 def _smallest(sites: list[np.ndarray]) -> int:
@@ -77,9 +63,12 @@ def _smallest(sites: list[np.ndarray]) -> int:
     return int(np.argmin([len(x) for x in sites]))
 
 
-def _impute(xm: np.ndarray, f: FederatedIIM, sid: str, mode: str) -> np.ndarray:
-    """The small site's table imputed from the fitted federation's bank."""
-    return site_impute(xm, f.bank_, f.bounds_, mode=mode, n_neighbors=K, site_id=sid).values
+def _impute(xm: np.ndarray, f: FederatedIIM, sid: str, mode: str,
+            use_federation_in_blend: bool = True) -> np.ndarray:
+    """The small site's table imputed from the fitted federation's bank (ablation: the
+    hybrid blend without its federated weight)."""
+    return site_impute(xm, f.bank_, f.bounds_, mode=mode, n_neighbors=K, site_id=sid,
+                       use_federation_in_blend=use_federation_in_blend).values
 
 
 def run_seed(datasets: Path, seed: int, epsilons: list[float], frac: float = 0.05
@@ -103,8 +92,7 @@ def run_seed(datasets: Path, seed: int, epsilons: list[float], frac: float = 0.0
         row = {}
         for method in ("hybrid", "federated"):
             row[method] = err(_impute(xm, f, sid, method))
-        with _no_federated_weight():
-            row["hybrid_nofed"] = err(_impute(xm, f, sid, "hybrid"))
+        row["hybrid_nofed"] = err(_impute(xm, f, sid, "hybrid", use_federation_in_blend=False))
         rec["eps"]["inf" if math.isinf(eps) else f"{eps:g}"] = row
     return rec
 
@@ -216,9 +204,8 @@ def sweep_bank(datasets: Path, seed: int, eps: float, merge_others: bool = False
     for batch in sweep_batches(x):
         xm, r, c = _masked(x, batch)
         out["hybrid"] += ((_impute(xm, f, sid, "hybrid")[r, c] - x[r, c]) / sd[c]).tolist()
-        with _no_federated_weight():
-            out["hybrid_nofed"] += (
-                (_impute(xm, f, sid, "hybrid")[r, c] - x[r, c]) / sd[c]).tolist()
+        out["hybrid_nofed"] += ((_impute(xm, f, sid, "hybrid", use_federation_in_blend=False)
+                                 [r, c] - x[r, c]) / sd[c]).tolist()
     return {"seed": seed, "eps": "inf" if math.isinf(eps) else f"{eps:g}", **out}
 
 

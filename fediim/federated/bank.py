@@ -31,7 +31,7 @@ BANK_FORMAT = "fediim-bank/1"
 
 #: Noise-penalty multipliers a site chooses from on its own rows (see BankConfig).
 NOISE_ALPHA_GRID = (0.03, 0.3, 3.0)
-#: The multiplier where nothing chooses one (measured best on ccpp at epsilon = 1).
+#: The multiplier where nothing chooses one (benchmarks/README.md, "Engine notes").
 DEFAULT_NOISE_ALPHA = 0.03
 
 
@@ -45,16 +45,13 @@ class BankConfig:
     noise_alpha : multiplier of the noise-driven part of the penalty. ``None`` (default):
         a site chooses it per pattern and target on its own rows from
         :data:`NOISE_ALPHA_GRID` (``site_impute``), else :data:`DEFAULT_NOISE_ALPHA`. The
-        best value depends on the data: 0.03 on ccpp at epsilon = 1 (5 attributes, ~2,400
-        records per site), 3 for Switzerland's heart patients at epsilon = 4 (10 attributes,
-        ~200 records per other site).
+        best value depends on the data (how many attributes, how many records per cell),
+        which is why a site chooses it.
     engine : "cells" (IIM over cells), "mixture" (conditional mean of the cells as a
         Gaussian mixture) or "auto": mixture for an exact bank (every sigma = 0), cells for
-        a noised one. Measured on ccpp 4 sites: exact, mixture 0.46 vs cells 0.53 NRMSE;
-        at epsilon <= 8 the noised within-cell covariances make the mixture worse.
+        a noised one, whose noised within-cell covariances the mixture cannot use well.
     mixture_prior : pseudo-records of the in-box uniform covariance added to each cell's
-        covariance in the mixture (keeps thin cells' Gaussians proper; 0.03 measured best
-        among 0.03-30 on exact ccpp banks).
+        covariance in the mixture (keeps thin cells' Gaussians proper).
     """
 
     n_neighbors: int = 10
@@ -89,19 +86,20 @@ class ModelBank:
     tree: np.ndarray | None = None  # (C,) int, which of a site's partitions; None = all 0
 
     def __post_init__(self) -> None:
-        c = len(self.site)
-        m = self.n_features
+        n_cells, n_features = len(self.site), self.n_features
         if self.tree is None:
-            self.tree = np.zeros(c, dtype=np.int64)
+            self.tree = np.zeros(n_cells, dtype=np.int64)
         shapes = {
-            "cell": (self.cell.shape, (c,)), "lo": (self.lo.shape, (c, m)),
-            "hi": (self.hi.shape, (c, m)), "gram": (self.gram.shape, (c, m + 1, m + 1)),
-            "sigma": (self.sigma.shape, (c,)), "tree": (self.tree.shape, (c,)),
+            "cell": (self.cell.shape, (n_cells,)),
+            "lo": (self.lo.shape, (n_cells, n_features)),
+            "hi": (self.hi.shape, (n_cells, n_features)),
+            "gram": (self.gram.shape, (n_cells, n_features + 1, n_features + 1)),
+            "sigma": (self.sigma.shape, (n_cells,)), "tree": (self.tree.shape, (n_cells,)),
         }
         for name, (got, want) in shapes.items():
             if tuple(got) != want:
                 raise BankError(f"bank field {name!r} has shape {got}, expected {want}")
-        if c and np.any(self.counts < self.min_records):
+        if n_cells and np.any(self.counts < self.min_records):
             raise BankError(f"bank holds cells describing fewer than {self.min_records} "
                             "records; they must be dropped before a bank is formed")
 
@@ -143,31 +141,27 @@ class ModelBank:
 
         Used to standardise anchor distances (bounds may be much wider than the data).
         """
-        g = self.pooled_gram()
-        n = max(g[0, 0], 1.0)
-        mean = g[0, 1:] / n
-        var = np.diag(g)[1:] / n - mean**2
-        return np.sqrt(np.maximum(var, 1e-12))
+        pooled = self.pooled_gram()
+        count = max(pooled[0, 0], 1.0)
+        mean = pooled[0, 1:] / count
+        variance = np.diag(pooled)[1:] / count - mean**2
+        return np.sqrt(np.maximum(variance, 1e-12))
 
     @classmethod
     def concat(cls, banks: list[ModelBank], meta: dict[str, Any] | None = None) -> ModelBank:
         """Merge per-site banks into one federation bank."""
         if not banks:
             raise BankError("no cells to assemble a bank from")
-        m = {b.n_features for b in banks}
-        if len(m) != 1:
-            raise BankError(f"banks disagree on the number of features: {sorted(m)}")
+        widths = {bank.n_features for bank in banks}
+        if len(widths) != 1:
+            raise BankError(f"banks disagree on the number of features: {sorted(widths)}")
+        fields = ("site", "cell", "lo", "hi", "gram", "sigma", "tree")
         return cls(
-            n_features=m.pop(),
-            site=np.concatenate([b.site for b in banks]),
-            cell=np.concatenate([b.cell for b in banks]),
-            lo=np.concatenate([b.lo for b in banks]),
-            hi=np.concatenate([b.hi for b in banks]),
-            gram=np.concatenate([b.gram for b in banks]),
-            sigma=np.concatenate([b.sigma for b in banks]),
-            min_records=max(b.min_records for b in banks),
+            n_features=widths.pop(),
+            min_records=max(bank.min_records for bank in banks),
             meta=dict(meta or {}),
-            tree=np.concatenate([b.tree for b in banks]),
+            **{name: np.concatenate([getattr(bank, name) for bank in banks])
+               for name in fields},
         )
 
     # -- serialisation ------------------------------------------------------------------
@@ -189,10 +183,11 @@ class ModelBank:
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ModelBank:
         """Inverse of :meth:`to_bytes`; a clear :class:`BankError` on anything unexpected."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                manifest = json.loads(str(z["manifest"]))
-                arrays = {k: z[k] for k in ("site", "cell", "lo", "hi", "gram", "sigma")}
-                tree = z["tree"] if "tree" in z.files else None
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                manifest = json.loads(str(archive["manifest"]))
+                arrays = {name: archive[name]
+                          for name in ("site", "cell", "lo", "hi", "gram", "sigma")}
+                tree = archive["tree"] if "tree" in archive.files else None
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad bank
             raise BankError(f"{source}: not a readable fediim bank ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
@@ -205,9 +200,9 @@ class ModelBank:
         meta = manifest.get("meta", {})
         if not isinstance(meta, dict):
             raise BankError(f"{source}: manifest key 'meta' must be an object")
-        for k in ("lo", "hi", "gram", "sigma"):
-            if arrays[k].dtype.kind != "f" or not np.all(np.isfinite(arrays[k])):
-                raise BankError(f"{source}: bank array {k!r} must hold finite floats (found "
+        for name in ("lo", "hi", "gram", "sigma"):
+            if arrays[name].dtype.kind != "f" or not np.all(np.isfinite(arrays[name])):
+                raise BankError(f"{source}: bank array {name!r} must hold finite floats (found "
                                 "non-finite or non-float values)")
         if tree is not None and (tree.dtype.kind not in "iu" or np.any(tree < 0)):
             raise BankError(f"{source}: bank array 'tree' must hold non-negative integers")

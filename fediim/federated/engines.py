@@ -25,12 +25,12 @@ __all__ = ["BankModels", "CellPatternModels", "MixturePatternModels", "pattern_m
 
 def default_cell_grid(n_cells: int) -> np.ndarray:
     """1, 2, 3, 5, 8, ... (roughly geometric) up to all cells."""
-    g = {1, 2, 3}
-    v = 3.0
-    while v < n_cells:
-        v *= 1.6
-        g.add(int(round(v)))
-    return np.unique(np.clip(np.array(sorted(g)), 1, max(n_cells, 1)))
+    sizes = {1, 2, 3}
+    size = 3.0
+    while size < n_cells:
+        size *= 1.6
+        sizes.add(int(round(size)))
+    return np.unique(np.clip(np.array(sorted(sizes)), 1, max(n_cells, 1)))
 
 
 class CellPatternModels:
@@ -39,91 +39,114 @@ class CellPatternModels:
     def __init__(self, bank: ModelBank, target: int, features: tuple[int, ...],
                  config: BankConfig) -> None:
         self.bank, self.target, self.features, self.config = bank, target, features, config
-        idx = subsystem_index(target, features)
+        columns = subsystem_index(target, features)
         # Work in standardised coordinates (federation-wide std per attribute, read off the
         # pooled Gram): ridge penalties then mean the same as in the centralized engine,
         # whatever the public bounds were.
-        std = np.concatenate([[1.0], bank.feature_scale()])[idx]
+        std = np.concatenate([[1.0], bank.feature_scale()])[columns]
         self._std = std
-        self._g = bank.gram[:, idx[:, None], idx[None, :]] / np.outer(std, std)
+        self._grams = bank.gram[:, columns[:, None], columns[None, :]] / np.outer(std, std)
         # Noise std of a Gram entry in these coordinates: the cell's release std, scaled by
         # how far the cell's coordinates stretch (|center| + width per attribute).
-        reach = (np.abs(0.5 * (bank.lo + bank.hi)) + (bank.hi - bank.lo))[:, idx[1:] - 1]
+        reach = (np.abs(0.5 * (bank.lo + bank.hi)) + (bank.hi - bank.lo))[:, columns[1:] - 1]
         stretch = np.max(reach / std[1:], axis=1) ** 2
-        self._noise = (bank.sigma * np.maximum(stretch, 1.0)) ** 2
+        self._noise_var = (bank.sigma * np.maximum(stretch, 1.0)) ** 2
         self._anchors = bank.anchors[:, list(features)] / std[1:-1]
         self._index = NeighborIndex(self._anchors)
-        c = bank.n_cells
         grid = config.ell_grid
-        self._grid = default_cell_grid(c) if grid is None else np.unique(
-            np.minimum(np.asarray(grid, dtype=int), c))
+        self._grid = default_cell_grid(bank.n_cells) if grid is None else np.unique(
+            np.minimum(np.asarray(grid, dtype=int), bank.n_cells))
         self._phi: np.ndarray | None = None
         self._ell: np.ndarray | None = None
 
     def _alpha(self, noise_var: np.ndarray) -> np.ndarray:
-        p = len(self.features) + 1
-        na = self.config.noise_alpha
-        na = DEFAULT_NOISE_ALPHA if na is None else na
-        return self.config.alpha + na * np.sqrt(noise_var) * np.sqrt(p)
+        """Ridge penalty of a model pooled from Grams with total noise variance
+        ``noise_var``: the base penalty plus one that grows with the noise."""
+        n_coefficients = len(self.features) + 1
+        multiplier = self.config.noise_alpha
+        multiplier = DEFAULT_NOISE_ALPHA if multiplier is None else multiplier
+        return self.config.alpha + multiplier * np.sqrt(noise_var) * np.sqrt(n_coefficients)
 
     def _learn(self) -> None:
-        c = self.bank.n_cells
-        p = len(self.features) + 1
-        lmax = int(self._grid[-1])
-        _, nbr = self._index.query(self._anchors, lmax)
-        cands, pooled, pooled_nv = [], [], []
-        g = np.zeros((c, p + 1, p + 1))
-        nv = np.zeros(c)
-        prev = 0
-        for ell in self._grid:
-            g += self._g[nbr[:, prev:ell]].sum(axis=1)
-            nv += self._noise[nbr[:, prev:ell]].sum(axis=1)
-            prev = int(ell)
-            cands.append(ridge_solve(g, self._alpha(nv)))
-            pooled.append(g.copy())
-            pooled_nv.append(nv.copy())
-        cands = np.stack(cands, axis=1)  # (C, L, p)
-        k = min(self.config.n_neighbors, c - 1)
-        if len(self._grid) > 1 and k > 0:
-            _, vn = self._index.query(self._anchors, k + 1)
-            keep = vn != np.arange(c)[:, None]
-            keep[keep.all(axis=1), -1] = False
-            i = vn[keep].reshape(c, k).ravel()
-            j = np.repeat(np.arange(c), k)
-            cost = np.zeros((c, len(self._grid)))
-            gj = self._g[j]
-            # Leave-cell-out: where validation cell j is one of the ell cells pooled into
-            # i's model, score the model refitted without it (the cell analogue of LOO).
-            match = nbr[i] == j[:, None]
-            rank = np.where(match.any(axis=1), match.argmax(axis=1), c)
-            for li, ell in enumerate(self._grid):
-                phi = cands[i, li]
-                inside = np.flatnonzero(rank < ell)
-                if inside.size:
-                    ii, jj = i[inside], j[inside]
-                    phi = phi.copy()
-                    phi[inside] = ridge_solve(pooled[li][ii] - self._g[jj],
-                                              self._alpha(pooled_nv[li][ii] - self._noise[jj]))
-                sse = subsystem_sse(phi, gj)
-                cost[:, li] = np.bincount(i, weights=sse, minlength=c)
-            best = np.argmin(cost, axis=1)
-            best[np.bincount(i, minlength=c) == 0] = len(self._grid) - 1
+        """Give every cell the model of the ell (pooled cells) that validates best."""
+        n_cells = self.bank.n_cells
+        _, neighbors = self._index.query(self._anchors, int(self._grid[-1]))
+        pooled = self._pooled_statistics(neighbors)
+        candidates = np.stack([ridge_solve(gram, self._alpha(noise_var))
+                               for gram, noise_var in pooled], axis=1)  # (C, L, p)
+        n_validators = min(self.config.n_neighbors, n_cells - 1)
+        if len(self._grid) > 1 and n_validators > 0:
+            best = self._best_by_validation(candidates, pooled, neighbors, n_validators)
         else:
-            best = np.full(c, len(self._grid) - 1)
-        self._phi = cands[np.arange(c), best]
+            best = np.full(n_cells, len(self._grid) - 1)
+        self._phi = candidates[np.arange(n_cells), best]
         self._ell = self._grid[best]
+
+    def _pooled_statistics(self, neighbors: np.ndarray
+                           ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per ell of the grid, each cell's Gram summed over its ell nearest cells and the
+        summed noise variance: cumulative sums along the neighbour lists."""
+        gram = np.zeros((self.bank.n_cells, *self._grams.shape[1:]))
+        noise_var = np.zeros(self.bank.n_cells)
+        pooled = []
+        previous = 0
+        for ell in self._grid:
+            gram += self._grams[neighbors[:, previous:ell]].sum(axis=1)
+            noise_var += self._noise_var[neighbors[:, previous:ell]].sum(axis=1)
+            previous = int(ell)
+            pooled.append((gram.copy(), noise_var.copy()))
+        return pooled
+
+    def _best_by_validation(self, candidates: np.ndarray,
+                            pooled: list[tuple[np.ndarray, np.ndarray]],
+                            neighbors: np.ndarray, n_validators: int) -> np.ndarray:
+        """Per cell, the grid position whose model errs least on the cells that have it
+        among their ``n_validators`` nearest (errors read off their Grams). A cell that
+        validates no one keeps the largest ell."""
+        n_cells = self.bank.n_cells
+        model_cell = self._index.nearest_others(n_validators).ravel()
+        validation_cell = np.repeat(np.arange(n_cells), n_validators)
+        # Position of the validation cell in the model cell's pooling order (n_cells: not
+        # pooled at any ell).
+        match = neighbors[model_cell] == validation_cell[:, None]
+        rank = np.where(match.any(axis=1), match.argmax(axis=1), n_cells)
+        validation_grams = self._grams[validation_cell]
+        cost = np.zeros((n_cells, len(self._grid)))
+        for position, ell in enumerate(self._grid):
+            phi = self._without_validation_cell(
+                candidates[model_cell, position], pooled[position], model_cell,
+                validation_cell, np.flatnonzero(rank < ell))
+            cost[:, position] = np.bincount(
+                model_cell, weights=subsystem_sse(phi, validation_grams), minlength=n_cells)
+        best = np.argmin(cost, axis=1)
+        best[np.bincount(model_cell, minlength=n_cells) == 0] = len(self._grid) - 1
+        return best
+
+    def _without_validation_cell(self, phi: np.ndarray, pooled: tuple[np.ndarray, np.ndarray],
+                                 model_cell: np.ndarray, validation_cell: np.ndarray,
+                                 inside: np.ndarray) -> np.ndarray:
+        """Leave-cell-out: where the validation cell is among the cells pooled into the
+        model (pairs ``inside``), the model refitted without it, the cell analogue of LOO."""
+        if not inside.size:
+            return phi
+        gram, noise_var = pooled
+        models, held = model_cell[inside], validation_cell[inside]
+        phi = phi.copy()
+        phi[inside] = ridge_solve(gram[models] - self._grams[held],
+                                  self._alpha(noise_var[models] - self._noise_var[held]))
+        return phi
 
     def impute(self, queries: np.ndarray) -> PatternResult:
         """Impute the target for queries given on F (scaled coordinates)."""
         if self._phi is None:
             self._learn()
         assert self._phi is not None and self._ell is not None
-        k = min(self.config.n_neighbors, self.bank.n_cells)
-        qs = np.asarray(queries) / self._std[1:-1]
-        _, nbr = self._index.query(qs, k)
-        qaug = np.column_stack([np.ones(len(qs)), qs])
-        cand = np.einsum("qf,qkf->qk", qaug, self._phi[nbr]) * self._std[-1]
-        return PatternResult.vote(cand, nbr, self._ell[nbr])
+        n_nearest = min(self.config.n_neighbors, self.bank.n_cells)
+        standardized = np.asarray(queries) / self._std[1:-1]
+        _, nearest = self._index.query(standardized, n_nearest)
+        augmented = np.column_stack([np.ones(len(standardized)), standardized])
+        candidates = np.einsum("qf,qkf->qk", augmented, self._phi[nearest]) * self._std[-1]
+        return PatternResult.vote(candidates, nearest, self._ell[nearest])
 
 
 _MIXTURE_BLOCK_FLOATS = 4_000_000
@@ -146,51 +169,64 @@ class MixturePatternModels:
     def __init__(self, bank: ModelBank, target: int, features: tuple[int, ...],
                  config: BankConfig) -> None:
         self.bank, self.target, self.features, self.config = bank, target, features, config
-        g = bank.gram
-        n = np.maximum(gram_count(g), 1.0)
-        mu = bank.anchors  # the cells' centroids
-        cov = g[:, 1:, 1:] / n[:, None, None] - mu[:, :, None] * mu[:, None, :]
-        box = (bank.hi - bank.lo) ** 2 / 12.0
-        tau = config.mixture_prior
-        idx = np.asarray(list(features) + [target])
-        cov = cov[:, idx[:, None], idx[None, :]]
-        prior = box[:, idx, None] * np.eye(len(idx))[None]
-        cov = (n[:, None, None] * cov + tau * prior) / (n + tau)[:, None, None]
-        f = len(features)
-        sff = cov[:, :f, :f]
-        chol = np.linalg.cholesky(sff)
-        self._whiten = np.linalg.inv(chol)  # (C, f, f)
-        self._logw = np.log(n) - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
-        self._beta = np.linalg.solve(sff, cov[:, :f, f:])[..., 0]  # (C, f)
-        self._mu_f = mu[:, list(features)]
-        self._mu_a = mu[:, target]
+        counts = np.maximum(gram_count(bank.gram), 1.0)
+        means = bank.anchors  # the cells' centroids
+        covariance = (bank.gram[:, 1:, 1:] / counts[:, None, None]
+                      - means[:, :, None] * means[:, None, :])
+        box_variance = (bank.hi - bank.lo) ** 2 / 12.0
+        prior_records = config.mixture_prior
+        columns = np.asarray(list(features) + [target])
+        covariance = covariance[:, columns[:, None], columns[None, :]]
+        prior = box_variance[:, columns, None] * np.eye(len(columns))[None]
+        covariance = ((counts[:, None, None] * covariance + prior_records * prior)
+                      / (counts + prior_records)[:, None, None])
+        n_features = len(features)
+        feature_covariance = covariance[:, :n_features, :n_features]
+        cholesky = np.linalg.cholesky(feature_covariance)
+        self._whiten = np.linalg.inv(cholesky)  # (C, f, f)
+        self._log_weight = np.log(counts) - np.log(
+            np.diagonal(cholesky, axis1=1, axis2=2)).sum(axis=1)
+        self._beta = np.linalg.solve(feature_covariance,
+                                     covariance[:, :n_features, n_features:])[..., 0]  # (C, f)
+        self._mean_features = means[:, list(features)]
+        self._mean_target = means[:, target]
 
     def impute(self, queries: np.ndarray) -> PatternResult:
         """Impute the target for queries given on F (the bank's scaled coordinates)."""
-        q = np.asarray(queries, dtype=np.float64)
-        k = min(self.config.n_neighbors, self.bank.n_cells)
+        queries = np.asarray(queries, dtype=np.float64)
+        n_top = min(self.config.n_neighbors, self.bank.n_cells)
         # Queries per block so that a (block, cells, features) array stays near 32 MB.
-        block = max(1, min(256, _MIXTURE_BLOCK_FLOATS // max(self._mu_f.size, 1)))
-        vals, spread = np.empty(len(q)), np.empty(len(q))
-        top = np.empty((len(q), k), dtype=np.int64)
-        wtop, ctop = np.empty((len(q), k)), np.empty((len(q), k))
-        for s in range(0, len(q), block):
-            d = q[s:s + block, None, :] - self._mu_f[None]  # (b, C, f)
-            z = np.einsum("cij,bcj->bci", self._whiten, d)
-            logr = self._logw[None] - 0.5 * np.einsum("bci,bci->bc", z, z)
-            logr -= logr.max(axis=1, keepdims=True)
-            r = np.exp(logr)
-            r /= r.sum(axis=1, keepdims=True)
-            cand = self._mu_a[None] + np.einsum("cf,bcf->bc", self._beta, d)
-            v = (r * cand).sum(axis=1)
-            vals[s:s + block] = v
-            spread[s:s + block] = np.sqrt((r * (cand - v[:, None]) ** 2).sum(axis=1))
-            order = np.argsort(-r, axis=1)[:, :k]
-            top[s:s + block] = order
-            wtop[s:s + block] = np.take_along_axis(r, order, axis=1)
-            ctop[s:s + block] = np.take_along_axis(cand, order, axis=1)
+        block = max(1, min(256, _MIXTURE_BLOCK_FLOATS // max(self._mean_features.size, 1)))
+        values, spread = np.empty(len(queries)), np.empty(len(queries))
+        top = np.empty((len(queries), n_top), dtype=np.int64)
+        top_weight, top_estimate = np.empty((len(queries), n_top)), np.empty((len(queries),
+                                                                               n_top))
+        for start in range(0, len(queries), block):
+            part = slice(start, start + block)
+            responsibility, estimate = self._components(queries[part])
+            value = (responsibility * estimate).sum(axis=1)
+            values[part] = value
+            spread[part] = np.sqrt(
+                (responsibility * (estimate - value[:, None]) ** 2).sum(axis=1))
+            order = np.argsort(-responsibility, axis=1)[:, :n_top]
+            top[part] = order
+            top_weight[part] = np.take_along_axis(responsibility, order, axis=1)
+            top_estimate[part] = np.take_along_axis(estimate, order, axis=1)
         # Provenance: the k most responsible cells (their share of the vote, their estimate).
-        return PatternResult(vals, spread, top, np.ones_like(top), wtop, ctop)
+        return PatternResult(values, spread, top, np.ones_like(top), top_weight, top_estimate)
+
+    def _components(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's responsibility for each query and its within-cell estimate, both of
+        shape (queries, cells)."""
+        offset = queries[:, None, :] - self._mean_features[None]  # (b, C, f)
+        whitened = np.einsum("cij,bcj->bci", self._whiten, offset)
+        log_responsibility = self._log_weight[None] - 0.5 * np.einsum(
+            "bci,bci->bc", whitened, whitened)
+        log_responsibility -= log_responsibility.max(axis=1, keepdims=True)
+        responsibility = np.exp(log_responsibility)
+        responsibility /= responsibility.sum(axis=1, keepdims=True)
+        estimate = self._mean_target[None] + np.einsum("cf,bcf->bc", self._beta, offset)
+        return responsibility, estimate
 
 
 #: Either bank engine: both impute a pattern's queries into a :class:`PatternResult`.

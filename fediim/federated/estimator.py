@@ -2,119 +2,246 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
-from fediim.federated.plan import (
-    Mode,
-    plan_privacy,
-)
+from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, plan_privacy
 from fediim.federated.release import assemble_bank, site_release
 from fediim.federated.site_imputation import site_impute
-from fediim.impute.estimator import ImputationResult
-from fediim.privacy import (
-    PrivacyLedger,
-    SeededGaussianNoise,
-)
+from fediim.io.result import ImputationResult
+from fediim.privacy import PrivacyLedger, SeededGaussianNoise
+
+__all__ = ["FederatedIIM"]
 
 
-class FederatedIIM:
-    """Private federated IIM over several sites' tables, run in-process.
+class FederatedIIM(BaseEstimator):
+    """Private federated IIM over several sites' tables, run in one process.
+
+    Every site releases, under its own (epsilon, delta) budget, a private partition of its
+    complete records and the noised Gram matrices of the partition's cells; together the
+    cells form the federation's model bank. Each site then imputes its own rows from the
+    bank locally (:func:`~fediim.federated.site_impute`), so queries never leave a site.
+    ``fit`` and ``transform`` take a list of arrays, one per site, with the same columns.
 
     Parameters
     ----------
-    k : imputation neighbours (anchors and local rows).
-    epsilon, delta : each site's privacy budget for this fit ((epsilon, delta)-DP through
-        rho-zCDP). ``epsilon=np.inf`` releases exact statistics (same cells and bank).
-    bounds : (m, 2) public bounds per attribute (domain knowledge, not data). Required unless
-        epsilon is inf (then read from the data, which is not private).
-    mode : "hybrid" (default), "federated", "local" or "mean".
-    min_records : no cell in the bank describes fewer records (by its noisy count).
-    max_depth, n_trees : the partition's depth cap and number of differently cut trees;
-        ``None`` picks by budget (see :func:`plan_privacy`).
-    seed : seeds a numpy noise source for reproducible *simulations*; ``None`` (default)
-        draws noise with OpenDP's exact sampler, as a deployment must.
+    n_neighbors : int, default=10
+        Imputation neighbours: anchors in the bank, and rows of a site's own IIM.
+    epsilon : float, default=1.0
+        Each site's privacy budget for this fit ((epsilon, delta)-DP through rho-zCDP).
+        ``np.inf`` releases exact statistics (same cells and bank, no noise).
+    delta : float, default=1e-6
+        Each site's delta, in (0, 1).
+    bounds : array-like of shape (n_features, 2), default=None
+        Public lower and upper bound per attribute (domain knowledge, not data). Required
+        unless ``epsilon`` is inf; then read from the data, which is not private.
+    mode : {"hybrid", "federated", "local", "mean"}, default="hybrid"
+        How each site imputes (see :data:`~fediim.federated.plan.MODES`).
+    min_records : int, default=10
+        No cell in the bank describes fewer records (by its noisy count).
+    count_fraction : float, default=0.1
+        Share of the budget spent on the partition's noisy counts.
+    max_depth : int or None, default=None
+        The partition's depth cap; ``None`` picks by budget (see
+        :func:`~fediim.federated.plan_privacy`).
+    cell_noise_ratio : float, default=4.0
+        A cell is split only while its children keep this many Gram noise standard
+        deviations of records.
+    n_trees : int or None, default=None
+        Differently cut partitions released per site; ``None`` picks by budget.
+    seed : int or None, default=None
+        Seeds a numpy noise source for reproducible *simulations*. ``None`` draws the
+        privacy noise with OpenDP's exact sampler, as a deployment must.
+    random_state : int or None, default=0
+        Seeds the sites' random choices while imputing (which rows validate, how they are
+        split into folds); it never touches the privacy noise (see ``seed``).
+    k : int or None, default=None
+        Deprecated alias of ``n_neighbors``; if given it overrides it, with a
+        ``FutureWarning``.
 
-    After ``fit``: ``bank_`` (the federation's :class:`ModelBank`), ``ledgers_`` (one
-    :class:`PrivacyLedger` per site), ``plan_`` (the :class:`PrivacyPlan`).
+    Attributes
+    ----------
+    bank_ : ModelBank
+        The federation's bank: every site's released cells.
+    bounds_ : ndarray of shape (n_features, 2)
+        The bounds the sites scaled their records into.
+    ledgers_ : list of PrivacyLedger or None
+        One ledger per site (``None`` where statistics are exact: no budget to keep).
+    plan_ : PrivacyPlan
+        How each site's budget was split.
+    site_ids_ : list of str
+        The sites' ids in the bank.
+    n_features_in_ : int
+        Number of columns of every site's table.
+
+    See Also
+    --------
+    fediim.IIMImputer : the centralized IIM engine, for one table.
+    fediim.federated.site_impute : one site's imputation from a bank.
+    fediim.federated.plan_privacy : how a site's budget is split.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fediim import FederatedIIM
+    >>> rng = np.random.default_rng(0)
+    >>> def hospital(n):
+    ...     age = rng.uniform(20, 80, n)
+    ...     table = np.column_stack([age, 2 * age + rng.normal(0, 5, n)])
+    ...     table[rng.random(n) < 0.1, 1] = np.nan
+    ...     return table
+    >>> sites = [hospital(300), hospital(200)]
+    >>> model = FederatedIIM(epsilon=4.0, bounds=[[0, 100], [0, 200]], seed=0)
+    >>> imputed = model.fit_transform(sites)
+    >>> [int(np.isnan(table).sum()) for table in imputed]
+    [0, 0]
+    >>> model.site_ids_, model.plan_.n_trees
+    (['site0', 'site1'], 1)
     """
 
     def __init__(
         self,
-        k: int = 10,
+        *,
+        n_neighbors: int = 10,
         epsilon: float = 1.0,
         delta: float = 1e-6,
         bounds: np.ndarray | None = None,
         mode: Mode = "hybrid",
-        min_records: int = 10,
-        max_depth: int | None = None,
-        count_fraction: float = 0.1,
-        cell_noise_ratio: float = 4.0,
+        min_records: int = PLAN_DEFAULTS.min_records,
+        count_fraction: float = PLAN_DEFAULTS.count_fraction,
+        max_depth: int | None = PLAN_DEFAULTS.max_depth,
+        cell_noise_ratio: float = PLAN_DEFAULTS.cell_noise_ratio,
+        n_trees: int | None = PLAN_DEFAULTS.n_trees,
         seed: int | None = None,
-        n_trees: int | None = None,
+        random_state: int | None = 0,
+        k: int | None = None,
     ) -> None:
-        if mode not in ("hybrid", "federated", "local", "mean"):
-            raise ValueError(f"mode must be hybrid, federated, local or mean; got {mode!r}")
-        self.k, self.epsilon, self.delta, self.bounds, self.mode = k, epsilon, delta, bounds, mode
-        self.min_records, self.max_depth = min_records, max_depth
-        self.count_fraction, self.cell_noise_ratio, self.seed = (
-            count_fraction, cell_noise_ratio, seed)
+        self.n_neighbors = n_neighbors
+        self.epsilon = epsilon
+        self.delta = delta
+        self.bounds = bounds
+        self.mode = mode
+        self.min_records = min_records
+        self.count_fraction = count_fraction
+        self.max_depth = max_depth
+        self.cell_noise_ratio = cell_noise_ratio
         self.n_trees = n_trees
+        self.seed = seed
+        self.random_state = random_state
+        self.k = k
 
-    def _bounds(self, sites: Sequence[np.ndarray]) -> np.ndarray:
-        if self.bounds is not None:
-            b = np.asarray(self.bounds, dtype=np.float64)
-            if b.shape != (sites[0].shape[1], 2) or np.any(b[:, 0] >= b[:, 1]):
-                raise ValueError(f"bounds must be an (m, 2) array with lo < hi for m = "
-                                 f"{sites[0].shape[1]}, got shape {b.shape}")
-            return b
-        if np.isfinite(self.epsilon):
-            raise ValueError("bounds are required for a private fit (epsilon < inf): they "
-                             "must come from domain knowledge, not from the data")
-        allx = np.vstack(sites)
-        lo, hi = np.nanmin(allx, axis=0), np.nanmax(allx, axis=0)
-        return np.column_stack([lo, np.where(hi > lo, hi, lo + 1.0)])
-
+    # -- fitting ------------------------------------------------------------------------
     def fit(self, sites: Sequence[np.ndarray], site_ids: Sequence[str] | None = None,
             ledgers: Sequence[PrivacyLedger | None] | None = None) -> FederatedIIM:
-        """Release every site's cells (charged to its ledger) and assemble the bank."""
-        sites = [np.asarray(s, dtype=np.float64) for s in sites]
-        if not sites or len({s.shape[1] for s in sites}) != 1:
+        """Release every site's cells (charged to its ledger) and assemble the bank.
+
+        ``site_ids`` default to ``site0, site1, ...``; ``ledgers`` (one per site, each
+        charged before any noise is drawn) default to fresh in-memory ledgers holding
+        exactly this fit's budget.
+        """
+        self._validate_params()
+        sites = [np.asarray(table, dtype=np.float64) for table in sites]
+        if not sites or len({table.shape[1] for table in sites}) != 1:
             raise ValueError("sites must be a non-empty list of arrays with the same columns")
-        m = sites[0].shape[1]
+        self.n_features_in_ = sites[0].shape[1]
         self.bounds_ = self._bounds(sites)
-        self.site_ids_ = list(site_ids) if site_ids else [f"site{i}" for i in range(len(sites))]
-        self.plan_ = plan_privacy(self.epsilon, self.delta, m, min_records=self.min_records,
-                                  count_fraction=self.count_fraction, max_depth=self.max_depth,
-                                  cell_noise_ratio=self.cell_noise_ratio,
-                                  n_trees=self.n_trees)
-        if ledgers is None:
-            # epsilon = inf releases exact statistics: there is no budget to keep.
-            ledgers = [PrivacyLedger.in_memory(self.plan_.rho_total, sid)
-                       if np.isfinite(self.plan_.rho_total) else None
-                       for sid in self.site_ids_]
-        self.ledgers_ = list(ledgers)
-        seeds = np.random.SeedSequence(self.seed).spawn(len(sites)) if self.seed is not None \
-            else [None] * len(sites)
-        releases = []
-        for x, sid, led, ss in zip(sites, self.site_ids_, self.ledgers_, seeds, strict=True):
-            noise = SeededGaussianNoise(ss) if ss is not None else None
-            releases.append(site_release(x, self.bounds_, self.plan_, site_id=sid, ledger=led,
-                                         noise=noise))
+        self.site_ids_ = (list(site_ids) if site_ids
+                          else [f"site{number}" for number in range(len(sites))])
+        self.plan_ = plan_privacy(
+            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
+            count_fraction=self.count_fraction, max_depth=self.max_depth,
+            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees)
+        self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
+        releases = [
+            site_release(table, self.bounds_, self.plan_, site_id=site_id, ledger=ledger,
+                         noise=noise)
+            for table, site_id, ledger, noise in zip(
+                sites, self.site_ids_, self.ledgers_, self._noise_sources(len(sites)),
+                strict=True)]
         self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
         return self
 
+    def _validate_params(self) -> None:
+        """Check every parameter once, at ``fit``, naming the one at fault."""
+        self._n_neighbors = self._resolve_n_neighbors()
+        epsilon = self.epsilon
+        if not isinstance(epsilon, Real) or math.isnan(epsilon) or epsilon <= 0:
+            raise ValueError(f"epsilon must be a number > 0 (or inf), got {epsilon!r}")
+        if not isinstance(self.delta, Real) or not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        for name in ("seed", "random_state"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+
+    def _resolve_n_neighbors(self) -> int:
+        """``n_neighbors``, or the deprecated ``k`` when that was given."""
+        n_neighbors = self.n_neighbors
+        if self.k is not None:
+            warnings.warn("FederatedIIM(k=...) is deprecated and will be removed; use "
+                          "n_neighbors=... instead", FutureWarning, stacklevel=4)
+            n_neighbors = self.k
+        if not _is_int(n_neighbors) or n_neighbors < 1:
+            name = "k" if self.k is not None else "n_neighbors"
+            raise ValueError(f"{name} must be a positive int, got {n_neighbors!r}")
+        return int(n_neighbors)
+
+    def _bounds(self, sites: list[np.ndarray]) -> np.ndarray:
+        """The public bounds, checked; with exact statistics, the data's range if unset."""
+        n_features = sites[0].shape[1]
+        if self.bounds is not None:
+            bounds = np.asarray(self.bounds, dtype=np.float64)
+            if bounds.shape != (n_features, 2) or np.any(bounds[:, 0] >= bounds[:, 1]):
+                raise ValueError(f"bounds must be an (m, 2) array with lo < hi for m = "
+                                 f"{n_features}, got shape {bounds.shape}")
+            return bounds
+        if np.isfinite(self.epsilon):
+            raise ValueError("bounds are required for a private fit (epsilon < inf): they "
+                             "must come from domain knowledge, not from the data")
+        every_row = np.vstack(sites)
+        low, high = np.nanmin(every_row, axis=0), np.nanmax(every_row, axis=0)
+        return np.column_stack([low, np.where(high > low, high, low + 1.0)])
+
+    def _fresh_ledgers(self) -> list[PrivacyLedger | None]:
+        """One in-memory ledger per site holding this fit's budget (none when exact:
+        epsilon = inf releases exact statistics, there is no budget to keep)."""
+        if not np.isfinite(self.plan_.rho_total):
+            return [None] * len(self.site_ids_)
+        return [PrivacyLedger.in_memory(self.plan_.rho_total, site_id)
+                for site_id in self.site_ids_]
+
+    def _noise_sources(self, n_sites: int) -> list[SeededGaussianNoise | None]:
+        """Per site, a seeded numpy noise source (``seed`` set) or None (OpenDP's)."""
+        if self.seed is None:
+            return [None] * n_sites
+        return [SeededGaussianNoise(child)
+                for child in np.random.SeedSequence(self.seed).spawn(n_sites)]
+
+    # -- imputation ---------------------------------------------------------------------
     def transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Impute every site's table from the bank (no further privacy cost)."""
-        return [r.values for r in self.impute(sites)]
+        return [result.values for result in self.impute(sites)]
 
     def impute(self, sites: Sequence[np.ndarray]) -> list[ImputationResult]:
         """Like :meth:`transform`, with per-cell provenance and uncertainty."""
-        return [site_impute(np.asarray(x, dtype=np.float64), self.bank_, self.bounds_,
-                            mode=self.mode, n_neighbors=self.k, site_id=sid)
-                for x, sid in zip(sites, self.site_ids_, strict=True)]
+        check_is_fitted(self, "bank_")
+        return [site_impute(np.asarray(table, dtype=np.float64), self.bank_, self.bounds_,
+                            mode=self.mode, n_neighbors=self._n_neighbors, site_id=site_id,
+                            random_state=self.random_state)
+                for table, site_id in zip(sites, self.site_ids_, strict=True)]
 
     def fit_transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Fit on the sites and impute them."""
         return self.fit(sites).transform(sites)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)

@@ -15,15 +15,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fediim.impute.iim import ridge_solve
-
 __all__ = [
     "augmented_gram",
     "gram_count",
     "gram_centroid",
     "subsystem_index",
-    "ridge_from_gram",
-    "residual_sse",
     "subsystem_sse",
     "upper_triangle",
     "from_upper_triangle",
@@ -36,83 +32,66 @@ __all__ = [
 def augmented_gram(values: np.ndarray) -> np.ndarray:
     """``sum_t z z^T`` over the rows of ``values`` (n, m), z = (1, t)."""
     values = np.asarray(values, dtype=np.float64)
-    z = np.column_stack([np.ones(len(values)), values])
-    return z.T @ z
+    augmented = np.column_stack([np.ones(len(values)), values])
+    return augmented.T @ augmented
 
 
-def gram_count(g: np.ndarray) -> np.ndarray:
+def gram_count(gram: np.ndarray) -> np.ndarray:
     """Number of records (noisy if G is)."""
-    return g[..., 0, 0]
+    return gram[..., 0, 0]
 
 
-def gram_centroid(g: np.ndarray, min_count: float = 1.0) -> np.ndarray:
+def gram_centroid(gram: np.ndarray, min_count: float = 1.0) -> np.ndarray:
     """Centroid ``G[0, 1:] / G[0, 0]``; the count is floored at ``min_count`` (noisy G)."""
-    return g[..., 0, 1:] / np.maximum(g[..., 0, 0], min_count)[..., None]
+    return gram[..., 0, 1:] / np.maximum(gram[..., 0, 0], min_count)[..., None]
 
 
 def subsystem_index(target: int, features: Sequence[int]) -> np.ndarray:
-    """Rows/cols of G forming the (1, t[F], t[A]) system (attribute j is at index j + 1)."""
-    return np.array([0, *(int(f) + 1 for f in features), int(target) + 1], dtype=np.intp)
+    """Rows/cols of G forming the (1, t[F], t[A]) system (attribute j is at index j + 1).
 
-
-def ridge_from_gram(
-    g: np.ndarray, target: int, features: Sequence[int], alpha: float | np.ndarray
-) -> np.ndarray:
-    """Ridge model phi (intercept first) of A on F from G: ``(U + alpha I)^-1 V``.
-
-    ``alpha`` may be an array broadcasting against the stack of G.
+    ``G[idx][:, idx]`` is the augmented Gram of the ridge system of A on F, the input of
+    :func:`~fediim.impute.iim.ridge_solve` and :func:`subsystem_sse`.
     """
-    idx = subsystem_index(target, features)
-    return ridge_solve(g[..., idx[:, None], idx[None, :]], alpha)
-
-
-def residual_sse(
-    phi: np.ndarray, g_other: np.ndarray, target: int, features: Sequence[int]
-) -> np.ndarray:
-    """Sum of squared errors of model ``phi`` on the records behind ``g_other``.
-
-    ``sum (y - x phi)^2 = y^T y - 2 phi^T V' + phi^T U' phi``, read off G' alone.
-    """
-    idx = subsystem_index(target, features)
-    return subsystem_sse(phi, g_other[..., idx[:, None], idx[None, :]])
+    return np.array([0, *(int(feature) + 1 for feature in features), int(target) + 1],
+                    dtype=np.intp)
 
 
 def subsystem_sse(phi: np.ndarray, sub: np.ndarray) -> np.ndarray:
-    """:func:`residual_sse` for a Gram already restricted to (1, t[F], t[A])."""
-    p = sub.shape[-1] - 1
-    u, v, yy = sub[..., :p, :p], sub[..., :p, p], sub[..., p, p]
-    return yy - 2.0 * np.einsum("...i,...i->...", phi, v) + np.einsum(
-        "...i,...ij,...j->...", phi, u, phi
+    """Sum of squared errors of model ``phi`` on the records behind ``sub``, a Gram
+    restricted to (1, t[F], t[A]): ``y^T y - 2 phi^T V + phi^T U phi``, read off it alone."""
+    size = sub.shape[-1] - 1
+    lhs, rhs, target_square = sub[..., :size, :size], sub[..., :size, size], sub[..., size, size]
+    return target_square - 2.0 * np.einsum("...i,...i->...", phi, rhs) + np.einsum(
+        "...i,...ij,...j->...", phi, lhs, phi
     )
 
 
-def upper_triangle(g: np.ndarray) -> np.ndarray:
+def upper_triangle(gram: np.ndarray) -> np.ndarray:
     """The upper triangle (diagonal included) of each G, as vectors of length d(d+1)/2."""
-    d = g.shape[-1]
-    iu = np.triu_indices(d)
-    return g[..., iu[0], iu[1]]
+    rows, columns = np.triu_indices(gram.shape[-1])
+    return gram[..., rows, columns]
 
 
-def from_upper_triangle(vec: np.ndarray, d: int) -> np.ndarray:
+def from_upper_triangle(vec: np.ndarray, size: int) -> np.ndarray:
     """Symmetric matrices from upper-triangle vectors (inverse of :func:`upper_triangle`)."""
     vec = np.asarray(vec, dtype=np.float64)
-    out = np.zeros((*vec.shape[:-1], d, d))
-    iu = np.triu_indices(d)
-    out[..., iu[0], iu[1]] = vec
-    out[..., iu[1], iu[0]] = vec
+    out = np.zeros((*vec.shape[:-1], size, size))
+    rows, columns = np.triu_indices(size)
+    out[..., rows, columns] = vec
+    out[..., columns, rows] = vec
     return out
 
 
-def project_psd(g: np.ndarray) -> np.ndarray:
+def project_psd(gram: np.ndarray) -> np.ndarray:
     """Symmetrise and project onto the PSD cone (negative eigenvalues set to zero).
 
     A noised Gram matrix can be indefinite; ridge systems and residuals read off it are only
     meaningful for a PSD matrix, and the projection is the nearest one in Frobenius norm.
     """
-    sym = 0.5 * (g + np.swapaxes(g, -1, -2))
-    w, v = np.linalg.eigh(sym)
-    w = np.maximum(w, 0.0)
-    return np.einsum("...ij,...j,...kj->...ik", v, w, v)
+    symmetric = 0.5 * (gram + np.swapaxes(gram, -1, -2))
+    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
+    eigenvalues = np.maximum(eigenvalues, 0.0)
+    return np.einsum("...ij,...j,...kj->...ik", eigenvectors, eigenvalues, eigenvectors)
 
 
 def affine_map(center: np.ndarray, width: np.ndarray) -> np.ndarray:
@@ -122,15 +101,15 @@ def affine_map(center: np.ndarray, width: np.ndarray) -> np.ndarray:
     """
     center = np.asarray(center, dtype=np.float64)
     width = np.asarray(width, dtype=np.float64)
-    m = center.shape[-1]
-    a = np.zeros((*center.shape[:-1], m + 1, m + 1))
-    a[..., 0, 0] = 1.0
-    idx = np.arange(m) + 1
-    a[..., idx, idx] = 1.0 / width
-    a[..., 1:, 0] = -center / width
-    return a
+    n_features = center.shape[-1]
+    matrix = np.zeros((*center.shape[:-1], n_features + 1, n_features + 1))
+    matrix[..., 0, 0] = 1.0
+    diagonal = np.arange(n_features) + 1
+    matrix[..., diagonal, diagonal] = 1.0 / width
+    matrix[..., 1:, 0] = -center / width
+    return matrix
 
 
-def transform_gram(g: np.ndarray, a: np.ndarray) -> np.ndarray:
+def transform_gram(gram: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``A G A^T``: the Gram matrix of the same records in coordinates ``z' = A z``."""
-    return a @ g @ np.swapaxes(a, -1, -2)
+    return matrix @ gram @ np.swapaxes(matrix, -1, -2)

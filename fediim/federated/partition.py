@@ -27,7 +27,6 @@ from fediim.privacy import (
     NoiseSource,
     PrivacyLedger,
     count_sensitivity,
-    gaussian_sigma,
     release_gaussian,
 )
 
@@ -89,49 +88,68 @@ def build_partition(
     pseudo-random fraction of each cell (see :func:`split_fraction`), so the trees' cell
     boundaries differ. Both choices are data-free.
     """
-    n, m = x.shape
-    root = Leaf("r", np.full(m, -0.5), np.full(m, 0.5), np.arange(n), axis=tree % m)
+    n_rows, n_features = x.shape
+    root = Leaf("r", np.full(n_features, -0.5), np.full(n_features, 0.5), np.arange(n_rows),
+                axis=tree % n_features)
     # The frontier holds sibling pairs (or the root alone) together with their parent.
     frontier: list[tuple[Leaf | None, list[Leaf]]] = [(None, [root])]
     leaves: list[Leaf] = []
     for depth in range(plan.max_depth + 1):
         if not frontier:
             break
-        cells = [c for _, group in frontier for c in group]
-        counts = np.array([len(c.rows) for c in cells], dtype=np.float64)
-        if np.isfinite(plan.rho_per_depth):
-            if ledger is None:
-                raise ValueError("a private partition needs a ledger to charge")
-            counts = release_gaussian(
-                counts,
-                sensitivity_l2=count_sensitivity(),
-                rho=plan.rho_per_depth,
-                ledger=ledger,
-                purpose=f"partition counts, depth {depth} ({len(cells)} cells)",
-                noise=noise,
-            )
-        nxt: list[tuple[Leaf | None, list[Leaf]]] = []
-        pos = 0
-        for parent, group in frontier:
-            c = counts[pos : pos + len(group)]
-            pos += len(group)
-            if parent is not None and np.any(c < plan.min_records):
-                # A too-small child: undo the split, and try the next attribute instead
-                # (at the next depth) until every attribute was tried.
-                parent.tries += 1
-                parent.axis = (parent.axis + 1) % m
-                if parent.tries >= m or depth == plan.max_depth:
-                    leaves.append(parent)
-                else:
-                    nxt.append((parent, _split(x, parent, tree)))
-                continue
-            for cell, cnt in zip(group, c, strict=True):
-                if cnt < plan.split_threshold or depth == plan.max_depth:
-                    leaves.append(cell)
-                else:
-                    nxt.append((cell, _split(x, cell, tree)))
-        frontier = nxt
+        cells = [cell for _, group in frontier for cell in group]
+        counts = _depth_counts(cells, plan, depth, ledger=ledger, noise=noise)
+        frontier = _next_frontier(x, frontier, counts, plan, depth, tree, leaves)
     return leaves
+
+
+def _depth_counts(cells: list[Leaf], plan: PartitionPlan, depth: int, *,
+                  ledger: PrivacyLedger | None, noise: NoiseSource | None) -> np.ndarray:
+    """The record counts of one depth's cells: released together with Gaussian noise
+    (charged first), or exact when the plan says so."""
+    counts = np.array([len(cell.rows) for cell in cells], dtype=np.float64)
+    if not np.isfinite(plan.rho_per_depth):
+        return counts
+    if ledger is None:
+        raise ValueError("a private partition needs a ledger to charge")
+    return release_gaussian(
+        counts,
+        sensitivity_l2=count_sensitivity(),
+        rho=plan.rho_per_depth,
+        ledger=ledger,
+        purpose=f"partition counts, depth {depth} ({len(cells)} cells)",
+        noise=noise,
+    )
+
+
+def _next_frontier(x: np.ndarray, frontier: list[tuple[Leaf | None, list[Leaf]]],
+                   counts: np.ndarray, plan: PartitionPlan, depth: int, tree: int,
+                   leaves: list[Leaf]) -> list[tuple[Leaf | None, list[Leaf]]]:
+    """Decide every frontier cell from its noisy count: split it (its children join the
+    next frontier) or keep it as a leaf (appended to ``leaves``)."""
+    n_features = x.shape[1]
+    last_depth = depth == plan.max_depth
+    upcoming: list[tuple[Leaf | None, list[Leaf]]] = []
+    start = 0
+    for parent, group in frontier:
+        group_counts = counts[start : start + len(group)]
+        start += len(group)
+        if parent is not None and np.any(group_counts < plan.min_records):
+            # A too-small child: undo the split, and try the next attribute instead
+            # (at the next depth) until every attribute was tried.
+            parent.tries += 1
+            parent.axis = (parent.axis + 1) % n_features
+            if parent.tries >= n_features or last_depth:
+                leaves.append(parent)
+            else:
+                upcoming.append((parent, _split(x, parent, tree)))
+            continue
+        for cell, count in zip(group, group_counts, strict=True):
+            if count < plan.split_threshold or last_depth:
+                leaves.append(cell)
+            else:
+                upcoming.append((cell, _split(x, cell, tree)))
+    return upcoming
 
 
 def split_fraction(tree: int, path: str, axis: int) -> float:
@@ -141,26 +159,19 @@ def split_fraction(tree: int, path: str, axis: int) -> float:
     """
     if tree == 0:
         return 0.5
-    u = zlib.crc32(f"{tree}:{path}:{axis}".encode()) / 2**32
-    return 0.3 + 0.4 * u
+    uniform = zlib.crc32(f"{tree}:{path}:{axis}".encode()) / 2**32
+    return 0.3 + 0.4 * uniform
 
 
 def _split(x: np.ndarray, cell: Leaf, tree: int = 0) -> list[Leaf]:
     """Cut ``cell`` across its current axis at :func:`split_fraction` (data-free)."""
-    a = cell.axis
-    m = x.shape[1]
-    mid = cell.lo[a] + split_fraction(tree, cell.path, a) * (cell.hi[a] - cell.lo[a])
-    left = x[cell.rows, a] < mid
-    hi_l = cell.hi.copy()
-    hi_l[a] = mid
-    lo_r = cell.lo.copy()
-    lo_r[a] = mid
-    nxt = (a + 1) % m
-    return [Leaf(cell.path + "0", cell.lo.copy(), hi_l, cell.rows[left], nxt),
-            Leaf(cell.path + "1", lo_r, cell.hi.copy(), cell.rows[~left], nxt)]
-
-
-def count_sigma(rho_per_depth: float) -> float:
-    """Noise scale of one depth's counts (0 when exact)."""
-    return 0.0 if not np.isfinite(rho_per_depth) else gaussian_sigma(count_sensitivity(),
-                                                                    rho_per_depth)
+    axis = cell.axis
+    cut = cell.lo[axis] + split_fraction(tree, cell.path, axis) * (cell.hi[axis] - cell.lo[axis])
+    left = x[cell.rows, axis] < cut
+    left_hi = cell.hi.copy()
+    left_hi[axis] = cut
+    right_lo = cell.lo.copy()
+    right_lo[axis] = cut
+    next_axis = (axis + 1) % x.shape[1]
+    return [Leaf(cell.path + "0", cell.lo.copy(), left_hi, cell.rows[left], next_axis),
+            Leaf(cell.path + "1", right_lo, cell.hi.copy(), cell.rows[~left], next_axis)]

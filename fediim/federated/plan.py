@@ -67,12 +67,12 @@ class PrivacyPlan:
     n_trees: int = 1
 
 
-#: Trees released when statistics are exact (epsilon = inf): they cost nothing, and the
-#: mixture over 4 differently cut partitions is ~4% more accurate than one on ccpp
-#: (benchmarks/README.md).
+#: Trees released when statistics are exact (epsilon = inf): they cost nothing, and a
+#: mixture over differently cut partitions averages out where one tree's cuts fall
+#: (benchmarks/README.md, "Engine notes").
 EXACT_TREES = 4
-#: Depth cap when statistics are exact: deeper trees leave smaller cells (ccpp: median 15
-#: records per leaf at depth 40 vs 25 at 16); with noise every depth costs count budget.
+#: Depth cap when statistics are exact: deeper trees leave smaller, more local cells; with
+#: noise every depth costs count budget.
 EXACT_MAX_DEPTH = 40
 
 
@@ -102,6 +102,10 @@ def plan_privacy(
         raise ValueError(f"min_records must be >= 1, got {min_records}")
     if n_trees is not None and n_trees < 1:
         raise ValueError(f"n_trees must be >= 1, got {n_trees}")
+    if max_depth is not None and max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0 or None, got {max_depth}")
+    if not cell_noise_ratio >= 0:
+        raise ValueError(f"cell_noise_ratio must be >= 0, got {cell_noise_ratio}")
     if np.isinf(epsilon):
         depth = EXACT_MAX_DEPTH if max_depth is None else max_depth
         part = PartitionPlan(depth, np.inf, 2.0 * min_records, min_records)
@@ -126,10 +130,10 @@ def scale_to_bounds(x: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.n
     NaN stays NaN. Clamping is what makes the sensitivity bound hold.
     """
     lo, hi = bounds[:, 0], bounds[:, 1]
-    s = (x - lo) / (hi - lo) - 0.5
+    scaled = (x - lo) / (hi - lo) - 0.5
     with np.errstate(invalid="ignore"):
-        clamped = np.sum((s < -0.5) | (s > 0.5), axis=0)
-    return np.clip(s, -0.5, 0.5), clamped
+        clamped = np.sum((scaled < -0.5) | (scaled > 0.5), axis=0)
+    return np.clip(scaled, -0.5, 0.5), clamped
 
 
 def unscale(values: np.ndarray, bounds: np.ndarray, cols: np.ndarray | int) -> np.ndarray:

@@ -58,46 +58,48 @@ def site_release(
                 "was released")
     complete = x[~np.isnan(x).any(axis=1)]
     xs, _ = scale_to_bounds(complete, bounds)
-    parts = [_release_tree(xs, plan, t, site_id=site_id, ledger=ledger, noise=noise)
-             for t in range(plan.n_trees)]
+    parts = [_release_tree(xs, plan, tree, site_id=site_id, ledger=ledger, noise=noise)
+             for tree in range(plan.n_trees)]
     return ModelBank.concat(parts) if len(parts) > 1 else parts[0]
 
 
 def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
                   ledger: PrivacyLedger | None, noise: NoiseSource | None) -> ModelBank:
     """One tree of :func:`site_release`: its partition and its leaves' noised Grams."""
-    m = xs.shape[1]
+    n_features = xs.shape[1]
     leaves = build_partition(xs, plan.partition, ledger=ledger, noise=noise, tree=tree)
-    los = np.array([lf.lo for lf in leaves]).reshape(-1, m)
-    his = np.array([lf.hi for lf in leaves]).reshape(-1, m)
+    los = np.array([leaf.lo for leaf in leaves]).reshape(-1, n_features)
+    his = np.array([leaf.hi for leaf in leaves]).reshape(-1, n_features)
     centers, widths = 0.5 * (los + his), his - los
     grams = np.stack([
-        augmented_gram((xs[lf.rows] - lf.center) / lf.width) for lf in leaves
-    ]) if leaves else np.zeros((0, m + 1, m + 1))
+        augmented_gram((xs[leaf.rows] - leaf.center) / leaf.width) for leaf in leaves
+    ]) if leaves else np.zeros((0, n_features + 1, n_features + 1))
     if np.isfinite(plan.rho_gram):
         if ledger is None:
             raise ValueError("a private release needs a ledger to charge")
         vec = upper_triangle(grams).ravel()
         tree_note = f", tree {tree + 1} of {plan.n_trees}" if plan.n_trees > 1 else ""
         noised = release_gaussian(
-            vec, sensitivity_l2=gram_sensitivity(m), rho=plan.rho_gram / plan.n_trees,
+            vec, sensitivity_l2=gram_sensitivity(n_features), rho=plan.rho_gram / plan.n_trees,
             ledger=ledger, noise=noise,
-            purpose=f"leaf Gram matrices ({len(leaves)} cells, {m} attributes{tree_note})",
+            purpose=f"leaf Gram matrices ({len(leaves)} cells, {n_features} attributes"
+                    f"{tree_note})",
         )
-        grams = project_psd(from_upper_triangle(noised.reshape(len(leaves), -1), m + 1))
+        grams = project_psd(from_upper_triangle(noised.reshape(len(leaves), -1),
+                                                n_features + 1))
     # Back to the federation's coordinates: z_glob = A^-1 z_cell.
     inv = affine_map(-centers / widths, 1.0 / widths)
     grams = transform_gram(grams, inv)
     keep = grams[:, 0, 0] >= plan.min_records
-    n = int(keep.sum())
+    n_kept = int(keep.sum())
     prefix = f"{site_id}:" if tree == 0 else f"{site_id}:t{tree}:"
     return ModelBank(
-        n_features=m,
-        site=np.full(n, site_id, dtype=object).astype(str),
-        cell=np.array([f"{prefix}{i}" for i in range(n)], dtype=str),
+        n_features=n_features,
+        site=np.full(n_kept, site_id, dtype=object).astype(str),
+        cell=np.array([f"{prefix}{number}" for number in range(n_kept)], dtype=str),
         lo=los[keep], hi=his[keep],
-        gram=grams[keep], sigma=np.full(n, plan.sigma_gram), min_records=plan.min_records,
-        tree=np.full(n, tree, dtype=np.int64),
+        gram=grams[keep], sigma=np.full(n_kept, plan.sigma_gram),
+        min_records=plan.min_records, tree=np.full(n_kept, tree, dtype=np.int64),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -11,8 +12,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from fediim.impute.iim import IIMConfig, PatternModels
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
-__all__ = ["IIMImputer", "ImputationResult", "knn_imputer", "glr_imputer"]
-
+__all__ = ["IIMImputer", "ImputationResult", "empty_result", "glr_imputer", "knn_imputer",
+           "missing_patterns"]
 
 
 class IIMImputer(TransformerMixin, BaseEstimator):
@@ -50,13 +51,36 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     Attributes
     ----------
     n_features_in_ : int
-    feature_names_in_ : ndarray of str (only for DataFrame input)
-    mean_, scale_ : ndarray of shape (n_features,), the scaling applied.
-    statistics_ : ndarray of shape (n_features,), column means (the last-resort fallback).
+        Number of columns seen in ``fit``.
+    feature_names_in_ : ndarray of str
+        Column names seen in ``fit`` (only for DataFrame input).
+    mean_, scale_ : ndarray of shape (n_features,)
+        The scaling applied before neighbour search and learning.
+    statistics_ : ndarray of shape (n_features,)
+        Column means, the last resort for a cell no training row can impute.
+
+    See Also
+    --------
+    knn_imputer : kNN imputation from the same engine (ell = 1, uniform weights).
+    glr_imputer : global ridge regression from the same engine (ell = n).
+    fediim.FederatedIIM : private federated IIM over several sites' tables.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fediim import IIMImputer
+    >>> X = np.array([[1.0, 2.0], [2.0, 4.1], [3.0, np.nan], [4.0, 8.0], [5.0, 9.9]])
+    >>> imputer = IIMImputer(n_neighbors=2).fit(X)
+    >>> imputer.transform(X)[2].round(2)
+    array([3.  , 6.02])
+    >>> result = imputer.impute(X)
+    >>> result.method[2, 1], int(result.n_candidates[2, 1])
+    ('iim', 2)
     """
 
     def __init__(
         self,
+        *,
         n_neighbors: int = 10,
         ell: int | Literal["adaptive", "n"] = "adaptive",
         ell_grid: tuple[int, ...] | None = None,
@@ -92,7 +116,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         is_int = isinstance(ell, int | np.integer) and not isinstance(ell, bool)
         if not (ell in ("adaptive", "n") or (is_int and ell >= 1)):
             raise ValueError(f"ell must be 'adaptive', 'n' or an int >= 1, got {ell!r}")
-        grid = None if self.ell_grid is None else tuple(int(g) for g in self.ell_grid)
+        grid = None if self.ell_grid is None else tuple(int(ell) for ell in self.ell_grid)
         if grid is not None and (not grid or min(grid) < 1):
             raise ValueError(f"ell_grid must be a non-empty sequence of ints >= 1, got "
                              f"{self.ell_grid!r}")
@@ -129,7 +153,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
 
     def _column_names(self, cols: np.ndarray) -> list[str]:
         names = getattr(self, "feature_names_in_", None)
-        return [str(names[c]) if names is not None else f"x{c}" for c in cols]
+        return [str(names[column]) if names is not None else f"x{column}" for column in cols]
 
     def _pattern(self, target: int, features: tuple[int, ...]) -> PatternModels | None:
         key = (target, features)
@@ -147,36 +171,30 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         """Impute ``X`` and return the values with per-cell provenance and uncertainty."""
         check_is_fitted(self, "_fit_X")
         X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
-        n, m = X.shape
-        miss = np.isnan(X)
-        out = X.copy()
-        unc = np.full((n, m), np.nan)
-        method = np.full((n, m), "", dtype=object)
-        ell = np.full((n, m), np.nan)
-        ncand = np.zeros((n, m), dtype=np.int64)
-        rows = np.flatnonzero(miss.any(axis=1))
-        if rows.size:
-            xs = (X[rows] - self.mean_) / self.scale_
-            pats, inverse = np.unique(miss[rows], axis=0, return_inverse=True)
-            for p, pat in enumerate(pats):
-                sub = np.flatnonzero(inverse.ravel() == p)
-                feats = tuple(int(c) for c in np.flatnonzero(~pat))
-                for a in np.flatnonzero(pat):
-                    model = self._pattern(int(a), feats) if feats else None
-                    r = rows[sub]
-                    if model is None:
-                        out[r, a] = self.statistics_[a]
-                        unc[r, a] = 0.0
-                        method[r, a] = METHOD_MEAN
-                        ell[r, a] = np.nan
-                        continue
-                    res = model.impute(xs[np.ix_(sub, list(feats))])
-                    out[r, a] = res.values * self.scale_[a] + self.mean_[a]
-                    unc[r, a] = res.spread * self.scale_[a]
-                    method[r, a] = METHOD_IIM
-                    ell[r, a] = res.ell.mean(axis=1)
-                    ncand[r, a] = res.neighbors.shape[1]
-        return ImputationResult(out, miss, unc, method, ell, ncand)
+        result = empty_result(X)
+        for rows, features, targets in missing_patterns(result.imputed):
+            standardized = (X[rows] - self.mean_) / self.scale_
+            queries = standardized[:, list(features)]
+            for target in targets:
+                self._impute_target(result, rows, queries, target, features)
+        return result
+
+    def _impute_target(self, result: ImputationResult, rows: np.ndarray, queries: np.ndarray,
+                       target: int, features: tuple[int, ...]) -> None:
+        """Fill ``target`` in ``rows`` (observed on ``features``; ``queries`` standardized),
+        from the pattern's models, or with the column mean when no training row has both."""
+        model = self._pattern(target, features) if features else None
+        if model is None:
+            result.values[rows, target] = self.statistics_[target]
+            result.uncertainty[rows, target] = 0.0
+            result.method[rows, target] = METHOD_MEAN
+            return
+        found = model.impute(queries)
+        result.values[rows, target] = found.values * self.scale_[target] + self.mean_[target]
+        result.uncertainty[rows, target] = found.spread * self.scale_[target]
+        result.method[rows, target] = METHOD_IIM
+        result.ell[rows, target] = found.ell.mean(axis=1)
+        result.n_candidates[rows, target] = found.neighbors.shape[1]
 
     def transform(self, X: Any) -> Any:
         """Impute missing values of ``X`` (DataFrame in, DataFrame out)."""
@@ -192,8 +210,34 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "n_features_in_")
         names = getattr(self, "feature_names_in_", None)
         if names is None:
-            names = np.array([f"x{i}" for i in range(self.n_features_in_)], dtype=object)
+            names = np.array([f"x{column}" for column in range(self.n_features_in_)],
+                             dtype=object)
         return np.asarray(names, dtype=object)
+
+
+def empty_result(x: np.ndarray) -> ImputationResult:
+    """The result for ``x`` before anything is imputed: observed values copied, every
+    missing cell marked, no provenance yet."""
+    n_rows, n_columns = x.shape
+    return ImputationResult(
+        values=x.copy(), imputed=np.isnan(x), uncertainty=np.full((n_rows, n_columns), np.nan),
+        method=np.full((n_rows, n_columns), "", dtype=object),
+        ell=np.full((n_rows, n_columns), np.nan),
+        n_candidates=np.zeros((n_rows, n_columns), dtype=np.int64))
+
+
+def missing_patterns(missing: np.ndarray
+                     ) -> Iterator[tuple[np.ndarray, tuple[int, ...], list[int]]]:
+    """The incomplete rows grouped by missingness pattern, each group as (its rows, the
+    columns they observe, the columns they miss); complete rows belong to no group."""
+    incomplete = np.flatnonzero(missing.any(axis=1))
+    if incomplete.size == 0:
+        return
+    patterns, inverse = np.unique(missing[incomplete], axis=0, return_inverse=True)
+    for number, pattern in enumerate(patterns):
+        yield (incomplete[inverse.ravel() == number],
+               tuple(int(column) for column in np.flatnonzero(~pattern)),
+               [int(column) for column in np.flatnonzero(pattern)])
 
 
 def _like_input(X: Any, values: np.ndarray) -> Any:

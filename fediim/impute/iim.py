@@ -10,8 +10,8 @@ ell nearest training rows on F (t_i itself first):
   rows t_i (t_j excluded) is charged ``(t_j[A] - (1, t_j[F]) phi_i^(ell))^2`` for every
   candidate ell; t_i keeps the candidate of least cost. By default the residual is the exact
   leave-one-out one when t_j is among t_i's own ell learning neighbours (the paper's
-  in-sample residual rewards small ell for fitting its validation tuples; measured gains on
-  ccs, wine and asf in benchmarks/README.md). The candidates may also include
+  in-sample residual rewards small ell for fitting its validation tuples; see
+  benchmarks/README.md). The candidates may also include
   several ridge alphas and the global model (ell = n), chosen the same way.
 * Incremental learning (Prop. 3): U^(ell+h) = U^(ell) + dX^T dX and V likewise, i.e. a
   cumulative Gram matrix along each row's sorted neighbour list, so the cost per candidate
@@ -34,6 +34,7 @@ import numpy as np
 from fediim.impute.neighbors import NeighborIndex
 
 __all__ = [
+    "Candidates",
     "IIMConfig",
     "PatternModels",
     "auto_ell_grid",
@@ -72,26 +73,28 @@ class IIMConfig:
     validation: Literal["loo", "paper"] = "loo"
 
     def alphas(self) -> np.ndarray:
-        a = np.atleast_1d(np.asarray(self.alpha, dtype=np.float64))
-        if a.ndim != 1 or a.size == 0 or np.any(~np.isfinite(a)) or np.any(a < 0):
+        """The ridge penalties as a checked 1-D array."""
+        alphas = np.atleast_1d(np.asarray(self.alpha, dtype=np.float64))
+        if (alphas.ndim != 1 or alphas.size == 0 or np.any(~np.isfinite(alphas))
+                or np.any(alphas < 0)):
             raise ValueError(f"alpha must be a non-negative float or a sequence of them, got "
                              f"{self.alpha!r}")
-        return a
+        return alphas
 
 
-def auto_ell_grid(n: int, n_features: int) -> np.ndarray:
+def auto_ell_grid(n_rows: int, n_features: int) -> np.ndarray:
     """A default candidate grid for adaptive ell.
 
     1 (nearest-neighbour value), then roughly geometric steps from just above the number of
     coefficients up to ``min(n, max(200, 25 * (f + 1)))``: wide enough to reach smooth local
     fits, small enough that the cumulative Gram pass stays cheap.
     """
-    lo = n_features + 2
-    hi = min(n, max(200, 25 * (n_features + 1)))
+    smallest = n_features + 2
+    largest = min(n_rows, max(200, 25 * (n_features + 1)))
     grid = [1]
-    if hi >= lo:
-        grid += list(np.unique(np.round(np.geomspace(lo, hi, num=10)).astype(int)))
-    return np.unique(np.clip(np.asarray(grid, dtype=int), 1, max(n, 1)))
+    if largest >= smallest:
+        grid += list(np.unique(np.round(np.geomspace(smallest, largest, num=10)).astype(int)))
+    return np.unique(np.clip(np.asarray(grid, dtype=int), 1, max(n_rows, 1)))
 
 
 def ridge_solve(gram: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
@@ -102,19 +105,17 @@ def ridge_solve(gram: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
     is penalised like the other coefficients, as in the paper's Formula 5. ``alpha`` is a
     scalar or an array broadcasting against the stack (one penalty per system).
     """
-    p = gram.shape[-1] - 1
-    a = np.asarray(alpha, dtype=np.float64)
-    u = gram[..., :p, :p] + a[..., None, None] * np.eye(p)
-    v = gram[..., :p, p]
+    size = gram.shape[-1] - 1
+    penalty = np.asarray(alpha, dtype=np.float64)
+    lhs = gram[..., :size, :size] + penalty[..., None, None] * np.eye(size)
+    rhs = gram[..., :size, size]
     try:
-        return np.linalg.solve(u, v[..., None])[..., 0]
+        return np.linalg.solve(lhs, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:
-        # alpha = 0 with a singular U: least-norm solution row by row.
-        flat_u = u.reshape(-1, p, p)
-        flat_v = v.reshape(-1, p)
-        out = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(flat_u, flat_v,
-                                                                               strict=True)])
-        return out.reshape(v.shape)
+        # alpha = 0 with a singular U: least-norm solution system by system.
+        solutions = [np.linalg.lstsq(matrix, vector, rcond=None)[0] for matrix, vector in
+                     zip(lhs.reshape(-1, size, size), rhs.reshape(-1, size), strict=True)]
+        return np.stack(solutions).reshape(rhs.shape)
 
 
 def vote_weights(cand: np.ndarray, weights: Weighting = "vote") -> np.ndarray:
@@ -124,16 +125,16 @@ def vote_weights(cand: np.ndarray, weights: Weighting = "vote") -> np.ndarray:
     uniform weights. Normalising by the smallest distance sum avoids overflow for nearly
     equal candidates.
     """
-    q, k = cand.shape
-    if weights == "uniform" or k <= 1:
-        return np.full((q, k), 1.0 / max(k, 1))
-    d = np.abs(cand[:, :, None] - cand[:, None, :]).sum(axis=2)
-    dmin = d.min(axis=1, keepdims=True)
-    equal = (dmin[:, 0] <= 0.0)
+    n_queries, n_candidates = cand.shape
+    if weights == "uniform" or n_candidates <= 1:
+        return np.full((n_queries, n_candidates), 1.0 / max(n_candidates, 1))
+    distance = np.abs(cand[:, :, None] - cand[:, None, :]).sum(axis=2)
+    smallest = distance.min(axis=1, keepdims=True)
+    equal = (smallest[:, 0] <= 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.where(equal[:, None], 1.0, dmin / d)
-    w /= w.sum(axis=1, keepdims=True)
-    return w
+        vote = np.where(equal[:, None], 1.0, smallest / distance)
+    vote /= vote.sum(axis=1, keepdims=True)
+    return vote
 
 
 @dataclass
@@ -151,10 +152,29 @@ class PatternResult:
     def vote(cls, cand: np.ndarray, neighbors: np.ndarray, ell: np.ndarray,
              weights: Weighting = "vote") -> PatternResult:
         """Combine candidates (q, k) into values and their weighted spread."""
-        w = vote_weights(cand, weights)
-        val = (w * cand).sum(axis=1)
-        spread = np.sqrt((w * (cand - val[:, None]) ** 2).sum(axis=1))
-        return cls(val, spread, neighbors, ell, w, cand)
+        vote = vote_weights(cand, weights)
+        values = (vote * cand).sum(axis=1)
+        spread = np.sqrt((vote * (cand - values[:, None]) ** 2).sum(axis=1))
+        return cls(values, spread, neighbors, ell, vote, cand)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The candidate models of some training rows, and what validating them needs.
+
+    models : (rows, candidates, f + 1), in the order of
+        :meth:`PatternModels.candidate_labels`.
+    inverses : (rows, candidates, f + 1, f + 1), each model's ``(U + alpha I)^-1`` (zeros
+        for ell = 1, whose model is the row's own value).
+    limits : (candidates,), a training row at position < ``limits[c]`` of a row's
+        neighbour list is one of candidate c's learning tuples (0 for ell = 1).
+    neighbors : (rows, largest ell), each row's neighbour list, the row itself first.
+    """
+
+    models: np.ndarray
+    inverses: np.ndarray
+    limits: np.ndarray
+    neighbors: np.ndarray
 
 
 @dataclass
@@ -169,229 +189,219 @@ class PatternModels:
     def __post_init__(self) -> None:
         self.features = np.ascontiguousarray(self.features, dtype=np.float64)
         self.target = np.ascontiguousarray(self.target, dtype=np.float64)
-        n, f = self.features.shape
-        if n == 0:
+        n_rows, n_features = self.features.shape
+        if n_rows == 0:
             raise ValueError("a pattern needs at least one training row")
-        self.n, self.f = n, f
-        self._xaug = np.column_stack([np.ones(n), self.features])
+        self.n_rows, self.n_features = n_rows, n_features
+        self._xaug = np.column_stack([np.ones(n_rows), self.features])
         self._z = np.column_stack([self._xaug, self.target])
         self._index = NeighborIndex(self.features)
         self._alphas = self.config.alphas()
-        self._phi = np.full((n, f + 1), np.nan)
-        self._ell = np.zeros(n, dtype=np.int64)
-        self._alpha = np.zeros(n)
-        self._done = np.zeros(n, dtype=bool)
+        self._phi = np.full((n_rows, n_features + 1), np.nan)
+        self._ell = np.zeros(n_rows, dtype=np.int64)
+        self._alpha = np.zeros(n_rows)
+        self._done = np.zeros(n_rows, dtype=bool)
         self._val_pairs: tuple[np.ndarray, np.ndarray] | None = None
         self._global_phi: np.ndarray | None = None
+        self._grid, self._with_global = self._ell_candidates()
+
+    def _ell_candidates(self) -> tuple[np.ndarray, bool]:
+        """The local ells a row's model is chosen from, and whether the global model is
+        a candidate too."""
         ell = self.config.ell
         if ell == "adaptive":
             grid = self.config.ell_grid
-            g = auto_ell_grid(n, f) if grid is None else np.asarray(grid, dtype=int)
-            if g.size == 0 or np.any(g < 1):
+            values = (auto_ell_grid(self.n_rows, self.n_features) if grid is None
+                      else np.asarray(grid, dtype=int))
+            if values.size == 0 or np.any(values < 1):
                 raise ValueError(f"ell_grid must hold positive integers, got {grid!r}")
-            g = np.unique(np.minimum(g, n))
-            self._grid = g
-            self._with_global = bool(self.config.include_global)
-        elif ell == "n":
-            self._grid = np.zeros(0, dtype=int)
-            self._with_global = True
-        else:
-            if int(ell) < 1:
-                raise ValueError(f"ell must be >= 1, 'adaptive' or 'n', got {ell!r}")
-            self._grid = np.array([min(int(ell), n)])
-            self._with_global = False
+            return np.unique(np.minimum(values, self.n_rows)), bool(self.config.include_global)
+        if ell == "n":
+            return np.zeros(0, dtype=int), True
+        if int(ell) < 1:
+            raise ValueError(f"ell must be >= 1, 'adaptive' or 'n', got {ell!r}")
+        return np.array([min(int(ell), self.n_rows)]), False
 
     # -- learning -----------------------------------------------------------------------
     @property
     def global_phi(self) -> np.ndarray:
         """Global ridge models (ell = n), one per alpha: shape (n_alpha, f + 1)."""
         if self._global_phi is None:
-            g = self._z.T @ self._z
-            self._global_phi = np.stack([ridge_solve(g, a) for a in self._alphas])
+            gram = self._z.T @ self._z
+            self._global_phi = np.stack([ridge_solve(gram, alpha) for alpha in self._alphas])
         return self._global_phi
 
     def candidate_labels(self) -> list[tuple[int, float]]:
         """(ell, alpha) of each candidate column; ell = 0 marks the global model."""
-        labels = [(int(ell), float(a)) for ell in self._grid for a in self._alphas]
+        labels = [(int(ell), float(alpha)) for ell in self._grid for alpha in self._alphas]
         if self._with_global:
-            labels += [(0, float(a)) for a in self._alphas]
+            labels += [(0, float(alpha)) for alpha in self._alphas]
         return labels
 
-    def candidate_models(self, rows: np.ndarray) -> np.ndarray:
-        """All candidate models of ``rows``: shape (len(rows), n_candidates, f + 1).
+    def candidates(self, rows: np.ndarray) -> Candidates:
+        """Every candidate model of ``rows`` (see :class:`Candidates`).
 
         Incremental: one cumulative Gram matrix per row grows along its neighbour list, and
         the models of every candidate ell (and alpha) are solved from it in one batch.
         """
-        return self._candidates(rows)[0]
-
-    def _candidates(
-        self, rows: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(models, inverses of U + alpha I, rank limits, neighbour lists) of ``rows``.
-
-        ``limit[c]``: a training row at position < limit[c] of the row's neighbour list is
-        one of candidate c's learning tuples (0 for ell = 1, whose model is the row itself).
-        """
         rows = np.asarray(rows, dtype=np.intp)
-        r = len(rows)
-        f1 = self.f + 1
-        eye = np.eye(f1)
-        phis, invs, limits = [], [], []
-        nbr = np.zeros((r, 0), dtype=np.intp)
-        if self._grid.size:
-            lmax = int(self._grid[-1])
-            _, nbr = self._index.query(self.features[rows], lmax)
-            nbr = _self_first(nbr, rows)
-            gram = np.zeros((r, f1 + 1, f1 + 1))
-            prev = 0
-            for ell in self._grid:
-                blk = self._z[nbr[:, prev:ell]]  # (r, h, f + 2)
-                gram += np.matmul(blk.transpose(0, 2, 1), blk)
-                prev = int(ell)
-                for a in self._alphas:
-                    if ell == 1:
-                        phi = np.zeros((r, f1))
-                        phi[:, 0] = self.target[rows]
-                        inv = np.zeros((r, f1, f1))
-                        limits.append(0)
-                    else:
-                        inv = _stacked_inverse(gram[:, :f1, :f1] + a * eye)
-                        phi = np.einsum("rij,rj->ri", inv, gram[:, :f1, f1])
-                        limits.append(int(ell))
-                    phis.append(phi)
-                    invs.append(inv)
+        models, inverses, limits, neighbors = self._local_candidates(rows)
         if self._with_global:
-            g = self._z.T @ self._z
-            for a, phi_g in zip(self._alphas, self.global_phi, strict=True):
-                phis.append(np.broadcast_to(phi_g, (r, f1)))
-                inv = _stacked_inverse((g[:f1, :f1] + a * eye)[None])[0]
-                invs.append(np.broadcast_to(inv, (r, f1, f1)))
-                limits.append(self.n + 1)
-        return np.stack(phis, axis=1), np.stack(invs, axis=1), np.asarray(limits), nbr
+            width = self.n_features + 1
+            gram = self._z.T @ self._z
+            eye = np.eye(width)
+            for alpha, phi in zip(self._alphas, self.global_phi, strict=True):
+                models.append(np.broadcast_to(phi, (len(rows), width)))
+                inverse = _stacked_inverse((gram[:width, :width] + alpha * eye)[None])[0]
+                inverses.append(np.broadcast_to(inverse, (len(rows), width, width)))
+                limits.append(self.n_rows + 1)
+        return Candidates(np.stack(models, axis=1), np.stack(inverses, axis=1),
+                          np.asarray(limits), neighbors)
+
+    def _local_candidates(self, rows: np.ndarray
+                          ) -> tuple[list[np.ndarray], list[np.ndarray], list[int], np.ndarray]:
+        """The local part of :meth:`candidates`: per ell of the grid and alpha, the models,
+        their inverses and limits (as lists), and the rows' neighbour lists."""
+        width = self.n_features + 1
+        eye = np.eye(width)
+        models: list[np.ndarray] = []
+        inverses: list[np.ndarray] = []
+        limits: list[int] = []
+        if not self._grid.size:
+            return models, inverses, limits, np.zeros((len(rows), 0), dtype=np.intp)
+        _, neighbors = self._index.query(self.features[rows], int(self._grid[-1]))
+        neighbors = _self_first(neighbors, rows)
+        gram = np.zeros((len(rows), width + 1, width + 1))
+        pooled = 0
+        for ell in self._grid:
+            block = self._z[neighbors[:, pooled:ell]]  # (rows, new neighbours, f + 2)
+            gram += np.matmul(block.transpose(0, 2, 1), block)
+            pooled = int(ell)
+            for alpha in self._alphas:
+                if ell == 1:
+                    phi = np.zeros((len(rows), width))
+                    phi[:, 0] = self.target[rows]
+                    inverse = np.zeros((len(rows), width, width))
+                    limits.append(0)
+                else:
+                    inverse = _stacked_inverse(gram[:, :width, :width] + alpha * eye)
+                    phi = np.einsum("rij,rj->ri", inverse, gram[:, :width, width])
+                    limits.append(int(ell))
+                models.append(phi)
+                inverses.append(inverse)
+        return models, inverses, limits, neighbors
 
     def _validation_pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """(j, i) pairs: training row t_i is among the k nearest of t_j (t_j excluded)."""
+        """(validated, model) pairs of training rows: ``model`` is among the k nearest
+        other rows of ``validated``, so its models are charged for ``validated``'s error."""
         if self._val_pairs is None:
-            k = min(self.config.n_neighbors, self.n - 1)
-            if k <= 0:
+            n_nearest = min(self.config.n_neighbors, self.n_rows - 1)
+            if n_nearest <= 0:
                 self._val_pairs = (np.zeros(0, np.intp), np.zeros(0, np.intp))
             else:
-                _, nbr = self._index.query(self.features, k + 1)
-                keep = nbr != np.arange(self.n)[:, None]
-                no_self = keep.all(axis=1)
-                keep[no_self, -1] = False
-                i = nbr[keep].reshape(self.n, k)
-                j = np.repeat(np.arange(self.n), k)
-                self._val_pairs = (j, i.ravel())
+                nearest = self._index.nearest_others(n_nearest)
+                self._val_pairs = (np.repeat(np.arange(self.n_rows), n_nearest),
+                                   nearest.ravel())
         return self._val_pairs
 
-    def validation_costs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Alg. 3 costs: ``cost[r, c]`` = sum over validation tuples t_j that have ``rows[r]``
-        among their k nearest of the squared error of candidate ``c``; plus how many t_j."""
+    def validation_costs(self, rows: np.ndarray, candidates: Candidates
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Alg. 3 costs of the ``candidates`` of ``rows``: ``cost[r, c]`` sums, over the
+        validation tuples t_j that have ``rows[r]`` among their k nearest, the squared
+        error of candidate c on t_j; and how many t_j each row has."""
         rows = np.asarray(rows, dtype=np.intp)
-        return self._costs(rows, *self._candidates(rows))
-
-    def _costs(self, rows: np.ndarray, cands: np.ndarray, invs: np.ndarray,
-               limits: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        j, i = self._validation_pairs()
-        pos = np.full(self.n, -1, dtype=np.intp)
-        pos[rows] = np.arange(len(rows))
-        sel = pos[i] >= 0
-        j, p = j[sel], pos[i[sel]]
-        xj = self._xaug[j]
-        err = self.target[j][:, None] - np.einsum("pf,pcf->pc", xj, cands[p])
-        if self.config.validation == "loo" and len(j):
-            # Position of t_j in t_i's learning-neighbour list (beyond the list: never in).
-            match = nbr[p] == j[:, None] if nbr.shape[1] else np.zeros((len(j), 0), bool)
-            rank = np.where(match.any(axis=1), match.argmax(axis=1), self.n)
-            inside = rank[:, None] < limits[None, :]
-            lev = np.einsum("pf,pcfg,pg->pc", xj, invs[p], xj)
-            err = np.where(inside, err / np.maximum(1.0 - lev, 1e-3), err)
-        err = err**2
+        validated, model = self._validation_pairs()
+        position = np.full(self.n_rows, -1, dtype=np.intp)
+        position[rows] = np.arange(len(rows))
+        selected = position[model] >= 0
+        validated, owner = validated[selected], position[model[selected]]
+        x_validated = self._xaug[validated]
+        errors = self.target[validated][:, None] - np.einsum(
+            "pf,pcf->pc", x_validated, candidates.models[owner])
+        if self.config.validation == "loo" and len(validated):
+            errors = self._leave_one_out(errors, validated, owner, candidates)
+        errors = errors**2
         cost = np.stack(
-            [np.bincount(p, weights=err[:, c], minlength=len(rows))
-             for c in range(cands.shape[1])],
+            [np.bincount(owner, weights=errors[:, column], minlength=len(rows))
+             for column in range(candidates.models.shape[1])],
             axis=1,
         )
-        return cost, np.bincount(p, minlength=len(rows))
+        return cost, np.bincount(owner, minlength=len(rows))
+
+    def _leave_one_out(self, errors: np.ndarray, validated: np.ndarray, owner: np.ndarray,
+                       candidates: Candidates) -> np.ndarray:
+        """Where a validation tuple is one of the model's own learning tuples, its error
+        as the exact ridge leave-one-out residual ``e / (1 - h)`` (h its leverage)."""
+        neighbors = candidates.neighbors
+        # Position of t_j in t_i's learning-neighbour list (beyond the list: never in).
+        match = (neighbors[owner] == validated[:, None] if neighbors.shape[1]
+                 else np.zeros((len(validated), 0), bool))
+        rank = np.where(match.any(axis=1), match.argmax(axis=1), self.n_rows)
+        inside = rank[:, None] < candidates.limits[None, :]
+        x_validated = self._xaug[validated]
+        leverage = np.einsum("pf,pcfg,pg->pc", x_validated, candidates.inverses[owner],
+                             x_validated)
+        return np.where(inside, errors / np.maximum(1.0 - leverage, 1e-3), errors)
 
     def _learn(self, rows: np.ndarray) -> None:
         """Compute and cache the chosen model of each row in ``rows`` (not yet computed)."""
         if rows.size == 0:
             return
-        cands, invs, limits, nbr = self._candidates(rows)  # (r, C, f + 1), ...
+        candidates = self.candidates(rows)
         labels = self.candidate_labels()
-        n_c = len(labels)
-        if n_c == 1:
+        if len(labels) == 1:
             best = np.zeros(len(rows), dtype=np.intp)
         else:
-            cost, n_val = self._costs(rows, cands, invs, limits, nbr)
+            cost, n_validated = self.validation_costs(rows, candidates)
             best = np.argmin(cost, axis=1)  # ties -> the smaller ell, as in the paper
             # A row that validates no one keeps the most stable candidate: the global model
             # when it is offered, else the largest ell.
-            best[n_val == 0] = n_c - 1 if self._with_global else (
+            best[n_validated == 0] = len(labels) - 1 if self._with_global else (
                 (len(self._grid) - 1) * len(self._alphas)
             )
-        self._phi[rows] = cands[np.arange(len(rows)), best]
-        self._ell[rows] = [labels[b][0] for b in best]
-        self._alpha[rows] = [labels[b][1] for b in best]
+        self._phi[rows] = candidates.models[np.arange(len(rows)), best]
+        self._ell[rows] = [labels[choice][0] for choice in best]
+        self._alpha[rows] = [labels[choice][1] for choice in best]
         self._done[rows] = True
 
-    def models(self, rows: np.ndarray) -> np.ndarray:
-        """Chosen models phi of ``rows`` (learned on first use, then cached)."""
+    def chosen_models(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The chosen model phi of each of ``rows`` and its ell (0 = the global model),
+        learned on first use, then cached."""
         rows = np.asarray(rows, dtype=np.intp)
-        todo = np.unique(rows[~self._done[rows]])
-        self._learn(todo)
-        return self._phi[rows]
-
-    def chosen_ell(self, rows: np.ndarray) -> np.ndarray:
-        """The ell chosen for each of ``rows`` (0 = global model); learns them if needed."""
-        self.models(rows)
-        return self._ell[np.asarray(rows, dtype=np.intp)]
+        self._learn(np.unique(rows[~self._done[rows]]))
+        return self._phi[rows], self._ell[rows]
 
     # -- imputation ---------------------------------------------------------------------
-    def impute(self, queries: np.ndarray, exclude: np.ndarray | None = None) -> PatternResult:
-        """Impute the target for query rows given on F (Alg. 2).
-
-        ``exclude[q]`` (optional) is a training row that query q may not use as a
-        neighbour: imputing training rows themselves for validation, without seeing them.
-        """
+    def impute(self, queries: np.ndarray) -> PatternResult:
+        """Impute the target for query rows given on F (Alg. 2)."""
         queries = np.asarray(queries, dtype=np.float64)
-        k = min(self.config.n_neighbors, self.n)
-        if exclude is None:
-            _, nbr = self._index.query(queries, k)
-        else:
-            k = min(k, self.n - 1)
-            if k <= 0:
-                raise ValueError("excluding a row leaves no training row to impute from")
-            _, nbr = self._index.query(queries, k + 1)
-            keep = nbr != np.asarray(exclude)[:, None]
-            keep[keep.all(axis=1), -1] = False
-            nbr = nbr[keep].reshape(len(queries), k)
-        phi = self.models(nbr.ravel()).reshape(len(queries), k, self.f + 1)
-        qaug = np.column_stack([np.ones(len(queries)), queries])
-        cand = np.einsum("qf,qkf->qk", qaug, phi)
-        return PatternResult.vote(cand, nbr, self._ell[nbr], self.config.weights)
+        n_nearest = min(self.config.n_neighbors, self.n_rows)
+        _, neighbors = self._index.query(queries, n_nearest)
+        phi, ell = self.chosen_models(neighbors.ravel())
+        phi = phi.reshape(len(queries), n_nearest, self.n_features + 1)
+        queries_augmented = np.column_stack([np.ones(len(queries)), queries])
+        candidates = np.einsum("qf,qkf->qk", queries_augmented, phi)
+        return PatternResult.vote(candidates, neighbors, ell.reshape(neighbors.shape),
+                                  self.config.weights)
 
 
-def _stacked_inverse(a: np.ndarray) -> np.ndarray:
+def _stacked_inverse(matrices: np.ndarray) -> np.ndarray:
     """Inverses of stacked matrices; pseudo-inverse where one is singular (alpha = 0)."""
     try:
-        return np.linalg.inv(a)
+        return np.linalg.inv(matrices)
     except np.linalg.LinAlgError:
-        return np.linalg.pinv(a)
+        return np.linalg.pinv(matrices)
 
 
-def _self_first(nbr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _self_first(neighbors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Put each row itself first in its neighbour list (duplicates may have displaced it)."""
-    first_ok = nbr[:, 0] == rows
+    first_ok = neighbors[:, 0] == rows
     if np.all(first_ok):
-        return nbr
-    nbr = nbr.copy()
-    for r in np.flatnonzero(~first_ok):
-        lst = nbr[r]
-        where = np.flatnonzero(lst == rows[r])
-        rest = np.delete(lst, where[0]) if where.size else lst[:-1]
-        nbr[r] = np.concatenate([[rows[r]], rest])
-    return nbr
+        return neighbors
+    neighbors = neighbors.copy()
+    for number in np.flatnonzero(~first_ok):
+        listed = neighbors[number]
+        where = np.flatnonzero(listed == rows[number])
+        rest = np.delete(listed, where[0]) if where.size else listed[:-1]
+        neighbors[number] = np.concatenate([[rows[number]], rest])
+    return neighbors

@@ -1,8 +1,8 @@
 """Exact k-nearest-neighbour search that scales: never an n x n distance matrix.
 
 Low-dimensional data (the common case for tabular imputation) goes through
-``scipy.spatial.cKDTree`` (measured: 20,000 x 8, k=10 in 0.66 s); wider data goes through
-blocked BLAS (``|q|^2 - 2 q.x + |x|^2`` on row blocks, ``argpartition`` per block).
+``scipy.spatial.cKDTree``; wider data, where a KD-tree degrades, goes through blocked BLAS
+(``|q|^2 - 2 q.x + |x|^2`` on row blocks, ``argpartition`` per block).
 
 Ties in distance are broken by row position (the earlier reference row first), exactly, also
 at the k-th place: the KD-tree path widens its query until the tie group at the boundary is
@@ -64,6 +64,15 @@ class NeighborIndex:
             dist, idx = self._blocked_query(queries, k)
         return np.asarray(dist, dtype=np.float64), idx
 
+    def nearest_others(self, k: int) -> np.ndarray:
+        """Each reference row's ``k`` nearest *other* reference rows, shape (n, k), nearest
+        first (``0 < k < n``). A row that duplicates displaced from its own list drops its
+        farthest neighbour instead."""
+        _, neighbors = self.query(self._data, k + 1)
+        keep = neighbors != np.arange(self.n)[:, None]
+        keep[keep.all(axis=1), -1] = False
+        return neighbors[keep].reshape(self.n, k)
+
     def _tree_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """KD-tree query with exact position-order tie-breaking at the k-th place."""
         extra = k + 1 if k < self.n else k
@@ -77,42 +86,50 @@ class NeighborIndex:
             width = extra
             while open_rows.size:
                 width = min(self.n, 2 * width)
-                d2, i2 = self._tree.query(queries[open_rows], k=width, workers=-1)
-                d2, i2 = d2.reshape(len(open_rows), width), i2.reshape(len(open_rows), width)
-                o = np.lexsort((i2, d2), axis=1)
-                d2, i2 = np.take_along_axis(d2, o, 1), np.take_along_axis(i2, o, 1)
-                done = (d2[:, k - 1] < d2[:, width - 1]) | (width == self.n)
-                out_d[open_rows[done]] = d2[done, :k]
-                out_i[open_rows[done]] = i2[done, :k]
+                wide_d, wide_i = self._tree.query(queries[open_rows], k=width, workers=-1)
+                wide_d = wide_d.reshape(len(open_rows), width)
+                wide_i = wide_i.reshape(len(open_rows), width)
+                order = np.lexsort((wide_i, wide_d), axis=1)
+                wide_d = np.take_along_axis(wide_d, order, 1)
+                wide_i = np.take_along_axis(wide_i, order, 1)
+                done = (wide_d[:, k - 1] < wide_d[:, width - 1]) | (width == self.n)
+                out_d[open_rows[done]] = wide_d[done, :k]
+                out_i[open_rows[done]] = wide_i[done, :k]
                 open_rows = open_rows[~done]
             dist, idx = out_d, out_i
         # Order ties inside the first k by position as well.
-        o = np.lexsort((idx, dist), axis=1)
-        return np.take_along_axis(dist, o, 1), np.take_along_axis(idx, o, 1)
+        order = np.lexsort((idx, dist), axis=1)
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
 
     def _blocked_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = max(1, _BLOCK_BYTES // (8 * max(self.n, 1)))
+        block_rows = max(1, _BLOCK_BYTES // (8 * max(self.n, 1)))
         out_d = np.empty((len(queries), k))
         out_i = np.empty((len(queries), k), dtype=np.intp)
-        for s in range(0, len(queries), rows):
-            q = queries[s : s + rows]
-            d2 = self._sqnorm[None, :] - 2.0 * (q @ self._data.T)
-            d2 += np.einsum("ij,ij->i", q, q)[:, None]
+        for start in range(0, len(queries), block_rows):
+            block = queries[start : start + block_rows]
+            d2 = self._sqnorm[None, :] - 2.0 * (block @ self._data.T)
+            d2 += np.einsum("ij,ij->i", block, block)[:, None]
             np.maximum(d2, 0.0, out=d2)
-            if k < self.n:
-                part = np.argpartition(d2, k - 1, axis=1)[:, :k]
-                # Ties at the k-th place: argpartition picks an arbitrary member of the tie
-                # group; redo those (rare) rows exactly, preferring the earlier row.
-                kth = np.take_along_axis(d2, part, axis=1).max(axis=1)
-                n_le = np.count_nonzero(d2 <= kth[:, None], axis=1)
-                for r in np.flatnonzero(n_le > k):
-                    cand = np.flatnonzero(d2[r] <= kth[r])
-                    part[r] = cand[np.lexsort((cand, d2[r, cand]))[:k]]
-            else:
-                part = np.broadcast_to(np.arange(self.n), d2.shape).copy()
-            pd = np.take_along_axis(d2, part, axis=1)
+            part = self._k_smallest(d2, k)
+            part_d2 = np.take_along_axis(d2, part, axis=1)
             # Sort by distance, ties by position.
-            o = np.lexsort((part, pd), axis=1)
-            out_i[s : s + rows] = np.take_along_axis(part, o, axis=1)
-            out_d[s : s + rows] = np.sqrt(np.take_along_axis(pd, o, axis=1))
+            order = np.lexsort((part, part_d2), axis=1)
+            out_i[start : start + block_rows] = np.take_along_axis(part, order, axis=1)
+            out_d[start : start + block_rows] = np.sqrt(
+                np.take_along_axis(part_d2, order, axis=1))
         return out_d, out_i
+
+    def _k_smallest(self, d2: np.ndarray, k: int) -> np.ndarray:
+        """Per row of squared distances ``d2``, the positions of its k smallest (unordered);
+        a tie at the k-th place goes to the earlier reference row."""
+        if k >= self.n:
+            return np.broadcast_to(np.arange(self.n), d2.shape).copy()
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        # Ties at the k-th place: argpartition picks an arbitrary member of the tie group;
+        # redo those (rare) rows exactly, preferring the earlier row.
+        kth = np.take_along_axis(d2, part, axis=1).max(axis=1)
+        n_within = np.count_nonzero(d2 <= kth[:, None], axis=1)
+        for row in np.flatnonzero(n_within > k):
+            tied = np.flatnonzero(d2[row] <= kth[row])
+            part[row] = tied[np.lexsort((tied, d2[row, tied]))[:k]]
+        return part

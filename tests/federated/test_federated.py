@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,9 @@ import fediim.federated.plan as plan_mod
 import fediim.federated.release as release_mod
 import fediim.federated.site_imputation as federated
 from fediim.federated import (
+    PLAN_DEFAULTS,
     FederatedIIM,
+    PlanParams,
     plan_privacy,
     scale_to_bounds,
     site_impute,
@@ -94,7 +99,8 @@ def test_plan_privacy_splits_the_budget() -> None:
 
 @pytest.mark.parametrize("kw", [{"epsilon": 0.0}, {"epsilon": -1.0},
                                 {"count_fraction": 0.0}, {"count_fraction": 1.0},
-                                {"min_records": 0}])
+                                {"min_records": 0}, {"max_depth": -1},
+                                {"cell_noise_ratio": -1.0}])
 def test_plan_privacy_rejects_bad_arguments(kw: dict[str, float]) -> None:
     args: dict[str, Any] = {"epsilon": 1.0, "delta": DELTA, "n_features": M, **kw}
     with pytest.raises(ValueError):
@@ -460,7 +466,7 @@ def test_fit_transform_keeps_observed_fills_all(
 ) -> None:
     _, obs = two_sites
     bounds = None if np.isinf(epsilon) else BOUNDS
-    model = FederatedIIM(epsilon=epsilon, bounds=bounds, mode=mode, seed=0, k=5)
+    model = FederatedIIM(epsilon=epsilon, bounds=bounds, mode=mode, seed=0, n_neighbors=5)
     results = model.fit(obs).impute(obs)
     assert len(results) == len(obs)
     for res, x in zip(results, obs, strict=True):
@@ -499,7 +505,7 @@ def test_bounds_required_for_private_fit(two_sites: tuple[list[np.ndarray], ...]
     with pytest.raises(ValueError, match="bounds"):
         FederatedIIM(epsilon=1.0, bounds=BOUNDS[:, ::-1]).fit(obs)
     with pytest.raises(ValueError, match="mode"):
-        FederatedIIM(mode="magic")  # type: ignore[arg-type]
+        FederatedIIM(mode="magic").fit(obs)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         FederatedIIM(epsilon=np.inf).fit([obs[0], obs[1][:, :2]])
 
@@ -519,7 +525,7 @@ def test_saved_bank_imputes_later_identically(
     tmp_path: Path, two_sites: tuple[list[np.ndarray], ...],
 ) -> None:
     _, obs = two_sites
-    model = FederatedIIM(epsilon=2.0, bounds=BOUNDS, seed=3, k=5).fit(obs)
+    model = FederatedIIM(epsilon=2.0, bounds=BOUNDS, seed=3, n_neighbors=5).fit(obs)
     path = tmp_path / "bank.npz"
     model.bank_.save(path)
     loaded = ModelBank.load(path)
@@ -612,10 +618,10 @@ def test_exact_plan_uses_several_deep_trees_noisy_plan_one() -> None:
 # --------------------------------------------------------------------------- hybrid
 
 
-def test_hybrid_recentres_the_federation_for_a_site_with_its_own_level() -> None:
-    """A site whose target sits 3 sd above the others' (same slopes) and is too small for a
-    good local model: hybrid keeps the federation's slopes at the site's own level and
-    beats both local IIM and the raw federated estimate."""
+@pytest.fixture(scope="module")
+def small_shifted_site() -> dict[str, Any]:
+    """A site whose target sits 3 sd above the others' (same slopes), too small for a good
+    local model, with the fitted exact federation of it and two large sites."""
     rng = np.random.default_rng(5)
 
     coef = np.array([1.0, -1.0, 0.5, 0.8, -0.6, 0.3])
@@ -626,30 +632,60 @@ def test_hybrid_recentres_the_federation_for_a_site_with_its_own_level() -> None
         return np.column_stack([f, y])
 
     big = [site(800, 0.0), site(800, 0.0)]
-    small_truth = site(12, 3.0)
-    small = small_truth.copy()
+    truth = site(12, 3.0)
+    small = truth.copy()
     rows = np.arange(0, 12, 3)
     small[rows, 6] = np.nan
     bounds = np.array([[-5, 5]] * 6 + [[-10, 12]], dtype=float)
     model = FederatedIIM(epsilon=np.inf, bounds=bounds, mode="federated").fit(
         [*big, small], site_ids=["a", "b", "small"])
-    err = {}
-    for mode in ("local", "federated", "hybrid"):
-        out = site_impute(small, model.bank_, bounds, mode=mode, site_id="small").values
-        err[mode] = float(np.sqrt(np.mean((out[rows, 6] - small_truth[rows, 6]) ** 2)))
+    return {"model": model, "small": small, "truth": truth, "rows": rows, "bounds": bounds}
+
+
+def _small_site_rmse(case: dict[str, Any], **kwargs: Any) -> float:
+    out = site_impute(case["small"], case["model"].bank_, case["bounds"], site_id="small",
+                      **kwargs).values
+    rows = case["rows"]
+    return float(np.sqrt(np.mean((out[rows, 6] - case["truth"][rows, 6]) ** 2)))
+
+
+def test_hybrid_recentres_the_federation_for_a_site_with_its_own_level(
+        small_shifted_site: dict[str, Any]) -> None:
+    """Hybrid keeps the federation's slopes at the small site's own level and beats both
+    local IIM and the raw federated estimate."""
+    err = {mode: _small_site_rmse(small_shifted_site, mode=mode)
+           for mode in ("local", "federated", "hybrid")}
 
     assert err["hybrid"] < 0.85 * err["local"]
     assert err["hybrid"] < 0.25 * err["federated"]
 
 
+def test_hybrid_without_federation_blends_only_the_sites_own_sides(
+        small_shifted_site: dict[str, Any]) -> None:
+    """use_federation_in_blend=False: no bank candidate votes (the ablation's candidates
+    are local IIM's), and the small site loses what the other sites' slopes gave it."""
+    case = small_shifted_site
+    kwargs = {"mode": "hybrid", "site_id": "small"}
+    ablation = site_impute(case["small"], case["model"].bank_, case["bounds"],
+                           use_federation_in_blend=False, **kwargs)
+    full = site_impute(case["small"], case["model"].bank_, case["bounds"], **kwargs)
+    local = site_impute(case["small"], None, case["bounds"], mode="local")
+    cells = ablation.method == METHOD_IIM
+    assert cells.any()
+    np.testing.assert_array_equal(ablation.n_candidates[cells], local.n_candidates[cells])
+    assert np.all(full.n_candidates[cells] > local.n_candidates[cells])
+    assert _small_site_rmse(case, mode="hybrid") < 0.9 * _small_site_rmse(
+        case, mode="hybrid", use_federation_in_blend=False)
+
+
 def test_hybrid_weights_prefer_local_on_ties() -> None:
-    w, bias = federated._hybrid_weights(
+    w, bias = federated.choose_blend(
         np.array([1.0, 2.0, 3.0]), None, np.zeros((3, 1)), np.array([1.0, 2.0, 3.0]),
-        np.array([1.0, 2.0, 3.0]))
+        np.array([1.0, 2.0, 3.0]), federated.BLEND_WEIGHTS)
     np.testing.assert_array_equal(w, [1.0, 0.0, 0.0])
     assert bias == 0.0
-    assert tuple(federated._HYBRID_GRID[0]) == (1.0, 0.0, 0.0)
-    np.testing.assert_allclose(federated._HYBRID_GRID.sum(axis=1), 1.0)
+    assert tuple(federated.BLEND_WEIGHTS[0]) == (1.0, 0.0, 0.0)
+    np.testing.assert_allclose(federated.BLEND_WEIGHTS.sum(axis=1), 1.0)
 
 
 
@@ -669,7 +705,7 @@ def test_federated_mode_shrinks_a_noise_only_bank_towards_the_mean(
         return _nrmse([r.values for r in model.impute(obs)], truth, obs)
 
     shrunk = fit_impute()
-    monkeypatch.setattr(federated, "_SHRINK_GRID", np.array([1.0]))
+    monkeypatch.setattr(federated, "SHRINK_WEIGHTS", np.array([1.0]))
     assert shrunk < 0.95 * fit_impute()
 
 
@@ -678,7 +714,7 @@ def test_noise_penalty_is_chosen_on_the_sites_rows(
     """A noise-only bank: choosing the ridge multiplier on the site's rows (each out of its
     own cell) beats the fixed default (measured 1.01 vs 1.78 NRMSE, unshrunk)."""
     truth, obs = two_sites
-    monkeypatch.setattr(federated, "_SHRINK_GRID", np.array([1.0]))
+    monkeypatch.setattr(federated, "SHRINK_WEIGHTS", np.array([1.0]))
     seen: list[float | None] = []
     real = federated.pattern_models
 
@@ -703,12 +739,12 @@ def test_bank_choices() -> None:
     """Exact + auto: the two engines; noised + unset penalty: the penalty grid; an explicit
     choice is kept."""
     cfg = BankConfig()
-    assert [c.engine for c in federated._bank_choices(cfg, exact=True)] == ["cells", "mixture"]
-    assert [c.noise_alpha for c in federated._bank_choices(cfg, exact=False)] == list(
+    assert [c.engine for c in federated.bank_choices(cfg, exact=True)] == ["cells", "mixture"]
+    assert [c.noise_alpha for c in federated.bank_choices(cfg, exact=False)] == list(
         NOISE_ALPHA_GRID)
     fixed = BankConfig(noise_alpha=0.3)
-    assert federated._bank_choices(fixed, exact=False) == [fixed]
-    assert federated._bank_choices(BankConfig(engine="mixture"), exact=True) == [
+    assert federated.bank_choices(fixed, exact=False) == [fixed]
+    assert federated.bank_choices(BankConfig(engine="mixture"), exact=True) == [
         BankConfig(engine="mixture")]
     with pytest.raises(ValueError, match="noise_alpha"):
         BankConfig(noise_alpha=-1.0)
@@ -730,9 +766,125 @@ def test_shrink_validation_takes_each_row_out_of_its_own_cell(
 
     monkeypatch.setattr(federated, "pattern_models", spy)
     xs, _ = scale_to_bounds(x, BOUNDS)
-    federated._shrink_choice(bank, "s", 0, (1, 2, 3), [BankConfig()], xs, 0.0)
-    assert len(seen) == federated._FOLDS
+    federated.choose_shrinkage(bank, "s", 0, (1, 2, 3), [BankConfig()], xs, 0.0)
+    assert len(seen) == federated.CROSSFIT_FOLDS
     removed = np.sum([bank.counts - c for c in seen], axis=0)
     # Every released row was taken out exactly once, from its own cell.
     np.testing.assert_allclose(removed.sum(), len(x))
     assert np.all(removed >= 0)
+
+
+# --------------------------------------------------------------------------- jobs, random_state
+
+
+def test_imputation_jobs_cover_every_missing_cell_once(
+        two_sites: tuple[list[np.ndarray], ...]) -> None:
+    _, obs = two_sites
+    missing = np.isnan(obs[0])
+    covered = np.zeros(missing.shape, dtype=int)
+    for job in federated.imputation_jobs(missing, n_validation=25, random_state=0):
+        covered[job.rows, job.target] += 1
+        assert missing[np.ix_(job.rows, [job.target])].all()
+        assert not missing[np.ix_(job.rows, list(job.features))].any()
+        assert not missing[np.ix_(job.train, [*job.features, job.target])].any()
+        assert len(job.validation) == min(25, len(job.train))
+        assert set(job.validation) <= set(job.train)
+    np.testing.assert_array_equal(covered, missing.astype(int))
+
+
+def test_random_state_feeds_every_random_choice_of_imputation(
+        two_sites: tuple[list[np.ndarray], ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every generator site_impute draws from is seeded with FederatedIIM's random_state
+    (validation rows, cross-fitting and shrinkage folds), and the default reproduces 0."""
+    _, obs = two_sites
+    seeds: list[Any] = []
+    real = np.random.default_rng
+
+    def spy(seed: Any = None) -> np.random.Generator:
+        seeds.append(seed)
+        return real(seed)
+
+    for mode in ("federated", "hybrid"):
+        model = FederatedIIM(epsilon=0.5, delta=DELTA, bounds=BOUNDS, mode=mode, max_depth=3,
+                             seed=1, random_state=7).fit(obs, site_ids=["a", "b"])
+        with monkeypatch.context() as patch:
+            patch.setattr(np.random, "default_rng", spy)
+            seeded = model.impute(obs)
+        assert seeds and set(seeds) == {7}
+        seeds.clear()
+        direct = [site_impute(x, model.bank_, model.bounds_, mode=mode, site_id=sid,
+                              random_state=7) for x, sid in zip(obs, "ab", strict=True)]
+        for a, b in zip(seeded, direct, strict=True):
+            np.testing.assert_array_equal(a.values, b.values)
+    default = FederatedIIM(epsilon=0.5, delta=DELTA, bounds=BOUNDS, max_depth=3, seed=1)
+    zero = FederatedIIM(epsilon=0.5, delta=DELTA, bounds=BOUNDS, max_depth=3, seed=1,
+                        random_state=0)
+    for a, b in zip(default.fit_transform(obs), zero.fit_transform(obs), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_site_impute_rejects_a_bad_random_state(
+        bad: Any, two_sites: tuple[list[np.ndarray], ...]) -> None:
+    _, obs = two_sites
+    with pytest.raises(ValueError, match="random_state"):
+        site_impute(obs[0], None, BOUNDS, mode="local", random_state=bad)
+
+
+def test_site_impute_rejects_an_unknown_mode(two_sites: tuple[list[np.ndarray], ...]) -> None:
+    _, obs = two_sites
+    with pytest.raises(ValueError, match="mode"):
+        site_impute(obs[0], None, BOUNDS, mode="magic")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- estimator API
+
+
+def test_federated_iim_parameters_follow_scikit_learn() -> None:
+    """Keyword-only parameters, stored as given; get_params/set_params/clone round-trip."""
+    from sklearn.base import clone
+
+    with pytest.raises(TypeError):
+        FederatedIIM(5)  # type: ignore[misc]
+    model = FederatedIIM(n_neighbors=5, epsilon=-3.0, mode="magic")  # type: ignore[arg-type]
+    assert (model.n_neighbors, model.epsilon, model.mode) == (5, -3.0, "magic")
+    params = model.get_params()
+    assert set(params) == set(inspect.signature(FederatedIIM).parameters)
+    assert clone(model).get_params() == params
+    assert model.set_params(mode="local", epsilon=2.0) is model
+    assert (model.mode, model.epsilon) == ("local", 2.0)
+
+
+def test_federated_iim_plan_defaults_are_the_plans() -> None:
+    signature = inspect.signature(FederatedIIM).parameters
+    for name in (field.name for field in dataclasses.fields(PlanParams)):
+        assert signature[name].default == getattr(PLAN_DEFAULTS, name), name
+
+
+@pytest.mark.parametrize(("param", "value"), [
+    ("n_neighbors", 0), ("n_neighbors", 2.5), ("epsilon", 0.0), ("epsilon", np.nan),
+    ("delta", 1.5), ("mode", "magic"), ("random_state", -1), ("seed", 1.5),
+    ("min_records", 0), ("count_fraction", 1.0), ("max_depth", -1), ("n_trees", 0),
+    ("cell_noise_ratio", -1.0), ("k", 0)])
+def test_federated_iim_validates_at_fit_naming_the_parameter(
+        param: str, value: Any, two_sites: tuple[list[np.ndarray], ...]) -> None:
+    _, obs = two_sites
+    params: dict[str, Any] = {"epsilon": 2.0, "bounds": BOUNDS, "seed": 0, param: value}
+    model = FederatedIIM(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # k is deprecated
+        with pytest.raises(ValueError, match=param):
+            model.fit(obs)
+
+
+def test_k_is_a_deprecated_alias_of_n_neighbors(
+        two_sites: tuple[list[np.ndarray], ...]) -> None:
+    _, obs = two_sites
+    old = FederatedIIM(k=3, epsilon=np.inf, mode="local")
+    with pytest.warns(FutureWarning, match="n_neighbors"):
+        old.fit(obs)
+    new = FederatedIIM(n_neighbors=3, epsilon=np.inf, mode="local").fit(obs)
+    default = FederatedIIM(epsilon=np.inf, mode="local").fit(obs)
+    for a, b, c in zip(old.impute(obs), new.impute(obs), default.impute(obs), strict=True):
+        np.testing.assert_array_equal(a.values, b.values)
+        assert a.n_candidates.max() == 3 < c.n_candidates.max()

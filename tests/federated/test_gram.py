@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,12 +16,26 @@ from fediim.federated.gram import (
     gram_centroid,
     gram_count,
     project_psd,
-    residual_sse,
-    ridge_from_gram,
     subsystem_index,
+    subsystem_sse,
     transform_gram,
     upper_triangle,
 )
+from fediim.impute.iim import ridge_solve
+
+
+def ridge_from_gram(gram: np.ndarray, target: int, feats: Sequence[int],
+                    alpha: float | np.ndarray) -> np.ndarray:
+    """Ridge of A on F read off G, the way the bank engines do: the subsystem, then solve."""
+    idx = subsystem_index(target, feats)
+    return ridge_solve(gram[..., idx[:, None], idx[None, :]], alpha)
+
+
+def residual_sse(phi: np.ndarray, gram: np.ndarray, target: int, feats: Sequence[int]
+                 ) -> np.ndarray:
+    """Squared error of ``phi`` on the records behind ``gram``, read off it alone."""
+    idx = subsystem_index(target, feats)
+    return subsystem_sse(phi, gram[..., idx[:, None], idx[None, :]])
 
 
 def _correlated(rng: np.random.Generator, n: int, m: int) -> np.ndarray:

@@ -33,7 +33,7 @@ def _ridge(x, y, alpha):
 
 # -- Example 2: individual models with ell = 4 -------------------------------------------
 def test_example2_individual_models_ell4():
-    phi = _figure1(n_neighbors=3, ell=4).models(np.arange(8))
+    phi = _figure1(n_neighbors=3, ell=4).chosen_models(np.arange(8))[0]
     assert phi.shape == (8, 2)
     np.testing.assert_allclose(phi[0], [5.56, -0.87], atol=0.005)
     np.testing.assert_allclose(phi[7], [-4.36, 1.11], atol=0.005)
@@ -97,7 +97,7 @@ def test_example4_validation_costs_of_t2():
     pm = _figure1(n_neighbors=3, ell="adaptive", ell_grid=tuple(range(1, 9)),
                   include_global=False)
     assert [lab[0] for lab in pm.candidate_labels()] == list(range(1, 9))
-    cost, n_val = pm.validation_costs(np.array([1]))
+    cost, n_val = pm.validation_costs(np.array([1]), pm.candidates(np.array([1])))
     validators = _validators_of(1, 3)
     assert validators == [0, 2, 3]
     assert n_val.tolist() == [len(validators)]
@@ -112,34 +112,34 @@ def test_example4_validation_costs_of_t2():
     np.testing.assert_allclose(hand, 4.04, rtol=1e-12)
     np.testing.assert_allclose(cost[0, 0], hand, rtol=1e-12)
     # The paper's intermediate models of t2 (Example 4 text): ell = 2 and ell = 8.
-    cands = pm.candidate_models(np.array([1]))[0]
+    cands = pm.candidates(np.array([1])).models[0]
     np.testing.assert_allclose(cands[0], [4.6, 0.0], atol=1e-15)
     np.testing.assert_allclose(cands[1], [5.79, -1.49], atol=0.005)
     np.testing.assert_allclose(cands[7], [4.41, -0.01], atol=0.005)
     # Chosen ell of t2 is 4, with phi_2 = (5.56, -0.87).
-    assert pm.chosen_ell(np.array([1])).tolist() == [4]
-    np.testing.assert_allclose(pm.models(np.array([1]))[0], [5.56, -0.87], atol=0.005)
+    assert pm.chosen_models(np.array([1]))[1].tolist() == [4]
+    np.testing.assert_allclose(pm.chosen_models(np.array([1]))[0][0], [5.56, -0.87], atol=0.005)
 
 
 def test_example4_costs_match_brute_force_for_every_tuple():
     pm = _figure1(n_neighbors=3, ell="adaptive", ell_grid=tuple(range(1, 9)),
                   include_global=False)
     rows = np.arange(8)
-    cost, _ = pm.validation_costs(rows)
-    cands = pm.candidate_models(rows)
+    cost, _ = pm.validation_costs(rows, pm.candidates(rows))
+    cands = pm.candidates(rows).models
     for i in rows:
         for c in range(8):
             ref = sum((A2[j] - cands[i, c] @ [1.0, A1[j]]) ** 2 for j in _validators_of(i, 3))
             np.testing.assert_allclose(cost[i, c], ref, rtol=1e-12)
-    np.testing.assert_array_equal(pm.chosen_ell(rows), np.argmin(cost, axis=1) + 1)
+    np.testing.assert_array_equal(pm.chosen_models(rows)[1], np.argmin(cost, axis=1) + 1)
 
 
 def test_example5_stepping_h3():
     pm = _figure1(n_neighbors=3, ell="adaptive", ell_grid=(1, 4, 7), include_global=False)
-    cost, _ = pm.validation_costs(np.array([1]))
+    cost, _ = pm.validation_costs(np.array([1]), pm.candidates(np.array([1])))
     np.testing.assert_allclose(cost[0, 1:], [0.09, 3.03], atol=0.005)  # paper: 0.09, 3.03
-    assert pm.chosen_ell(np.array([1])).tolist() == [4]
-    np.testing.assert_allclose(pm.models(np.array([1]))[0], [5.56, -0.87], atol=0.005)
+    assert pm.chosen_models(np.array([1]))[1].tolist() == [4]
+    np.testing.assert_allclose(pm.chosen_models(np.array([1]))[0][0], [5.56, -0.87], atol=0.005)
 
 
 # -- Proposition 3: incremental learning equals learning from scratch --------------------
@@ -156,7 +156,7 @@ def test_incremental_models_equal_from_scratch(seed):
     labels = pm.candidate_labels()
     assert labels == [(e, a) for e in grid for a in alphas] + [(0, a) for a in alphas]
     rows = np.array([0, 7, 39, 12, 12, 3])  # unsorted, with a repeat
-    cands = pm.candidate_models(rows)
+    cands = pm.candidates(rows).models
     assert cands.shape == (len(rows), len(labels), f + 1)
     d2 = ((feats[:, None, :] - feats[None, :, :]) ** 2).sum(axis=2)
     for r, i in enumerate(rows):
@@ -183,7 +183,7 @@ def test_duplicates_self_first_and_validation_tuples_exclude_self():
                                                  include_global=False, alpha=ALPHA,
                                                  validation="paper"))
     rows = np.arange(30)
-    cands = pm.candidate_models(rows)
+    cands = pm.candidates(rows).models
     d2 = ((feats[:, None, :] - feats[None, :, :]) ** 2).sum(axis=2)
     others = [np.array([i for i in np.argsort(d2[j], kind="stable") if i != j]) for j in rows]
     for i in rows:
@@ -192,7 +192,7 @@ def test_duplicates_self_first_and_validation_tuples_exclude_self():
             ref = (np.r_[target[i], 0.0, 0.0] if ell == 1
                    else _ridge(feats[lst[:ell]], target[lst[:ell]], ALPHA))
             np.testing.assert_allclose(cands[i, c], ref, rtol=1e-8, atol=1e-8)
-    cost, n_val = pm.validation_costs(rows)
+    cost, n_val = pm.validation_costs(rows, pm.candidates(rows))
     ref_cost = np.zeros_like(cost)
     ref_n = np.zeros(30, dtype=int)
     for j in rows:
@@ -213,7 +213,7 @@ def test_loo_validation_equals_refitting_without_the_validation_tuple():
     pm = PatternModels(feats, target, IIMConfig(n_neighbors=k, ell="adaptive", ell_grid=grid,
                                                 include_global=True, alpha=ALPHA))
     rows = np.arange(n)
-    cost, _ = pm.validation_costs(rows)
+    cost, _ = pm.validation_costs(rows, pm.candidates(rows))
     d2 = ((feats[:, None, :] - feats[None, :, :]) ** 2).sum(axis=2)
     order = [np.r_[i, [o for o in np.argsort(d2[i], kind="stable") if o != i]] for i in rows]
     ref = np.zeros((n, len(grid) + 1))
