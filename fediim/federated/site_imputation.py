@@ -10,6 +10,7 @@ each job to its mode's function: :func:`impute_mean`, :func:`impute_federated` o
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -21,10 +22,12 @@ from fediim.federated.engines import BankModels, pattern_models
 from fediim.federated.plan import MODES, Mode, scale_to_bounds, unscale
 from fediim.impute.estimator import IIMImputer, empty_result, missing_patterns
 from fediim.impute.iim import IIMConfig, PatternModels
-from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
+from fediim.io.result import METHOD_FALLBACK, METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["BLEND_WEIGHTS", "ImputationJob", "JobEstimate", "SiteView", "impute_federated",
            "impute_hybrid", "impute_local", "impute_mean", "site_impute"]
+
+log = logging.getLogger(__name__)
 
 #: Fewer validation rows than this: a site keeps the default bank configuration.
 MIN_VALIDATION_ROWS = 20
@@ -99,22 +102,75 @@ def site_impute(
     if mode == "local":
         return impute_local(x, n_neighbors)
     bank = _usable_bank(bank, mode)
-    site = SiteView.build(
-        x, bank, bounds, mode=mode, n_neighbors=n_neighbors, site_id=site_id,
-        config=bank_config or BankConfig(n_neighbors=n_neighbors), random_state=random_state,
-        blend_weights=BLEND_WEIGHTS if use_federation_in_blend
-        else BLEND_WEIGHTS[BLEND_WEIGHTS[:, 1] == 0])
+    fallback = _LocalFallback(x, n_neighbors)
+    try:
+        site = SiteView.build(
+            x, bank, bounds, mode=mode, n_neighbors=n_neighbors, site_id=site_id,
+            config=bank_config or BankConfig(n_neighbors=n_neighbors),
+            random_state=random_state, blend_weights=BLEND_WEIGHTS if use_federation_in_blend
+            else BLEND_WEIGHTS[BLEND_WEIGHTS[:, 1] == 0])
+    except NUMERICAL_FAILURES as exc:
+        return fallback.everything(exc)
     result = empty_result(x)
     for job in imputation_jobs(site.missing, n_validation, random_state):
-        if mode == "mean" or not job.features:
-            impute_mean(site, job, result)
-            continue
-        if mode == "hybrid" and len(job.train) > 1:
-            estimate = impute_hybrid(site, job)
-        else:
-            estimate = impute_federated(site, job)
-        _record(result, site, job, estimate)
+        try:
+            _impute_job(site, job, result, mode)
+        except NUMERICAL_FAILURES as exc:
+            fallback.fill(result, job, exc)
     return result
+
+
+#: What a degenerate or crafted bank can provoke in the numerics. The job's cells then
+#: come from the site's own IIM, so a bank can never turn the outcome into a signal.
+NUMERICAL_FAILURES = (ArithmeticError, ValueError, np.linalg.LinAlgError)
+
+
+def _impute_job(site: SiteView, job: ImputationJob, result: ImputationResult,
+                mode: Mode) -> None:
+    """One job in ``mode``; a non-finite estimate is a numerical failure."""
+    if mode == "mean" or not job.features:
+        impute_mean(site, job, result)
+        estimate = result.values[job.rows, job.target]
+    else:
+        if mode == "hybrid" and len(job.train) > 1:
+            found = impute_hybrid(site, job)
+        else:
+            found = impute_federated(site, job)
+        estimate = found.values
+        if np.all(np.isfinite(found.values)) and np.all(np.isfinite(found.spread)):
+            _record(result, site, job, found)
+    if not np.all(np.isfinite(estimate)):
+        raise FloatingPointError("the bank's models gave a non-finite estimate")
+
+
+class _LocalFallback:
+    """The site's own IIM over its whole table, computed once, on the first failure."""
+
+    def __init__(self, x: np.ndarray, n_neighbors: int) -> None:
+        self._x, self._n_neighbors = x, n_neighbors
+        self._local: ImputationResult | None = None
+
+    def _result(self) -> ImputationResult:
+        if self._local is None:
+            self._local = impute_local(self._x, self._n_neighbors)
+        return self._local
+
+    def fill(self, result: ImputationResult, job: ImputationJob, exc: Exception) -> None:
+        """Fill ``job``'s cells from the local result, marked ``fallback``."""
+        log.warning("imputation from the bank failed for one job (%s); the site's own IIM "
+                    "fills its cells", type(exc).__name__)
+        local, rows, target = self._result(), job.rows, job.target
+        for name in ("values", "uncertainty", "ell", "n_candidates"):
+            getattr(result, name)[rows, target] = getattr(local, name)[rows, target]
+        result.method[rows, target] = METHOD_FALLBACK
+
+    def everything(self, exc: Exception) -> ImputationResult:
+        """The whole local result, every imputed cell marked ``fallback``."""
+        log.warning("the bank could not be read (%s); the site's own IIM fills every cell",
+                    type(exc).__name__)
+        local = self._result()
+        local.method[local.imputed] = METHOD_FALLBACK
+        return local
 
 
 def impute_local(x: np.ndarray, n_neighbors: int) -> ImputationResult:

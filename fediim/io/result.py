@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["METHOD_IIM", "METHOD_MEAN", "ImputationResult"]
+__all__ = ["METHOD_FALLBACK", "METHOD_IIM", "METHOD_MEAN", "ImputationResult"]
 
 #: Method codes recorded per imputed cell.
 METHOD_IIM = "iim"
 METHOD_MEAN = "mean"
+#: The bank's models failed numerically for this cell; the site's own IIM filled it.
+METHOD_FALLBACK = "fallback"
 
 
 @dataclass
@@ -25,7 +27,8 @@ class ImputationResult:
     imputed : (n, m) bool, True where a value was filled in.
     uncertainty : (n, m) weighted spread of the voting candidates (NaN where not imputed;
         0 for a mean fallback, which has no candidates).
-    method : (n, m) object array: "iim", "mean" (no usable training row), or "" (observed).
+    method : (n, m) object array: "iim", "mean" (no usable training row), "fallback" (the
+        federation's models failed; the site's own IIM filled the cell), or "" (observed).
     ell : (n, m) mean chosen ell over the neighbours' models (0 where the global model).
     n_candidates : (n, m) int, number of candidates combined.
     """
