@@ -33,7 +33,7 @@ from fediim.privacy import (
     release_gaussian,
 )
 
-__all__ = ["assemble_bank", "site_release"]
+__all__ = ["assemble_bank", "cell_coordinates", "site_release"]
 
 def site_release(
     x: np.ndarray,
@@ -63,6 +63,15 @@ def site_release(
     return ModelBank.concat(parts) if len(parts) > 1 else parts[0]
 
 
+def cell_coordinates(rows: np.ndarray, center: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Records in a cell's own coordinates, its box mapped to [-1/2, 1/2].
+
+    Clipped after mapping: rounding alone can put a record at 0.5000000000000011, just
+    outside the box that the Gram sensitivity is computed for.
+    """
+    return np.clip((rows - center) / width, -0.5, 0.5)
+
+
 def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
                   ledger: PrivacyLedger | None, noise: NoiseSource | None) -> ModelBank:
     """One tree of :func:`site_release`: its partition and its leaves' noised Grams."""
@@ -71,9 +80,9 @@ def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
     los = np.array([leaf.lo for leaf in leaves]).reshape(-1, n_features)
     his = np.array([leaf.hi for leaf in leaves]).reshape(-1, n_features)
     centers, widths = 0.5 * (los + his), his - los
-    grams = np.stack([
-        augmented_gram((xs[leaf.rows] - leaf.center) / leaf.width) for leaf in leaves
-    ]) if leaves else np.zeros((0, n_features + 1, n_features + 1))
+    grams = np.stack([augmented_gram(cell_coordinates(xs[leaf.rows], leaf.center, leaf.width))
+                      for leaf in leaves]) if leaves else np.zeros((0, n_features + 1,
+                                                                     n_features + 1))
     if np.isfinite(plan.rho_gram):
         if ledger is None:
             raise ValueError("a private release needs a ledger to charge")

@@ -6,8 +6,11 @@ from dataclasses import replace as dc_replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fediim.federated import ModelBank, assemble_bank, plan_privacy, site_release
+from fediim.federated.release import cell_coordinates
 from fediim.federated.vetting import ReleaseLimits, bank_problems, release_problems
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
 
@@ -96,3 +99,18 @@ def test_a_bank_for_another_schema_width_is_rejected() -> None:
     bank, limits = _release(1.0)
     assert bank_problems(bank, dc_replace(limits, n_features=M + 1))
     assert release_problems(bank, dc_replace(limits, n_features=M + 1))
+
+
+@given(st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_cell_coordinates_stay_in_the_unit_box(seed: int) -> None:
+    """Finding: (x - center) / width reached 0.5000000000000011, past the sensitivity."""
+    rng = np.random.default_rng(seed)
+    lo = rng.uniform(-0.5, 0.4, M)
+    hi = np.minimum(lo + rng.uniform(1e-9, 1.0, M), 0.5)
+    rows = rng.uniform(lo, hi, (50, M))
+    rows[:2] = [lo, hi]  # the box's corners themselves
+    z = cell_coordinates(rows, 0.5 * (lo + hi), hi - lo)
+    assert np.all(np.abs(z) <= 0.5)
+    assert np.linalg.norm(np.column_stack([np.ones(len(z)), z]), axis=1).max() <= np.sqrt(
+        1 + M / 4)
