@@ -71,6 +71,9 @@ MESSAGE_TYPE = "query"
 CONFIG_RECORD = "fediim.config"
 ARRAYS_RECORD = "fediim.arrays"
 LEDGER_RECORD = "fediim.ledger"
+# RUN_CONFIG_DEFAULTS (declared in fediim.protocol.run_config) and MessageError (in
+# fediim.errors) are re-exported here for the apps' convenience.
+
 
 class ReplyCode(StrEnum):
     """Why a site accepted, refused or failed a stage."""
