@@ -7,16 +7,25 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import run_federation
 
-__all__ = ["app"]
-
-app = ServerApp()
+__all__ = ["app", "make_server_app"]
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run one federated imputation; raises (the run fails) when quorum is not met."""
-    cfg = CoordinatorConfig.from_run_config(dict(context.run_config))
-    run_federation(grid, cfg, context.run_id)
+def make_server_app(clock: Clock = SYSTEM_CLOCK) -> ServerApp:
+    """A ServerApp running one federated imputation per run, waiting on ``clock`` (tests pass
+    a fake clock so that timeouts cost no real time)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Run one federated imputation; raises (the run fails) when quorum is not met."""
+        cfg = CoordinatorConfig.from_run_config(dict(context.run_config))
+        run_federation(grid, cfg, context.run_id, clock=clock)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,5 +1,5 @@
-"""The coordinator's run configuration (``[tool.flwr.app.config]``, overridable with
-``flwr run --run-config``). Keys are kebab-case in TOML, snake_case here.
+"""The coordinator's run configuration: :class:`~fediim.protocol.run_config.RunConfig` (every
+key, default and bound, declared once) with the coordinator's three paths required.
 
 Run configuration travels to every node of the run, so it holds *paths* on the coordinator
 machine (schema, signing key, output directory), never secrets themselves.
@@ -8,62 +8,39 @@ machine (schema, signing key, output directory), never secrets themselves.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, ValidationError, field_validator
 
 from fediim.errors import ConfigError
-from fediim.io.validation import FiniteFloat, format_validation_error
-from fediim.protocol.messages import RUN_CONFIG_DEFAULTS
+from fediim.io.validation import format_validation_error
+from fediim.protocol.run_config import RunConfig
 
-_D = RUN_CONFIG_DEFAULTS
-
-__all__ = ["RUN_CONFIG_DEFAULTS", "CoordinatorConfig", "ConfigError"]
+__all__ = ["ConfigError", "CoordinatorConfig"]
 
 
-class CoordinatorConfig(BaseModel):
-    """Validated run configuration of the ServerApp."""
+class CoordinatorConfig(RunConfig):
+    """Validated run configuration of the ServerApp (keys as in ``[tool.flwr.app.config]``)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # A key this coordinator does not know is ignored rather than fatal.
+    model_config = ConfigDict(extra="ignore")
 
-    schema_path: Path = Field(alias="schema")
+    schema_path: Path
     signing_key: Path
     out_dir: Path
-    min_sites: int = Field(default=_D["min-sites"], ge=1)
-    expected_sites: int = Field(default=_D["expected-sites"], ge=0)
-    epsilon: FiniteFloat = Field(default=_D["epsilon"], gt=0)
-    delta: float = Field(default=_D["delta"], gt=0, lt=1)
-    min_records: int = Field(default=_D["min-records"], ge=1)
-    count_fraction: float = Field(default=_D["count-fraction"], gt=0, lt=1)
-    max_depth: int = Field(default=_D["max-depth"], ge=0, le=64)
-    cell_noise_ratio: FiniteFloat = Field(default=_D["cell-noise-ratio"], gt=0)
-    mode: Literal["hybrid", "federated", "local", "mean"] = _D["mode"]
-    k: int = Field(default=_D["k"], ge=1)
-    seed: int = Field(default=_D["seed"], ge=-1)
-    node_wait_timeout: float = Field(default=_D["node-wait-timeout"], gt=0)
-    handshake_timeout: float = Field(default=_D["handshake-timeout"], gt=0)
-    release_timeout: float = Field(default=_D["release-timeout"], gt=0)
-    impute_timeout: float = Field(default=_D["impute-timeout"], gt=0)
 
     @field_validator("schema_path", "signing_key", "out_dir", mode="before")
     @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, str) and not v.strip():
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
             raise ValueError("must name a path on the coordinator machine")
-        return v
-
-    @property
-    def wanted_sites(self) -> int:
-        """How many SuperNodes to wait for before the handshake."""
-        return max(self.min_sites, self.expected_sites)
+        return value
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> CoordinatorConfig:
-        """From Flower's run config (kebab-case keys)."""
-        raw = {str(k).replace("-", "_"): v for k, v in run_config.items()}
+        """From Flower's run config (kebab-case keys); :class:`ConfigError` names the key."""
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(run_config)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(
-                exc, "invalid run configuration", multiline=False,
-                rename=lambda key: key.replace("_", "-"))) from None
+                exc, "invalid run configuration", multiline=False)) from None

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,55 +30,60 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
-from fediim.errors import QuorumNotMet
-from fediim.federated import assemble_bank, plan_privacy
-from fediim.federated.bank import BankError, ModelBank
+from fediim.errors import BankError, MessageError, QuorumNotMet
+from fediim.federated import assemble_bank
+from fediim.federated.bank import ModelBank
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
 from fediim.protocol.messages import (
     MESSAGE_TYPE,
+    HandshakeReply,
     HandshakeRequest,
     ImputeReply,
     ImputeRequest,
-    MessageError,
     ReleaseReply,
     ReleaseRequest,
     ReplyCode,
     reply_type,
 )
+from fediim.protocol.run_config import privacy_plan
 from fediim.protocol.signing import key_id, load_private_key, sign_bank, signature_json
 
-__all__ = ["FEDERATION_FORMAT", "QuorumNotMet", "run_federation"]
+__all__ = ["FEDERATION_FORMAT", "PULL_INTERVAL", "QuorumNotMet", "run_federation"]
 
 log = logging.getLogger("flwr.fediim.coordinator")
 
 FEDERATION_FORMAT = "fediim-federation/1"
 
 
-#: Seconds between pulls for replies. Flower's own ``send_and_receive`` sleeps 3 s between
-#: pulls; the pulls go to the SuperLink next to the ServerApp, so polling faster is cheap and
-#: saves ~1.5 s per round on average.
+#: Seconds between pulls for replies, and between looks for connected SuperNodes. Flower's
+#: own ``send_and_receive`` sleeps 3 s between pulls; the pulls go to the SuperLink next to
+#: the ServerApp, so polling faster is cheap and shortens every round.
 PULL_INTERVAL = 0.5
 
 
-def _send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float,
+                      clock: Clock) -> list[Message]:
     """``Grid.send_and_receive`` with a shorter pull interval (public Grid API only)."""
     pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
+    deadline = clock.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if not pending or time.monotonic() >= deadline:
+        pulled = list(grid.pull_messages(pending))
+        replies += pulled
+        pending -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if not pending or clock.monotonic() >= deadline:
             break
-        time.sleep(min(PULL_INTERVAL, max(0.0, deadline - time.monotonic())))
+        clock.sleep(min(PULL_INTERVAL, max(0.0, deadline - clock.monotonic())))
     return replies
 
 
 @dataclass
 class _Site:
+    """One SuperNode's standing in the run: its stages' outcomes and reported ledger."""
+
     node_id: int
     site_id: str
     active: bool = True
@@ -88,12 +92,14 @@ class _Site:
     ledger: dict[str, Any] | None = None
 
     def exclude(self, stage: str, code: str, reason: str) -> None:
+        """Leave the run at ``stage``, recording (and logging) why."""
         self.active = False
         self.stages[stage] = {"code": code, "reason": reason}
         log.warning("excluding site %s (node %d) at %s: %s: %s", self.site_id, self.node_id,
                     stage, code, reason)
 
     def view(self) -> dict[str, Any]:
+        """This site's entry in ``federation.json``."""
         spent = None
         if self.ledger is not None and self.ledger_before is not None:
             spent = max(0.0, self.ledger["rho_spent"] - self.ledger_before["rho_spent"])
@@ -102,193 +108,213 @@ class _Site:
 
 
 class _Federation:
-    def __init__(self, grid: Grid, cfg: CoordinatorConfig, run_id: int) -> None:
-        self.grid, self.cfg, self.run_id = grid, cfg, int(run_id)
+    """One run's state: the coordinator's own material, every site's standing, the bank."""
+
+    def __init__(self, grid: Grid, cfg: CoordinatorConfig, run_id: int, clock: Clock) -> None:
+        self.grid, self.cfg, self.run_id, self.clock = grid, cfg, int(run_id), clock
         # Fail on our own configuration before anything is sent to a site.
         self.schema = load_schema(cfg.schema_path)
-        self.bounds = self.schema.bounds_array()
+        self.schema.bounds_array()
         self.schema_hash = self.schema.schema_hash()
         self.key = load_private_key(cfg.signing_key)
         self.key_id = key_id(self.key)
-        self.m = len(self.schema.columns)
-        self.rho = plan_privacy(cfg.epsilon, cfg.delta, self.m, **self._plan_kwargs()).rho_total
+        self.n_features = len(self.schema.columns)
+        self.rho = privacy_plan(cfg.epsilon, cfg.delta, self.n_features,
+                                cfg.plan_params()).rho_total
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.sites: dict[int, _Site] = {}
         self.bank_info: dict[str, Any] | None = None
-        self.started = time.time()
-
-    def _plan_kwargs(self) -> dict[str, Any]:
-        c = self.cfg
-        return {"min_records": c.min_records, "count_fraction": c.count_fraction,
-                "max_depth": c.max_depth, "cell_noise_ratio": c.cell_noise_ratio}
+        self.started = clock.monotonic()
 
     def _privacy_fields(self) -> dict[str, Any]:
+        """The fields of a handshake or release request (the same in both)."""
         return {"schema_hash": self.schema_hash, "coordinator_key_id": self.key_id,
                 "epsilon": self.cfg.epsilon, "delta": self.cfg.delta, "seed": self.cfg.seed,
-                **self._plan_kwargs()}
+                **self.cfg.plan_fields()}
 
     # -- bookkeeping --------------------------------------------------------------------
+    def _by_site_id(self) -> list[_Site]:
+        return sorted(self.sites.values(), key=lambda site: site.site_id)
+
     def active(self) -> list[_Site]:
-        return sorted((s for s in self.sites.values() if s.active), key=lambda s: s.site_id)
+        """The sites still in the run, by site id."""
+        return [site for site in self._by_site_id() if site.active]
 
     def write_view(self, status: str, error: str | None = None) -> None:
         """The federation-level ledger view: what every site reported spending."""
+        cfg = self.cfg
         doc = {
             "format": FEDERATION_FORMAT,
             "run_id": self.run_id,
             "status": status,
             "error": error,
-            "elapsed_seconds": round(time.time() - self.started, 3),
+            "elapsed_seconds": round(self.clock.monotonic() - self.started, 3),
             "schema_hash": self.schema_hash,
             "coordinator_key_id": self.key_id,
-            "request": {"epsilon": self.cfg.epsilon, "delta": self.cfg.delta,
-                        "rho_per_site": self.rho, "seeded_noise": self.cfg.seed >= 0,
-                        "mode": self.cfg.mode, "k": self.cfg.k, **self._plan_kwargs()},
-            "min_sites": self.cfg.min_sites,
-            "sites": {s.site_id: s.view()
-                      for s in sorted(self.sites.values(), key=lambda s: s.site_id)},
+            "request": {"epsilon": cfg.epsilon, "delta": cfg.delta, "rho_per_site": self.rho,
+                        "seeded_noise": cfg.seed >= 0, "mode": cfg.mode, "k": cfg.k,
+                        **cfg.plan_fields()},
+            "min_sites": cfg.min_sites,
+            "sites": {site.site_id: site.view() for site in self._by_site_id()},
             "bank": self.bank_info,
         }
         atomic_write_text(self.out / "federation.json",
                           json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     def check_quorum(self, stage: str) -> None:
-        n = len(self.active())
-        if n >= self.cfg.min_sites:
-            log.info("after %s: %d site(s) remain (min-sites %d)", stage, n, self.cfg.min_sites)
+        """Raise :class:`QuorumNotMet` (after writing the view) if too few sites remain."""
+        remaining = len(self.active())
+        if remaining >= self.cfg.min_sites:
+            log.info("after %s: %d site(s) remain (min-sites %d)", stage, remaining,
+                     self.cfg.min_sites)
             return
         excluded = "; ".join(
-            f"{s.site_id}: {st['code']}: {st['reason']}"
-            for s in sorted(self.sites.values(), key=lambda s: s.site_id) if not s.active
-            for st in s.stages.values() if st.get("code") != ReplyCode.OK
+            f"{site.site_id}: {outcome['code']}: {outcome['reason']}"
+            for site in self._by_site_id() if not site.active
+            for outcome in site.stages.values() if outcome.get("code") != ReplyCode.OK
         )
-        msg = (f"quorum not met after {stage}: {n} site(s) remain, min-sites is "
-               f"{self.cfg.min_sites}" + (f" (excluded: {excluded})" if excluded else ""))
-        self.write_view("failed", msg)
-        raise QuorumNotMet(msg)
+        message = (f"quorum not met after {stage}: {remaining} site(s) remain, min-sites is "
+                   f"{self.cfg.min_sites}" + (f" (excluded: {excluded})" if excluded else ""))
+        self.write_view("failed", message)
+        raise QuorumNotMet(message)
 
     # -- one stage ------------------------------------------------------------------------
     def exchange(self, stage: str, requests: dict[int, RecordDict], timeout: float) -> dict:
         """Send one request per node, collect the replies; exclude failing/silent sites."""
-        msgs = [Message(rd, node, MESSAGE_TYPE, ttl=timeout, group_id=stage)
-                for node, rd in requests.items()]
-        log.info("%s: sending to %d site(s), timeout %.0f s", stage, len(msgs), timeout)
-        t0 = time.monotonic()
-        replies = _send_and_receive(self.grid, msgs, timeout)
-        log.info("%s: %d repl(ies) in %.1f s", stage, len(replies), time.monotonic() - t0)
+        messages = [Message(content, node, MESSAGE_TYPE, ttl=timeout, group_id=stage)
+                    for node, content in requests.items()]
+        log.info("%s: sending to %d site(s), timeout %.0f s", stage, len(messages), timeout)
+        sent_at = self.clock.monotonic()
+        replies = _send_and_receive(self.grid, messages, timeout, self.clock)
+        log.info("%s: %d repl(ies) in %.1f s", stage, len(replies),
+                 self.clock.monotonic() - sent_at)
         parsed: dict[int, Any] = {}
-        for rep in replies:
-            node = int(rep.metadata.src_node_id)
-            if node not in requests or node in parsed:
-                continue
-            site = self.sites[node]
-            if rep.has_error():
-                site.exclude(stage, "error", f"the site's ClientApp failed: {rep.error.reason}")
-                parsed[node] = None
-                continue
-            try:
-                reply = reply_type(stage).from_record(rep.content)
-            except MessageError as exc:
-                site.exclude(stage, "malformed_reply", str(exc))
-                parsed[node] = None
-                continue
-            parsed[node] = reply
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if node in requests and node not in parsed:
+                parsed[node] = self._parse_reply(stage, reply)
         for node in requests:
             if node not in parsed:
                 self.sites[node].exclude(stage, "silent",
                                          f"no reply within the {stage} timeout ({timeout:g} s)")
-        return {n: r for n, r in parsed.items() if r is not None}
+        return {node: reply for node, reply in parsed.items() if reply is not None}
+
+    def _parse_reply(self, stage: str, reply: Message) -> Any:
+        """The reply's content as ``stage``'s reply model, or None (the site is excluded)."""
+        site = self.sites[int(reply.metadata.src_node_id)]
+        if reply.has_error():
+            site.exclude(stage, "error", f"the site's ClientApp failed: {reply.error.reason}")
+            return None
+        try:
+            return reply_type(stage).from_record(reply.content)
+        except MessageError as exc:
+            site.exclude(stage, "malformed_reply", str(exc))
+            return None
 
     # -- the run ------------------------------------------------------------------------
     def wait_for_nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.cfg.node_wait_timeout
+        """The connected SuperNodes, once enough are there or ``node-wait-timeout`` passed."""
+        deadline = self.clock.monotonic() + self.cfg.node_wait_timeout
         while True:
-            nodes = sorted(int(n) for n in self.grid.get_node_ids())
-            if len(nodes) >= self.cfg.wanted_sites or time.monotonic() >= deadline:
+            nodes = sorted(int(node) for node in self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.wanted_sites or self.clock.monotonic() >= deadline:
                 return nodes
-            time.sleep(0.5)
+            self.clock.sleep(PULL_INTERVAL)
 
     def handshake(self) -> None:
+        """Stage 1: every connected site accepts this run's request, or is excluded."""
         nodes = self.wait_for_nodes()
         log.info("%d SuperNode(s) connected: %s", len(nodes), nodes)
-        for n in nodes:
-            self.sites[n] = _Site(node_id=n, site_id=f"node-{n}")
-        rd = HandshakeRequest(**self._privacy_fields()).to_record()
-        replies = self.exchange("handshake", {n: rd for n in nodes},
-                                self.cfg.handshake_timeout)
-        for node, rep in replies.items():
+        for node in nodes:
+            self.sites[node] = _Site(node_id=node, site_id=f"node-{node}")
+        request = HandshakeRequest(**self._privacy_fields()).to_record()
+        replies: dict[int, HandshakeReply] = self.exchange(
+            "handshake", {node: request for node in nodes}, self.cfg.handshake_timeout)
+        for node, reply in replies.items():
             site = self.sites[node]
-            site.site_id = rep.site_id
+            site.site_id = reply.site_id
             site.ledger = site.ledger_before = (
-                rep.ledger.model_dump() if rep.ledger is not None else None)
-        counts = Counter(rep.site_id for rep in replies.values())
-        for node, rep in replies.items():
-            site = self.sites[node]
-            if counts[rep.site_id] > 1:
-                site.site_id = f"{rep.site_id}@node-{node}"  # keep both in the view
-                site.exclude("handshake", "duplicate_site_id",
-                             f"{counts[rep.site_id]} SuperNodes claim site id {rep.site_id!r}")
-            elif not rep.ok:
-                site.exclude("handshake", str(rep.code), rep.reason)
-            elif not math.isclose(rep.rho_requested, self.rho, rel_tol=1e-9):
-                site.exclude("handshake", "plan_mismatch",
-                             f"the site computed rho={rep.rho_requested!r} for this request, "
-                             f"the coordinator {self.rho!r}")
-            else:
-                site.stages["handshake"] = {"code": "ok", "reason": ""}
+                reply.ledger.model_dump() if reply.ledger is not None else None)
+        claims = Counter(reply.site_id for reply in replies.values())
+        for node, reply in replies.items():
+            self._judge_handshake(self.sites[node], reply, claims[reply.site_id])
         self.write_view("running")
         self.check_quorum("handshake")
 
+    def _judge_handshake(self, site: _Site, reply: HandshakeReply, claims: int) -> None:
+        """Admit ``site``, or exclude it: a duplicate site id (``claims`` > 1), a refusal, or
+        a plan whose spend differs from the coordinator's."""
+        if claims > 1:
+            site.site_id = f"{reply.site_id}@node-{site.node_id}"  # keep both in the view
+            site.exclude("handshake", "duplicate_site_id",
+                         f"{claims} SuperNodes claim site id {reply.site_id!r}")
+        elif not reply.ok:
+            site.exclude("handshake", str(reply.code), reply.reason)
+        elif not math.isclose(reply.rho_requested, self.rho, rel_tol=1e-9):
+            site.exclude("handshake", "plan_mismatch",
+                         f"the site computed rho={reply.rho_requested!r} for this request, "
+                         f"the coordinator {self.rho!r}")
+        else:
+            site.stages["handshake"] = {"code": "ok", "reason": ""}
+
     def release(self) -> list[ModelBank]:
-        active = self.active()
+        """Stage 2: the active sites' noised cells, one bank per site that released."""
         requests = {
-            s.node_id: ReleaseRequest(**self._privacy_fields(),
-                                      seed_index=i if self.cfg.seed >= 0 else -1).to_record()
-            for i, s in enumerate(active)
+            site.node_id: ReleaseRequest(
+                **self._privacy_fields(),
+                seed_index=index if self.cfg.seed >= 0 else -1).to_record()
+            for index, site in enumerate(self.active())
         }
         replies: dict[int, ReleaseReply] = self.exchange("release", requests,
                                                          self.cfg.release_timeout)
         banks: dict[str, ModelBank] = {}
-        for node, rep in replies.items():
-            site = self.sites[node]
-            if rep.ledger is not None:
-                site.ledger = rep.ledger.model_dump()
-            if rep.site_id != site.site_id:
-                site.exclude("release", "site_id_changed",
-                             f"replied as {rep.site_id!r} after a handshake as {site.site_id!r}")
-                continue
-            if not rep.ok:
-                site.exclude("release", str(rep.code), rep.reason)
-                continue
-            try:
-                bank = self._check_release(site.site_id, rep)
-            except BankError as exc:
-                site.exclude("release", "bad_release", str(exc))
-                continue
-            banks[site.site_id] = bank
-            site.stages["release"] = {"code": "ok", "reason": "", "n_cells": bank.n_cells}
-            if bank.n_cells == 0:
-                log.warning("site %s released no cell with at least %d records", site.site_id,
-                            self.cfg.min_records)
+        for node, reply in replies.items():
+            bank = self._accept_release(self.sites[node], reply)
+            if bank is not None:
+                banks[self.sites[node].site_id] = bank
         self.write_view("running")
         self.check_quorum("release")
-        return [banks[s.site_id] for s in self.active()]
+        return [banks[site.site_id] for site in self.active()]
 
-    def _check_release(self, site_id: str, rep: ReleaseReply) -> ModelBank:
-        if rep.bank is None:
+    def _accept_release(self, site: _Site, reply: ReleaseReply) -> ModelBank | None:
+        """The site's checked cells, or None (the site is excluded, with the reason)."""
+        if reply.ledger is not None:
+            site.ledger = reply.ledger.model_dump()
+        if reply.site_id != site.site_id:
+            site.exclude("release", "site_id_changed",
+                         f"replied as {reply.site_id!r} after a handshake as {site.site_id!r}")
+            return None
+        if not reply.ok:
+            site.exclude("release", str(reply.code), reply.reason)
+            return None
+        try:
+            bank = self._check_release(site.site_id, reply)
+        except BankError as exc:
+            site.exclude("release", "bad_release", str(exc))
+            return None
+        site.stages["release"] = {"code": "ok", "reason": "", "n_cells": bank.n_cells}
+        if bank.n_cells == 0:
+            log.warning("site %s released no cell with at least %d records", site.site_id,
+                        self.cfg.min_records)
+        return bank
+
+    def _check_release(self, site_id: str, reply: ReleaseReply) -> ModelBank:
+        if reply.bank is None:
             raise BankError("the release carries no cells")
-        bank = ModelBank.from_bytes(rep.bank, source=f"site {site_id}'s release")
-        if bank.n_features != self.m:
-            raise BankError(f"cells over {bank.n_features} attributes, the schema has {self.m}")
-        if bank.n_cells != rep.n_cells:
-            raise BankError(f"reports {rep.n_cells} cells but sent {bank.n_cells}")
+        bank = ModelBank.from_bytes(reply.bank, source=f"site {site_id}'s release")
+        if bank.n_features != self.n_features:
+            raise BankError(f"cells over {bank.n_features} attributes, the schema has "
+                            f"{self.n_features}")
+        if bank.n_cells != reply.n_cells:
+            raise BankError(f"reports {reply.n_cells} cells but sent {bank.n_cells}")
         if bank.n_cells and (set(bank.site.tolist()) != {site_id}
                              or len(set(bank.cell.tolist())) != bank.n_cells):
             raise BankError("cells must all belong to the releasing site and have unique ids")
         return bank
 
-    def impute(self, releases: list[ModelBank]) -> None:
+    def _sign_and_store(self, releases: list[ModelBank]) -> tuple[bytes, bytes]:
+        """Assemble the federation bank, sign it, write both to ``out-dir``; (bank, sig)."""
         bank = assemble_bank(releases, meta={"epsilon": self.cfg.epsilon,
                                              "delta": self.cfg.delta})
         data = bank.to_bytes()
@@ -302,32 +328,40 @@ class _Federation:
                           "signature_file": "bank.sig.json"}
         log.info("bank: %d cells from %d site(s), signed with %s", bank.n_cells,
                  len(releases), self.key_id)
-        rd = ImputeRequest(schema_hash=self.schema_hash, coordinator_key_id=self.key_id,
-                           bank=data, signature=signature, mode=self.cfg.mode,
-                           k=self.cfg.k).to_record()
+        return data, signature
+
+    def impute(self, releases: list[ModelBank]) -> None:
+        """Stage 3: send the signed bank; every active site imputes its own records."""
+        data, signature = self._sign_and_store(releases)
+        request = ImputeRequest(schema_hash=self.schema_hash, coordinator_key_id=self.key_id,
+                                bank=data, signature=signature, mode=self.cfg.mode,
+                                k=self.cfg.k).to_record()
         replies: dict[int, ImputeReply] = self.exchange(
-            "impute", {s.node_id: rd for s in self.active()}, self.cfg.impute_timeout)
-        for node, rep in replies.items():
+            "impute", {site.node_id: request for site in self.active()},
+            self.cfg.impute_timeout)
+        for node, reply in replies.items():
             site = self.sites[node]
-            if rep.ledger is not None:
-                site.ledger = rep.ledger.model_dump()
-            if not rep.ok:
-                site.exclude("impute", str(rep.code), rep.reason)
+            if reply.ledger is not None:
+                site.ledger = reply.ledger.model_dump()
+            if not reply.ok:
+                site.exclude("impute", str(reply.code), reply.reason)
                 continue
-            site.stages["impute"] = {"code": "ok", "reason": "", "n_rows": rep.n_rows,
-                                     "n_incomplete_rows": rep.n_incomplete_rows,
-                                     "n_imputed_cells": rep.n_imputed_cells}
+            site.stages["impute"] = {"code": "ok", "reason": "", "n_rows": reply.n_rows,
+                                     "n_incomplete_rows": reply.n_incomplete_rows,
+                                     "n_imputed_cells": reply.n_imputed_cells}
         self.write_view("running")
         self.check_quorum("impute")
 
 
-def run_federation(grid: Grid, cfg: CoordinatorConfig, run_id: int) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: CoordinatorConfig, run_id: int, *,
+                   clock: Clock = SYSTEM_CLOCK) -> dict[str, Any]:
     """Run the three stages; return the federation view (also in ``out-dir``).
 
     Raises :class:`QuorumNotMet` when too few sites remain after a stage, and
-    configuration errors (schema, signing key) before anything is sent.
+    configuration errors (schema, signing key) before anything is sent. Every wait (for
+    SuperNodes, for replies) is measured and spent on ``clock``.
     """
-    fed = _Federation(grid, cfg, run_id)
+    fed = _Federation(grid, cfg, run_id, clock)
     log.info("fediim run %d: epsilon=%g delta=%g (rho=%.6g per site), min-sites %d%s",
              fed.run_id, cfg.epsilon, cfg.delta, fed.rho, cfg.min_sites,
              ", SEEDED NOISE (simulation only)" if cfg.seed >= 0 else "")

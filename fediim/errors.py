@@ -10,6 +10,7 @@ command maps an exception to an exit code without reading its message.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 __all__ = [
     "BankError",
@@ -22,6 +23,7 @@ __all__ = [
     "LedgerError",
     "MessageError",
     "QuorumNotMet",
+    "RunNotCompleted",
     "SchemaError",
     "SignatureError",
     "SigningKeyError",
@@ -131,6 +133,16 @@ class DeployError(FediimError, RuntimeError):
     """The deployment could not be started, or the run did not complete."""
 
     exit_code = ExitCode.FAILED
+
+
+class RunNotCompleted(DeployError):
+    """A deployed run ended, but not as completed. ``federation`` is what is known of it:
+    the coordinator's federation view (every site's stages and reasons), if it was written,
+    and the deployment's own record under ``"deploy"``."""
+
+    def __init__(self, message: str, federation: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.federation: dict[str, Any] = federation or {}
 
 
 class SimulationUnavailable(DeployError):

@@ -24,44 +24,44 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fediim.federated import PrivacyPlan, plan_privacy, site_impute, site_release
-from fediim.federated.bank import BankError, ModelBank
+from fediim.errors import (
+    BankError,
+    BudgetExceeded,
+    DataError,
+    FediimError,
+    LedgerError,
+    MessageError,
+    SchemaError,
+    SignatureError,
+    SigningKeyError,
+    SiteConfigError,
+)
+from fediim.federated import PrivacyPlan, site_impute, site_release
+from fediim.federated.bank import ModelBank
 from fediim.impute.estimator import ImputationResult
 from fediim.io.atomic import atomic_open
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
-from fediim.io.schema import SchemaError, TableSchema, load_schema
-from fediim.io.table import DataError, Table, read_csv
-from fediim.privacy import (
-    BudgetExceeded,
-    LedgerError,
-    PrivacyLedger,
-    SeededGaussianNoise,
-    rho_to_epsilon,
-)
+from fediim.io.schema import TableSchema, load_schema
+from fediim.io.table import Table, read_csv
+from fediim.privacy import PrivacyLedger, SeededGaussianNoise, rho_to_epsilon
 from fediim.protocol.messages import (
     HandshakeReply,
     HandshakeRequest,
     ImputeReply,
     ImputeRequest,
     LedgerView,
-    MessageError,
     PrivacyRequest,
     ReleaseReply,
     ReleaseRequest,
     ReplyCode,
     parse_request,
+    reply_type,
     request_stage,
 )
-from fediim.protocol.signing import (
-    SignatureError,
-    SigningKeyError,
-    key_id,
-    load_public_key,
-    signature_json,
-    verify_bank,
-)
-from fediim.protocol.site_config import SiteConfig, SiteConfigError, load_site_config
+from fediim.protocol.run_config import privacy_plan
+from fediim.protocol.signing import key_id, load_public_key, signature_json, verify_bank
+from fediim.protocol.site_config import SiteConfig, load_site_config
 
 __all__ = ["NODE_CONFIG_KEY", "STATE_RECORD", "OUTPUT_FILES", "handle", "site_config_path"]
 
@@ -79,11 +79,12 @@ _QUOTED = re.compile(r"""^(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 # Conversions between (epsilon, delta) and rho bisect over OpenDP (~0.1-0.3 s each): compute
 # each distinct one once per process. Both functions are pure; PrivacyPlan is frozen.
 _epsilon = lru_cache(maxsize=256)(rho_to_epsilon)
-_plan = lru_cache(maxsize=32)(plan_privacy)
+_plan = lru_cache(maxsize=32)(privacy_plan)
 
 
-class _Refusal(Exception):
-    """An expected reason to refuse a stage (becomes a reply, never a crash)."""
+class _Refusal(FediimError):
+    """Internal to this module: an expected reason to refuse a stage. :func:`handle` turns it
+    into a reply with its code and reason; it never leaves this module."""
 
     def __init__(self, code: ReplyCode, reason: str, ledger: LedgerView | None = None) -> None:
         super().__init__(reason)
@@ -103,6 +104,11 @@ def _redact_data_error(exc: DataError, data_path: Path) -> str:
     return head + sep + tail
 
 
+def _after_source(exc: Exception) -> str:
+    """An error's message without its leading ``<source>: `` (the site logs the full one)."""
+    return str(exc).split(": ", 1)[-1]
+
+
 class _Site:
     """Everything a stage needs, loaded lazily from the site TOML."""
 
@@ -118,7 +124,7 @@ class _Site:
             log.error("%s", exc)
             raise _Refusal(ReplyCode.BAD_CONFIG,
                            f"invalid site configuration {Path(config_path).name}: "
-                           f"{str(exc).split(': ', 1)[-1]}") from None
+                           f"{_after_source(exc)}") from None
         self.site_id = self.cfg.site_id
         self._schema: TableSchema | None = None
         self._ledger: PrivacyLedger | None = None
@@ -126,6 +132,7 @@ class _Site:
     # -- pieces ---------------------------------------------------------------------------
     @property
     def schema(self) -> TableSchema:
+        """The site's schema (a BAD_CONFIG refusal if it is invalid)."""
         if self._schema is None:
             try:
                 self._schema = load_schema(self.cfg.schema_path)
@@ -134,10 +141,11 @@ class _Site:
                 log.error("%s", exc)
                 raise _Refusal(ReplyCode.BAD_CONFIG,
                                f"the site's schema {self.cfg.schema_path.name} is invalid: "
-                               f"{str(exc).split(': ', 1)[-1]}") from None
+                               f"{_after_source(exc)}") from None
         return self._schema
 
     def check_schema(self, schema_hash: str) -> None:
+        """Refuse unless the coordinator's schema hash is this site's."""
         mine = self.schema.schema_hash()
         if mine != schema_hash:
             raise _Refusal(
@@ -147,21 +155,23 @@ class _Site:
                 "bounds and missing markers must agree)")
 
     def check_key(self, requested_key_id: str) -> Any:
+        """The pinned coordinator public key, if ``requested_key_id`` names it; else refuse."""
         try:
-            pub = load_public_key(self.cfg.coordinator_public_key)
+            public_key = load_public_key(self.cfg.coordinator_public_key)
         except SigningKeyError as exc:
             log.error("%s", exc)
             raise _Refusal(ReplyCode.BAD_CONFIG,
                            "the site's pinned coordinator public key "
                            f"{self.cfg.coordinator_public_key.name} cannot be used: "
-                           f"{str(exc).split(': ', 1)[-1]}") from None
-        if key_id(pub) != requested_key_id:
+                           f"{_after_source(exc)}") from None
+        if key_id(public_key) != requested_key_id:
             raise _Refusal(ReplyCode.KEY_MISMATCH,
                            f"the coordinator's signing key {requested_key_id} is not the key "
-                           f"pinned by this site ({key_id(pub)})")
-        return pub
+                           f"pinned by this site ({key_id(public_key)})")
+        return public_key
 
     def table(self) -> Table:
+        """The site's data (a BAD_DATA refusal, naming file, line and column, never a value)."""
         try:
             # A column this hospital never measures is what the federation is for.
             return read_csv(self.cfg.data, schema=self.schema, allow_empty_columns=True)
@@ -172,49 +182,62 @@ class _Site:
 
     @property
     def ledger(self) -> PrivacyLedger:
+        """The site's privacy ledger (a LEDGER_ERROR refusal if it cannot be used)."""
         if self._ledger is None:
             try:
                 self._ledger = PrivacyLedger.open(self.cfg.ledger, self.cfg.budget.rho,
                                                   self.cfg.site_id)
             except (LedgerError, ValueError, OSError) as exc:
                 log.error("site %s: %s", self.site_id, exc)
-                msg = str(exc).replace(str(self.cfg.ledger), self.cfg.ledger.name)
-                raise _Refusal(ReplyCode.LEDGER_ERROR, f"privacy ledger unusable: {msg}") from None
+                message = str(exc).replace(str(self.cfg.ledger), self.cfg.ledger.name)
+                raise _Refusal(ReplyCode.LEDGER_ERROR,
+                               f"privacy ledger unusable: {message}") from None
         return self._ledger
 
     def ledger_view(self) -> LedgerView:
         """The ledger summary reported to the coordinator (as ``PrivacyLedger.summary``
         without the local path), (epsilon, delta) at the site's budget delta."""
-        led, delta = self.ledger, self.cfg.budget.delta
-        return LedgerView(releases=len(led.entries), rho_budget=led.rho_budget,
-                          rho_spent=led.spent_rho, rho_remaining=led.remaining_rho,
-                          delta=delta, epsilon_spent=_epsilon(led.spent_rho, delta),
-                          epsilon_budget=_epsilon(led.rho_budget, delta))
+        ledger, delta = self.ledger, self.cfg.budget.delta
+        return LedgerView(releases=len(ledger.entries), rho_budget=ledger.rho_budget,
+                          rho_spent=ledger.spent_rho, rho_remaining=ledger.remaining_rho,
+                          delta=delta, epsilon_spent=_epsilon(ledger.spent_rho, delta),
+                          epsilon_budget=_epsilon(ledger.rho_budget, delta))
 
-    def plan(self, req: PrivacyRequest) -> PrivacyPlan:
-        m = len(self.schema.columns)
+    def ledger_view_if_open(self) -> LedgerView | None:
+        """The ledger summary if the ledger was opened (to report a spend already charged
+        when a stage fails unexpectedly), else None; never raises."""
+        if self._ledger is None:
+            return None
         try:
-            return _plan(req.epsilon, req.delta, m, **req.plan_kwargs())
+            return self.ledger_view()
+        except Exception:  # noqa: BLE001 - only used while reporting another failure
+            return None
+
+    def plan(self, request: PrivacyRequest) -> PrivacyPlan:
+        """This site's privacy plan for ``request`` (a BAD_REQUEST refusal if invalid)."""
+        n_features = len(self.schema.columns)
+        try:
+            return _plan(request.epsilon, request.delta, n_features, request.plan_params())
         except ValueError as exc:
             raise _Refusal(ReplyCode.BAD_REQUEST, f"invalid privacy request: {exc}") from None
 
-    def check_request(self, req: PrivacyRequest) -> tuple[Table, PrivacyPlan]:
+    def check_request(self, request: PrivacyRequest) -> tuple[Table, PrivacyPlan]:
         """Everything handshake and release check, in order; returns (table, plan)."""
-        self.check_schema(req.schema_hash)
-        self.check_key(req.coordinator_key_id)
-        if req.seed >= 0 and not self.cfg.allow_seeded_noise:
+        self.check_schema(request.schema_hash)
+        self.check_key(request.coordinator_key_id)
+        if request.seed >= 0 and not self.cfg.allow_seeded_noise:
             raise _Refusal(ReplyCode.SEEDED_NOISE_REFUSED,
                            "the coordinator asks for seeded (simulation-only) noise, which a "
                            "known seed makes removable; this site does not allow it "
                            "(allow_seeded_noise = false)")
         table = self.table()
-        plan = self.plan(req)
+        plan = self.plan(request)
         view = self.ledger_view()
         if not self.ledger.can_afford(plan.rho_total):
             raise _Refusal(
                 ReplyCode.INSUFFICIENT_BUDGET,
                 f"insufficient privacy budget: this fit needs rho={plan.rho_total:.6g} "
-                f"(epsilon={req.epsilon:g}, delta={req.delta:g}) but only "
+                f"(epsilon={request.epsilon:g}, delta={request.delta:g}) but only "
                 f"rho={self.ledger.remaining_rho:.6g} of {self.ledger.rho_budget:.6g} remains",
                 view)
         return table, plan
@@ -223,8 +246,8 @@ class _Site:
 # -- stages ---------------------------------------------------------------------------------
 
 
-def _handshake(site: _Site, req: HandshakeRequest) -> HandshakeReply:
-    _, plan = site.check_request(req)
+def _handshake(site: _Site, request: HandshakeRequest) -> HandshakeReply:
+    _, plan = site.check_request(request)
     log.info("site %s: handshake accepted (rho %.6g of remaining %.6g)", site.site_id,
              plan.rho_total, site.ledger.remaining_rho)
     return HandshakeReply(site_id=site.site_id, rho_requested=plan.rho_total,
@@ -234,20 +257,22 @@ def _handshake(site: _Site, req: HandshakeRequest) -> HandshakeReply:
 def _cells_digest(bank: ModelBank, site_id: str) -> str:
     """Digest of one site's cells in a bank (order, ids, boxes, Gram matrices, noise)."""
     mask = bank.site == site_id
-    h = hashlib.sha256()
-    h.update("\n".join(bank.cell[mask].tolist()).encode("utf-8"))
-    for arr in (bank.lo[mask], bank.hi[mask], bank.gram[mask], bank.sigma[mask]):
-        h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
-    return h.hexdigest()
+    digest = hashlib.sha256()
+    digest.update("\n".join(bank.cell[mask].tolist()).encode("utf-8"))
+    for array in (bank.lo[mask], bank.hi[mask], bank.gram[mask], bank.sigma[mask]):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
-def _release(site: _Site, req: ReleaseRequest, run_id: int, state: RecordDict) -> ReleaseReply:
-    table, plan = site.check_request(req)
+def _release(site: _Site, request: ReleaseRequest, run_id: int,
+             state: RecordDict) -> ReleaseReply:
+    table, plan = site.check_request(request)
     noise = None
-    if req.seed >= 0:
-        if req.seed_index < 0:
+    if request.seed >= 0:
+        if request.seed_index < 0:
             raise _Refusal(ReplyCode.BAD_REQUEST, "seeded noise needs a seed_index >= 0")
-        noise = SeededGaussianNoise(np.random.SeedSequence(req.seed, spawn_key=(req.seed_index,)))
+        noise = SeededGaussianNoise(
+            np.random.SeedSequence(request.seed, spawn_key=(request.seed_index,)))
     bounds = site.schema.bounds_array()
     try:
         bank = site_release(table.values, bounds, plan, site_id=site.site_id, ledger=site.ledger,
@@ -269,50 +294,59 @@ def _release(site: _Site, req: ReleaseRequest, run_id: int, state: RecordDict) -
                         ledger=site.ledger_view())
 
 
-def _write_outputs(out: Path, result: ImputationResult, columns: list[str], k: int,
-                   bank_bytes: bytes, signature: bytes, schema_hash: str, run_id: int,
-                   signer: str) -> None:
+def _write_outputs(out: Path, result: ImputationResult, columns: list[str],
+                   request: ImputeRequest, run_id: int) -> None:
     """All outputs staged as temporary files and renamed into place together, table last."""
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        fh_table = stack.enter_context(atomic_open(out / "imputed.csv", "w", newline=""))
-        fh_audit = stack.enter_context(atomic_open(out / "audit.jsonl", "w", newline=""))
-        fh_flags = stack.enter_context(atomic_open(out / "flags.csv", "w", newline=""))
-        fh_bank = stack.enter_context(atomic_open(out / "bank.npz", "wb"))
-        fh_sig = stack.enter_context(atomic_open(out / "bank.sig.json", "w", newline=""))
-        fh_bank.write(bank_bytes)
-        fh_sig.write(signature_json(signature, bank_bytes, schema_hash, run_id, signer))
-        write_flags(fh_flags, result, columns)
-        dump_audit_jsonl(fh_audit, audit_records(result, columns, k=k))
-        write_table(fh_table, result.values, columns)
+        table_file = stack.enter_context(atomic_open(out / "imputed.csv", "w", newline=""))
+        audit_file = stack.enter_context(atomic_open(out / "audit.jsonl", "w", newline=""))
+        flags_file = stack.enter_context(atomic_open(out / "flags.csv", "w", newline=""))
+        bank_file = stack.enter_context(atomic_open(out / "bank.npz", "wb"))
+        signature_file = stack.enter_context(atomic_open(out / "bank.sig.json", "w", newline=""))
+        bank_file.write(request.bank)
+        signature_file.write(signature_json(request.signature, request.bank,
+                                            request.schema_hash, run_id,
+                                            request.coordinator_key_id))
+        write_flags(flags_file, result, columns)
+        dump_audit_jsonl(audit_file, audit_records(result, columns, k=request.k))
+        write_table(table_file, result.values, columns)
 
 
-def _impute(site: _Site, req: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:
-    site.check_schema(req.schema_hash)
-    pub = site.check_key(req.coordinator_key_id)
+def _verified_bank(site: _Site, request: ImputeRequest, run_id: int,
+                   state: RecordDict) -> ModelBank:
+    """The federation bank, once its signature verifies under the pinned key, it fits the
+    schema and it carries this site's own cells as released in this run; else refuse."""
+    site.check_schema(request.schema_hash)
+    public_key = site.check_key(request.coordinator_key_id)
     try:
-        verify_bank(pub, req.signature, req.bank, req.schema_hash, run_id)
+        verify_bank(public_key, request.signature, request.bank, request.schema_hash, run_id)
     except SignatureError as exc:
         log.error("site %s: %s", site.site_id, exc)
         raise _Refusal(ReplyCode.BAD_SIGNATURE, str(exc)) from None
     try:
-        bank = ModelBank.from_bytes(req.bank, source="the federation bank")
+        bank = ModelBank.from_bytes(request.bank, source="the federation bank")
     except BankError as exc:
         raise _Refusal(ReplyCode.BAD_BANK, str(exc)) from None
-    m = len(site.schema.columns)
-    if bank.n_features != m:
+    n_features = len(site.schema.columns)
+    if bank.n_features != n_features:
         raise _Refusal(ReplyCode.BAD_BANK, f"the bank has {bank.n_features} features, the "
-                       f"schema {m}")
+                       f"schema {n_features}")
     released = state.config_records.get(STATE_RECORD)
     if released is not None and int(released["run_id"]) == int(run_id):
         if _cells_digest(bank, site.site_id) != released["cells_sha256"]:
             raise _Refusal(ReplyCode.BAD_BANK, "the bank does not carry this site's cells as "
                            "it released them; refusing to use it")
+    return bank
+
+
+def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:
+    bank = _verified_bank(site, request, run_id, state)
     table = site.table()
     bounds = site.schema.bounds_array()
     try:
-        result = site_impute(table.values, bank, bounds, mode=req.mode, n_neighbors=req.k,
-                             site_id=site.site_id)
+        result = site_impute(table.values, bank, bounds, mode=request.mode,
+                             n_neighbors=request.k, site_id=site.site_id)
     except (BankError, ValueError) as exc:
         raise _Refusal(ReplyCode.ERROR, f"imputation failed: {exc}") from None
     apply_schema(result, site.schema, site.schema.column_names)
@@ -320,18 +354,17 @@ def _impute(site: _Site, req: ImputeRequest, run_id: int, state: RecordDict) -> 
         raise _Refusal(ReplyCode.ERROR, "imputation produced a non-finite value; nothing was "
                        "written")
     try:
-        _write_outputs(site.cfg.output_dir, result, table.columns, req.k, req.bank,
-                       req.signature, req.schema_hash, run_id, req.coordinator_key_id)
+        _write_outputs(site.cfg.output_dir, result, table.columns, request, run_id)
     except OSError as exc:
         log.error("site %s: cannot write outputs: %s", site.site_id, exc)
         raise _Refusal(ReplyCode.ERROR, f"cannot write the outputs ({exc.strerror}); nothing "
                        "was written") from None
     n_cells = int(result.imputed.sum())
     log.info("site %s: imputed %d cells -> %s", site.site_id, n_cells, site.cfg.output_dir)
-    view = site.ledger_view()
     return ImputeReply(site_id=site.site_id, n_rows=table.n_rows,
                        n_incomplete_rows=int(table.missing_mask.any(axis=1).sum()),
-                       n_imputed_cells=n_cells, outputs=list(OUTPUT_FILES), ledger=view)
+                       n_imputed_cells=n_cells, outputs=list(OUTPUT_FILES),
+                       ledger=site.ledger_view())
 
 
 def site_config_path(node_config: dict[str, Any], run_config: dict[str, Any]) -> str | None:
@@ -350,6 +383,16 @@ def site_config_path(node_config: dict[str, Any], run_config: dict[str, Any]) ->
     return None
 
 
+def _answer(site: _Site, request: HandshakeRequest | ReleaseRequest | ImputeRequest,
+            run_id: int, state: RecordDict) -> HandshakeReply | ReleaseReply | ImputeReply:
+    """The stage function of ``request``'s stage."""
+    if isinstance(request, HandshakeRequest):
+        return _handshake(site, request)
+    if isinstance(request, ReleaseRequest):
+        return _release(site, request, run_id, state)
+    return _impute(site, request, run_id, state)
+
+
 def handle(content: RecordDict, *, node_config: dict[str, Any], run_id: int, node_id: int,
            state: RecordDict, run_config: dict[str, Any] | None = None) -> RecordDict:
     """Answer one request record with one reply record (never raises for a bad request)."""
@@ -358,34 +401,24 @@ def handle(content: RecordDict, *, node_config: dict[str, Any], run_id: int, nod
     except MessageError as exc:
         return HandshakeReply(site_id=f"node-{node_id}", code=ReplyCode.BAD_REQUEST,
                               reason=str(exc)).to_record()
-    reply_cls: Any = {"handshake": HandshakeReply, "release": ReleaseReply,
-                 "impute": ImputeReply}[stage]
+    reply_model = reply_type(stage)
     site_id = f"node-{node_id}"
     site: _Site | None = None
     try:
-        req = parse_request(content)
+        request = parse_request(content)
         site = _Site(site_config_path(node_config, run_config or {}), node_id)
         site_id = site.site_id
-        if isinstance(req, HandshakeRequest):
-            reply = _handshake(site, req)
-        elif isinstance(req, ReleaseRequest):
-            reply = _release(site, req, run_id, state)
-        else:
-            reply = _impute(site, req, run_id, state)
+        reply = _answer(site, request, run_id, state)
     except MessageError as exc:
-        reply = reply_cls(site_id=site_id, code=ReplyCode.BAD_REQUEST, reason=str(exc))
+        reply = reply_model(site_id=site_id, code=ReplyCode.BAD_REQUEST, reason=str(exc))
     except _Refusal as exc:
         log.warning("site %s: %s refused (%s): %s", site_id, stage, exc.code, exc.reason)
-        reply = reply_cls(site_id=site_id, code=exc.code, reason=exc.reason, ledger=exc.ledger)
+        reply = reply_model(site_id=site_id, code=exc.code, reason=exc.reason,
+                            ledger=exc.ledger)
     except Exception as exc:  # noqa: BLE001 - a site must answer, not crash; details stay local
         log.exception("site %s: %s failed", site_id, stage)
-        view = None
-        if site is not None and site._ledger is not None:  # report any spend already charged
-            try:
-                view = site.ledger_view()
-            except Exception:  # noqa: BLE001
-                view = None
-        reply = reply_cls(site_id=site_id, code=ReplyCode.ERROR, ledger=view,
-                          reason=f"internal error at the site ({type(exc).__name__}); see the "
-                                 "site's log")
+        reply = reply_model(site_id=site_id, code=ReplyCode.ERROR,
+                            ledger=site.ledger_view_if_open() if site is not None else None,
+                            reason=f"internal error at the site ({type(exc).__name__}); see "
+                                   "the site's log")
     return reply.to_record()

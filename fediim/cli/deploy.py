@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 from fediim.cli.argtypes import positive_float, positive_int
+from fediim.cli.common import Subparsers, add_parser, error
 from fediim.deploy.local import local_deploy
-from fediim.errors import DeployError
+from fediim.deploy.supervisor import DEFAULT_RUN_TIMEOUT
+from fediim.errors import ExitCode, FediimError, RunNotCompleted
+from fediim.federated.plan import MODES
+from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
 
 __all__ = ["register_local_deploy", "register_simulate"]
 
@@ -48,50 +53,49 @@ exit codes: 0 the run completed, 1 the run failed (e.g. quorum not met; see the 
 printed and OUT/coordinator/federation.json), 2 bad usage or input"""
 
 
-def _add_run_arguments(p: Any) -> None:
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = RUN_CONFIG_DEFAULTS
     p.add_argument("--data", metavar="SITE.csv", action="append", required=True,
                    help="one site's table (repeat once per site)")
     p.add_argument("--schema", metavar="SCHEMA.toml", required=True,
                    help="the federation's schema (public bounds for every column)")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory")
-    p.add_argument("--epsilon", type=positive_float, default=1.0,
-                   help="privacy spend of this fit at every site (default: 1)")
-    p.add_argument("--delta", type=positive_float, default=1e-6,
-                   help="delta of the (epsilon, delta) guarantee (default: 1e-6)")
+    p.add_argument("--epsilon", type=positive_float, default=defaults["epsilon"],
+                   help="privacy spend of this fit at every site (default: %(default)g)")
+    p.add_argument("--delta", type=positive_float, default=defaults["delta"],
+                   help="delta of the (epsilon, delta) guarantee (default: %(default)g)")
     p.add_argument("--min-sites", type=positive_int, default=None, metavar="N",
                    help="quorum: the run fails if fewer sites remain after any stage "
                         "(default: every site)")
     p.add_argument("--budget-epsilon", type=positive_float, default=None, metavar="E",
                    help="each site's total budget, kept in its ledger (default: --epsilon)")
-    p.add_argument("--mode", choices=["hybrid", "federated", "local", "mean"],
-                   default="hybrid", help="how sites impute (default: hybrid)")
-    p.add_argument("--k", type=positive_int, default=10, help="neighbours (default: 10)")
-    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
-                   help="give up on the run after this long (default: 600)")
+    p.add_argument("--mode", choices=MODES, default=defaults["mode"],
+                   help="how sites impute (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=defaults["k"],
+                   help="neighbours (default: %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_RUN_TIMEOUT,
+                   metavar="SECONDS", help="give up on the run after this long "
+                   "(default: %(default)g)")
     p.add_argument("--seed", type=int, default=None,
                    help="SIMULATION ONLY: seeded numpy noise instead of OpenDP's sampler "
                         "(reproducible, and removable by anyone who knows the seed)")
 
 
-def register_local_deploy(sub: Any) -> None:
+def register_local_deploy(sub: Subparsers) -> None:
     """Register ``fediim local-deploy`` (called from :data:`fediim.cli.SUBCOMMANDS`)."""
-    import argparse
-
-    p = sub.add_parser("local-deploy", help="run a real Flower federation on localhost "
-                       "(one SuperNode per data file)", description=_DESCRIPTION,
-                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_arguments(p)
-    p.add_argument("--node-auth", action=argparse.BooleanOptionalAction, default=True,
-                   help="SuperNode authentication with registered EC keys (default: on)")
-    p.set_defaults(func=_run_local_deploy, simulation=False)
+    parser = add_parser(sub, "local-deploy", help="run a real Flower federation on localhost "
+                        "(one SuperNode per data file)", description=_DESCRIPTION,
+                        epilog=_EPILOG)
+    _add_run_arguments(parser)
+    parser.add_argument("--node-auth", action=argparse.BooleanOptionalAction, default=True,
+                        help="SuperNode authentication with registered EC keys (default: on)")
+    parser.set_defaults(func=_run_local_deploy, simulation=False)
 
 
-def register_simulate(sub: Any) -> None:
+def register_simulate(sub: Subparsers) -> None:
     """Register ``fediim simulate`` (called from :data:`fediim.cli.SUBCOMMANDS`)."""
-    import argparse
-
-    p = sub.add_parser(
-        "simulate", help="run the same federation on Flower's Simulation Engine (needs Ray)",
+    parser = add_parser(
+        sub, "simulate", help="run the same federation on Flower's Simulation Engine (needs Ray)",
         description="""\
 Run the federation of 'fediim local-deploy' on Flower's Simulation Engine instead of real
 SuperNodes: the same ServerApp and ClientApp, each simulated node mapped to one --data
@@ -99,26 +103,28 @@ file's site (same OUT layout, same ledgers and outputs). Needs Ray: pip install
 'fediim[sim]'. Use --seed for reproducible studies.""",
         epilog="""\
 example:
-  fediim simulate --data a.csv --data b.csv --schema schema.toml --out sim --seed 1""",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_arguments(p)
-    p.set_defaults(func=_run_local_deploy, simulation=True, node_auth=False)
+  fediim simulate --data a.csv --data b.csv --schema schema.toml --out sim --seed 1""")
+    _add_run_arguments(parser)
+    parser.set_defaults(func=_run_local_deploy, simulation=True, node_auth=False)
 
 
-def _run_local_deploy(args: Any) -> int:
-    from fediim.io.schema import SchemaError
-
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments before anything is written, or None."""
     missing = [d for d in args.data if not Path(d).is_file()]
     if missing:
-        print(f"error: data file(s) not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        return f"data file(s) not found: {', '.join(missing)}"
     if args.delta >= 1:
-        print("error: --delta must be < 1", file=sys.stderr)
-        return 2
+        return "--delta must be < 1"
     if args.min_sites is not None and args.min_sites > len(args.data):
-        print(f"error: --min-sites {args.min_sites} exceeds the {len(args.data)} site(s)",
-              file=sys.stderr)
-        return 2
+        return f"--min-sites {args.min_sites} exceeds the {len(args.data)} site(s)"
+    return None
+
+
+def _run_local_deploy(args: argparse.Namespace) -> int:
+    problem = _usage_problem(args)
+    if problem:
+        error(problem)
+        return ExitCode.USAGE
     run_config: dict[str, Any] = {"mode": args.mode, "k": args.k}
     if args.seed is not None:
         run_config["seed"] = int(args.seed)
@@ -129,23 +135,21 @@ def _run_local_deploy(args: Any) -> int:
                             node_auth=args.node_auth, timeout=args.timeout,
                             allow_seeded_noise=args.seed is not None,
                             simulation=args.simulation)
-    except SchemaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DeployError as exc:
-        _print_sites(getattr(exc, "federation", {}), Path(args.out))
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if "needs Ray" in str(exc) else 1
+    except FediimError as exc:
+        if isinstance(exc, RunNotCompleted):
+            _print_sites(exc.federation, Path(args.out))
+        error(str(exc))
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; every process was stopped", file=sys.stderr)
-        return 130
+        error("interrupted; every process was stopped")
+        return ExitCode.INTERRUPTED
     _print_sites(view, Path(args.out))
-    phases = ", ".join(f"{k} {v:.0f} s" for k, v in view["deploy"]["phase_seconds"].items())
+    deploy = view["deploy"]
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in deploy["phase_seconds"].items())
     print(f"fediim {'simulate' if args.simulation else 'local-deploy'}: run "
-          f"{view['deploy']['run_id']} completed in "
-          f"{view['deploy']['seconds']:.0f} s ({phases}) -> {Path(args.out).resolve()}",
-          file=sys.stderr)
-    return 0
+          f"{deploy['run_id']} completed in {deploy['seconds']:.0f} s ({phases}) -> "
+          f"{Path(args.out).resolve()}", file=sys.stderr)
+    return ExitCode.OK
 
 
 def _print_sites(view: dict[str, Any], out: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from fediim.errors import DeployError
 from fediim.io.atomic import atomic_write_text
 from fediim.io.toml import toml_string, toml_value
+from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
 from fediim.protocol.site_config import SITE_ID_PATTERN
 
 __all__ = ["APP_DIR_NAME", "FederationLayout", "SiteLayout", "app_pyproject", "prepare_federation"]
@@ -47,14 +48,14 @@ class FederationLayout:
 def _site_ids(data: Sequence[Path]) -> list[str]:
     """Site ids from the data files' names: safe characters only, unique."""
     ids: list[str] = []
-    for p in data:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", p.stem).strip("-._") or "site"
+    for path in data:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "site"
         if not re.match(SITE_ID_PATTERN, base):
             base = ("site-" + base)[:64]
-        sid, i = base, 2
-        while sid in ids:
-            sid, i = f"{base}-{i}", i + 1
-        ids.append(sid)
+        site_id, suffix = base, 2
+        while site_id in ids:
+            site_id, suffix = f"{base}-{suffix}", suffix + 1
+        ids.append(site_id)
     return ids
 
 
@@ -63,8 +64,8 @@ def prepare_federation(
     schema: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    epsilon: float = 1.0,
-    delta: float = 1e-6,
+    epsilon: float = RUN_CONFIG_DEFAULTS["epsilon"],
+    delta: float = RUN_CONFIG_DEFAULTS["delta"],
     budget_epsilon: float | None = None,
     min_sites: int | None = None,
     site_ids: Sequence[str] | None = None,
@@ -84,43 +85,46 @@ def prepare_federation(
     out_dir = Path(out).resolve()
     schema_path = Path(schema).resolve()
     load_schema(schema_path).bounds_array()  # fail early, naming the file
-    files = [Path(p).resolve() for p in data]
+    files = [Path(path).resolve() for path in data]
     if not files:
         raise DeployError("at least one --data file is needed")
     ids = list(site_ids) if site_ids is not None else _site_ids(files)
     if len(ids) != len(files) or len(set(ids)) != len(ids):
         raise DeployError(f"need one unique site id per data file, got {ids}")
-    coord = out_dir / "coordinator"
-    coord.mkdir(parents=True, exist_ok=True)
-    key, pub = coord / "signing.key", coord / "coordinator.pub"
-    if key.exists() and pub.exists():
+    coordinator_dir = out_dir / "coordinator"
+    coordinator_dir.mkdir(parents=True, exist_ok=True)
+    key, public_key = coordinator_dir / "signing.key", coordinator_dir / "coordinator.pub"
+    if key.exists() and public_key.exists():
         load_private_key(key)
     else:
-        write_keypair(key, pub)
+        write_keypair(key, public_key)
     budget = Budget(epsilon=budget_epsilon if budget_epsilon is not None else epsilon,
                     delta=delta)
     sites = []
-    for sid, f in zip(ids, files, strict=True):
-        d = out_dir / sid
-        d.mkdir(parents=True, exist_ok=True)
-        cfg = SiteConfig(site_id=sid, data=f, schema=schema_path, ledger=d / "ledger.json",
-                         output_dir=d, coordinator_public_key=pub, budget=budget,
-                         allow_seeded_noise=allow_seeded_noise)
-        atomic_write_text(d / "site.toml", site_config_toml(cfg))
-        sites.append(SiteLayout(sid, f, d, d / "site.toml", d / "ledger.json"))
-    rc = {
-        "schema": str(schema_path), "signing-key": str(key), "out-dir": str(coord),
+    for site_id, data_file in zip(ids, files, strict=True):
+        site_dir = out_dir / site_id
+        site_dir.mkdir(parents=True, exist_ok=True)
+        config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path,
+                            ledger=site_dir / "ledger.json", output_dir=site_dir,
+                            coordinator_public_key=public_key, budget=budget,
+                            allow_seeded_noise=allow_seeded_noise)
+        atomic_write_text(site_dir / "site.toml", site_config_toml(config))
+        sites.append(SiteLayout(site_id, data_file, site_dir, site_dir / "site.toml",
+                                site_dir / "ledger.json"))
+    run = {
+        "schema": str(schema_path), "signing-key": str(key), "out-dir": str(coordinator_dir),
         "min-sites": int(min_sites if min_sites is not None else len(files)),
         "expected-sites": len(files), "epsilon": float(epsilon), "delta": float(delta),
         **(run_config or {}),
     }
-    return FederationLayout(out_dir, schema_path, coord, key, pub, tuple(sites), rc)
+    return FederationLayout(out_dir, schema_path, coordinator_dir, key, public_key,
+                            tuple(sites), run)
 
 
 def app_pyproject(run_config: dict[str, Any]) -> str:
-    """A minimal Flower app: the installed ``coordinator``/``site_client`` apps + config."""
-    from fediim.protocol.messages import RUN_CONFIG_DEFAULTS
-
+    """A minimal Flower app: the installed ``coordinator``/``site_client`` apps + config
+    (every key of :class:`~fediim.protocol.run_config.RunConfig`, ``run_config`` over its
+    defaults)."""
     unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
     if unknown:
         raise DeployError(f"unknown run-config keys {unknown}")

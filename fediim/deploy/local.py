@@ -33,15 +33,25 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from fediim.deploy.layout import prepare_federation
-from fediim.deploy.supervisor import MARKER_ENV, LocalDeployment
-from fediim.errors import DeployError
+from fediim.deploy.layout import FederationLayout, prepare_federation
+from fediim.deploy.supervisor import DEFAULT_RUN_TIMEOUT, MARKER_ENV, LocalDeployment
+from fediim.errors import RunNotCompleted, SimulationUnavailable
 from fediim.io.atomic import atomic_write_text
+from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
 
-__all__ = ["local_deploy"]
+__all__ = ["local_deploy", "simulation_engine_available"]
+
+#: The run's status in ``flwr ls`` when it completed.
+COMPLETED = "finished:completed"
+
+
+def simulation_engine_available() -> bool:
+    """Whether Flower's Simulation Engine can run here: it needs Ray (extra ``sim``)."""
+    return importlib.util.find_spec("ray") is not None
 
 
 def local_deploy(
@@ -49,13 +59,13 @@ def local_deploy(
     schema: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    epsilon: float = 1.0,
-    delta: float = 1e-6,
+    epsilon: float = RUN_CONFIG_DEFAULTS["epsilon"],
+    delta: float = RUN_CONFIG_DEFAULTS["delta"],
     min_sites: int | None = None,
     budget_epsilon: float | None = None,
     run_config: dict[str, Any] | None = None,
     node_auth: bool = True,
-    timeout: float = 600.0,
+    timeout: float = DEFAULT_RUN_TIMEOUT,
     allow_seeded_noise: bool = False,
     simulation: bool = False,
 ) -> dict[str, Any]:
@@ -65,67 +75,86 @@ def local_deploy(
     the ``sim`` extra): a simulation SuperLink, no SuperNodes, each simulated node mapped to
     a site TOML by its partition id (run-config ``site-configs``).
 
-    Raises :class:`DeployError` when the run does not finish as completed (the federation
-    view, if written, is attached as ``.federation``).
+    Raises :class:`SimulationUnavailable` before writing anything when simulating without
+    Ray, :class:`RunNotCompleted` when the run does not finish as completed (what is known of
+    it is its ``.federation``), and :class:`DeployError` when the deployment fails.
     """
-    if simulation and importlib.util.find_spec("ray") is None:
-        raise DeployError("the Simulation Engine needs Ray, which is not installed: "
-                          "pip install 'fediim[sim]' (or use local-deploy)")
+    if simulation and not simulation_engine_available():
+        raise SimulationUnavailable("the Simulation Engine needs Ray, which is not installed: "
+                                    "pip install 'fediim[sim]' (or use local-deploy)")
     layout = prepare_federation(data, schema, out, epsilon=epsilon, delta=delta,
                                 budget_epsilon=budget_epsilon, min_sites=min_sites,
                                 allow_seeded_noise=allow_seeded_noise, run_config=run_config)
     if simulation:
         layout.run_config["site-configs"] = json.dumps([str(s.config) for s in layout.sites])
-    view_path = layout.coordinator_dir / "federation.json"
-    started = time.monotonic()
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def _on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    in_main = _is_main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    timings: dict[str, float] = {}
-    status: dict[str, Any] = {}
-    dep = LocalDeployment(layout, node_auth=node_auth, simulation=simulation)
-    info: dict[str, Any] = {"flwr_home": str(dep.home), "marker": dep.marker,
-                            "marker_env": MARKER_ENV}
-    try:
-        with dep:
-            t0 = time.monotonic()
-            dep.start()
-            timings["start"] = time.monotonic() - t0
-            t0 = time.monotonic()
-            status = dep.run(timeout=timeout)
-            timings["run"] = time.monotonic() - t0
-            t0 = time.monotonic()
-        timings["stop"] = time.monotonic() - t0
-    except BaseException as exc:
-        info["error"] = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-        info.update({"status": status.get("status"), "details": status.get("status-details"),
-                     "seconds": round(time.monotonic() - started, 1), "run_id": dep.run_id,
-                     "phase_seconds": {k: round(v, 1) for k, v in timings.items()},
-                     "stray_processes_swept": dep.swept})
-        dep.log_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(dep.log_dir / "deploy.json", json.dumps(info, indent=2) + "\n")
-    view: dict[str, Any] = {}
-    if view_path.exists():
-        view = json.loads(view_path.read_text(encoding="utf-8"))
-    view["deploy"] = info
-    if status.get("status") != "finished:completed":
-        err = DeployError(
-            f"run {dep.run_id} ended as {status.get('status')!r}"
+    deployment = LocalDeployment(layout, node_auth=node_auth, simulation=simulation)
+    with _sigterm_as_interrupt():
+        status, record = _run_recorded(deployment, timeout)
+    view = _federation_view(layout)
+    view["deploy"] = record
+    if status.get("status") != COMPLETED:
+        raise RunNotCompleted(
+            f"run {deployment.run_id} ended as {status.get('status')!r}"
             + (f": {view['error']}" if view.get("error") else "")
-            + f" (logs in {layout.out / 'logs'})")
-        err.federation = view  # type: ignore[attr-defined]
-        raise err
+            + f" (logs in {deployment.log_dir})", federation=view)
     return view
 
 
-def _is_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+def _run_recorded(deployment: LocalDeployment,
+                  timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start, run and stop ``deployment``, timing each phase; whatever happens, write the
+    deployment's record to ``logs/deploy.json``. Returns (the run's ``flwr ls`` record,
+    the deployment's record)."""
+    record: dict[str, Any] = {"flwr_home": str(deployment.home), "marker": deployment.marker,
+                              "marker_env": MARKER_ENV}
+    phase_seconds: dict[str, float] = {}
+    status: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        with deployment:
+            phase_started = time.monotonic()
+            deployment.start()
+            phase_seconds["start"] = time.monotonic() - phase_started
+            phase_started = time.monotonic()
+            status = deployment.run(timeout=timeout)
+            phase_seconds["run"] = time.monotonic() - phase_started
+            phase_started = time.monotonic()
+        phase_seconds["stop"] = time.monotonic() - phase_started
+    except BaseException as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        record.update({"status": status.get("status"), "details": status.get("status-details"),
+                       "seconds": round(time.monotonic() - started, 1),
+                       "run_id": deployment.run_id,
+                       "phase_seconds": {k: round(v, 1) for k, v in phase_seconds.items()},
+                       "stray_processes_swept": deployment.swept})
+        deployment.log_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(deployment.log_dir / "deploy.json", json.dumps(record, indent=2) + "\n")
+    return status, record
+
+
+def _federation_view(layout: FederationLayout) -> dict[str, Any]:
+    """The coordinator's ``federation.json``, or an empty view if it was never written."""
+    view_path = layout.coordinator_dir / "federation.json"
+    if not view_path.exists():
+        return {}
+    return json.loads(view_path.read_text(encoding="utf-8"))
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (so every process is stopped as on
+    Ctrl-C); only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

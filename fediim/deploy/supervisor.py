@@ -1,5 +1,10 @@
-"""Supervision of a local federation's processes: SuperLink, SuperNodes, the run."""
+"""Supervision of a local federation's processes: SuperLink, SuperNodes, the run.
 
+:class:`ProcessGroup` starts named processes, each logging to its own file, and stops them
+all, including descendants that left their process group. :class:`LocalDeployment` prepares
+a temporary ``FLWR_HOME`` (TLS material, node keys, the ``flwr`` connection), starts the
+SuperLink and the SuperNodes, submits the run and follows it until it is finished.
+"""
 
 from __future__ import annotations
 
@@ -19,28 +24,37 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fediim.deploy.layout import APP_DIR_NAME, FederationLayout, app_pyproject
 from fediim.errors import DeployError
 
-__all__ = ["CONNECTION", "MARKER_ENV", "LocalDeployment", "stray_processes"]
+__all__ = ["CONNECTION", "DEFAULT_RUN_TIMEOUT", "MARKER_ENV", "LocalDeployment", "ProcessGroup",
+           "free_ports", "stray_processes"]
 
+#: The ``flwr`` connection (``[superlink.local-deploy]``) in the temporary ``FLWR_HOME``.
 CONNECTION = "local-deploy"
+#: Environment variable carrying a deployment's marker into every process it starts.
 MARKER_ENV = "FEDIIM_DEPLOY_ID"
+#: Seconds after which a run that has not finished is stopped and reported as failed.
+DEFAULT_RUN_TIMEOUT = 600.0
+#: Seconds between looks at a starting SuperLink or leftover processes, at a running
+#: submission, and at the run's status.
+_SHORT_POLL, _STREAM_POLL, _STATUS_POLL = 0.25, 0.5, 2.0
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct localhost TCP ports that were free a moment ago."""
+    sockets, ports = [], []
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+            ports.append(sock.getsockname()[1])
     finally:
-        for s in socks:
-            s.close()
+        for sock in sockets:
+            sock.close()
     return ports
 
 
@@ -71,10 +85,94 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-class LocalDeployment:
-    """One SuperLink + one SuperNode per site on localhost, with TLS and node authentication.
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
 
-    Use as a context manager; every process is stopped on exit (see module docstring).
+
+class ProcessGroup:
+    """Named processes of one deployment, each in its own session and logging to
+    ``log_dir/<name>.log``; every one carries ``marker`` in its environment so that
+    :meth:`stop` also finds descendants that started their own session."""
+
+    def __init__(self, log_dir: Path, cwd: Path, env: dict[str, str], marker: str) -> None:
+        self.log_dir, self.cwd, self.env, self.marker = log_dir, cwd, env, marker
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._log_files: list[IO[bytes]] = []
+
+    def log_path(self, name: str) -> Path:
+        """Where process ``name`` writes its output."""
+        return self.log_dir / f"{name}.log"
+
+    def start(self, name: str, args: list[str],
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``args`` as process ``name`` (environment ``env``, default the group's)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path(name), "ab")  # closed in stop()
+        self._log_files.append(log_file)
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT, env=env or self.env,
+                                   start_new_session=True, cwd=self.cwd)
+        self.processes.append((name, process))
+        return process
+
+    def check_alive(self) -> None:
+        """Raise :class:`DeployError`, with the end of its log, if any process has exited."""
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise DeployError(f"{name} exited with code {process.returncode}; its log "
+                                  f"({self.log_path(name)}) ends with:\n"
+                                  + _tail(self.log_path(name)))
+
+    def stop(self, grace: float) -> list[int]:
+        """Stop every process and its descendants; return the PIDs that had to be swept."""
+        self._end_process_groups(grace)
+        swept = self._sweep_strays(grace)
+        for log_file in self._log_files:
+            log_file.close()
+        self._log_files.clear()
+        self.processes.clear()
+        return swept
+
+    def _end_process_groups(self, grace: float) -> None:
+        """SIGTERM to every group (last started first), SIGKILL to those still up after
+        ``grace`` seconds."""
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                _kill_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+
+    def _sweep_strays(self, grace: float) -> list[int]:
+        """Processes that left our process groups (``flower-superexec`` starts a new
+        session) exit when their parent does; give them ``grace`` seconds, then end them by
+        PID."""
+        deadline = time.monotonic() + grace
+        while stray_processes(self.marker) and time.monotonic() < deadline:
+            time.sleep(_SHORT_POLL)
+        swept: list[int] = []
+        for pid in stray_processes(self.marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                swept.append(pid)
+            except ProcessLookupError:
+                pass
+        return swept
+
+
+class LocalDeployment:
+    """One SuperLink + one SuperNode per site on localhost, with TLS and node authentication
+    (or, with ``simulation=True``, a simulation SuperLink running the sites as Ray actors).
+
+    Use as a context manager; every process is stopped and the temporary ``FLWR_HOME``
+    removed on exit.
     """
 
     def __init__(self, layout: FederationLayout, *, node_auth: bool = True,
@@ -82,26 +180,24 @@ class LocalDeployment:
         self.layout = layout
         self.node_auth = node_auth
         self.simulation = simulation
-        self.ca_cert: Path | None = None
         self.log_dir = log_dir or layout.out / "logs"
         self.marker = uuid.uuid4().hex
         self.home = Path(tempfile.mkdtemp(prefix="fediim-flwr-home-"))
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self._logs: list[Any] = []
-        bindir = str(Path(sys.executable).parent)
+        self.bindir = Path(sys.executable).parent
         self.env = {
             **os.environ,
-            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+            "PATH": str(self.bindir) + os.pathsep + os.environ.get("PATH", ""),
             "FLWR_HOME": str(self.home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             MARKER_ENV: self.marker,
         }
-        self.bindir = Path(bindir)
+        self.processes = ProcessGroup(self.log_dir, self.home, self.env, self.marker)
+        self.ca_cert: Path | None = None
         self.port = 0
         self.run_id: int | None = None
         self.swept: list[int] = []
-        self.label = "fediim local-deploy"  # prefix of progress lines
+        self.label = "fediim simulate" if simulation else "fediim local-deploy"
 
     # -- context management -----------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -110,69 +206,27 @@ class LocalDeployment:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _say(self, msg: str) -> None:
-        print(f"{self.label}: {msg}", file=sys.stderr, flush=True)
+    def _say(self, message: str) -> None:
+        print(f"{self.label}: {message}", file=sys.stderr, flush=True)
 
-    def _exe(self, name: str) -> str:
-        p = self.bindir / name
-        return str(p) if p.exists() else name
+    def executable(self, name: str) -> str:
+        """Flower's command ``name`` from this Python's environment, else from PATH."""
+        path = self.bindir / name
+        return str(path) if path.exists() else name
 
-    # -- processes ------------------------------------------------------------------------
-    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.log_dir / f"{name}.log", "ab")  # closed in stop()
-        self._logs.append(fh)
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=fh,
-                                stderr=subprocess.STDOUT, env=env or self.env,
-                                start_new_session=True, cwd=self.home)
-        self.procs.append((name, proc))
-
-    def _check_alive(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                raise DeployError(f"{name} exited with code {proc.returncode}; its log "
-                                  f"({self.log_dir / (name + '.log')}) ends with:\n"
-                                  + _tail(self.log_dir / f"{name}.log"))
+    def start_process(self, name: str, args: list[str],
+                      env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start a process that :meth:`stop` will stop (see :class:`ProcessGroup`)."""
+        return self.processes.start(name, args, env)
 
     def _flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self._exe("flwr"), *args], env=self.env, cwd=self.home,
+        return subprocess.run([self.executable("flwr"), *args], env=self.env, cwd=self.home,
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     def stop(self, grace: float = 10.0) -> list[int]:
         """Stop everything this deployment started; return PIDs that had to be swept."""
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=5)
-        # Processes that left our process groups (flower-superexec starts a new session)
-        # exit when their parent does; give them a moment, then end them by PID.
-        swept: list[int] = []
-        deadline = time.monotonic() + grace
-        while stray_processes(self.marker) and time.monotonic() < deadline:
-            time.sleep(0.25)
-        for pid in stray_processes(self.marker):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                swept.append(pid)
-            except ProcessLookupError:
-                pass
+        swept = self.processes.stop(grace)
         self.swept += swept
-        for fh in self._logs:
-            fh.close()
-        self._logs.clear()
-        self.procs.clear()
         shutil.rmtree(self.home, ignore_errors=True)
         return swept
 
@@ -184,53 +238,60 @@ class LocalDeployment:
             return
         from fediim.protocol.tls import write_tls_files
 
-        pki = self.home / "pki"
-        tls = write_tls_files(pki)
+        tls = write_tls_files(self.home / "pki")
         self.ca_cert = tls.ca_cert
-        sites = self.layout.sites
-        ports = _free_ports(1 + len(sites))
+        ports = free_ports(1 + len(self.layout.sites))
         self.port = ports[0]
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = '
-            f"{json.dumps(str(tls.ca_cert))}\n", encoding="utf-8")
-        link = [self._exe("flower-superlink"), "--port", str(self.port),
-                "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                "--ssl-keyfile", str(tls.server_key),
-                "--disable-runtime-dependency-installation"]
+        self._write_connection(f"root-certificates = {json.dumps(str(tls.ca_cert))}")
+        superlink = [self.executable("flower-superlink"), "--port", str(self.port),
+                     "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile",
+                     str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
+                     "--disable-runtime-dependency-installation"]
         if self.node_auth:
-            link.append("--enable-supernode-auth")
+            superlink.append("--enable-supernode-auth")
         self._say(f"starting SuperLink on 127.0.0.1:{self.port} (TLS"
                   f"{', node authentication' if self.node_auth else ''})")
-        self._start("superlink", link)
+        self.start_process("superlink", superlink)
         self._wait_healthy(ready_timeout)
         if self.node_auth:
             self._register_nodes()
-        for site, port in zip(sites, ports[1:], strict=True):
-            args = [self._exe("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                    "--port", str(port), "--root-certificates", str(tls.ca_cert),
+        self._start_supernodes(ports[1:])
+
+    def _write_connection(self, security: str) -> None:
+        """The ``flwr`` connection to this deployment's SuperLink, as the default one."""
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n', encoding="utf-8")
+
+    def _node_key(self, site_id: str) -> Path:
+        return self.home / "nodes" / f"{site_id}.key"
+
+    def _start_supernodes(self, ports: list[int]) -> None:
+        """One SuperNode per site, each with its own ``FLWR_HOME`` and localhost port."""
+        sites = self.layout.sites
+        for site, port in zip(sites, ports, strict=True):
+            args = [self.executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                    "--port", str(port), "--root-certificates", str(self.ca_cert),
                     "--node-config", f"site-config={json.dumps(str(site.config))}"]
             if self.node_auth:
-                args += ["--auth-supernode-private-key",
-                         str(self.home / "nodes" / f"{site.site_id}.key")]
-            env = {**self.env, "FLWR_HOME": str(self.home / "nodes" / site.site_id)}
-            Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-            self._start(f"supernode-{site.site_id}", args, env)
+                args += ["--auth-supernode-private-key", str(self._node_key(site.site_id))]
+            node_home = self.home / "nodes" / site.site_id
+            node_home.mkdir(parents=True, exist_ok=True)
+            self.start_process(f"supernode-{site.site_id}", args,
+                               {**self.env, "FLWR_HOME": str(node_home)})
         self._say(f"started {len(sites)} SuperNode(s): {', '.join(s.site_id for s in sites)}")
 
     def _start_simulation(self, ready_timeout: float) -> None:
         """A SuperLink in simulation mode (localhost only, no SuperNodes: the Simulation
         Engine runs the ClientApps as Ray actors inside it)."""
         self.ca_cert = None
-        self.label = "fediim simulate"
-        self.port = _free_ports(1)[0]
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
+        self.port = free_ports(1)[0]
+        self._write_connection("insecure = true")
         self._say(f"starting a simulation SuperLink on 127.0.0.1:{self.port}")
-        self._start("superlink", [self._exe("flower-superlink"), "--insecure", "--simulation",
-                                  "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"])
+        self.start_process("superlink", [
+            self.executable("flower-superlink"), "--insecure", "--simulation",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation"])
         self._wait_healthy(ready_timeout)
 
     def _register_nodes(self) -> None:
@@ -239,82 +300,92 @@ class LocalDeployment:
 
         pending = []
         for site in self.layout.sites:
-            key = self.home / "nodes" / f"{site.site_id}.key"
-            pub = self.home / "nodes" / f"{site.site_id}.pub"
-            write_node_auth_keypair(key, pub)
+            key = self._node_key(site.site_id)
+            public_key = key.with_suffix(".pub")
+            write_node_auth_keypair(key, public_key)
             pending.append((site.site_id, subprocess.Popen(
-                [self._exe("flwr"), "supernode", "register", str(pub), CONNECTION, "--name",
-                 site.site_id, "--format", "json"], stdin=subprocess.DEVNULL,
+                [self.executable("flwr"), "supernode", "register", str(public_key), CONNECTION,
+                 "--name", site.site_id, "--format", "json"], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, cwd=self.home)))
         failed = []
-        for sid, proc in pending:
-            out, _ = proc.communicate(timeout=120)
-            if proc.returncode != 0:
-                failed.append(f"{sid}: {out.decode(errors='replace').strip()}")
+        for site_id, process in pending:
+            output, _ = process.communicate(timeout=120)
+            if process.returncode != 0:
+                failed.append(f"{site_id}: {output.decode(errors='replace').strip()}")
         if failed:
             raise DeployError("registering the SuperNodes' keys failed:\n" + "\n".join(failed))
 
     def _wait_healthy(self, timeout: float) -> None:
-        ctx = ssl.create_default_context(cafile=str(self.ca_cert)) if self.ca_cert else None
+        """Wait until the SuperLink answers ``/health`` (a DeployError if it exits or is
+        not healthy within ``timeout`` seconds)."""
+        context = ssl.create_default_context(cafile=str(self.ca_cert)) if self.ca_cert else None
         url = f"{'https' if self.ca_cert else 'http'}://127.0.0.1:{self.port}/health"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._check_alive()
+            self.processes.check_alive()
             try:
-                with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
-                    if resp.status == 200:
+                with urllib.request.urlopen(url, context=context, timeout=2) as response:
+                    if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):
                 pass
-            time.sleep(0.25)
+            time.sleep(_SHORT_POLL)
         raise DeployError(f"the SuperLink was not healthy within {timeout:g} s")
 
     # -- the run ------------------------------------------------------------------------
-    def run(self, timeout: float = 600.0) -> dict[str, Any]:
+    def run(self, timeout: float = DEFAULT_RUN_TIMEOUT) -> dict[str, Any]:
         """Submit the app and follow its log stream; return ``flwr ls``'s record of the run.
 
         ``flwr run --stream`` exits when the run ends (with code 0 even if it failed), so
         the outcome is always read from ``flwr ls --format json``.
         """
-        app = self.home / APP_DIR_NAME
-        app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(app_pyproject(self.layout.run_config),
-                                            encoding="utf-8")
-        log_path = self.log_dir / "run.log"
         deadline = time.monotonic() + timeout
-        t0 = time.monotonic()
-        with open(log_path, "w", encoding="utf-8") as fh:
-            cmd = [self._exe("flwr"), "run", str(app), CONNECTION, "--stream"]
-            if self.simulation:
-                cmd += ["--federation-config", f"num-supernodes={len(self.layout.sites)}"]
-            stream = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        log_path = self.log_dir / "run.log"
+        exit_code = self._submit_and_stream(self._write_app(), log_path, deadline)
+        found = re.search(r"Successfully started run (\d+)",
+                          log_path.read_text(encoding="utf-8", errors="replace"))
+        if found is None:
+            raise DeployError(f"flwr run did not start a run (exit {exit_code}):\n"
+                              + _tail(log_path, 30))
+        self.run_id = int(found.group(1))
+        return self._wait_finished(deadline, timeout)
+
+    def _write_app(self) -> Path:
+        """The Flower app directory: a pyproject naming the installed apps, the run config."""
+        app_dir = self.home / APP_DIR_NAME
+        app_dir.mkdir(exist_ok=True)
+        (app_dir / "pyproject.toml").write_text(app_pyproject(self.layout.run_config),
+                                                encoding="utf-8")
+        return app_dir
+
+    def _submit_and_stream(self, app_dir: Path, log_path: Path, deadline: float) -> int | None:
+        """``flwr run --stream``, its output copied to ``log_path`` (each line stamped with
+        seconds since submission) until it exits or ``deadline``; return its exit code."""
+        command = [self.executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        if self.simulation:
+            command += ["--federation-config", f"num-supernodes={len(self.layout.sites)}"]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            stream = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
                                       start_new_session=True)
-
-            def _copy() -> None:  # the run's log, each line stamped with seconds since submit
-                assert stream.stdout is not None
-                for raw in stream.stdout:
-                    line = raw.decode("utf-8", errors="replace").rstrip("\n")
-                    fh.write(f"[{time.monotonic() - t0:6.1f}s] {line}\n")
-                    fh.flush()
-
-            copier = threading.Thread(target=_copy, daemon=True)
+            copier = threading.Thread(target=_copy_stamped, args=(stream, log_file),
+                                      daemon=True)
             copier.start()
             try:
                 while stream.poll() is None and time.monotonic() < deadline:
-                    self._check_alive()
-                    time.sleep(0.5)
+                    self.processes.check_alive()
+                    time.sleep(_STREAM_POLL)
             finally:
                 if stream.poll() is None:
                     os.killpg(stream.pid, signal.SIGTERM)
                     stream.wait(timeout=10)
                 copier.join(timeout=10)
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-        found = re.search(r"Successfully started run (\d+)", text)
-        if found is None:
-            raise DeployError(f"flwr run did not start a run (exit {stream.returncode}):\n"
-                              + _tail(log_path, 30))
-        self.run_id = int(found.group(1))
+        return stream.returncode
+
+    def _wait_finished(self, deadline: float, timeout: float) -> dict[str, Any]:
+        """The run's ``flwr ls`` record once it is finished; at ``deadline``, stop the run
+        and raise :class:`DeployError`."""
         status: dict[str, Any] = {}
         while True:
             status = self._status()
@@ -322,16 +393,26 @@ class LocalDeployment:
                 return status
             if time.monotonic() >= deadline:
                 break
-            self._check_alive()
-            time.sleep(2.0)
+            self.processes.check_alive()
+            time.sleep(_STATUS_POLL)
         self._flwr("stop", str(self.run_id), CONNECTION)
         raise DeployError(f"run {self.run_id} did not finish within {timeout:g} s "
                           f"(last status {status.get('status')!r})")
 
     def _status(self) -> dict[str, Any]:
-        res = self._flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json")
+        result = self._flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json")
         try:
-            runs = json.loads(res.stdout).get("runs", [])
-            return next(r for r in runs if int(r["run-id"]) == self.run_id)
+            runs = json.loads(result.stdout).get("runs", [])
+            return next(run for run in runs if int(run["run-id"]) == self.run_id)
         except (ValueError, StopIteration, KeyError, TypeError, AttributeError):
             return {}
+
+
+def _copy_stamped(stream: subprocess.Popen[bytes], log_file: IO[str]) -> None:
+    """Copy ``stream``'s output to ``log_file``, each line stamped with seconds since now."""
+    assert stream.stdout is not None
+    started = time.monotonic()
+    for raw in stream.stdout:
+        line = raw.decode("utf-8", errors="replace").rstrip("\n")
+        log_file.write(f"[{time.monotonic() - started:6.1f}s] {line}\n")
+        log_file.flush()

@@ -37,7 +37,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fediim.errors import MessageError
-from fediim.io.validation import FiniteFloat, format_validation_error
+from fediim.federated.plan import Mode
+from fediim.io.validation import format_validation_error
+from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS, Delta, Epsilon, PlanFields
 
 __all__ = [
     "CONFIG_RECORD",
@@ -69,35 +71,8 @@ MESSAGE_TYPE = "query"
 CONFIG_RECORD = "fediim.config"
 ARRAYS_RECORD = "fediim.arrays"
 LEDGER_RECORD = "fediim.ledger"
-
-Mode = Literal["hybrid", "federated", "local", "mean"]
-
-#: The run configuration both apps receive (``[tool.flwr.app.config]``; every key that
-#: ``flwr run --run-config`` may override must be declared there), with its defaults. Paths
-#: are on the coordinator machine; ``seed`` >= 0 is for simulations only (see above).
-RUN_CONFIG_DEFAULTS: dict[str, Any] = {
-    "schema": "",  # the federation's schema TOML (its hash is checked by every site)
-    "signing-key": "",  # the coordinator's Ed25519 private key (PEM)
-    "out-dir": "",  # federation.json (ledger view), bank.npz, bank.sig.json
-    "min-sites": 2,  # quorum, checked after every stage
-    "expected-sites": 0,  # SuperNodes to wait for before the handshake (0: min-sites)
-    "epsilon": 1.0,  # this fit's spend at every site
-    "delta": 1e-6,
-    "min-records": 10,
-    "count-fraction": 0.1,
-    "max-depth": 16,
-    "cell-noise-ratio": 4.0,
-    "mode": "hybrid",  # imputation at the sites: hybrid, federated, local or mean
-    "k": 10,
-    "seed": -1,  # -1: OpenDP noise. >= 0: seeded numpy noise, SIMULATION ONLY
-    "node-wait-timeout": 60.0,  # seconds
-    "handshake-timeout": 60.0,
-    "release-timeout": 300.0,
-    "impute-timeout": 300.0,
-    # Simulation Engine only: a JSON list of site TOMLs, picked by each simulated node's
-    # partition-id. Deployed SuperNodes name their own TOML in --node-config and ignore it.
-    "site-configs": "",
-}
+# RUN_CONFIG_DEFAULTS (declared in fediim.protocol.run_config) and MessageError (in
+# fediim.errors) are re-exported here for the apps' convenience.
 
 
 class ReplyCode(StrEnum):
@@ -126,7 +101,7 @@ class LedgerView(BaseModel):
     rho_budget: float = Field(ge=0)
     rho_spent: float = Field(ge=0)
     rho_remaining: float = Field(ge=0)
-    delta: float = Field(gt=0, lt=1)
+    delta: Delta
     epsilon_spent: float = Field(ge=0)
     epsilon_budget: float = Field(ge=0)
 
@@ -211,29 +186,21 @@ def _config_of(record: RecordDict) -> dict[str, Any]:
 # --------------------------------------------------------------------------- requests
 
 
-class PrivacyRequest(_Message):
+class PrivacyRequest(_Message, PlanFields):
     """What the coordinator asks a site to spend, and how (shared by handshake and release).
 
     ``epsilon``/``delta`` is this fit's spend at every site (converted to rho-zCDP by
-    :func:`fediim.federated.plan_privacy` at the site); the partition parameters change how
-    the spend is used, never how much is spent. ``seed`` >= 0: seeded noise, simulations only.
+    :func:`fediim.federated.plan_privacy` at the site); the plan's fields
+    (:class:`~fediim.protocol.run_config.PlanFields`) change how the spend is used, never how
+    much is spent. ``seed`` >= 0: seeded noise, simulations only.
     """
 
     STAGE: ClassVar[str] = ""
     schema_hash: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
     coordinator_key_id: str = Field(min_length=1)
-    epsilon: FiniteFloat = Field(gt=0)
-    delta: float = Field(gt=0, lt=1)
-    min_records: int = Field(default=RUN_CONFIG_DEFAULTS["min-records"], ge=1)
-    count_fraction: float = Field(default=RUN_CONFIG_DEFAULTS["count-fraction"], gt=0, lt=1)
-    max_depth: int = Field(default=RUN_CONFIG_DEFAULTS["max-depth"], ge=0, le=64)
-    cell_noise_ratio: FiniteFloat = Field(default=RUN_CONFIG_DEFAULTS["cell-noise-ratio"], gt=0)
-    seed: int = Field(default=-1, ge=-1)
-
-    def plan_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`fediim.federated.plan_privacy` besides (eps, delta, m)."""
-        return {"min_records": self.min_records, "count_fraction": self.count_fraction,
-                "max_depth": self.max_depth, "cell_noise_ratio": self.cell_noise_ratio}
+    epsilon: Epsilon
+    delta: Delta
+    seed: int = Field(default=RUN_CONFIG_DEFAULTS["seed"], ge=-1)
 
 
 class HandshakeRequest(PrivacyRequest):
@@ -257,7 +224,7 @@ class ImputeRequest(_Message):
     coordinator_key_id: str = Field(min_length=1)
     bank: bytes = Field(min_length=1)
     signature: bytes = Field(min_length=1)
-    mode: Mode = "hybrid"
+    mode: Mode = RUN_CONFIG_DEFAULTS["mode"]
     k: int = Field(default=RUN_CONFIG_DEFAULTS["k"], ge=1)
 
 

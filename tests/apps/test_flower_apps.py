@@ -1,10 +1,13 @@
 """The real ServerApp and ClientApps in one process (tests/flower_grid.py): the happy path,
-equality with the in-process FederatedIIM, and every failure behaviour of the federation."""
+equality with the in-process FederatedIIM, and every failure behaviour of the federation.
+
+The coordinator waits on a :class:`FakeClock`: a silent site is excluded after its full
+(default) stage timeout, and the test does not wait for it.
+"""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -13,15 +16,16 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from coordinator.app import app as server_app
-from coordinator.federation import QuorumNotMet
+from coordinator.app import make_server_app
 from fediim.deploy.layout import FederationLayout, prepare_federation
+from fediim.errors import ExitCode, QuorumNotMet
 from fediim.federated import FederatedIIM
 from fediim.federated.bank import ModelBank
 from fediim.io.schema import TableSchema
 from fediim.io.table import read_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
-from fediim.protocol.messages import ARRAYS_RECORD, RUN_CONFIG_DEFAULTS
+from fediim.protocol.messages import ARRAYS_RECORD
+from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
 from fediim.protocol.signing import read_signature_file, verify_bank, write_keypair
 from fediim.protocol.site_config import load_site_config
 from site_client.app import app as client_app
@@ -30,6 +34,20 @@ from tests.flower_grid import InProcessGrid, run_server_app
 COLUMNS = ["age", "bp", "chol", "hr"]
 BOUNDS = [(0.0, 120.0), (40.0, 250.0), (50.0, 700.0), (30.0, 220.0)]
 RUN_ID = 4242
+
+
+class FakeClock:
+    """The coordinator's clock for tests: ``sleep`` only advances this clock's time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
 
 
 def _table(seed: int, n: int) -> np.ndarray:
@@ -75,17 +93,24 @@ def _federation(tmp_path: Path, sizes: tuple[int, ...] = (160, 120, 100), *,
     return prepare_federation(
         data, schema, tmp_path / "out", epsilon=epsilon, delta=1e-6, min_sites=min_sites,
         budget_epsilon=budget_epsilon, allow_seeded_noise=seed >= 0,
-        # in-process replies are there at the first pull: short timeouts only cost the
-        # silent-site tests their wait
-        run_config={"seed": seed, "node-wait-timeout": 1.0, "handshake-timeout": 1.0,
-                    "release-timeout": 1.0, "impute-timeout": 1.0, **run})
+        # the default timeouts: waiting them out costs only FakeClock time
+        run_config={"seed": seed, **run})
 
 
-def _run(layout: FederationLayout, **grid_kwargs: Any) -> InProcessGrid:
+def _serve(grid: InProcessGrid, clock: FakeClock | None = None) -> FakeClock:
+    """Run the real ServerApp against ``grid``, waiting on ``clock`` (a fresh FakeClock by
+    default); return the clock."""
+    clock = clock or FakeClock()
+    run_server_app(make_server_app(clock), grid)
+    return clock
+
+
+def _run(layout: FederationLayout, clock: FakeClock | None = None,
+         **grid_kwargs: Any) -> InProcessGrid:
     nodes = {101 + i: {"site-config": str(s.config)} for i, s in enumerate(layout.sites)}
     run_config = {**RUN_CONFIG_DEFAULTS, **layout.run_config}
     grid = InProcessGrid(client_app, nodes, run_id=RUN_ID, run_config=run_config, **grid_kwargs)
-    run_server_app(server_app, grid)
+    _serve(grid, clock)
     return grid
 
 
@@ -100,7 +125,9 @@ def _ledger_bytes(layout: FederationLayout) -> dict[str, bytes | None]:
 
 def test_happy_path_writes_outputs_ledgers_and_federation_view(tmp_path: Path) -> None:
     layout = _federation(tmp_path, sizes=(300, 200, 150))
-    grid = _run(layout)
+    clock = FakeClock()
+    grid = _run(layout, clock)
+    assert clock.now == 0.0  # every node connected and every reply at the first pull
     assert [g for _, g in grid.delivered] == ["handshake"] * 3 + ["release"] * 3 + ["impute"] * 3
     view = _view(layout)
     assert view["status"] == "completed" and view["error"] is None
@@ -234,18 +261,24 @@ def test_a_second_run_is_refused_once_the_budget_is_spent(tmp_path: Path) -> Non
 
 def test_silent_site_is_excluded(tmp_path: Path) -> None:
     layout = _federation(tmp_path)
-    grid = _run(layout, drop=lambda node, stage: node == 103 and stage == "handshake")
+    clock = FakeClock()
+    grid = _run(layout, clock, drop=lambda node, stage: node == 103 and stage == "handshake")
+    timeout = RUN_CONFIG_DEFAULTS["handshake-timeout"]
+    assert clock.now == timeout  # the coordinator waited out the whole handshake timeout
     view = _view(layout)
     silent = view["sites"]["node-103"]
     assert silent["stages"]["handshake"]["code"] == "silent"
-    assert "no reply" in silent["stages"]["handshake"]["reason"]
+    assert silent["stages"]["handshake"]["reason"] == (
+        f"no reply within the handshake timeout ({timeout:g} s)")
     assert {n for n, g in grid.delivered if g == "release"} == {101, 102}
     assert view["status"] == "completed"
 
 
 def test_site_silent_at_release_is_excluded_from_the_bank(tmp_path: Path) -> None:
     layout = _federation(tmp_path)
-    _run(layout, drop=lambda node, stage: node == 101 and stage == "release")
+    clock = FakeClock()
+    _run(layout, clock, drop=lambda node, stage: node == 101 and stage == "release")
+    assert clock.now == RUN_CONFIG_DEFAULTS["release-timeout"]
     view = _view(layout)
     sid = layout.sites[0].site_id
     assert view["sites"][sid]["stages"]["release"]["code"] == "silent"
@@ -341,8 +374,11 @@ def test_quorum_not_met_fails_the_run_before_anything_is_spent(tmp_path: Path) -
 
 def test_too_few_nodes_connected_fails(tmp_path: Path) -> None:
     layout = _federation(tmp_path, sizes=(200,), min_sites=2)
+    clock = FakeClock()
     with pytest.raises(QuorumNotMet, match="1 site"):
-        _run(layout)
+        _run(layout, clock)
+    # the coordinator waited node-wait-timeout for the second SuperNode
+    assert clock.now == RUN_CONFIG_DEFAULTS["node-wait-timeout"]
 
 
 def test_simulation_nodes_find_their_site_by_partition_id(tmp_path: Path) -> None:
@@ -354,7 +390,7 @@ def test_simulation_nodes_find_their_site_by_partition_id(tmp_path: Path) -> Non
     run_config = {**RUN_CONFIG_DEFAULTS, **layout.run_config,
                   "site-configs": json.dumps([str(s.config) for s in layout.sites])}
     grid = InProcessGrid(client_app, nodes, run_id=RUN_ID, run_config=run_config)
-    run_server_app(server_app, grid)
+    _serve(grid)
     view = _view(layout)
     assert view["status"] == "completed"
     assert sorted(view["sites"]) == sorted(s.site_id for s in layout.sites)
@@ -372,15 +408,18 @@ def test_a_deployed_node_without_site_config_ignores_site_configs(tmp_path: Path
     assert site_config_path({"partition-id": 5}, rc) is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed")
 def test_simulate_without_ray_is_a_clear_usage_error(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether or not Ray is installed here: the lookup is made to find none."""
+    import fediim.deploy.local
     from fediim.cli import main
 
+    monkeypatch.setattr(fediim.deploy.local, "simulation_engine_available", lambda: False)
     layout = _federation(tmp_path / "x", sizes=(50,))
     code = main(["simulate", "--data", str(layout.sites[0].data), "--schema",
                  str(layout.schema), "--out", str(tmp_path / "sim")])
-    assert code == 2 and "needs Ray" in capsys.readouterr().err
+    assert code == ExitCode.USAGE and "needs Ray" in capsys.readouterr().err
     assert not (tmp_path / "sim").exists()
 
 
@@ -400,7 +439,7 @@ def test_a_crashing_client_app_is_excluded_with_its_error(tmp_path: Path) -> Non
     nodes = {101 + i: {"site-config": str(s.config)} for i, s in enumerate(layout.sites)}
     grid = InProcessGrid(crashing, nodes, run_id=RUN_ID,
                          run_config={**RUN_CONFIG_DEFAULTS, **layout.run_config})
-    run_server_app(server_app, grid)
+    _serve(grid)
     st = _view(layout)["sites"]["node-102"]["stages"]["handshake"]
     assert st["code"] == "error" and "disk on fire" in st["reason"]
 
@@ -413,7 +452,7 @@ def test_two_nodes_claiming_one_site_id_are_both_excluded(tmp_path: Path) -> Non
              104: {"site-config": str(layout.sites[2].config)}}
     grid = InProcessGrid(client_app, nodes, run_id=RUN_ID,
                          run_config={**RUN_CONFIG_DEFAULTS, **layout.run_config})
-    run_server_app(server_app, grid)
+    _serve(grid)
     view = _view(layout)
     assert view["status"] == "completed"
     assert {n for n, g in grid.delivered if g == "release"} == {103, 104}

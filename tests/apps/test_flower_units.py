@@ -15,17 +15,24 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, RecordDict
 
-from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.config import CoordinatorConfig
 from fediim.cli import SUBCOMMANDS, main
 from fediim.cli.deploy import register_local_deploy
 from fediim.deploy.layout import _site_ids, app_pyproject, prepare_federation
 from fediim.deploy.supervisor import stray_processes
-from fediim.errors import DeployError
+from fediim.errors import (
+    ConfigError,
+    DeployError,
+    ExitCode,
+    RunNotCompleted,
+    SchemaError,
+    SimulationUnavailable,
+)
+from fediim.federated.plan import MODES, PLAN_DEFAULTS
 from fediim.io.schema import TableSchema
 from fediim.privacy import PrivacyLedger
 from fediim.protocol.messages import (
     CONFIG_RECORD,
-    RUN_CONFIG_DEFAULTS,
     HandshakeReply,
     HandshakeRequest,
     ImputeReply,
@@ -37,6 +44,7 @@ from fediim.protocol.messages import (
     ReplyCode,
     parse_request,
 )
+from fediim.protocol.run_config import NOISY_MAX_DEPTH, RUN_CONFIG_DEFAULTS, RunConfig
 from fediim.protocol.signing import (
     SignatureError,
     SigningKeyError,
@@ -325,6 +333,35 @@ def test_local_deploy_is_a_registered_subcommand(capsys: pytest.CaptureFixture[s
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("exc", "code"), [
+    (RunNotCompleted("run 7 ended as 'finished:failed'", federation={"sites": {"a": {
+        "active": False, "stages": {"handshake": {"code": "schema_mismatch",
+                                                  "reason": "hash differs"}}}}}),
+     ExitCode.FAILED),
+    (DeployError("the SuperLink was not healthy within 60 s"), ExitCode.FAILED),
+    (SimulationUnavailable("the Simulation Engine needs Ray"), ExitCode.USAGE),
+    (SchemaError("s.toml: columns: expected a table"), ExitCode.USAGE),
+    (KeyboardInterrupt(), ExitCode.INTERRUPTED),
+])
+def test_local_deploy_exit_codes_follow_the_error_type(
+        exc: BaseException, code: ExitCode, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import fediim.cli.deploy
+
+    def _fail(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(fediim.cli.deploy, "local_deploy", _fail)
+    data = tmp_path / "a.csv"
+    data.write_text("x\n1\n")
+    assert main(["local-deploy", "--data", str(data), "--schema", "s",
+                 "--out", str(tmp_path / "out")]) == code
+    err = capsys.readouterr().err
+    assert str(exc) in err
+    if isinstance(exc, RunNotCompleted):  # what each site did is printed
+        assert "a: EXCLUDED (handshake: schema_mismatch: hash differs)" in err
+
+
 def test_ledger_untouched_by_handshake_refusal_is_byte_identical(tmp_path: Path) -> None:
     # PrivacyLedger.open on an existing file does not rewrite it (the site relies on this)
     led = PrivacyLedger.open(tmp_path / "l.json", 0.5, "a")
@@ -344,16 +381,46 @@ def test_run_config_defaults_follow_the_library_defaults() -> None:
     fed = inspect.signature(FederatedIIM).parameters
     for key in ("min-records", "count-fraction", "cell-noise-ratio"):
         name = key.replace("-", "_")
-        assert RUN_CONFIG_DEFAULTS[key] == plan[name].default == fed[name].default, key
+        assert RUN_CONFIG_DEFAULTS[key] == getattr(PLAN_DEFAULTS, name) == plan[name].default \
+            == fed[name].default, key
     # The depth cap and the number of trees default by budget (None); a Flower run is
     # always private (finite epsilon), where that means max-depth 16 and one tree.
+    assert PLAN_DEFAULTS.max_depth is None and PLAN_DEFAULTS.n_trees is None
     assert plan["max_depth"].default is None and fed["max_depth"].default is None
     assert plan["n_trees"].default is None and fed["n_trees"].default is None
     noisy = plan_privacy(1.0, 1e-6, 4)
-    assert RUN_CONFIG_DEFAULTS["max-depth"] == noisy.partition.max_depth
+    assert RUN_CONFIG_DEFAULTS["max-depth"] == NOISY_MAX_DEPTH == noisy.partition.max_depth
     assert noisy.n_trees == 1
     assert RUN_CONFIG_DEFAULTS["k"] == fed["k"].default
     assert RUN_CONFIG_DEFAULTS["mode"] == fed["mode"].default
+    assert RUN_CONFIG_DEFAULTS["epsilon"] == fed["epsilon"].default
+    assert RUN_CONFIG_DEFAULTS["delta"] == fed["delta"].default
+
+
+def test_the_run_config_is_declared_once() -> None:
+    """RunConfig is the source: the coordinator's configuration is RunConfig, the requests
+    carry its plan fields, the modes are the library's, and the CLI offers the same."""
+    import argparse
+    import dataclasses
+    import typing
+
+    from fediim.cli.deploy import _add_run_arguments
+    from fediim.protocol.messages import HandshakeRequest, ImputeRequest
+
+    assert issubclass(CoordinatorConfig, RunConfig)
+    assert RUN_CONFIG_DEFAULTS == RunConfig().model_dump(by_alias=True)
+    assert typing.get_args(RunConfig.model_fields["mode"].annotation) == MODES
+    assert typing.get_args(ImputeRequest.model_fields["mode"].annotation) == MODES
+    request = HandshakeRequest(**PRIV)
+    assert request.plan_params() == RunConfig().plan_params()
+    assert request.plan_params() == dataclasses.replace(PLAN_DEFAULTS, max_depth=NOISY_MAX_DEPTH)
+    parser = argparse.ArgumentParser()
+    _add_run_arguments(parser)
+    args = parser.parse_args(["--data", "a.csv", "--schema", "s", "--out", "o"])
+    mode = next(a for a in parser._actions if a.dest == "mode")
+    assert tuple(mode.choices) == MODES
+    for key in ("epsilon", "delta", "mode", "k"):
+        assert getattr(args, key) == RUN_CONFIG_DEFAULTS[key], key
 
 
 def test_ledger_view_from_a_ledger_summary(tmp_path: Path) -> None:
