@@ -391,7 +391,7 @@ def test_run_config_defaults_follow_the_library_defaults() -> None:
     noisy = plan_privacy(1.0, 1e-6, 4)
     assert RUN_CONFIG_DEFAULTS["max-depth"] == NOISY_MAX_DEPTH == noisy.partition.max_depth
     assert noisy.n_trees == 1
-    assert RUN_CONFIG_DEFAULTS["k"] == fed["k"].default
+    assert RUN_CONFIG_DEFAULTS["k"] == fed["n_neighbors"].default
     assert RUN_CONFIG_DEFAULTS["mode"] == fed["mode"].default
     assert RUN_CONFIG_DEFAULTS["epsilon"] == fed["epsilon"].default
     assert RUN_CONFIG_DEFAULTS["delta"] == fed["delta"].default
