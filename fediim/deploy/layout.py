@@ -92,7 +92,9 @@ def prepare_federation(
     its ledger is created here (``PrivacyLedger.create``: sites never create one). An
     existing signing key in ``out/coordinator`` is reused, and existing ledgers are kept, so
     spend accumulates across runs into the same ``out``; an existing ledger of another site
-    or budget raises :class:`LedgerError` before anything is written.
+    or budget raises :class:`LedgerError` before anything is written. A new ``out`` is
+    made readable by its owner only (it will hold every site's records); an existing
+    one keeps its mode.
     """
     from fediim.io.schema import load_schema
     from fediim.privacy import PrivacyLedger
@@ -109,6 +111,7 @@ def prepare_federation(
     if len(ids) != len(files) or len(set(ids)) != len(ids):
         raise DeployError(f"need one unique site id per data file, got {ids}")
     coordinator_dir = out_dir / "coordinator"
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the owner only
     coordinator_dir.mkdir(parents=True, exist_ok=True)
     key, public_key = coordinator_dir / "signing.key", coordinator_dir / "coordinator.pub"
     if key.exists() and public_key.exists():

@@ -1,8 +1,10 @@
-"""``prepare_federation`` creates every site's privacy ledger explicitly, keeps it across
-runs into the same directory, and refuses one of another budget or site before writing."""
+"""``prepare_federation``: it creates every site's privacy ledger explicitly, keeps it across
+runs into the same directory, refuses one of another budget or site before writing, and
+makes a new output directory private."""
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,16 @@ def test_prepare_federation_refuses_a_ledger_of_another_site(tmp_path: Path) -> 
     second.ledger.write_bytes(first.ledger.read_bytes())
     with pytest.raises(LedgerError, match="belongs to site 'a', not 'b'"):
         _prepare(tmp_path)
+
+
+def test_a_new_output_directory_is_private(tmp_path: Path) -> None:
+    """OUT holds every site's records, outputs and logs: a new one is created 0700 (the
+    umask would leave it world-readable); an existing directory keeps its mode."""
+    layout = _prepare(tmp_path)
+    assert stat.S_IMODE(layout.out.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    schema = tmp_path / "schema.toml"
+    prepare_federation([tmp_path / "a.csv"], schema, shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
