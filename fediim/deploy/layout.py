@@ -110,6 +110,10 @@ def prepare_federation(
     ids = list(site_ids) if site_ids is not None else _site_ids(files)
     if len(ids) != len(files) or len(set(ids)) != len(ids):
         raise DeployError(f"need one unique site id per data file, got {ids}")
+    budget = Budget(epsilon=budget_epsilon if budget_epsilon is not None else epsilon,
+                    delta=delta)
+    for site_id in ids:
+        _check_existing_ledger(out_dir / site_id / "ledger.json", site_id, budget.rho)
     coordinator_dir = out_dir / "coordinator"
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the owner only
     coordinator_dir.mkdir(parents=True, exist_ok=True)
@@ -118,10 +122,6 @@ def prepare_federation(
         load_private_key(key)
     else:
         write_keypair(key, public_key)
-    budget = Budget(epsilon=budget_epsilon if budget_epsilon is not None else epsilon,
-                    delta=delta)
-    for site_id in ids:
-        _check_existing_ledger(out_dir / site_id / "ledger.json", site_id, budget.rho)
     sites = []
     for site_id, data_file in zip(ids, files, strict=True):
         site_dir = out_dir / site_id
