@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from fediim.cli.argtypes import positive_float, positive_int
 from fediim.cli.common import Subparsers, add_parser, error
@@ -14,7 +17,7 @@ from fediim.deploy.local import local_deploy
 from fediim.deploy.supervisor import DEFAULT_RUN_TIMEOUT
 from fediim.errors import ExitCode, FediimError, RunNotCompleted
 from fediim.federated.plan import MODES
-from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
+from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS, RunConfig
 
 __all__ = ["register_local_deploy", "register_simulate"]
 
@@ -37,7 +40,13 @@ Layout of OUT:
   OUT/<site>/bank.npz, bank.sig.json   the signed federation bank the site used
   OUT/coordinator/federation.json      every site's stages, reasons and reported spend
   OUT/coordinator/signing.key, coordinator.pub   the coordinator's Ed25519 key pair
-  OUT/logs/                     SuperLink, SuperNode and run logs
+  OUT/logs/                     SuperLink, SuperNode and run logs; deploy.json: the
+                                deployment's record (status, timings, dropped sites)
+
+A SuperNode that exits during the run is a site that dropped out, not a failure: the run
+goes on without it if --min-sites still holds (the coordinator waits for a silent site
+up to the stage's timeout, e.g. --run-config release-timeout=60), and the summary says
+which site dropped out and when.
 
 Site ids are the data files' names (A.csv -> A). Each site's budget defaults to this
 run's --epsilon: running again into the same OUT is refused by the sites once their
@@ -49,8 +58,35 @@ examples:
   fediim local-deploy --data a.csv --data b.csv --schema s.toml --out fed --epsilon 2 \\
       --min-sites 2 --budget-epsilon 10
 
+  fediim local-deploy --data a.csv --data b.csv --data c.csv --schema s.toml --out fed \\
+      --min-sites 2 --run-config handshake-timeout=30 --run-config release-timeout=60
+
 exit codes: 0 the run completed, 1 the run failed (e.g. quorum not met; see the reasons
 printed and OUT/coordinator/federation.json), 2 bad usage or input"""
+
+
+#: Run-configuration keys that an option of their own or the deployment sets.
+_SET_ELSEWHERE = frozenset({"schema", "signing-key", "out-dir", "min-sites", "expected-sites",
+                            "epsilon", "delta", "mode", "k", "seed", "site-configs"})
+_RUN_CONFIG_KEYS = sorted(set(RUN_CONFIG_DEFAULTS) - _SET_ELSEWHERE)
+
+
+def _run_config_item(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for a run-configuration key without an option of its own; the value is
+    read as TOML (a bare word stays a string) and checked against :class:`RunConfig`."""
+    key, sep, raw = (part.strip() for part in text.partition("="))
+    if not sep or key not in _RUN_CONFIG_KEYS:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of "
+                                         f"{', '.join(_RUN_CONFIG_KEYS)}; got {text!r}")
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    try:
+        checked = RunConfig.model_validate({key: value}).model_dump(by_alias=True)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: {exc.errors()[0]['msg']}") from None
+    return key, checked[key]
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +112,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=positive_float, default=DEFAULT_RUN_TIMEOUT,
                    metavar="SECONDS", help="give up on the run after this long "
                    "(default: %(default)g)")
+    p.add_argument("--run-config", type=_run_config_item, action="append", default=[],
+                   metavar="KEY=VALUE", help="set a run-configuration key without an option "
+                   "of its own, e.g. release-timeout=60 (seconds the coordinator waits for a "
+                   "stage's replies); repeatable")
     p.add_argument("--seed", type=int, default=None,
                    help="SIMULATION ONLY: seeded numpy noise instead of OpenDP's sampler "
                         "(reproducible, and removable by anyone who knows the seed)")
@@ -125,7 +165,7 @@ def _run_local_deploy(args: argparse.Namespace) -> int:
     if problem:
         error(problem)
         return ExitCode.USAGE
-    run_config: dict[str, Any] = {"mode": args.mode, "k": args.k}
+    run_config: dict[str, Any] = {"mode": args.mode, "k": args.k, **dict(args.run_config)}
     if args.seed is not None:
         run_config["seed"] = int(args.seed)
     try:
@@ -146,21 +186,28 @@ def _run_local_deploy(args: argparse.Namespace) -> int:
     _print_sites(view, Path(args.out))
     deploy = view["deploy"]
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in deploy["phase_seconds"].items())
+    dropped = [entry["site_id"] for entry in deploy.get("dropped", [])]
     print(f"fediim {'simulate' if args.simulation else 'local-deploy'}: run "
-          f"{deploy['run_id']} completed in {deploy['seconds']:.0f} s ({phases}) -> "
-          f"{Path(args.out).resolve()}", file=sys.stderr)
+          f"{deploy['run_id']} completed in {deploy['seconds']:.0f} s ({phases})"
+          + (f" without {len(dropped)} site(s) that dropped out ({', '.join(dropped)})"
+             if dropped else "")
+          + f" -> {Path(args.out).resolve()}", file=sys.stderr)
     return ExitCode.OK
 
 
 def _print_sites(view: dict[str, Any], out: Path) -> None:
+    """Each site's outcome as the coordinator recorded it, then the sites whose SuperNode
+    exited (which the coordinator may know only by node id)."""
     for sid, site in sorted((view.get("sites") or {}).items()):
         ledger = site.get("ledger") or {}
         spend = (f"epsilon spent {ledger['epsilon_spent']:.3g} of {ledger['epsilon_budget']:.3g}"
                  if ledger else "no ledger reported")
         imp = site.get("stages", {}).get("impute", {})
         if site.get("active") and imp.get("code") == "ok":
-            print(f"  {sid}: {imp['n_rows']} rows, {imp['n_imputed_cells']} cells imputed, "
-                  f"{spend} -> {out / sid / 'imputed.csv'}", file=sys.stderr)
+            counts = (f"{imp['n_rows']} rows, {imp['n_imputed_cells']} cells imputed"
+                      if {"n_rows", "n_imputed_cells"} <= imp.keys() else "imputed")
+            print(f"  {sid}: {counts}, {spend} -> {out / sid / 'imputed.csv'}",
+                  file=sys.stderr)
         elif site.get("active"):
             done = ", ".join(site.get("stages", {})) or "nothing"
             print(f"  {sid}: took part ({done}) but the run stopped; {spend}", file=sys.stderr)
@@ -169,3 +216,9 @@ def _print_sites(view: dict[str, Any], out: Path) -> None:
                         for stage, st in site.get("stages", {}).items()
                         if st.get("code") != "ok"), "excluded")
             print(f"  {sid}: EXCLUDED ({bad}); {spend}", file=sys.stderr)
+    for dropped in (view.get("deploy") or {}).get("dropped", []):
+        into_run = (f", {dropped['seconds_into_run']:.0f} s into the run"
+                    if dropped.get("seconds_into_run") is not None else "")
+        print(f"  {dropped['site_id']}: DROPPED OUT: its SuperNode exited with code "
+              f"{dropped['exit_code']} at {dropped['detected_at']}{into_run} "
+              f"(log: {dropped['log']})", file=sys.stderr)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fediim.errors import DeployError
+from fediim.errors import DeployError, LedgerError
 from fediim.io.atomic import atomic_write_text
 from fediim.io.toml import toml_string, toml_value
 from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
@@ -59,6 +59,20 @@ def _site_ids(data: Sequence[Path]) -> list[str]:
     return ids
 
 
+def _check_existing_ledger(path: Path, site_id: str, rho_budget: float) -> None:
+    """Refuse an existing ledger at ``path`` that is corrupt or belongs to another site or
+    budget (a re-run into the same directory must keep each site's budget)."""
+    from fediim.privacy import PrivacyLedger
+
+    if not path.exists():
+        return
+    try:
+        PrivacyLedger.open(path, rho_budget, site_id)
+    except LedgerError as exc:
+        raise LedgerError(f"{exc} (run with the budget the ledger was created with, or "
+                          "into a new --out)") from exc
+
+
 def prepare_federation(
     data: Sequence[str | os.PathLike[str]],
     schema: str | os.PathLike[str],
@@ -74,11 +88,16 @@ def prepare_federation(
 ) -> FederationLayout:
     """Write the coordinator key and one site TOML per data file under ``out``.
 
-    Each site's budget is ``budget_epsilon`` (default: this run's ``epsilon``) at ``delta``.
-    An existing signing key in ``out/coordinator`` is reused, and existing ledgers are kept:
-    spend accumulates across runs into the same ``out``.
+    Each site's budget is ``budget_epsilon`` (default: this run's ``epsilon``) at ``delta``;
+    its ledger is created here (``PrivacyLedger.create``: sites never create one). An
+    existing signing key in ``out/coordinator`` is reused, and existing ledgers are kept, so
+    spend accumulates across runs into the same ``out``; an existing ledger of another site
+    or budget raises :class:`LedgerError` before anything is written. A new ``out`` is
+    made readable by its owner only (it will hold every site's records); an existing
+    one keeps its mode.
     """
     from fediim.io.schema import load_schema
+    from fediim.privacy import PrivacyLedger
     from fediim.protocol.signing import load_private_key, write_keypair
     from fediim.protocol.site_config import Budget, SiteConfig, site_config_toml
 
@@ -91,19 +110,24 @@ def prepare_federation(
     ids = list(site_ids) if site_ids is not None else _site_ids(files)
     if len(ids) != len(files) or len(set(ids)) != len(ids):
         raise DeployError(f"need one unique site id per data file, got {ids}")
+    budget = Budget(epsilon=budget_epsilon if budget_epsilon is not None else epsilon,
+                    delta=delta)
+    for site_id in ids:
+        _check_existing_ledger(out_dir / site_id / "ledger.json", site_id, budget.rho)
     coordinator_dir = out_dir / "coordinator"
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the owner only
     coordinator_dir.mkdir(parents=True, exist_ok=True)
     key, public_key = coordinator_dir / "signing.key", coordinator_dir / "coordinator.pub"
     if key.exists() and public_key.exists():
         load_private_key(key)
     else:
         write_keypair(key, public_key)
-    budget = Budget(epsilon=budget_epsilon if budget_epsilon is not None else epsilon,
-                    delta=delta)
     sites = []
     for site_id, data_file in zip(ids, files, strict=True):
         site_dir = out_dir / site_id
         site_dir.mkdir(parents=True, exist_ok=True)
+        if not (site_dir / "ledger.json").exists():
+            PrivacyLedger.create(site_dir / "ledger.json", budget.rho, site_id)
         config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path,
                             ledger=site_dir / "ledger.json", output_dir=site_dir,
                             coordinator_public_key=public_key, budget=budget,

@@ -15,14 +15,17 @@ What it does, in order:
    after registering each node's public key, one SuperNode per site on free localhost ports.
 3. It submits the run with ``flwr run`` and follows it with ``flwr ls --format json`` until
    the run is finished; success is the run's final status ``finished:completed`` (never
-   ``flwr run``'s exit code).
+   ``flwr run``'s exit code). A SuperNode that exits meanwhile is a site that dropped out,
+   not a failure: it is said, recorded in ``DIR/logs/deploy.json`` (``dropped``: site id,
+   exit code, time) and the run goes on; the coordinator's quorum (``min-sites``) decides
+   whether it completes. The SuperLink exiting is a failure.
 4. It stops every process it started — also on failure, Ctrl-C or SIGTERM — by process
    group, then sweeps any process that still carries this deployment's marker in its
    environment (Flower's ``flower-superexec`` starts its own session), and removes the
    temporary ``FLWR_HOME``.
 
-Processes' logs go to ``DIR/logs``. The CA key and node keys live only in the temporary
-``FLWR_HOME``.
+Processes' logs go to ``DIR/logs``. The node keys live only in the temporary ``FLWR_HOME``
+(0700); the CA key is deleted as soon as it has signed the SuperLink's certificate.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ def _run_recorded(deployment: LocalDeployment,
                        "seconds": round(time.monotonic() - started, 1),
                        "run_id": deployment.run_id,
                        "phase_seconds": {k: round(v, 1) for k, v in phase_seconds.items()},
+                       "dropped": [dropped.to_dict() for dropped in deployment.dropped],
                        "stray_processes_swept": deployment.swept})
         deployment.log_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(deployment.log_dir / "deploy.json", json.dumps(record, indent=2) + "\n")

@@ -4,6 +4,11 @@
 all, including descendants that left their process group. :class:`LocalDeployment` prepares
 a temporary ``FLWR_HOME`` (TLS material, node keys, the ``flwr`` connection), starts the
 SuperLink and the SuperNodes, submits the run and follows it until it is finished.
+
+Dropout is not failure: a SuperNode that exits is a site that dropped out (recorded as a
+:class:`DroppedSite`, the run goes on, and the coordinator's quorum decides whether it can
+finish without that site); the SuperLink exiting ends the deployment with a
+:class:`DeployError`.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Container
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from fediim.deploy.layout import APP_DIR_NAME, FederationLayout, app_pyproject
 from fediim.errors import DeployError
 
-__all__ = ["CONNECTION", "DEFAULT_RUN_TIMEOUT", "MARKER_ENV", "LocalDeployment", "ProcessGroup",
-           "free_ports", "stray_processes"]
+__all__ = ["CONNECTION", "DEFAULT_RUN_TIMEOUT", "MARKER_ENV", "DroppedSite", "LocalDeployment",
+           "ProcessGroup", "free_ports", "stray_processes", "supernode_name"]
 
 #: The ``flwr`` connection (``[superlink.local-deploy]``) in the temporary ``FLWR_HOME``.
 CONNECTION = "local-deploy"
@@ -77,6 +85,11 @@ def stray_processes(marker: str) -> list[int]:
     return found
 
 
+def supernode_name(site_id: str) -> str:
+    """The process (and log file) name of the SuperNode serving ``site_id``."""
+    return f"supernode-{site_id}"
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -118,10 +131,16 @@ class ProcessGroup:
         self.processes.append((name, process))
         return process
 
-    def check_alive(self) -> None:
-        """Raise :class:`DeployError`, with the end of its log, if any process has exited."""
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit code) of every process that has exited, in the order they started."""
+        return [(name, process.returncode) for name, process in self.processes
+                if process.poll() is not None]
+
+    def check_alive(self, tolerate: Container[str] = ()) -> None:
+        """Raise :class:`DeployError`, with the end of its log, if any process not named in
+        ``tolerate`` has exited."""
         for name, process in self.processes:
-            if process.poll() is not None:
+            if name not in tolerate and process.poll() is not None:
                 raise DeployError(f"{name} exited with code {process.returncode}; its log "
                                   f"({self.log_path(name)}) ends with:\n"
                                   + _tail(self.log_path(name)))
@@ -167,6 +186,21 @@ class ProcessGroup:
         return swept
 
 
+@dataclass(frozen=True)
+class DroppedSite:
+    """A site whose SuperNode exited while the deployment was up."""
+
+    site_id: str
+    exit_code: int  # negative: killed by that signal (-9: SIGKILL)
+    detected_at: str  # UTC, ISO 8601; within a few seconds of the exit (polling)
+    seconds_into_run: float | None  # since the run was submitted (None: before that)
+    log: str  # the SuperNode's log file
+
+    def to_dict(self) -> dict[str, Any]:
+        """This dropout as JSON-ready fields (``deploy.json``'s ``dropped`` list)."""
+        return asdict(self)
+
+
 class LocalDeployment:
     """One SuperLink + one SuperNode per site on localhost, with TLS and node authentication
     (or, with ``simulation=True``, a simulation SuperLink running the sites as Ray actors).
@@ -197,6 +231,10 @@ class LocalDeployment:
         self.port = 0
         self.run_id: int | None = None
         self.swept: list[int] = []
+        self.dropped: list[DroppedSite] = []
+        #: SuperNode process name -> site id
+        self._supernode_sites = {supernode_name(s.site_id): s.site_id for s in layout.sites}
+        self._submitted_at: float | None = None
         self.label = "fediim simulate" if simulation else "fediim local-deploy"
 
     # -- context management -----------------------------------------------------------
@@ -239,6 +277,7 @@ class LocalDeployment:
         from fediim.protocol.tls import write_tls_files
 
         tls = write_tls_files(self.home / "pki")
+        tls.ca_key.unlink()  # it has signed the SuperLink's certificate; nothing else needs it
         self.ca_cert = tls.ca_cert
         ports = free_ports(1 + len(self.layout.sites))
         self.port = ports[0]
@@ -277,7 +316,7 @@ class LocalDeployment:
                 args += ["--auth-supernode-private-key", str(self._node_key(site.site_id))]
             node_home = self.home / "nodes" / site.site_id
             node_home.mkdir(parents=True, exist_ok=True)
-            self.start_process(f"supernode-{site.site_id}", args,
+            self.start_process(supernode_name(site.site_id), args,
                                {**self.env, "FLWR_HOME": str(node_home)})
         self._say(f"started {len(sites)} SuperNode(s): {', '.join(s.site_id for s in sites)}")
 
@@ -322,7 +361,7 @@ class LocalDeployment:
         url = f"{'https' if self.ca_cert else 'http'}://127.0.0.1:{self.port}/health"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.processes.check_alive()
+            self.watch()
             try:
                 with urllib.request.urlopen(url, context=context, timeout=2) as response:
                     if response.status == 200:
@@ -332,15 +371,40 @@ class LocalDeployment:
             time.sleep(_SHORT_POLL)
         raise DeployError(f"the SuperLink was not healthy within {timeout:g} s")
 
+    # -- watching -------------------------------------------------------------------------
+    def watch(self) -> None:
+        """Raise :class:`DeployError` if the SuperLink has exited; note every SuperNode that
+        has exited as a dropped site (the coordinator's quorum decides what that means)."""
+        self.processes.check_alive(tolerate=self._supernode_sites)
+        self._note_dropouts()
+
+    def _note_dropouts(self) -> None:
+        """Record (once each, and say) every SuperNode that has exited."""
+        noted = {dropped.site_id for dropped in self.dropped}
+        for name, code in self.processes.exited():
+            site_id = self._supernode_sites.get(name)
+            if site_id is None or site_id in noted:
+                continue
+            into_run = (None if self._submitted_at is None
+                        else round(time.monotonic() - self._submitted_at, 1))
+            dropped = DroppedSite(site_id, code, datetime.now(UTC).isoformat(timespec="seconds"),
+                                  into_run, str(self.processes.log_path(name)))
+            self.dropped.append(dropped)
+            self._say(f"site {site_id} dropped out: its SuperNode exited with code {code} at "
+                      f"{dropped.detected_at}; the run goes on if the coordinator's quorum "
+                      f"holds (log: {dropped.log})")
+
     # -- the run ------------------------------------------------------------------------
     def run(self, timeout: float = DEFAULT_RUN_TIMEOUT) -> dict[str, Any]:
         """Submit the app and follow its log stream; return ``flwr ls``'s record of the run.
+        SuperNodes that exit meanwhile are noted in :attr:`dropped`.
 
         ``flwr run --stream`` exits when the run ends (with code 0 even if it failed), so
         the outcome is always read from ``flwr ls --format json``.
         """
         deadline = time.monotonic() + timeout
         log_path = self.log_dir / "run.log"
+        self._submitted_at = time.monotonic()
         exit_code = self._submit_and_stream(self._write_app(), log_path, deadline)
         found = re.search(r"Successfully started run (\d+)",
                           log_path.read_text(encoding="utf-8", errors="replace"))
@@ -348,7 +412,9 @@ class LocalDeployment:
             raise DeployError(f"flwr run did not start a run (exit {exit_code}):\n"
                               + _tail(log_path, 30))
         self.run_id = int(found.group(1))
-        return self._wait_finished(deadline, timeout)
+        status = self._wait_finished(deadline, timeout)
+        self._note_dropouts()  # one that exited after the last look is a dropout too
+        return status
 
     def _write_app(self) -> Path:
         """The Flower app directory: a pyproject naming the installed apps, the run config."""
@@ -374,7 +440,7 @@ class LocalDeployment:
             copier.start()
             try:
                 while stream.poll() is None and time.monotonic() < deadline:
-                    self.processes.check_alive()
+                    self.watch()
                     time.sleep(_STREAM_POLL)
             finally:
                 if stream.poll() is None:
@@ -393,7 +459,7 @@ class LocalDeployment:
                 return status
             if time.monotonic() >= deadline:
                 break
-            self.processes.check_alive()
+            self.watch()
             time.sleep(_STATUS_POLL)
         self._flwr("stop", str(self.run_id), CONNECTION)
         raise DeployError(f"run {self.run_id} did not finish within {timeout:g} s "

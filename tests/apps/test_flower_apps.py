@@ -239,7 +239,8 @@ def test_insufficient_budget_site_declines_and_its_ledger_is_unchanged(tmp_path:
     cfg = load_site_config(poor.config)
     text = poor.config.read_text().replace(f"epsilon = {cfg.budget.epsilon!r}", "epsilon = 1.0")
     poor.config.write_text(text)
-    PrivacyLedger.open(poor.ledger, epsilon_to_rho(1.0, 1e-6), poor.site_id)  # exists, empty
+    poor.ledger.unlink()  # prepare_federation created it with the old budget
+    PrivacyLedger.create(poor.ledger, epsilon_to_rho(1.0, 1e-6), poor.site_id)
     before = poor.ledger.read_bytes()
     _run(layout)
     view = _view(layout)

@@ -262,7 +262,7 @@ def test_prepare_federation_writes_site_tomls_and_reuses_the_key(tmp_path: Path)
     assert cfg.ledger == lay.sites[0].ledger and cfg.output_dir == lay.sites[0].directory
     assert lay.run_config["min-sites"] == 2 and lay.run_config["epsilon"] == 2.0
     first = lay.public_key.read_bytes()
-    prepare_federation(data, schema, tmp_path / "out")
+    prepare_federation(data, schema, tmp_path / "out", epsilon=2.0, budget_epsilon=6.0)
     assert lay.public_key.read_bytes() == first
     with pytest.raises(DeployError, match="unique site id"):
         prepare_federation(data, schema, tmp_path / "o2", site_ids=["x", "x"])
