@@ -7,7 +7,8 @@ its handshake reply is signed, with the key registered for the site id it claims
 run's nonce, the run id, that site id and its node id (:mod:`fediim.protocol.identity`); an
 impostor is refused and the genuine site is not affected, whichever answers first. Without
 a registry site ids are unverified claims, and when two nodes claim one id the later
-claimant is refused (the earlier one may be the impostor: configure a registry).
+claimant is refused (the reply pulled later; of replies pulled together, the higher node id)
+and logged. The earlier one may be the impostor: configure a registry.
 """
 
 from __future__ import annotations

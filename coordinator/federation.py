@@ -78,12 +78,14 @@ PULL_INTERVAL = 0.5
 
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float,
                       clock: Clock) -> list[Message]:
-    """``Grid.send_and_receive`` with a shorter pull interval (public Grid API only)."""
+    """``Grid.send_and_receive`` with a shorter pull interval (public Grid API only). Replies
+    come in the order they were pulled; those pulled together, by node id."""
     pending = set(grid.push_messages(messages))
     deadline = clock.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        pulled = list(grid.pull_messages(pending))
+        pulled = sorted(grid.pull_messages(pending),
+                        key=lambda reply: int(reply.metadata.src_node_id))
         replies += pulled
         pending -= {reply.metadata.reply_to_message_id for reply in pulled}
         if not pending or clock.monotonic() >= deadline:
