@@ -43,20 +43,10 @@ from fediim.io.toml import toml_document
 from fediim.protocol.signing import key_id, read_key_file
 from fediim.protocol.site_config import SITE_ID_PATTERN
 
-__all__ = [
-    "HANDSHAKE_FORMAT",
-    "SitePrivateKey",
-    "SitePublicKey",
-    "SiteRegistry",
-    "handshake_payload",
-    "load_site_private_key",
-    "load_site_public_key",
-    "load_site_registry",
-    "sign_handshake",
-    "site_key_id",
-    "site_registry_toml",
-    "verify_handshake",
-]
+__all__ = ["HANDSHAKE_FORMAT", "SitePrivateKey", "SitePublicKey", "SiteRegistry",
+           "handshake_payload", "load_site_private_key", "load_site_public_key",
+           "load_site_registry", "sign_handshake", "site_key_id", "site_registry_toml",
+           "verify_handshake"]
 
 HANDSHAKE_FORMAT = "fediim-site-handshake/1"
 
