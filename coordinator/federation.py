@@ -3,10 +3,17 @@
 Three rounds, each one request per site and one reply per site:
 
 1. **handshake** — every connected SuperNode gets the schema hash, the coordinator's
-   signing-key id and the requested spend; sites accept or refuse with a reason.
+   signing-key id, the requested spend and a fresh nonce; sites accept or refuse with a
+   reason. The coordinator admits a site only as :mod:`coordinator.admission` says
+   (identity, one node per site id, no rewound ledger, same plan).
 2. **release** — accepted sites release their noised cells (charged to their own ledgers).
+   Every release is vetted against the plan (:func:`fediim.federated.vetting.release_problems`):
+   a site whose cells do not fit is excluded with the problems found, and the run goes on
+   with the others. Each site that reports its ledger gets a signed spend receipt, kept in
+   the coordinator's spend record (:mod:`coordinator.spend`).
 3. **impute** — the coordinator assembles the bank (``assemble_bank``), signs it (Ed25519)
-   and sends it to the sites that released; they impute locally and report counts.
+   and sends it, with each site's receipt, to the sites that released; they impute locally
+   and report counts.
 
 A site that refuses, fails, answers malformed or stays silent past the stage's timeout is
 excluded from the rest of the run, and the reason is logged and recorded. Quorum
@@ -21,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +37,17 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from coordinator.admission import Admission
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
+from coordinator.spend import SpendRecord, spend_went_down
 from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated import assemble_bank
 from fediim.federated.bank import ModelBank
+from fediim.federated.vetting import ReleaseLimits, release_problems
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
+from fediim.protocol.identity import load_site_registry
 from fediim.protocol.messages import (
     MESSAGE_TYPE,
     HandshakeReply,
@@ -48,6 +59,7 @@ from fediim.protocol.messages import (
     ReplyCode,
     reply_type,
 )
+from fediim.protocol.receipts import SignedReceipt, issue_receipt
 from fediim.protocol.run_config import privacy_plan
 from fediim.protocol.signing import key_id, load_private_key, sign_bank, signature_json
 
@@ -66,12 +78,14 @@ PULL_INTERVAL = 0.5
 
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float,
                       clock: Clock) -> list[Message]:
-    """``Grid.send_and_receive`` with a shorter pull interval (public Grid API only)."""
+    """``Grid.send_and_receive`` with a shorter pull interval (public Grid API only). Replies
+    come in the order they were pulled; those pulled together, by node id."""
     pending = set(grid.push_messages(messages))
     deadline = clock.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        pulled = list(grid.pull_messages(pending))
+        pulled = sorted(grid.pull_messages(pending),
+                        key=lambda reply: int(reply.metadata.src_node_id))
         replies += pulled
         pending -= {reply.metadata.reply_to_message_id for reply in pulled}
         if not pending or clock.monotonic() >= deadline:
@@ -90,21 +104,30 @@ class _Site:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     ledger_before: dict[str, Any] | None = None
     ledger: dict[str, Any] | None = None
+    receipt: SignedReceipt | None = None
 
-    def exclude(self, stage: str, code: str, reason: str) -> None:
-        """Leave the run at ``stage``, recording (and logging) why."""
+    def exclude(self, stage: str, code: str, reason: str,
+                problems: list[str] | None = None) -> None:
+        """Leave the run at ``stage``, recording (and logging) why; ``problems`` lists what
+        vetting found wrong with the site's release."""
         self.active = False
-        self.stages[stage] = {"code": code, "reason": reason}
+        self.stages[stage] = {"code": code, "reason": reason,
+                              **({"problems": problems} if problems is not None else {})}
         log.warning("excluding site %s (node %d) at %s: %s: %s", self.site_id, self.node_id,
                     stage, code, reason)
 
+    def rho_spent_this_run(self) -> float | None:
+        """What the site's ledger reports it spent since the handshake, if it reported both."""
+        if self.ledger is None or self.ledger_before is None:
+            return None
+        return max(0.0, self.ledger["rho_spent"] - self.ledger_before["rho_spent"])
+
     def view(self) -> dict[str, Any]:
         """This site's entry in ``federation.json``."""
-        spent = None
-        if self.ledger is not None and self.ledger_before is not None:
-            spent = max(0.0, self.ledger["rho_spent"] - self.ledger_before["rho_spent"])
+        receipt = self.receipt.receipt.model_dump() if self.receipt is not None else None
         return {"node_id": self.node_id, "active": self.active, "stages": self.stages,
-                "ledger": self.ledger, "rho_spent_this_run": spent}
+                "ledger": self.ledger, "rho_spent_this_run": self.rho_spent_this_run(),
+                "receipt": receipt}
 
 
 class _Federation:
@@ -119,8 +142,13 @@ class _Federation:
         self.key = load_private_key(cfg.signing_key)
         self.key_id = key_id(self.key)
         self.n_features = len(self.schema.columns)
-        self.rho = privacy_plan(cfg.epsilon, cfg.delta, self.n_features,
-                                cfg.plan_params()).rho_total
+        plan = privacy_plan(cfg.epsilon, cfg.delta, self.n_features, cfg.plan_params())
+        self.rho = plan.rho_total
+        self.limits = ReleaseLimits.from_plan(plan, self.n_features)
+        self.spend = SpendRecord.beside_key(cfg.signing_key)
+        self.admission = Admission(
+            run_id=self.run_id, nonce=secrets.token_hex(16), rho=self.rho, spend=self.spend,
+            registry=load_site_registry(cfg.site_registry) if cfg.site_registry else None)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.sites: dict[int, _Site] = {}
@@ -135,7 +163,17 @@ class _Federation:
 
     # -- bookkeeping --------------------------------------------------------------------
     def _by_site_id(self) -> list[_Site]:
-        return sorted(self.sites.values(), key=lambda site: site.site_id)
+        return sorted(self.sites.values(), key=lambda site: (site.site_id, site.node_id))
+
+    def _view_names(self) -> dict[int, str]:
+        """Each node's name in ``federation.json``: its site id, or ``<site id>@node-<id>``
+        when several nodes claimed that id and this one was not admitted under it."""
+        claims = Counter(site.site_id for site in self.sites.values())
+        admitted = self.admission.admitted
+        return {node: site.site_id
+                if claims[site.site_id] == 1 or admitted.get(site.site_id) == node
+                else f"{site.site_id}@node-{node}"
+                for node, site in self.sites.items()}
 
     def active(self) -> list[_Site]:
         """The sites still in the run, by site id."""
@@ -143,7 +181,7 @@ class _Federation:
 
     def write_view(self, status: str, error: str | None = None) -> None:
         """The federation-level ledger view: what every site reported spending."""
-        cfg = self.cfg
+        cfg, names = self.cfg, self._view_names()
         doc = {
             "format": FEDERATION_FORMAT,
             "run_id": self.run_id,
@@ -156,7 +194,9 @@ class _Federation:
                         "seeded_noise": cfg.seed >= 0, "mode": cfg.mode, "k": cfg.k,
                         **cfg.plan_fields()},
             "min_sites": cfg.min_sites,
-            "sites": {site.site_id: site.view() for site in self._by_site_id()},
+            "site_registry": cfg.site_registry or None,
+            "spend_record": str(self.spend.path),
+            "sites": {names[site.node_id]: site.view() for site in self._by_site_id()},
             "bank": self.bank_info,
         }
         atomic_write_text(self.out / "federation.json",
@@ -228,35 +268,22 @@ class _Federation:
         log.info("%d SuperNode(s) connected: %s", len(nodes), nodes)
         for node in nodes:
             self.sites[node] = _Site(node_id=node, site_id=f"node-{node}")
-        request = HandshakeRequest(**self._privacy_fields()).to_record()
+        request = HandshakeRequest(**self._privacy_fields(),
+                                   nonce=self.admission.nonce).to_record()
         replies: dict[int, HandshakeReply] = self.exchange(
             "handshake", {node: request for node in nodes}, self.cfg.handshake_timeout)
-        for node, reply in replies.items():
+        for node, reply in replies.items():  # in the order the replies arrived
             site = self.sites[node]
             site.site_id = reply.site_id
             site.ledger = site.ledger_before = (
                 reply.ledger.model_dump() if reply.ledger is not None else None)
-        claims = Counter(reply.site_id for reply in replies.values())
-        for node, reply in replies.items():
-            self._judge_handshake(self.sites[node], reply, claims[reply.site_id])
+            problem = self.admission.judge(node, reply)
+            if problem is None:
+                site.stages["handshake"] = {"code": "ok", "reason": ""}
+            else:
+                site.exclude("handshake", *problem)
         self.write_view("running")
         self.check_quorum("handshake")
-
-    def _judge_handshake(self, site: _Site, reply: HandshakeReply, claims: int) -> None:
-        """Admit ``site``, or exclude it: a duplicate site id (``claims`` > 1), a refusal, or
-        a plan whose spend differs from the coordinator's."""
-        if claims > 1:
-            site.site_id = f"{reply.site_id}@node-{site.node_id}"  # keep both in the view
-            site.exclude("handshake", "duplicate_site_id",
-                         f"{claims} SuperNodes claim site id {reply.site_id!r}")
-        elif not reply.ok:
-            site.exclude("handshake", str(reply.code), reply.reason)
-        elif not math.isclose(reply.rho_requested, self.rho, rel_tol=1e-9):
-            site.exclude("handshake", "plan_mismatch",
-                         f"the site computed rho={reply.rho_requested!r} for this request, "
-                         f"the coordinator {self.rho!r}")
-        else:
-            site.stages["handshake"] = {"code": "ok", "reason": ""}
 
     def release(self) -> list[ModelBank]:
         """Stage 2: the active sites' noised cells, one bank per site that released."""
@@ -273,6 +300,7 @@ class _Federation:
             bank = self._accept_release(self.sites[node], reply)
             if bank is not None:
                 banks[self.sites[node].site_id] = bank
+        self._issue_receipts(replies)
         self.write_view("running")
         self.check_quorum("release")
         return [banks[site.site_id] for site in self.active()]
@@ -291,7 +319,12 @@ class _Federation:
         try:
             bank = self._check_release(site.site_id, reply)
         except BankError as exc:
-            site.exclude("release", "bad_release", str(exc))
+            site.exclude("release", "bad_release", str(exc), [str(exc)])
+            return None
+        problems = self._vet(bank)
+        if problems:
+            site.exclude("release", "bad_release",
+                         "the release does not fit the plan: " + "; ".join(problems), problems)
             return None
         site.stages["release"] = {"code": "ok", "reason": "", "n_cells": bank.n_cells}
         if bank.n_cells == 0:
@@ -313,6 +346,38 @@ class _Federation:
             raise BankError("cells must all belong to the releasing site and have unique ids")
         return bank
 
+    def _vet(self, bank: ModelBank) -> list[str]:
+        """Why a site's release does not fit the plan (vetting's checks, plus the manifest's
+        ``min_records`` of an empty release, which vetting skips but which would make the
+        assembled bank refuse every other site's cells)."""
+        problems = release_problems(bank, self.limits)
+        if bank.n_cells == 0 and bank.min_records != self.limits.min_records:
+            problems.append(f"min_records {bank.min_records}, the plan's is "
+                            f"{self.limits.min_records}")
+        return problems
+
+    def _issue_receipts(self, replies: dict[int, ReleaseReply]) -> None:
+        """Sign a spend receipt for every site that reported its ledger after releasing (as
+        the site it claimed at the handshake), file them in the spend record and save it. A
+        site whose reported spend went down since the handshake is excluded instead."""
+        for node, reply in replies.items():
+            site = self.sites[node]
+            if (reply.ledger is None or site.ledger_before is None
+                    or reply.site_id != site.site_id):
+                continue
+            if spend_went_down(reply.ledger.rho_spent, site.ledger_before["rho_spent"]):
+                site.exclude("release", "ledger_rewound",
+                             f"the site reports rho={reply.ledger.rho_spent:.6g} spent, less "
+                             f"than the rho={site.ledger_before['rho_spent']:.6g} it reported "
+                             "at the handshake")
+                continue
+            site.receipt = issue_receipt(
+                self.key, site_id=site.site_id, run_id=self.run_id,
+                rho_charged=site.rho_spent_this_run() or 0.0,
+                rho_spent_total=reply.ledger.rho_spent)
+            self.spend.file(site.receipt)
+        self.spend.save()
+
     def _sign_and_store(self, releases: list[ModelBank]) -> tuple[bytes, bytes]:
         """Assemble the federation bank, sign it, write both to ``out-dir``; (bank, sig)."""
         bank = assemble_bank(releases, meta={"epsilon": self.cfg.epsilon,
@@ -333,12 +398,17 @@ class _Federation:
     def impute(self, releases: list[ModelBank]) -> None:
         """Stage 3: send the signed bank; every active site imputes its own records."""
         data, signature = self._sign_and_store(releases)
-        request = ImputeRequest(schema_hash=self.schema_hash, coordinator_key_id=self.key_id,
-                                bank=data, signature=signature, mode=self.cfg.mode,
-                                k=self.cfg.k).to_record()
-        replies: dict[int, ImputeReply] = self.exchange(
-            "impute", {site.node_id: request for site in self.active()},
-            self.cfg.impute_timeout)
+        requests = {
+            site.node_id: ImputeRequest(
+                schema_hash=self.schema_hash, coordinator_key_id=self.key_id, bank=data,
+                signature=signature, mode=self.cfg.mode, k=self.cfg.k,
+                receipt=site.receipt.payload if site.receipt is not None else None,
+                receipt_signature=site.receipt.signature if site.receipt is not None else None,
+            ).to_record()
+            for site in self.active()
+        }
+        replies: dict[int, ImputeReply] = self.exchange("impute", requests,
+                                                        self.cfg.impute_timeout)
         for node, reply in replies.items():
             site = self.sites[node]
             if reply.ledger is not None:

@@ -45,6 +45,7 @@ from fediim.io.outputs import apply_schema, write_flags, write_table
 from fediim.io.schema import TableSchema, load_schema
 from fediim.io.table import Table, read_csv
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise, rho_to_epsilon
+from fediim.protocol.identity import load_site_private_key, sign_handshake
 from fediim.protocol.messages import (
     HandshakeReply,
     HandshakeRequest,
@@ -59,6 +60,7 @@ from fediim.protocol.messages import (
     reply_type,
     request_stage,
 )
+from fediim.protocol.receipts import SignedReceipt, append_receipt, receipts_path, verify_receipt
 from fediim.protocol.run_config import privacy_plan
 from fediim.protocol.signing import key_id, load_public_key, signature_json, verify_bank
 from fediim.protocol.site_config import SiteConfig, load_site_config
@@ -114,6 +116,7 @@ class _Site:
 
     def __init__(self, config_path: str | None, node_id: int) -> None:
         self.site_id = f"node-{node_id}"
+        self.node_id = int(node_id)
         if not config_path:
             raise _Refusal(ReplyCode.BAD_CONFIG,
                            f"the SuperNode has no --node-config '{NODE_CONFIG_KEY}=...' naming "
@@ -246,12 +249,54 @@ class _Site:
 # -- stages ---------------------------------------------------------------------------------
 
 
-def _handshake(site: _Site, request: HandshakeRequest) -> HandshakeReply:
+def _handshake(site: _Site, request: HandshakeRequest, run_id: int) -> HandshakeReply:
     _, plan = site.check_request(request)
     log.info("site %s: handshake accepted (rho %.6g of remaining %.6g)", site.site_id,
              plan.rho_total, site.ledger.remaining_rho)
     return HandshakeReply(site_id=site.site_id, rho_requested=plan.rho_total,
-                          ledger=site.ledger_view())
+                          ledger=site.ledger_view(),
+                          site_signature=_handshake_signature(site, request, run_id))
+
+
+# -- site identity and spend receipts (fediim.protocol.identity, fediim.protocol.receipts) --
+
+
+def _handshake_signature(site: _Site, request: HandshakeRequest, run_id: int) -> bytes | None:
+    """The site's signature over this run's handshake (nonce, run id, site id, node id), or
+    None when the coordinator sent no nonce or the site's TOML names no ``site_key``."""
+    if not request.nonce or site.cfg.site_key is None:
+        return None
+    try:
+        key = load_site_private_key(site.cfg.site_key)
+    except SigningKeyError as exc:
+        log.error("%s", exc)
+        raise _Refusal(ReplyCode.BAD_CONFIG, f"the site's key {site.cfg.site_key.name} cannot "
+                       f"be used: {_after_source(exc)}") from None
+    return sign_handshake(key, run_id=run_id, nonce=request.nonce, site_id=site.site_id,
+                          node_id=site.node_id)
+
+
+def _store_receipt(site: _Site, request: ImputeRequest, run_id: int) -> None:
+    """Verify the coordinator's spend receipt for this site and run under the pinned key and
+    append it to the receipts file next to the ledger; refuse a receipt that does not verify."""
+    if request.receipt is None:
+        return
+    signed = SignedReceipt(request.receipt, request.receipt_signature or b"")
+    try:
+        receipt = verify_receipt(site.check_key(request.coordinator_key_id), signed)
+    except SignatureError as exc:
+        log.error("site %s: %s", site.site_id, exc)
+        raise _Refusal(ReplyCode.BAD_SIGNATURE, str(exc)) from None
+    if (receipt.site_id, receipt.run_id) != (site.site_id, int(run_id)):
+        raise _Refusal(ReplyCode.BAD_SIGNATURE,
+                       f"the spend receipt is for site {receipt.site_id!r} in run "
+                       f"{receipt.run_id}, not this site in run {run_id}")
+    try:
+        append_receipt(receipts_path(site.cfg.ledger), signed)
+    except OSError as exc:
+        log.error("site %s: cannot store the spend receipt: %s", site.site_id, exc)
+        raise _Refusal(ReplyCode.ERROR, f"cannot store the spend receipt ({exc.strerror}); "
+                       "nothing was written") from None
 
 
 def _cells_digest(bank: ModelBank, site_id: str) -> str:
@@ -342,6 +387,7 @@ def _verified_bank(site: _Site, request: ImputeRequest, run_id: int,
 
 def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:
     bank = _verified_bank(site, request, run_id, state)
+    _store_receipt(site, request, run_id)
     table = site.table()
     bounds = site.schema.bounds_array()
     try:
@@ -387,7 +433,7 @@ def _answer(site: _Site, request: HandshakeRequest | ReleaseRequest | ImputeRequ
             run_id: int, state: RecordDict) -> HandshakeReply | ReleaseReply | ImputeReply:
     """The stage function of ``request``'s stage."""
     if isinstance(request, HandshakeRequest):
-        return _handshake(site, request)
+        return _handshake(site, request, run_id)
     if isinstance(request, ReleaseRequest):
         return _release(site, request, run_id, state)
     return _impute(site, request, run_id, state)

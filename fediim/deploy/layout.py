@@ -43,6 +43,7 @@ class FederationLayout:
     public_key: Path
     sites: tuple[SiteLayout, ...]
     run_config: dict[str, Any] = field(default_factory=dict)
+    site_registry: Path | None = None  # site id -> public key (fediim.protocol.identity)
 
 
 def _site_ids(data: Sequence[Path]) -> list[str]:
@@ -73,6 +74,30 @@ def _check_existing_ledger(path: Path, site_id: str, rho_budget: float) -> None:
                           "into a new --out)") from exc
 
 
+def _site_key(site_dir: Path) -> Path:
+    """The site's identity key ``site.key`` (0600) beside ``site.pub``, written once and
+    reused: it signs the site's handshakes (:mod:`fediim.protocol.identity`)."""
+    from fediim.protocol.identity import load_site_private_key
+    from fediim.protocol.signing import write_keypair
+
+    key, public_key = site_dir / "site.key", site_dir / "site.pub"
+    if key.exists() and public_key.exists():
+        load_site_private_key(key)
+    else:
+        write_keypair(key, public_key)
+    return key
+
+
+def _write_site_registry(coordinator_dir: Path, sites: Sequence[SiteLayout]) -> Path:
+    """The coordinator's site registry: every site's id -> its ``site.pub``."""
+    from fediim.protocol.identity import site_registry_toml
+
+    registry = coordinator_dir / "site-registry.toml"
+    atomic_write_text(registry, site_registry_toml(
+        {site.site_id: site.directory / "site.pub" for site in sites}))
+    return registry
+
+
 def prepare_federation(
     data: Sequence[str | os.PathLike[str]],
     schema: str | os.PathLike[str],
@@ -89,7 +114,9 @@ def prepare_federation(
     """Write the coordinator key and one site TOML per data file under ``out``.
 
     Each site's budget is ``budget_epsilon`` (default: this run's ``epsilon``) at ``delta``;
-    its ledger is created here (``PrivacyLedger.create``: sites never create one). An
+    each site gets an identity key (``site.key``), registered in the coordinator's site
+    registry (``coordinator/site-registry.toml``, run config ``site-registry``); its
+    ledger is created here (``PrivacyLedger.create``: sites never create one). An
     existing signing key in ``out/coordinator`` is reused, and existing ledgers are kept, so
     spend accumulates across runs into the same ``out``; an existing ledger of another site
     or budget raises :class:`LedgerError` before anything is written. A new ``out`` is
@@ -131,18 +158,21 @@ def prepare_federation(
         config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path,
                             ledger=site_dir / "ledger.json", output_dir=site_dir,
                             coordinator_public_key=public_key, budget=budget,
-                            allow_seeded_noise=allow_seeded_noise)
+                            allow_seeded_noise=allow_seeded_noise,
+                            site_key=_site_key(site_dir))
         atomic_write_text(site_dir / "site.toml", site_config_toml(config))
         sites.append(SiteLayout(site_id, data_file, site_dir, site_dir / "site.toml",
                                 site_dir / "ledger.json"))
+    registry = _write_site_registry(coordinator_dir, sites)
     run = {
         "schema": str(schema_path), "signing-key": str(key), "out-dir": str(coordinator_dir),
+        "site-registry": str(registry),
         "min-sites": int(min_sites if min_sites is not None else len(files)),
         "expected-sites": len(files), "epsilon": float(epsilon), "delta": float(delta),
         **(run_config or {}),
     }
     return FederationLayout(out_dir, schema_path, coordinator_dir, key, public_key,
-                            tuple(sites), run)
+                            tuple(sites), run, site_registry=registry)
 
 
 def app_pyproject(run_config: dict[str, Any]) -> str:

@@ -207,6 +207,9 @@ class HandshakeRequest(PrivacyRequest):
     """Stage 1: may this site take part, at this spend, under this schema?"""
 
     STAGE: ClassVar[str] = "handshake"
+    # -- site identity (fediim.protocol.identity): a fresh random nonce per run, which the
+    # site signs with the run id, its site id and its node id.
+    nonce: str = Field(default="", pattern=r"^(?:[0-9a-f]{32,128})?$")
 
 
 class ReleaseRequest(PrivacyRequest):
@@ -226,6 +229,10 @@ class ImputeRequest(_Message):
     signature: bytes = Field(min_length=1)
     mode: Mode = RUN_CONFIG_DEFAULTS["mode"]
     k: int = Field(default=RUN_CONFIG_DEFAULTS["k"], ge=1)
+    # -- spend receipt (fediim.protocol.receipts): the coordinator's signed acknowledgement of
+    # this site's spend, for the site's receipts file; None for a site it issued none.
+    receipt: bytes | None = None
+    receipt_signature: bytes | None = None
 
 
 # --------------------------------------------------------------------------- replies
@@ -249,6 +256,9 @@ class HandshakeReply(_Reply):
 
     STAGE: ClassVar[str] = "handshake"
     rho_requested: float = Field(default=0.0, ge=0)
+    # -- site identity (fediim.protocol.identity): the site's signature over the request's
+    # nonce, the run id, its site id and its node id; None if the site holds no site key.
+    site_signature: bytes | None = None
 
 
 class ReleaseReply(_Reply):

@@ -81,6 +81,8 @@ class RunConfig(PlanFields):
     schema_path: str = ""  # the federation's schema TOML (its hash is checked by every site)
     signing_key: str = ""  # the coordinator's Ed25519 private key (PEM)
     out_dir: str = ""  # federation.json (ledger view), bank.npz, bank.sig.json
+    # site id -> registered public key (fediim.protocol.identity); "": site ids unverified
+    site_registry: str = ""
     min_sites: int = Field(default=2, ge=1)  # quorum, checked after every stage
     expected_sites: int = Field(default=0, ge=0)  # SuperNodes to wait for (0: min-sites)
     epsilon: Epsilon = 1.0  # this fit's spend at every site

@@ -36,6 +36,7 @@ __all__ = [
     "key_id",
     "load_private_key",
     "load_public_key",
+    "read_key_file",
     "read_signature_file",
     "sign_bank",
     "signature_json",
@@ -60,7 +61,8 @@ def write_keypair(private_path: str | os.PathLike[str],
     return pub
 
 
-def _read(path: str | os.PathLike[str], what: str) -> bytes:
+def read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
+    """The bytes of a key file; :class:`SigningKeyError` names the file and ``what`` it is."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -71,7 +73,7 @@ def _read(path: str | os.PathLike[str], what: str) -> bytes:
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """The coordinator's Ed25519 private key (PEM, unencrypted PKCS#8)."""
-    data = _read(path, "signing private key")
+    data = read_key_file(path, "signing private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -84,7 +86,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
 
 def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """A pinned coordinator public key (PEM SubjectPublicKeyInfo)."""
-    data = _read(path, "coordinator public key")
+    data = read_key_file(path, "coordinator public key")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:

@@ -10,6 +10,7 @@ directory of the TOML file::
     ledger = "out/ledger.json"                  # this site's privacy ledger (created if absent)
     output_dir = "out"                          # imputed.csv, flags.csv, audit.jsonl, bank.npz
     coordinator_public_key = "coordinator.pub"  # pinned Ed25519 key that must sign the bank
+    site_key = "site.key"                       # optional: signs the handshake (identity)
 
     [budget]                                    # this site's total privacy budget
     epsilon = 3.0
@@ -19,6 +20,9 @@ directory of the TOML file::
 
 The coordinator's public key is pinned here, out of band: the site never learns it from the
 coordinator itself (no trust on first use), and refuses any bank not signed with it.
+``site_key`` (Ed25519 or ECDSA, PEM or OpenSSH; the SuperNode's node-authentication key will
+do) signs the site's handshake, so that a coordinator with a site registry knows that the
+node claiming this site id holds the key registered for it (:mod:`fediim.protocol.identity`).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class SiteConfig(BaseModel):
     coordinator_public_key: Path
     budget: Budget
     allow_seeded_noise: StrictBool = False
+    site_key: Path | None = None  # signs the handshake (fediim.protocol.identity)
 
 
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
@@ -88,7 +93,7 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SiteConfigError(f"{source}: invalid TOML ({exc})") from None
     base = Path(source).resolve().parent
-    for key in ("data", "schema", "ledger", "output_dir", "coordinator_public_key"):
+    for key in ("data", "schema", "ledger", "output_dir", "coordinator_public_key", "site_key"):
         if isinstance(raw.get(key), str):
             raw[key] = base / Path(raw[key]).expanduser()
     try:
@@ -111,6 +116,7 @@ def site_config_toml(config: SiteConfig) -> str:
         "output_dir": str(config.output_dir),
         "coordinator_public_key": str(config.coordinator_public_key),
         "allow_seeded_noise": config.allow_seeded_noise,
+        "site_key": str(config.site_key) if config.site_key is not None else None,
     }
     budget = {"epsilon": config.budget.epsilon, "delta": config.budget.delta}
     return toml_document({"": top, "budget": budget},

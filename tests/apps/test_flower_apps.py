@@ -303,7 +303,8 @@ def test_bad_signature_is_refused_and_nothing_is_written(tmp_path: Path) -> None
     site = layout.sites[1]
     st = view["sites"][site.site_id]["stages"]["impute"]
     assert st["code"] == "bad_signature" and "signature" in st["reason"]
-    assert sorted(p.name for p in site.directory.iterdir()) == ["ledger.json", "site.toml"]
+    assert sorted(p.name for p in site.directory.iterdir()) == [
+        "ledger.json", "site.key", "site.pub", "site.toml"]
     assert view["status"] == "completed"  # the two others still make quorum
 
 
@@ -444,21 +445,3 @@ def test_a_crashing_client_app_is_excluded_with_its_error(tmp_path: Path) -> Non
     st = _view(layout)["sites"]["node-102"]["stages"]["handshake"]
     assert st["code"] == "error" and "disk on fire" in st["reason"]
 
-
-def test_two_nodes_claiming_one_site_id_are_both_excluded(tmp_path: Path) -> None:
-    layout = _federation(tmp_path)
-    nodes = {101: {"site-config": str(layout.sites[0].config)},
-             102: {"site-config": str(layout.sites[0].config)},
-             103: {"site-config": str(layout.sites[1].config)},
-             104: {"site-config": str(layout.sites[2].config)}}
-    grid = InProcessGrid(client_app, nodes, run_id=RUN_ID,
-                         run_config={**RUN_CONFIG_DEFAULTS, **layout.run_config})
-    _serve(grid)
-    view = _view(layout)
-    assert view["status"] == "completed"
-    assert {n for n, g in grid.delivered if g == "release"} == {103, 104}
-    sid = layout.sites[0].site_id
-    for node in (101, 102):
-        entry = view["sites"][f"{sid}@node-{node}"]
-        assert entry["node_id"] == node and not entry["active"]
-        assert entry["stages"]["handshake"]["code"] == "duplicate_site_id"
