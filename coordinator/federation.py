@@ -6,7 +6,7 @@ Three rounds, each one request per site and one reply per site:
    signing-key id and the requested spend; sites accept or refuse with a reason.
 2. **release** — accepted sites release their noised cells (charged to their own ledgers).
 3. **impute** — the coordinator assembles the bank (``assemble_bank``), signs it (Ed25519)
-   and sends it to the sites that released; they impute locally and report counts.
+   and sends it to the sites that released; they impute locally and report a status.
 
 A site that refuses, fails, answers malformed or stays silent past the stage's timeout is
 excluded from the rest of the run, and the reason is logged and recorded. Quorum
@@ -346,9 +346,7 @@ class _Federation:
             if not reply.ok:
                 site.exclude("impute", str(reply.code), reply.reason)
                 continue
-            site.stages["impute"] = {"code": "ok", "reason": "", "n_rows": reply.n_rows,
-                                     "n_incomplete_rows": reply.n_incomplete_rows,
-                                     "n_imputed_cells": reply.n_imputed_cells}
+            site.stages["impute"] = {"code": "ok", "reason": ""}
         self.write_view("running")
         self.check_quorum("impute")
 

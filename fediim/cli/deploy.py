@@ -159,8 +159,7 @@ def _print_sites(view: dict[str, Any], out: Path) -> None:
                  if ledger else "no ledger reported")
         imp = site.get("stages", {}).get("impute", {})
         if site.get("active") and imp.get("code") == "ok":
-            print(f"  {sid}: {imp['n_rows']} rows, {imp['n_imputed_cells']} cells imputed, "
-                  f"{spend} -> {out / sid / 'imputed.csv'}", file=sys.stderr)
+            print(f"  {sid}: imputed, {spend} -> {out / sid / 'imputed.csv'}", file=sys.stderr)
         elif site.get("active"):
             done = ", ".join(site.get("stages", {})) or "nothing"
             print(f"  {sid}: took part ({done}) but the run stopped; {spend}", file=sys.stderr)

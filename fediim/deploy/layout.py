@@ -79,6 +79,7 @@ def prepare_federation(
     spend accumulates across runs into the same ``out``.
     """
     from fediim.io.schema import load_schema
+    from fediim.privacy import PrivacyLedger
     from fediim.protocol.signing import load_private_key, write_keypair
     from fediim.protocol.site_config import Budget, SiteConfig, site_config_toml
 
@@ -107,8 +108,10 @@ def prepare_federation(
         config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path,
                             ledger=site_dir / "ledger.json", output_dir=site_dir,
                             coordinator_public_key=public_key, budget=budget,
-                            allow_seeded_noise=allow_seeded_noise)
+                            insecure_seeded_noise=allow_seeded_noise)
         atomic_write_text(site_dir / "site.toml", site_config_toml(config))
+        if not config.ledger.exists():  # a site never runs without its ledger: create it
+            PrivacyLedger.create(config.ledger, budget.rho, site_id)
         sites.append(SiteLayout(site_id, data_file, site_dir, site_dir / "site.toml",
                                 site_dir / "ledger.json"))
     run = {

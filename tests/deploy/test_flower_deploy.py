@@ -117,18 +117,19 @@ def test_local_deploy_over_heart_data(tmp_path: Path, capsys: pytest.CaptureFixt
         np.testing.assert_array_equal(got.values[obs], src.values[obs])
         assert not np.isnan(got.values).any()
         n_missing = int((~obs).sum())
-        assert entry["stages"]["impute"]["n_imputed_cells"] == n_missing
+        assert entry["stages"]["impute"] == {"code": "ok", "reason": ""}  # a status only
         assert len((site / "audit.jsonl").read_text().splitlines()) == n_missing
         for j, col in enumerate(got.columns):
             lo, hi = BOUNDS[col]
             assert lo <= got.values[:, j].min() and got.values[:, j].max() <= hi
-        ledger = PrivacyLedger.open(site / "ledger.json", rho_budget, name, must_exist=True)
+        ledger = PrivacyLedger.open(site / "ledger.json", rho_budget, name)
         assert 0 < ledger.spent_rho <= rho_budget * (1 + 1e-9)
         assert all(e.noise_source == "gaussian-opendp-exact" for e in ledger.entries)
         assert entry["ledger"]["rho_spent"] == pytest.approx(ledger.spent_rho)
         assert (site / "bank.npz").read_bytes() == bank_bytes
     # Hungarian has real gaps (chol, fbs, ...), imputed with help from Cleveland's cells
-    assert view["sites"]["hungarian"]["stages"]["impute"]["n_imputed_cells"] > 20
+    audit = (out / "hungarian" / "audit.jsonl").read_text().splitlines()
+    assert len(audit) > 20
 
 
 def test_unregistered_supernode_is_refused(tmp_path: Path) -> None:
