@@ -13,7 +13,7 @@ Three rounds, each one request per site and one reply per site:
    the coordinator's spend record (:mod:`coordinator.spend`).
 3. **impute** — the coordinator assembles the bank (``assemble_bank``), signs it (Ed25519)
    and sends it, with each site's receipt, to the sites that released; they impute locally
-   and report counts.
+   and report a status.
 
 A site that refuses, fails, answers malformed or stays silent past the stage's timeout is
 excluded from the rest of the run, and the reason is logged and recorded. Quorum
@@ -416,9 +416,7 @@ class _Federation:
             if not reply.ok:
                 site.exclude("impute", str(reply.code), reply.reason)
                 continue
-            site.stages["impute"] = {"code": "ok", "reason": "", "n_rows": reply.n_rows,
-                                     "n_incomplete_rows": reply.n_incomplete_rows,
-                                     "n_imputed_cells": reply.n_imputed_cells}
+            site.stages["impute"] = {"code": "ok", "reason": ""}
         self.write_view("running")
         self.check_quorum("impute")
 

@@ -2,12 +2,26 @@
 
 Each stage re-reads everything it needs from the site's TOML (a ClientApp runs in a new
 process per message in a deployment) and never raises for an expected problem: it answers
-with a :class:`~fediim.protocol.messages.ReplyCode` and a reason, and logs details locally. What a
-reply may contain: codes, reasons (file *names*, never paths or cell values), the site's
-ledger summary, its noised cells (release) and counts (impute).
+with a :class:`~fediim.protocol.messages.ReplyCode` and logs the details locally.
 
-The only state kept between messages (``context.state``) is a digest of the cells this site
-released, so that at the impute stage it can check the bank carries them unaltered.
+What a reply may contain: a code (whose reason text is fixed, see
+:data:`~fediim.protocol.messages.REPLY_REASONS`), the site's ledger summary, the spend it
+computed from the request (handshake) and its noised cells (release, charged to its ledger
+first). Nothing else computed from the site's records leaves the site: no counts, no line or
+column of a bad cell, no exception text. The outcome of an impute depends on the bank and
+the site's configuration, never on its records: a bank is vetted as a whole against the
+run's privacy plan before it touches the records, and any failure while imputing from a
+vetted bank falls back to the site's own IIM with the same reply.
+
+Budget rules the site owns: every spend is converted at the site's own delta (a request at
+another delta is refused), a request above ``[budget] max_epsilon_per_run`` is refused, and
+the site does not run without its ledger (created once with ``fediim ledger init``).
+
+Per-run state (``context.state``, kept by the SuperNode for the run; never sent): after a
+release, the run id, the request's plan and a digest of the cells released. An impute is
+answered only in the run of this site's release, once: the bank must then carry this
+site's cells unaltered and fit that plan. A coordinator cannot query a site's imputation
+without a charged release in the same run, and cannot query it twice per release.
 """
 
 from __future__ import annotations
@@ -15,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +37,6 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fediim.errors import (
-    BankError,
     BudgetExceeded,
     DataError,
     FediimError,
@@ -38,10 +49,13 @@ from fediim.errors import (
 )
 from fediim.federated import PrivacyPlan, site_impute, site_release
 from fediim.federated.bank import ModelBank
+from fediim.federated.site_imputation import impute_local
+from fediim.federated.vetting import ReleaseLimits, bank_problems
 from fediim.impute.estimator import ImputationResult
-from fediim.io.atomic import atomic_open
+from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
+from fediim.io.result import METHOD_FALLBACK
 from fediim.io.schema import TableSchema, load_schema
 from fediim.io.table import Table, read_csv
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise, rho_to_epsilon
@@ -61,7 +75,7 @@ from fediim.protocol.messages import (
     request_stage,
 )
 from fediim.protocol.receipts import SignedReceipt, append_receipt, receipts_path, verify_receipt
-from fediim.protocol.run_config import privacy_plan
+from fediim.protocol.run_config import PlanFields, privacy_plan
 from fediim.protocol.signing import key_id, load_public_key, signature_json, verify_bank
 from fediim.protocol.site_config import SiteConfig, load_site_config
 
@@ -75,8 +89,6 @@ NODE_CONFIG_KEY = "site-config"
 STATE_RECORD = "fediim.site"
 OUTPUT_FILES = ("imputed.csv", "flags.csv", "audit.jsonl", "bank.npz", "bank.sig.json")
 
-_QUOTED = re.compile(r"""^(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
-
 
 # Conversions between (epsilon, delta) and rho bisect over OpenDP (~0.1-0.3 s each): compute
 # each distinct one once per process. Both functions are pure; PrivacyPlan is frozen.
@@ -85,30 +97,12 @@ _plan = lru_cache(maxsize=32)(privacy_plan)
 
 
 class _Refusal(FediimError):
-    """Internal to this module: an expected reason to refuse a stage. :func:`handle` turns it
-    into a reply with its code and reason; it never leaves this module."""
+    """Internal to this module: an expected reason to refuse a stage. :func:`handle` logs
+    ``detail`` at the site and answers with ``code`` alone; it never leaves this module."""
 
-    def __init__(self, code: ReplyCode, reason: str, ledger: LedgerView | None = None) -> None:
-        super().__init__(reason)
-        self.code, self.reason, self.ledger = code, reason, ledger
-
-
-def _redact_data_error(exc: DataError, data_path: Path) -> str:
-    """A DataError for the coordinator: the file's name instead of its path, and the
-    offending cell's text withheld (the full message stays in the site's log)."""
-    text = str(exc)
-    source = str(exc.source)
-    if text.startswith(source):
-        text = data_path.name + text[len(source):]
-    head, sep, tail = text.partition(": ")
-    if sep and exc.row is not None and exc.column is not None:
-        tail = _QUOTED.sub("<cell value withheld>", tail, count=1)
-    return head + sep + tail
-
-
-def _after_source(exc: Exception) -> str:
-    """An error's message without its leading ``<source>: `` (the site logs the full one)."""
-    return str(exc).split(": ", 1)[-1]
+    def __init__(self, code: ReplyCode, detail: str, ledger: LedgerView | None = None) -> None:
+        super().__init__(detail)
+        self.code, self.detail, self.ledger = code, detail, ledger
 
 
 class _Site:
@@ -121,13 +115,11 @@ class _Site:
             raise _Refusal(ReplyCode.BAD_CONFIG,
                            f"the SuperNode has no --node-config '{NODE_CONFIG_KEY}=...' naming "
                            "the site's TOML file")
+        self.config_path = config_path
         try:
             self.cfg: SiteConfig = load_site_config(config_path)
         except SiteConfigError as exc:
-            log.error("%s", exc)
-            raise _Refusal(ReplyCode.BAD_CONFIG,
-                           f"invalid site configuration {Path(config_path).name}: "
-                           f"{_after_source(exc)}") from None
+            raise _Refusal(ReplyCode.BAD_CONFIG, str(exc)) from None
         self.site_id = self.cfg.site_id
         self._schema: TableSchema | None = None
         self._ledger: PrivacyLedger | None = None
@@ -141,32 +133,23 @@ class _Site:
                 self._schema = load_schema(self.cfg.schema_path)
                 self._schema.bounds_array()
             except SchemaError as exc:
-                log.error("%s", exc)
-                raise _Refusal(ReplyCode.BAD_CONFIG,
-                               f"the site's schema {self.cfg.schema_path.name} is invalid: "
-                               f"{_after_source(exc)}") from None
+                raise _Refusal(ReplyCode.BAD_CONFIG, f"invalid schema: {exc}") from None
         return self._schema
 
     def check_schema(self, schema_hash: str) -> None:
         """Refuse unless the coordinator's schema hash is this site's."""
         mine = self.schema.schema_hash()
         if mine != schema_hash:
-            raise _Refusal(
-                ReplyCode.SCHEMA_MISMATCH,
-                f"schema mismatch: the site's schema {self.cfg.schema_path.name} has hash "
-                f"{mine[:12]}…, the coordinator's has {schema_hash[:12]}… (columns, order, "
-                "bounds and missing markers must agree)")
+            raise _Refusal(ReplyCode.SCHEMA_MISMATCH,
+                           f"schema mismatch: {self.cfg.schema_path} has hash {mine}, the "
+                           f"coordinator's has {schema_hash}")
 
     def check_key(self, requested_key_id: str) -> Any:
         """The pinned coordinator public key, if ``requested_key_id`` names it; else refuse."""
         try:
             public_key = load_public_key(self.cfg.coordinator_public_key)
         except SigningKeyError as exc:
-            log.error("%s", exc)
-            raise _Refusal(ReplyCode.BAD_CONFIG,
-                           "the site's pinned coordinator public key "
-                           f"{self.cfg.coordinator_public_key.name} cannot be used: "
-                           f"{_after_source(exc)}") from None
+            raise _Refusal(ReplyCode.BAD_CONFIG, f"pinned coordinator key: {exc}") from None
         if key_id(public_key) != requested_key_id:
             raise _Refusal(ReplyCode.KEY_MISMATCH,
                            f"the coordinator's signing key {requested_key_id} is not the key "
@@ -174,27 +157,31 @@ class _Site:
         return public_key
 
     def table(self) -> Table:
-        """The site's data (a BAD_DATA refusal, naming file, line and column, never a value)."""
+        """The site's data (a BAD_DATA refusal; the details stay in the site's log)."""
         try:
             # A column this hospital never measures is what the federation is for.
             return read_csv(self.cfg.data, schema=self.schema, allow_empty_columns=True)
         except DataError as exc:
-            log.error("site %s: %s", self.site_id, exc)
-            raise _Refusal(ReplyCode.BAD_DATA,
-                           "unreadable data: " + _redact_data_error(exc, self.cfg.data)) from None
+            raise _Refusal(ReplyCode.BAD_DATA, f"unreadable data: {exc}") from None
 
     @property
     def ledger(self) -> PrivacyLedger:
-        """The site's privacy ledger (a LEDGER_ERROR refusal if it cannot be used)."""
+        """The site's privacy ledger: a LEDGER_MISSING refusal if there is none (the site
+        never runs without it), LEDGER_ERROR if it cannot be used."""
         if self._ledger is None:
+            path = self.cfg.ledger
+            if not path.exists():
+                raise _Refusal(
+                    ReplyCode.LEDGER_MISSING,
+                    f"privacy ledger {path} does not exist; the site does not run without "
+                    "it. If it was moved or deleted, restore it (a new ledger would forget "
+                    "every release so far); for a new site, create it once with: fediim "
+                    f"ledger init --site-config {self.config_path}")
             try:
-                self._ledger = PrivacyLedger.open(self.cfg.ledger, self.cfg.budget.rho,
-                                                  self.cfg.site_id)
+                self._ledger = PrivacyLedger.open(path, self.cfg.budget.rho, self.cfg.site_id)
             except (LedgerError, ValueError, OSError) as exc:
-                log.error("site %s: %s", self.site_id, exc)
-                message = str(exc).replace(str(self.cfg.ledger), self.cfg.ledger.name)
-                raise _Refusal(ReplyCode.LEDGER_ERROR,
-                               f"privacy ledger unusable: {message}") from None
+                raise _Refusal(ReplyCode.LEDGER_ERROR, f"privacy ledger unusable: {exc}") \
+                    from None
         return self._ledger
 
     def ledger_view(self) -> LedgerView:
@@ -204,7 +191,8 @@ class _Site:
         return LedgerView(releases=len(ledger.entries), rho_budget=ledger.rho_budget,
                           rho_spent=ledger.spent_rho, rho_remaining=ledger.remaining_rho,
                           delta=delta, epsilon_spent=_epsilon(ledger.spent_rho, delta),
-                          epsilon_budget=_epsilon(ledger.rho_budget, delta))
+                          epsilon_budget=_epsilon(ledger.rho_budget, delta),
+                          insecure_noise=ledger.insecure_noise)
 
     def ledger_view_if_open(self) -> LedgerView | None:
         """The ledger summary if the ledger was opened (to report a spend already charged
@@ -216,31 +204,46 @@ class _Site:
         except Exception:  # noqa: BLE001 - only used while reporting another failure
             return None
 
-    def plan(self, request: PrivacyRequest) -> PrivacyPlan:
-        """This site's privacy plan for ``request`` (a BAD_REQUEST refusal if invalid)."""
+    def plan(self, epsilon: float, fields: PlanFields) -> PrivacyPlan:
+        """This site's privacy plan for a spend of ``epsilon`` at the site's own delta."""
         n_features = len(self.schema.columns)
         try:
-            return _plan(request.epsilon, request.delta, n_features, request.plan_params())
+            return _plan(epsilon, self.cfg.budget.delta, n_features, fields.plan_params())
         except ValueError as exc:
             raise _Refusal(ReplyCode.BAD_REQUEST, f"invalid privacy request: {exc}") from None
+
+    def check_budget_rules(self, request: PrivacyRequest) -> None:
+        """The site's own rules on a spend: its delta, its per-run cap, its seeded-noise
+        setting."""
+        budget = self.cfg.budget
+        if request.seed >= 0 and not self.cfg.insecure_seeded_noise:
+            raise _Refusal(ReplyCode.SEEDED_NOISE_REFUSED,
+                           "the coordinator asks for seeded (simulation-only) noise, which a "
+                           "known seed makes removable; this site does not allow it "
+                           "(insecure_seeded_noise = false)")
+        if request.delta != budget.delta:
+            raise _Refusal(ReplyCode.DELTA_MISMATCH,
+                           f"the request is at delta={request.delta!r}, the site's budget at "
+                           f"delta={budget.delta!r}; refusing to convert at another delta")
+        cap = budget.max_epsilon_per_run
+        if cap is not None and request.epsilon > cap:
+            raise _Refusal(ReplyCode.RUN_CAP_EXCEEDED,
+                           f"the request asks for epsilon={request.epsilon:g}, above this "
+                           f"site's max_epsilon_per_run={cap:g}")
 
     def check_request(self, request: PrivacyRequest) -> tuple[Table, PrivacyPlan]:
         """Everything handshake and release check, in order; returns (table, plan)."""
         self.check_schema(request.schema_hash)
         self.check_key(request.coordinator_key_id)
-        if request.seed >= 0 and not self.cfg.allow_seeded_noise:
-            raise _Refusal(ReplyCode.SEEDED_NOISE_REFUSED,
-                           "the coordinator asks for seeded (simulation-only) noise, which a "
-                           "known seed makes removable; this site does not allow it "
-                           "(allow_seeded_noise = false)")
-        table = self.table()
-        plan = self.plan(request)
+        self.check_budget_rules(request)
         view = self.ledger_view()
+        table = self.table()
+        plan = self.plan(request.epsilon, request)
         if not self.ledger.can_afford(plan.rho_total):
             raise _Refusal(
                 ReplyCode.INSUFFICIENT_BUDGET,
                 f"insufficient privacy budget: this fit needs rho={plan.rho_total:.6g} "
-                f"(epsilon={request.epsilon:g}, delta={request.delta:g}) but only "
+                f"(epsilon={request.epsilon:g} at delta={self.cfg.budget.delta:g}) but only "
                 f"rho={self.ledger.remaining_rho:.6g} of {self.ledger.rho_budget:.6g} remains",
                 view)
         return table, plan
@@ -271,7 +274,7 @@ def _handshake_signature(site: _Site, request: HandshakeRequest, run_id: int) ->
     except SigningKeyError as exc:
         log.error("%s", exc)
         raise _Refusal(ReplyCode.BAD_CONFIG, f"the site's key {site.cfg.site_key.name} cannot "
-                       f"be used: {_after_source(exc)}") from None
+                       f"be used: {exc}") from None
     return sign_handshake(key, run_id=run_id, nonce=request.nonce, site_id=site.site_id,
                           node_id=site.node_id)
 
@@ -301,9 +304,9 @@ def _store_receipt(site: _Site, request: ImputeRequest, run_id: int) -> None:
 
 def _cells_digest(bank: ModelBank, site_id: str) -> str:
     """Digest of one site's cells in a bank (order, ids, boxes, Gram matrices, noise)."""
-    mask = bank.site == site_id
+    mask = bank.site.astype(str) == site_id
     digest = hashlib.sha256()
-    digest.update("\n".join(bank.cell[mask].tolist()).encode("utf-8"))
+    digest.update("\n".join(bank.cell[mask].astype(str).tolist()).encode("utf-8"))
     for array in (bank.lo[mask], bank.hi[mask], bank.gram[mask], bank.sigma[mask]):
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
     return digest.hexdigest()
@@ -326,12 +329,12 @@ def _release(site: _Site, request: ReleaseRequest, run_id: int,
         raise _Refusal(ReplyCode.INSUFFICIENT_BUDGET, f"insufficient privacy budget: {exc}",
                        site.ledger_view()) from None
     except LedgerError as exc:
-        log.error("site %s: %s", site.site_id, exc)
-        raise _Refusal(ReplyCode.LEDGER_ERROR, "privacy ledger changed during the release; "
-                       "nothing was sent", site.ledger_view()) from None
+        raise _Refusal(ReplyCode.LEDGER_ERROR, f"privacy ledger changed during the release; "
+                       f"nothing was sent: {exc}", site.ledger_view()) from None
     state[STATE_RECORD] = ConfigRecord({
-        "run_id": int(run_id), "site_id": site.site_id,
+        "run_id": int(run_id), "site_id": site.site_id, "imputed": False,
         "cells_sha256": _cells_digest(bank, site.site_id), "n_cells": bank.n_cells,
+        "epsilon": float(request.epsilon), **request.plan_fields(),
     })
     log.info("site %s: released %d cells (rho spent %.6g of %.6g)", site.site_id, bank.n_cells,
              site.ledger.spent_rho, site.ledger.rho_budget)
@@ -341,60 +344,89 @@ def _release(site: _Site, request: ReleaseRequest, run_id: int,
 
 def _write_outputs(out: Path, result: ImputationResult, columns: list[str],
                    request: ImputeRequest, run_id: int) -> None:
-    """All outputs staged as temporary files and renamed into place together, table last."""
-    out.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        table_file = stack.enter_context(atomic_open(out / "imputed.csv", "w", newline=""))
-        audit_file = stack.enter_context(atomic_open(out / "audit.jsonl", "w", newline=""))
-        flags_file = stack.enter_context(atomic_open(out / "flags.csv", "w", newline=""))
-        bank_file = stack.enter_context(atomic_open(out / "bank.npz", "wb"))
-        signature_file = stack.enter_context(atomic_open(out / "bank.sig.json", "w", newline=""))
-        bank_file.write(request.bank)
-        signature_file.write(signature_json(request.signature, request.bank,
-                                            request.schema_hash, run_id,
-                                            request.coordinator_key_id))
-        write_flags(flags_file, result, columns)
-        dump_audit_jsonl(audit_file, audit_records(result, columns, k=request.k))
-        write_table(table_file, result.values, columns)
+    """All outputs staged and committed together: every file is written, or none is."""
+    with atomic_outputs() as outputs:
+        with outputs.open(out / "bank.npz", "wb") as fh:
+            fh.write(request.bank)
+        with outputs.open(out / "bank.sig.json", newline="") as fh:
+            fh.write(signature_json(request.signature, request.bank, request.schema_hash,
+                                    run_id, request.coordinator_key_id))
+        with outputs.open(out / "flags.csv", newline="") as fh:
+            write_flags(fh, result, columns)
+        with outputs.open(out / "audit.jsonl", newline="") as fh:
+            dump_audit_jsonl(fh, audit_records(result, columns, k=request.k))
+        with outputs.open(out / "imputed.csv", newline="") as fh:
+            write_table(fh, result.values, columns)
+
+
+def _claim_run(site: _Site, run_id: int, state: RecordDict) -> ConfigRecord:
+    """This run's release record, marked as used: an impute is answered once per release,
+    and only in the run of that release (else a NOT_IN_RUN refusal)."""
+    released = state.config_records.get(STATE_RECORD)
+    if released is None or int(released["run_id"]) != int(run_id):
+        raise _Refusal(ReplyCode.NOT_IN_RUN, f"an impute in run {run_id}, where this site "
+                       "released nothing; refused")
+    if released["site_id"] != site.site_id or bool(released["imputed"]):
+        raise _Refusal(ReplyCode.NOT_IN_RUN, f"a second impute in run {run_id} (or under "
+                       "another site id); refused")
+    released["imputed"] = True
+    return released
 
 
 def _verified_bank(site: _Site, request: ImputeRequest, run_id: int,
-                   state: RecordDict) -> ModelBank:
-    """The federation bank, once its signature verifies under the pinned key, it fits the
-    schema and it carries this site's own cells as released in this run; else refuse."""
+                   released: ConfigRecord) -> ModelBank:
+    """The federation bank, once its signature verifies under the pinned key, it fits this
+    run's privacy plan as a whole and carries this site's cells as released; else refuse.
+    Nothing here reads the site's records, so the outcome cannot depend on them."""
     site.check_schema(request.schema_hash)
     public_key = site.check_key(request.coordinator_key_id)
     try:
         verify_bank(public_key, request.signature, request.bank, request.schema_hash, run_id)
     except SignatureError as exc:
-        log.error("site %s: %s", site.site_id, exc)
         raise _Refusal(ReplyCode.BAD_SIGNATURE, str(exc)) from None
+    fields = PlanFields.model_validate({name: released[name] for name in PlanFields.model_fields})
+    plan = site.plan(float(released["epsilon"]), fields)
+    limits = ReleaseLimits.from_plan(plan, len(site.schema.columns))
     try:
         bank = ModelBank.from_bytes(request.bank, source="the federation bank")
-    except BankError as exc:
-        raise _Refusal(ReplyCode.BAD_BANK, str(exc)) from None
-    n_features = len(site.schema.columns)
-    if bank.n_features != n_features:
-        raise _Refusal(ReplyCode.BAD_BANK, f"the bank has {bank.n_features} features, the "
-                       f"schema {n_features}")
-    released = state.config_records.get(STATE_RECORD)
-    if released is not None and int(released["run_id"]) == int(run_id):
-        if _cells_digest(bank, site.site_id) != released["cells_sha256"]:
-            raise _Refusal(ReplyCode.BAD_BANK, "the bank does not carry this site's cells as "
-                           "it released them; refusing to use it")
+        problems = bank_problems(bank, limits)
+        if not problems and _cells_digest(bank, site.site_id) != released["cells_sha256"]:
+            problems = ["it does not carry this site's cells as the site released them"]
+    except Exception as exc:  # noqa: BLE001 - whatever a crafted bank provokes is a bad bank
+        problems = [f"{type(exc).__name__}: {exc}"]
+    if problems:
+        raise _Refusal(ReplyCode.BAD_BANK, "the bank is refused: " + "; ".join(problems))
     return bank
 
 
-def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:
-    bank = _verified_bank(site, request, run_id, state)
-    _store_receipt(site, request, run_id)
-    table = site.table()
+def _imputed_from_bank(site: _Site, table: Table, bank: ModelBank,
+                       request: ImputeRequest) -> ImputationResult:
+    """The site's records imputed from a vetted bank; on ANY failure from the bank (or a
+    non-finite value), the site's own IIM for every cell, marked ``fallback``: a crafted
+    bank must not turn the reply into a signal about the records."""
     bounds = site.schema.bounds_array()
     try:
         result = site_impute(table.values, bank, bounds, mode=request.mode,
                              n_neighbors=request.k, site_id=site.site_id)
-    except (BankError, ValueError) as exc:
-        raise _Refusal(ReplyCode.ERROR, f"imputation failed: {exc}") from None
+        if np.isfinite(result.values[result.imputed]).all():
+            return result
+        failure = "a non-finite value"
+    except Exception as exc:  # noqa: BLE001 - whatever the bank provokes stays local
+        failure = f"{type(exc).__name__}: {exc}"
+    log.warning("site %s: imputation from the bank failed (%s); the site's own IIM fills "
+                "every cell", site.site_id, failure)
+    result = impute_local(table.values, request.k)
+    result.method[result.imputed] = METHOD_FALLBACK
+    return result
+
+
+def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:
+    released = _claim_run(site, run_id, state)
+    view = site.ledger_view()  # no ledger, no stage: before anything is written
+    bank = _verified_bank(site, request, run_id, released)
+    _store_receipt(site, request, run_id)
+    table = site.table()
+    result = _imputed_from_bank(site, table, bank, request)
     apply_schema(result, site.schema, site.schema.column_names)
     if not np.isfinite(result.values[result.imputed]).all():
         raise _Refusal(ReplyCode.ERROR, "imputation produced a non-finite value; nothing was "
@@ -402,15 +434,13 @@ def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict)
     try:
         _write_outputs(site.cfg.output_dir, result, table.columns, request, run_id)
     except OSError as exc:
-        log.error("site %s: cannot write outputs: %s", site.site_id, exc)
-        raise _Refusal(ReplyCode.ERROR, f"cannot write the outputs ({exc.strerror}); nothing "
-                       "was written") from None
-    n_cells = int(result.imputed.sum())
-    log.info("site %s: imputed %d cells -> %s", site.site_id, n_cells, site.cfg.output_dir)
-    return ImputeReply(site_id=site.site_id, n_rows=table.n_rows,
-                       n_incomplete_rows=int(table.missing_mask.any(axis=1).sum()),
-                       n_imputed_cells=n_cells, outputs=list(OUTPUT_FILES),
-                       ledger=site.ledger_view())
+        raise _Refusal(ReplyCode.ERROR, f"cannot write the outputs ({exc}); nothing was "
+                       "written") from None
+    log.info("site %s: imputed %d cells in %d of %d rows (%d by the local fallback) -> %s",
+             site.site_id, int(result.imputed.sum()), int(result.imputed.any(axis=1).sum()),
+             table.n_rows, int((result.method == METHOD_FALLBACK).sum()),
+             site.cfg.output_dir)
+    return ImputeReply(site_id=site.site_id, ledger=view)
 
 
 def site_config_path(node_config: dict[str, Any], run_config: dict[str, Any]) -> str | None:
@@ -441,14 +471,17 @@ def _answer(site: _Site, request: HandshakeRequest | ReleaseRequest | ImputeRequ
 
 def handle(content: RecordDict, *, node_config: dict[str, Any], run_id: int, node_id: int,
            state: RecordDict, run_config: dict[str, Any] | None = None) -> RecordDict:
-    """Answer one request record with one reply record (never raises for a bad request)."""
+    """Answer one request record with one reply record (never raises for a bad request).
+
+    The reply carries a code, never the details: those go to the site's log.
+    """
+    site_id = f"node-{node_id}"
     try:
         stage = request_stage(content)
     except MessageError as exc:
-        return HandshakeReply(site_id=f"node-{node_id}", code=ReplyCode.BAD_REQUEST,
-                              reason=str(exc)).to_record()
+        log.warning("site %s: unreadable request: %s", site_id, exc)
+        return HandshakeReply(site_id=site_id, code=ReplyCode.BAD_REQUEST).to_record()
     reply_model = reply_type(stage)
-    site_id = f"node-{node_id}"
     site: _Site | None = None
     try:
         request = parse_request(content)
@@ -456,15 +489,13 @@ def handle(content: RecordDict, *, node_config: dict[str, Any], run_id: int, nod
         site_id = site.site_id
         reply = _answer(site, request, run_id, state)
     except MessageError as exc:
-        reply = reply_model(site_id=site_id, code=ReplyCode.BAD_REQUEST, reason=str(exc))
+        log.warning("site %s: invalid %s request: %s", site_id, stage, exc)
+        reply = reply_model(site_id=site_id, code=ReplyCode.BAD_REQUEST)
     except _Refusal as exc:
-        log.warning("site %s: %s refused (%s): %s", site_id, stage, exc.code, exc.reason)
-        reply = reply_model(site_id=site_id, code=exc.code, reason=exc.reason,
-                            ledger=exc.ledger)
-    except Exception as exc:  # noqa: BLE001 - a site must answer, not crash; details stay local
+        log.warning("site %s: %s refused (%s): %s", site_id, stage, exc.code, exc.detail)
+        reply = reply_model(site_id=site_id, code=exc.code, ledger=exc.ledger)
+    except Exception:  # noqa: BLE001 - a site must answer, not crash; details stay local
         log.exception("site %s: %s failed", site_id, stage)
         reply = reply_model(site_id=site_id, code=ReplyCode.ERROR,
-                            ledger=site.ledger_view_if_open() if site is not None else None,
-                            reason=f"internal error at the site ({type(exc).__name__}); see "
-                                   "the site's log")
+                            ledger=site.ledger_view_if_open() if site is not None else None)
     return reply.to_record()

@@ -173,7 +173,7 @@ def _run_local_deploy(args: argparse.Namespace) -> int:
                             delta=args.delta, min_sites=args.min_sites,
                             budget_epsilon=args.budget_epsilon, run_config=run_config,
                             node_auth=args.node_auth, timeout=args.timeout,
-                            allow_seeded_noise=args.seed is not None,
+                            insecure_seeded_noise=args.seed is not None,
                             simulation=args.simulation)
     except FediimError as exc:
         if isinstance(exc, RunNotCompleted):
@@ -204,10 +204,7 @@ def _print_sites(view: dict[str, Any], out: Path) -> None:
                  if ledger else "no ledger reported")
         imp = site.get("stages", {}).get("impute", {})
         if site.get("active") and imp.get("code") == "ok":
-            counts = (f"{imp['n_rows']} rows, {imp['n_imputed_cells']} cells imputed"
-                      if {"n_rows", "n_imputed_cells"} <= imp.keys() else "imputed")
-            print(f"  {sid}: {counts}, {spend} -> {out / sid / 'imputed.csv'}",
-                  file=sys.stderr)
+            print(f"  {sid}: imputed, {spend} -> {out / sid / 'imputed.csv'}", file=sys.stderr)
         elif site.get("active"):
             done = ", ".join(site.get("stages", {})) or "nothing"
             print(f"  {sid}: took part ({done}) but the run stopped; {spend}", file=sys.stderr)

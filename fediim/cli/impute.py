@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from fediim.cli.argtypes import positive_int
 from fediim.cli.common import Subparsers, add_parser, check_distinct, error, warn
 from fediim.errors import ExitCode
 from fediim.impute.estimator import IIMImputer
-from fediim.io.atomic import atomic_open
+from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
 from fediim.io.schema import DEFAULT_MISSING, SchemaError, TableSchema, load_schema
@@ -60,8 +59,8 @@ keep their names and order. A cell is missing if it is one of the missing marker
 Any other non-number is an error naming the file, line and column, and then nothing is
 written.
 
-Outputs (each written atomically; the table is written last, so if it exists the
-others are complete too):
+Outputs (committed together: all three are written, or none is and any previous
+versions stay as they were):
   OUT                 the imputed table
   OUT.flags.csv       per row, for every column <col>: <col>_imputed (1 if filled in,
                       else 0) and <col>_uncertainty (spread of the candidates; empty if
@@ -146,19 +145,18 @@ def _run_impute(args: argparse.Namespace) -> int:
         error(f"{table.source}: imputation produced a non-finite value; nothing was written")
         return ExitCode.FAILED
 
-    # All three files are staged as temporary files and only then renamed into place, the
-    # table last: a failure anywhere leaves none of them half-written, and a table on disk
-    # means its flags and audit are there too.
+    # The three files are staged and committed together: all of them are written or none
+    # (a failed commit puts back what was there before).
     try:
-        with ExitStack() as stack:
-            fh_table = stack.enter_context(atomic_open(out, "w", newline=""))
-            fh_audit = stack.enter_context(atomic_open(audit, "w", newline=""))
-            fh_flags = stack.enter_context(atomic_open(flags, "w", newline=""))
-            write_flags(fh_flags, result, columns)
-            n_cells = dump_audit_jsonl(fh_audit, audit_records(result, columns, k=args.k))
-            write_table(fh_table, result.values, columns)
+        with atomic_outputs() as outputs:
+            with outputs.open(flags, newline="") as fh_flags:
+                write_flags(fh_flags, result, columns)
+            with outputs.open(audit, newline="") as fh_audit:
+                n_cells = dump_audit_jsonl(fh_audit, audit_records(result, columns, k=args.k))
+            with outputs.open(out, newline="") as fh_table:
+                write_table(fh_table, result.values, columns)
     except OSError as exc:
-        error(f"cannot write the outputs ({exc}); nothing was written")
+        error(f"cannot write the outputs ({exc}); none of them was written")
         return ExitCode.FAILED
 
     seconds = time.perf_counter() - start

@@ -63,7 +63,7 @@ def _run_init(args: argparse.Namespace) -> int:
 def _run_show(args: argparse.Namespace) -> int:
     try:
         cfg = load_site_config(args.site_config)
-        ledger = PrivacyLedger.open(cfg.ledger, cfg.budget.rho, cfg.site_id, must_exist=True)
+        ledger = PrivacyLedger.open(cfg.ledger, cfg.budget.rho, cfg.site_id)
     except FediimError as exc:
         error(str(exc))
         return exc.exit_code

@@ -108,7 +108,7 @@ def prepare_federation(
     budget_epsilon: float | None = None,
     min_sites: int | None = None,
     site_ids: Sequence[str] | None = None,
-    allow_seeded_noise: bool = False,
+    insecure_seeded_noise: bool = False,
     run_config: dict[str, Any] | None = None,
 ) -> FederationLayout:
     """Write the coordinator key and one site TOML per data file under ``out``.
@@ -158,9 +158,11 @@ def prepare_federation(
         config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path,
                             ledger=site_dir / "ledger.json", output_dir=site_dir,
                             coordinator_public_key=public_key, budget=budget,
-                            allow_seeded_noise=allow_seeded_noise,
+                            insecure_seeded_noise=insecure_seeded_noise,
                             site_key=_site_key(site_dir))
         atomic_write_text(site_dir / "site.toml", site_config_toml(config))
+        if not config.ledger.exists():  # a site never runs without its ledger: create it
+            PrivacyLedger.create(config.ledger, budget.rho, site_id)
         sites.append(SiteLayout(site_id, data_file, site_dir, site_dir / "site.toml",
                                 site_dir / "ledger.json"))
     registry = _write_site_registry(coordinator_dir, sites)

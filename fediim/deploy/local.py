@@ -69,7 +69,7 @@ def local_deploy(
     run_config: dict[str, Any] | None = None,
     node_auth: bool = True,
     timeout: float = DEFAULT_RUN_TIMEOUT,
-    allow_seeded_noise: bool = False,
+    insecure_seeded_noise: bool = False,
     simulation: bool = False,
 ) -> dict[str, Any]:
     """Prepare ``out``, deploy, run, stop; return the federation view (``federation.json``).
@@ -87,7 +87,7 @@ def local_deploy(
                                     "pip install 'fediim[sim]' (or use local-deploy)")
     layout = prepare_federation(data, schema, out, epsilon=epsilon, delta=delta,
                                 budget_epsilon=budget_epsilon, min_sites=min_sites,
-                                allow_seeded_noise=allow_seeded_noise, run_config=run_config)
+                                insecure_seeded_noise=insecure_seeded_noise, run_config=run_config)
     if simulation:
         layout.run_config["site-configs"] = json.dumps([str(s.config) for s in layout.sites])
     deployment = LocalDeployment(layout, node_auth=node_auth, simulation=simulation)

@@ -17,10 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["OutputGroup", "atomic_open", "atomic_outputs", "atomic_write_bytes",
-           "atomic_write_secret", "atomic_write_text"]
+__all__ = ["PUBLIC_MODE", "SECRET_MODE", "OutputGroup", "atomic_open", "atomic_outputs",
+           "atomic_write_bytes", "atomic_write_public", "atomic_write_secret",
+           "atomic_write_text"]
 
 _WRITE_MODES = {"w", "wt", "wb"}
+#: Permissions of a file anyone may read (public keys, certificates), whatever the umask.
+PUBLIC_MODE = 0o644
+#: Permissions of a file only its owner may read (private keys).
+SECRET_MODE = 0o600
 
 
 def _umask() -> int:
@@ -66,34 +71,41 @@ def atomic_open(
     mode: str = "w",
     newline: str | None = None,
     encoding: str | None = "utf-8",
+    permissions: int | None = None,
 ) -> Iterator[IO[Any]]:
     """Open ``path`` for writing so that it is replaced atomically when the block exits.
 
     ``mode`` is ``"w"``/``"wt"`` (text, ``encoding``/``newline`` as in :func:`open`) or
     ``"wb"``. Parent directories are created. If the block raises, the temporary file is
-    removed and the target keeps its previous content (or stays absent).
+    removed and the target keeps its previous content (or stays absent). ``permissions``:
+    the file's mode bits (default: the old file's, else what the umask gives).
     """
-    with atomic_outputs() as group, group.open(path, mode, newline, encoding) as fh:
+    with atomic_outputs() as group, group.open(path, mode, newline, encoding,
+                                               permissions) as fh:
         yield fh
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``."""
-    with atomic_open(path, "wb") as fh:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes,
+                       permissions: int | None = None) -> None:
+    """Atomically replace ``path`` with ``data`` (``permissions`` as in :func:`atomic_open`)."""
+    with atomic_open(path, "wb", permissions=permissions) as fh:
         fh.write(data)
 
 
 def atomic_write_secret(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically replace ``path`` with ``data`` readable by its owner only (0600).
 
-    For private keys. The file is created 0600 first (and an existing one set to 0600),
-    because :func:`atomic_open` keeps the mode the target already has.
+    For private keys: the staged file is 0600 from its creation on, so the key is never
+    readable by others, not even for a moment.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.touch(mode=0o600, exist_ok=True)
-    os.chmod(p, 0o600)
-    atomic_write_bytes(p, data)
+    atomic_write_bytes(path, data, permissions=SECRET_MODE)
+
+
+def atomic_write_public(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically replace ``path`` with ``data`` readable by all, writable by its owner
+    only (0644), whatever the umask: for public keys and certificates, which others must
+    read but nobody else may replace."""
+    atomic_write_bytes(path, data, permissions=PUBLIC_MODE)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
@@ -119,8 +131,13 @@ class OutputGroup:
 
     @contextmanager
     def open(self, path: str | os.PathLike[str], mode: str = "w",
-             newline: str | None = None, encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
-        """Stage ``path``: write it in the block; nothing is visible until :meth:`commit`."""
+             newline: str | None = None, encoding: str | None = "utf-8",
+             permissions: int | None = None) -> Iterator[IO[Any]]:
+        """Stage ``path``: write it in the block; nothing is visible until :meth:`commit`.
+
+        ``permissions``: the file's mode bits; by default the old file's, else what
+        :func:`open` would give under the current umask.
+        """
         if mode not in _WRITE_MODES:
             raise ValueError(f"OutputGroup.open: mode {mode!r} not supported; expected one "
                              "of 'w', 'wt', 'wb'")
@@ -136,7 +153,7 @@ class OutputGroup:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp_name, _target_mode(target))
+        os.chmod(tmp_name, _target_mode(target) if permissions is None else permissions)
 
     def commit(self) -> None:
         """Put every staged file in place, or none of them (see the class docstring)."""

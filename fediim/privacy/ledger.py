@@ -22,7 +22,7 @@ from typing import Any
 
 from fediim.errors import BudgetExceeded, LedgerError
 from fediim.io.atomic import atomic_write_text
-from fediim.privacy.mechanisms import finite_float, rho_to_epsilon
+from fediim.privacy.mechanisms import OpenDPGaussianNoise, finite_float, rho_to_epsilon
 
 __all__ = ["LEDGER_FORMAT", "BudgetExceeded", "LedgerEntry", "LedgerError", "PrivacyLedger"]
 
@@ -48,6 +48,13 @@ class LedgerEntry:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return asdict(self)
+
+    @property
+    def insecure_noise(self) -> bool:
+        """Whether the noise came from anything but OpenDP's exact sampler (e.g. seeded
+        simulation noise, which whoever knows the seed can subtract): the recorded ρ then
+        states what the release would cost with private noise, not a guarantee."""
+        return self.noise_source != OpenDPGaussianNoise.name
 
 
 def _entry_from_dict(raw: Any, index: int) -> LedgerEntry:
@@ -113,8 +120,9 @@ class PrivacyLedger:
     "checksum"}`` where ``checksum`` is the sha256 of the canonical JSON (sorted keys, no
     whitespace) of everything else. Every charge is written atomically (temp file, flush,
     fsync, ``os.replace``) *before* :meth:`charge` returns, so a crash after a charge can
-    only over-report spend, never under-report it. Opening an existing file re-verifies it
-    and never silently resets it.
+    only over-report spend, never under-report it. A ledger file is created once with
+    :meth:`create`; :meth:`open` re-verifies it, refuses a missing one and never silently
+    resets it.
 
     The checksum detects corruption and naive edits (e.g. lowering a ρ by hand); it does
     NOT stop a determined local adversary, who can recompute it — that would need a key
@@ -130,7 +138,8 @@ class PrivacyLedger:
         path: Path | None = None,
         entries: list[LedgerEntry] | None = None,
     ) -> None:
-        """Prefer :meth:`open` (file-backed) or :meth:`in_memory` (simulations)."""
+        """Prefer :meth:`create` / :meth:`open` (file-backed) or :meth:`in_memory`
+        (simulations)."""
         if not isinstance(site_id, str) or not site_id:
             raise ValueError("site_id must be a non-empty string")
         self._site_id = site_id
@@ -166,41 +175,30 @@ class PrivacyLedger:
         return ledger
 
     @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike[str],
-        rho_budget: float,
-        site_id: str,
-        *,
-        must_exist: bool = False,
-    ) -> PrivacyLedger:
-        """Load and verify the ledger at ``path``, or create it (written at once) if absent.
+    def open(cls, path: str | os.PathLike[str], rho_budget: float,
+             site_id: str) -> PrivacyLedger:
+        """Load and verify the existing ledger at ``path``; never create one.
 
-        An existing file must hold this ``site_id`` and exactly this ``rho_budget``;
-        otherwise :class:`LedgerError` (a budget is never silently reset or changed). The
-        parent directory must exist (a mistyped directory must not create a fresh, empty
-        ledger); pass ``must_exist=True`` to refuse creating a new file at all.
+        The file must hold this ``site_id`` and exactly this ``rho_budget``; otherwise
+        :class:`LedgerError` (a budget is never silently reset or changed). A missing file
+        is a :class:`LedgerError` too: a deleted or misplaced ledger must never become a
+        fresh budget. Ledgers are created once, explicitly, with :meth:`create`
+        (``fediim ledger init``).
         """
         p = Path(path)
-        ledger = cls(site_id=site_id, rho_budget=rho_budget, path=p)
-        if p.exists():
-            stored = cls._load(p)
-            if stored._site_id != ledger._site_id:
-                raise LedgerError(
-                    f"ledger {p}: belongs to site {stored._site_id!r}, not {site_id!r}"
-                )
-            if stored._rho_budget != ledger._rho_budget:
-                raise LedgerError(
-                    f"ledger {p}: stored rho_budget {stored._rho_budget!r} differs from the "
-                    f"configured {ledger._rho_budget!r}; refusing to change a budget silently"
-                )
-            return stored
-        if must_exist:
-            raise LedgerError(f"ledger {p} does not exist (must_exist=True)")
-        if not p.parent.is_dir():
-            raise LedgerError(f"ledger {p}: directory {p.parent} does not exist")
-        ledger._persist(ledger._entries)
-        return ledger
+        if not p.exists():
+            raise LedgerError(f"ledger {p} does not exist; a ledger is created once, "
+                              "explicitly (fediim ledger init), never when it is missing")
+        stored = cls._load(p)
+        if stored._site_id != site_id:
+            raise LedgerError(f"ledger {p}: belongs to site {stored._site_id!r}, not {site_id!r}")
+        budget = finite_float("rho_budget", rho_budget, strict=True)
+        if stored._rho_budget != budget:
+            raise LedgerError(
+                f"ledger {p}: stored rho_budget {stored._rho_budget!r} differs from the "
+                f"configured {budget!r}; refusing to change a budget silently"
+            )
+        return stored
 
     @classmethod
     def _load(cls, path: Path) -> PrivacyLedger:
@@ -343,6 +341,12 @@ class PrivacyLedger:
         """ρ still available (never negative)."""
         return max(0.0, self._rho_budget - self.spent_rho)
 
+    @property
+    def insecure_noise(self) -> bool:
+        """Whether any release was noised insecurely (see :attr:`LedgerEntry.insecure_noise`):
+        the spend shown is then nominal, not a privacy guarantee."""
+        return any(entry.insecure_noise for entry in self._entries)
+
     def can_afford(self, rho: float) -> bool:
         """Whether charging ``rho`` more stays within the budget (1e-12 relative slack)."""
         r = finite_float("rho", rho)
@@ -353,7 +357,8 @@ class PrivacyLedger:
         return rho_to_epsilon(self.spent_rho, delta)
 
     def summary(self, delta: float) -> dict[str, Any]:
-        """Human/JSON-friendly status: spend and budget in ρ and in (ε, δ)."""
+        """Human/JSON-friendly status: spend and budget in ρ and in (ε, δ), and whether any
+        release used insecure (seeded) noise."""
         return {
             "site_id": self._site_id,
             "path": None if self._path is None else str(self._path),
@@ -364,6 +369,7 @@ class PrivacyLedger:
             "delta": float(delta),
             "epsilon_spent": self.epsilon(delta),
             "epsilon_budget": rho_to_epsilon(self._rho_budget, delta),
+            "insecure_noise": self.insecure_noise,
         }
 
     # ---- charging

@@ -19,12 +19,20 @@ A run has three stages, each one request from the coordinator and one reply per 
    process per message); the site runs ``site_release`` (charged to its on-disk ledger first)
    and replies with its cells (``ModelBank.to_bytes``) and its ledger summary.
 3. ``impute``: the signed federation bank; the site verifies the signature with the
-   coordinator public key named in its own configuration, imputes its own records locally,
-   writes its outputs and replies with status and counts only.
+   coordinator public key named in its own configuration, vets the bank against the run's
+   privacy plan, imputes its own records locally, writes its outputs and replies with a
+   status only.
+
+What a reply may carry besides the accounted release (a release's cells and the ledger
+summary, both public once charged): a :class:`ReplyCode` and the fixed reason text of that
+code (:data:`REPLY_REASONS`). Nothing computed from the site's records (no counts, no line
+or column of a bad cell, no exception text) ever travels: an impute reply could otherwise
+be queried again and again without being charged. Details stay in the site's own log.
 
 ``seed`` (>= 0) asks sites for seeded numpy noise instead of OpenDP's exact sampler. It is
 for reproducible simulations only: whoever knows the seed can subtract the noise, so a site
-refuses it unless its own configuration says ``allow_seeded_noise = true``.
+refuses it unless its own configuration says ``insecure_seeded_noise = true``; its ledger
+then marks every such release, and :class:`LedgerView` reports ``insecure_noise``.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ __all__ = [
     "LedgerView",
     "MessageError",
     "PrivacyRequest",
+    "REPLY_REASONS",
     "ReleaseReply",
     "ReleaseRequest",
     "ReplyCode",
@@ -81,15 +90,51 @@ class ReplyCode(StrEnum):
     OK = "ok"
     SCHEMA_MISMATCH = "schema_mismatch"
     INSUFFICIENT_BUDGET = "insufficient_budget"
+    DELTA_MISMATCH = "delta_mismatch"
+    RUN_CAP_EXCEEDED = "run_cap_exceeded"
     BAD_DATA = "bad_data"
     BAD_CONFIG = "bad_config"
+    LEDGER_MISSING = "ledger_missing"
     LEDGER_ERROR = "ledger_error"
     KEY_MISMATCH = "key_mismatch"
     BAD_SIGNATURE = "bad_signature"
+    NOT_IN_RUN = "not_in_run"
     BAD_BANK = "bad_bank"
     SEEDED_NOISE_REFUSED = "seeded_noise_refused"
     BAD_REQUEST = "bad_request"
     ERROR = "error"
+
+
+#: The one reason text of each code. A reply's reason is always its code's text, so that no
+#: reply can carry data-dependent detail; the site logs the details locally.
+REPLY_REASONS: dict[ReplyCode, str] = {
+    ReplyCode.OK: "",
+    ReplyCode.SCHEMA_MISMATCH: "schema mismatch: the site's schema is not the coordinator's "
+                               "(columns, order, bounds and missing markers must agree)",
+    ReplyCode.INSUFFICIENT_BUDGET: "insufficient privacy budget: the site's ledger cannot "
+                                   "afford this run's spend",
+    ReplyCode.DELTA_MISMATCH: "the request's delta is not the site's budget delta; the site "
+                              "converts every spend at its own delta",
+    ReplyCode.RUN_CAP_EXCEEDED: "the request's epsilon exceeds the site's cap for one run",
+    ReplyCode.BAD_DATA: "the site cannot read its data table; see the site's log",
+    ReplyCode.BAD_CONFIG: "the site's configuration (its TOML, schema or pinned coordinator "
+                          "key) is missing or invalid; see the site's log",
+    ReplyCode.LEDGER_MISSING: "the site's privacy ledger does not exist; the site runs only "
+                              "with its ledger (created once with 'fediim ledger init')",
+    ReplyCode.LEDGER_ERROR: "the site's privacy ledger cannot be used or changed during the "
+                            "stage; nothing was released; see the site's log",
+    ReplyCode.KEY_MISMATCH: "the coordinator's signing key is not the key pinned by this site",
+    ReplyCode.BAD_SIGNATURE: "the bank's signature does not verify under the site's pinned "
+                             "coordinator key for this run and schema",
+    ReplyCode.NOT_IN_RUN: "an impute needs this site's release in the same run, and is "
+                          "answered once per run",
+    ReplyCode.BAD_BANK: "the bank does not fit this run's privacy plan or does not carry "
+                        "this site's cells as released; refused",
+    ReplyCode.SEEDED_NOISE_REFUSED: "the coordinator asks for seeded (insecure, simulation "
+                                    "only) noise, which this site does not allow",
+    ReplyCode.BAD_REQUEST: "the request is malformed or invalid",
+    ReplyCode.ERROR: "the site could not complete the stage; see the site's log",
+}
 
 
 class LedgerView(BaseModel):
@@ -104,6 +149,8 @@ class LedgerView(BaseModel):
     delta: Delta
     epsilon_spent: float = Field(ge=0)
     epsilon_budget: float = Field(ge=0)
+    #: Some release was noised insecurely (seeded simulation noise): the spend is nominal.
+    insecure_noise: bool
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> LedgerView:
@@ -134,8 +181,9 @@ class _Message(BaseModel):
                 continue
             if isinstance(value, bytes):
                 arrays[name] = Array(np.frombuffer(value, dtype=np.uint8).copy())
-            elif isinstance(value, LedgerView):
-                ledger = value.model_dump()
+            elif isinstance(value, LedgerView):  # a MetricRecord holds numbers: bool -> 0/1
+                ledger = {key: int(number) if isinstance(number, bool) else number
+                          for key, number in value.model_dump().items()}
             elif isinstance(value, StrEnum):
                 config[name] = str(value)
             elif isinstance(value, list | tuple):
@@ -190,7 +238,8 @@ class PrivacyRequest(_Message, PlanFields):
     """What the coordinator asks a site to spend, and how (shared by handshake and release).
 
     ``epsilon``/``delta`` is this fit's spend at every site (converted to rho-zCDP by
-    :func:`fediim.federated.plan_privacy` at the site); the plan's fields
+    :func:`fediim.federated.plan_privacy` at the site, always at the site's own budget delta:
+    a site refuses a request at another ``delta``); the plan's fields
     (:class:`~fediim.protocol.run_config.PlanFields`) change how the spend is used, never how
     much is spent. ``seed`` >= 0: seeded noise, simulations only.
     """
@@ -239,15 +288,21 @@ class ImputeRequest(_Message):
 
 
 class _Reply(_Message):
+    """A site's answer: its id, a code and, where the stage has one, its ledger summary."""
+
     STAGE: ClassVar[str] = ""
     site_id: str = Field(min_length=1)
     code: ReplyCode = ReplyCode.OK
-    reason: str = ""
     ledger: LedgerView | None = None
 
     @property
     def ok(self) -> bool:
         return self.code is ReplyCode.OK
+
+    @property
+    def reason(self) -> str:
+        """The fixed reason text of :attr:`code` (never sent: it follows from the code)."""
+        return REPLY_REASONS[self.code]
 
 
 class HandshakeReply(_Reply):
@@ -270,13 +325,11 @@ class ReleaseReply(_Reply):
 
 
 class ImputeReply(_Reply):
-    """Status and counts only; the imputed values stay at the site."""
+    """A status only (code and ledger summary): no count or value computed from the site's
+    records, which would leave the site uncharged, as often as a coordinator asks. The
+    site keeps its counts in its own outputs and log."""
 
     STAGE: ClassVar[str] = "impute"
-    n_rows: int = Field(default=0, ge=0)
-    n_incomplete_rows: int = Field(default=0, ge=0)
-    n_imputed_cells: int = Field(default=0, ge=0)
-    outputs: list[str] = Field(default_factory=list)
 
 
 _REQUESTS: dict[str, type[_Message]] = {

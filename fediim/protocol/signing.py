@@ -10,7 +10,8 @@ hash and the Flower run id, so a bank cannot be replayed into another run or sch
     {"bank_sha256": "...", "format": "fediim-bank-signature/1", "run_id": 123,
      "schema_hash": "..."}
 
-Key files are PEM (PKCS#8 private key, written 0600; SubjectPublicKeyInfo public key).
+Key files are PEM (PKCS#8 private key, written 0600; SubjectPublicKeyInfo public key,
+written 0644).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fediim.errors import SignatureError, SigningKeyError
-from fediim.io.atomic import atomic_write_bytes, atomic_write_secret, atomic_write_text
+from fediim.io.atomic import atomic_write_public, atomic_write_secret, atomic_write_text
 
 __all__ = [
     "SIGNATURE_FORMAT",
@@ -50,13 +51,14 @@ SIGNATURE_FORMAT = "fediim-bank-signature/1"
 
 def write_keypair(private_path: str | os.PathLike[str],
                   public_path: str | os.PathLike[str]) -> Ed25519PublicKey:
-    """Generate an Ed25519 key pair; private key 0600 at ``private_path``, public key PEM."""
+    """Generate an Ed25519 key pair: private key 0600 at ``private_path``, public key PEM
+    0644 at ``public_path`` (whatever the umask: sites read it, nobody else may replace it)."""
     key = Ed25519PrivateKey.generate()
     atomic_write_secret(private_path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     pub = key.public_key()
-    atomic_write_bytes(public_path, pub.public_bytes(
+    atomic_write_public(public_path, pub.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return pub
 

@@ -7,19 +7,27 @@ directory of the TOML file::
     site_id = "hospital-a"                      # opaque id shown to the coordinator
     data = "data/visits.csv"                    # the site's table (never leaves the site)
     schema = "schema.toml"                      # the federation's agreed schema
-    ledger = "out/ledger.json"                  # this site's privacy ledger (created if absent)
+    ledger = "out/ledger.json"                  # this site's privacy ledger (must exist:
+                                                # fediim ledger init --site-config site.toml)
     output_dir = "out"                          # imputed.csv, flags.csv, audit.jsonl, bank.npz
     coordinator_public_key = "coordinator.pub"  # pinned Ed25519 key that must sign the bank
     site_key = "site.key"                       # optional: signs the handshake (identity)
 
     [budget]                                    # this site's total privacy budget
     epsilon = 3.0
-    delta = 1e-6
+    delta = 1e-6                                # every request must be at this delta
+    max_epsilon_per_run = 1.0                   # optional: no one run may ask for more
 
-    # allow_seeded_noise = true                 # simulations only; never in a deployment
+    # insecure_seeded_noise = true              # simulations only; never in a deployment
 
 The coordinator's public key is pinned here, out of band: the site never learns it from the
-coordinator itself (no trust on first use), and refuses any bank not signed with it.
+coordinator itself (no trust on first use), and refuses any bank not signed with it. The
+site converts every request at its own ``delta`` (a request at another delta is refused, so
+a coordinator cannot make a spend look cheaper), and refuses a request above
+``max_epsilon_per_run`` (absent: one run may spend the whole remaining budget).
+``insecure_seeded_noise`` lets a simulation ask for seeded noise, which whoever knows the
+seed can subtract; the ledger marks every such release. The former key
+``allow_seeded_noise`` is refused, so that no old file turns it on unnoticed.
 ``site_key`` (Ed25519 or ECDSA, PEM or OpenSSH; the SuperNode's node-authentication key will
 do) signs the site's handshake, so that a coordinator with a site registry knows that the
 node claiming this site id holds the key registered for it (:mod:`fediim.protocol.identity`).
@@ -32,7 +40,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from fediim.errors import SiteConfigError
 from fediim.io.toml import toml_document
@@ -45,12 +53,20 @@ SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class Budget(BaseModel):
-    """The site's total (epsilon, delta) budget, kept as rho-zCDP in its ledger."""
+    """The site's total (epsilon, delta) budget, kept as rho-zCDP in its ledger, and the most
+    epsilon (at the same delta) that one run may ask for."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epsilon: FiniteFloat = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
+    max_epsilon_per_run: FiniteFloat | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _cap_within_budget(self) -> Budget:
+        if self.max_epsilon_per_run is not None and self.max_epsilon_per_run > self.epsilon:
+            raise ValueError("max_epsilon_per_run must not exceed the total epsilon")
+        return self
 
     @property
     def rho(self) -> float:
@@ -76,7 +92,7 @@ class SiteConfig(BaseModel):
     output_dir: Path
     coordinator_public_key: Path
     budget: Budget
-    allow_seeded_noise: StrictBool = False
+    insecure_seeded_noise: StrictBool = False
     site_key: Path | None = None  # signs the handshake (fediim.protocol.identity)
 
 
@@ -92,6 +108,11 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
         raise SiteConfigError(f"{source}: cannot read ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SiteConfigError(f"{source}: invalid TOML ({exc})") from None
+    if isinstance(raw, dict) and "allow_seeded_noise" in raw:
+        raise SiteConfigError(
+            f"{source}: allow_seeded_noise: the key is now insecure_seeded_noise (seeded noise "
+            "can be removed by whoever knows the seed: simulations only, never a deployment); "
+            "rename it to turn seeded noise on deliberately")
     base = Path(source).resolve().parent
     for key in ("data", "schema", "ledger", "output_dir", "coordinator_public_key", "site_key"):
         if isinstance(raw.get(key), str):
@@ -115,9 +136,10 @@ def site_config_toml(config: SiteConfig) -> str:
         "ledger": str(config.ledger),
         "output_dir": str(config.output_dir),
         "coordinator_public_key": str(config.coordinator_public_key),
-        "allow_seeded_noise": config.allow_seeded_noise,
+        "insecure_seeded_noise": config.insecure_seeded_noise,
         "site_key": str(config.site_key) if config.site_key is not None else None,
     }
-    budget = {"epsilon": config.budget.epsilon, "delta": config.budget.delta}
+    budget = {"epsilon": config.budget.epsilon, "delta": config.budget.delta,
+              "max_epsilon_per_run": config.budget.max_epsilon_per_run}
     return toml_document({"": top, "budget": budget},
                          header="fediim site configuration: stays at the site")

@@ -5,7 +5,8 @@ A deployment needs one certificate authority whose certificate every SuperNode (
 connection), and one server certificate for the SuperLink signed by that CA, whose subject
 alternative names cover every name the nodes dial (``localhost`` and ``127.0.0.1`` for a
 local deployment; the public DNS name for a real one). Everything is generated with the
-``cryptography`` package; private keys are written with mode 0600.
+``cryptography`` package; private keys are written with mode 0600, certificates and
+public keys with mode 0644 (whatever the umask).
 
 For hospitals, the CA key belongs to whoever operates the SuperLink (or the consortium's
 PKI); only ``ca.crt`` is handed to the sites.
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fediim.io.atomic import atomic_write_bytes, atomic_write_secret
+from fediim.io.atomic import atomic_write_public, atomic_write_secret
 
 __all__ = [
     "TLSFiles",
@@ -129,7 +130,9 @@ def write_private_key(path: str | os.PathLike[str], key: ec.EllipticCurvePrivate
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    atomic_write_bytes(path, cert.public_bytes(serialization.Encoding.PEM))
+    """A certificate, PEM, mode 0644 whatever the umask (public, but not for others to
+    replace)."""
+    atomic_write_public(path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def write_tls_files(
@@ -165,5 +168,5 @@ def write_node_auth_keypair(private_path: str | os.PathLike[str],
     atomic_write_secret(private_path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption()))
-    atomic_write_bytes(public_path, key.public_key().public_bytes(
+    atomic_write_public(public_path, key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")

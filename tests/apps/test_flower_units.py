@@ -88,13 +88,12 @@ def test_requests_round_trip_through_records(msg: object) -> None:
 
 def test_replies_round_trip_with_ledger_and_bytes() -> None:
     view = LedgerView(releases=2, rho_budget=1.0, rho_spent=0.25, rho_remaining=0.75,
-                      delta=1e-6, epsilon_spent=2.1, epsilon_budget=5.3)
+                      delta=1e-6, epsilon_spent=2.1, epsilon_budget=5.3, insecure_noise=True)
     for rep in (
         HandshakeReply(site_id="a", rho_requested=0.2, ledger=view),
-        HandshakeReply(site_id="a", code=ReplyCode.SCHEMA_MISMATCH, reason="no"),
+        HandshakeReply(site_id="a", code=ReplyCode.SCHEMA_MISMATCH),
         ReleaseReply(site_id="b", bank=b"\xff" * 10, n_cells=3, ledger=view),
-        ImputeReply(site_id="c", n_rows=5, n_incomplete_rows=2, n_imputed_cells=3,
-                    outputs=["imputed.csv"], ledger=view),
+        ImputeReply(site_id="c", ledger=view),
     ):
         rd = rep.to_record()
         back = type(rep).from_record(rd)
@@ -157,7 +156,7 @@ def test_site_config_resolves_paths_and_round_trips(tmp_path: Path) -> None:
     cfg = load_site_config(_site_toml(tmp_path))
     assert cfg.site_id == "hosp-a" and cfg.data == tmp_path / "a.csv"
     assert cfg.schema_path == tmp_path / "s.toml" and cfg.ledger == tmp_path / "out/ledger.json"
-    assert cfg.allow_seeded_noise is False
+    assert cfg.insecure_seeded_noise is False
     assert cfg.budget.rho == pytest.approx(Budget(epsilon=3.0, delta=1e-6).rho)
     again = tmp_path / "again.toml"
     again.write_text(site_config_toml(cfg))
@@ -168,7 +167,7 @@ def test_site_config_resolves_paths_and_round_trips(tmp_path: Path) -> None:
     ({"coordinator_public_key": ""}, "coordinator_public_key"),
     ({"site_id": '"../etc"'}, "site_id"),
     ({"colour": '"blue"'}, "colour: unknown key"),
-    ({"allow_seeded_noise": '"yes"'}, "allow_seeded_noise"),
+    ({"insecure_seeded_noise": '"yes"'}, "insecure_seeded_noise"),
 ])
 def test_site_config_errors_name_the_key(tmp_path: Path, extra: dict[str, str],
                                          match: str) -> None:
@@ -364,7 +363,7 @@ def test_local_deploy_exit_codes_follow_the_error_type(
 
 def test_ledger_untouched_by_handshake_refusal_is_byte_identical(tmp_path: Path) -> None:
     # PrivacyLedger.open on an existing file does not rewrite it (the site relies on this)
-    led = PrivacyLedger.open(tmp_path / "l.json", 0.5, "a")
+    led = PrivacyLedger.create(tmp_path / "l.json", 0.5, "a")
     before = (tmp_path / "l.json").read_bytes()
     PrivacyLedger.open(tmp_path / "l.json", 0.5, "a").can_afford(1.0)
     assert (tmp_path / "l.json").read_bytes() == before and led.entries == ()
@@ -424,9 +423,10 @@ def test_the_run_config_is_declared_once() -> None:
 
 
 def test_ledger_view_from_a_ledger_summary(tmp_path: Path) -> None:
-    led = PrivacyLedger.open(tmp_path / "l.json", 0.5, "a")
+    led = PrivacyLedger.create(tmp_path / "l.json", 0.5, "a")
     view = LedgerView.from_summary(led.summary(1e-6))
     assert view.rho_budget == 0.5 and view.rho_spent == 0.0 and view.releases == 0
+    assert view.insecure_noise is False
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

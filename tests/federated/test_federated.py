@@ -322,7 +322,7 @@ def _persisted_fit(tmp_path: Path, x: np.ndarray, max_depth: int
                    ) -> tuple[Path, PrivacyLedger, Any]:
     plan = plan_privacy(1.0, DELTA, M, max_depth=max_depth)
     path = tmp_path / "h1.ledger.json"
-    ledger = PrivacyLedger.open(path, plan.rho_total, "h1")
+    ledger = PrivacyLedger.create(path, plan.rho_total, "h1")
     model = FederatedIIM(epsilon=1.0, delta=DELTA, bounds=BOUNDS, max_depth=max_depth,
                          mode="federated", seed=0)
     model.fit([x], site_ids=["h1"], ledgers=[ledger])

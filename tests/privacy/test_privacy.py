@@ -141,7 +141,7 @@ def test_seeded_noise_std_and_reproducible() -> None:
 
 
 def test_ledger_charge_spent_remaining(tmp_path: Path) -> None:
-    led = PrivacyLedger.open(tmp_path / "l.json", rho_budget=1.0, site_id="s1")
+    led = PrivacyLedger.create(tmp_path / "l.json", 1.0, "s1")
     assert (tmp_path / "l.json").exists()  # created immediately
     assert led.spent_rho == 0.0 and led.remaining_rho == 1.0
     _charge(led, 0.25, "counts")
@@ -169,7 +169,7 @@ def test_in_memory_ledger() -> None:
 
 def test_restart_keeps_spend(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    led = PrivacyLedger.open(path, 2.0, "site-a")
+    led = PrivacyLedger.create(path, 2.0, "site-a")
     _charge(led, 0.3)
     _charge(led, 0.4)
     again = PrivacyLedger.open(path, 2.0, "site-a")
@@ -194,7 +194,7 @@ def test_exact_budget_allowed_tiny_over_refused() -> None:
 
 def test_refusal_leaves_file_identical_and_draws_nothing(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    led = PrivacyLedger.open(path, 1.0, "hospital-7")
+    led = PrivacyLedger.create(path, 1.0, "hospital-7")
     _charge(led, 0.9)
     before = path.read_bytes()
     stub = RecordingNoise()
@@ -212,14 +212,14 @@ def test_refusal_leaves_file_identical_and_draws_nothing(tmp_path: Path) -> None
 
 def test_tampered_rho_detected(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    _charge(PrivacyLedger.open(path, 1.0, "s"), 0.8)
+    _charge(PrivacyLedger.create(path, 1.0, "s"), 0.8)
     doc = json.loads(path.read_text())
     doc["entries"][0]["rho"] = 0.01  # pretend less was spent, checksum left as is
     path.write_text(json.dumps(doc, indent=2))
     with pytest.raises(LedgerError, match="checksum"):
         PrivacyLedger.open(path, 1.0, "s")
     # textual edit of the same kind
-    _charge(PrivacyLedger.open(tmp_path / "b.json", 1.0, "s"), 0.5)
+    _charge(PrivacyLedger.create(tmp_path / "b.json", 1.0, "s"), 0.5)
     text = (tmp_path / "b.json").read_text()
     assert '"rho": 0.5' in text
     (tmp_path / "b.json").write_text(text.replace('"rho": 0.5', '"rho": 0.05'))
@@ -240,7 +240,7 @@ _CONTENT_EDITS = {
 @pytest.mark.parametrize("problem", sorted(_CONTENT_EDITS))
 def test_invalid_content_with_valid_checksum_detected(tmp_path: Path, problem: str) -> None:
     path = tmp_path / "ledger.json"
-    _charge(PrivacyLedger.open(path, 1.0, "s"), 0.5)
+    _charge(PrivacyLedger.create(path, 1.0, "s"), 0.5)
     doc = json.loads(path.read_text())
     _CONTENT_EDITS[problem](doc)
     _rewrite_with_checksum(path, doc)  # a "fixed-up" checksum does not launder bad content
@@ -250,7 +250,7 @@ def test_invalid_content_with_valid_checksum_detected(tmp_path: Path, problem: s
 
 def test_corrupt_files_detected(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    _charge(PrivacyLedger.open(path, 1.0, "s"), 0.5)
+    _charge(PrivacyLedger.create(path, 1.0, "s"), 0.5)
     good = path.read_text()
     doc = json.loads(good)
     variants = [
@@ -274,7 +274,7 @@ def test_corrupt_files_detected(tmp_path: Path) -> None:
 
 def test_site_or_budget_mismatch(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    _charge(PrivacyLedger.open(path, 1.0, "site-a"), 0.5)
+    _charge(PrivacyLedger.create(path, 1.0, "site-a"), 0.5)
     before = path.read_bytes()
     with pytest.raises(LedgerError, match="site"):
         PrivacyLedger.open(path, 1.0, "site-b")
@@ -283,17 +283,26 @@ def test_site_or_budget_mismatch(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-def test_open_refuses_missing_dir_and_must_exist(tmp_path: Path) -> None:
-    with pytest.raises(LedgerError):
-        PrivacyLedger.open(tmp_path / "nope" / "l.json", 1.0, "s")
-    with pytest.raises(LedgerError):
-        PrivacyLedger.open(tmp_path / "l.json", 1.0, "s", must_exist=True)
+def test_open_never_creates_a_ledger(tmp_path: Path) -> None:
+    """Finding 4: a missing ledger file is an error, never a fresh budget (open used to
+    create one, so deleting the file or pointing elsewhere reset the spend to 0)."""
+    with pytest.raises(LedgerError, match="does not exist"):
+        PrivacyLedger.open(tmp_path / "l.json", 1.0, "s")
     assert not (tmp_path / "l.json").exists()
+    with pytest.raises(LedgerError, match="does not exist"):
+        PrivacyLedger.create(tmp_path / "nope" / "l.json", 1.0, "s")
+    _charge(PrivacyLedger.create(tmp_path / "l.json", 1.0, "s"), 0.4)
+    (tmp_path / "l.json").unlink()
+    with pytest.raises(LedgerError, match="does not exist"):
+        PrivacyLedger.open(tmp_path / "l.json", 1.0, "s")
+    PrivacyLedger.create(tmp_path / "l.json", 1.0, "s")
+    with pytest.raises(LedgerError, match="already exists"):
+        PrivacyLedger.create(tmp_path / "l.json", 1.0, "s")
 
 
 def test_two_handles_share_one_budget(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    a = PrivacyLedger.open(path, 1.0, "s")
+    a = PrivacyLedger.create(path, 1.0, "s")
     b = PrivacyLedger.open(path, 1.0, "s")
     _charge(a, 0.6)
     with pytest.raises(BudgetExceeded):
@@ -312,7 +321,7 @@ def _charge_many(path: str, n: int) -> None:
 def test_two_processes_charging_one_ledger_lose_nothing(tmp_path: Path) -> None:
     """Finding: a read-check-replace race lost half the charges of two processes."""
     path = tmp_path / "ledger.json"
-    PrivacyLedger.open(path, 1e6, "s")
+    PrivacyLedger.create(path, 1e6, "s")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_charge_many, args=(str(path), 200)) for _ in range(2)]
     for p in procs:
@@ -325,14 +334,14 @@ def test_two_processes_charging_one_ledger_lose_nothing(tmp_path: Path) -> None:
 
 def test_a_deleted_or_rewound_ledger_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    led = PrivacyLedger.open(path, 1.0, "s")
+    led = PrivacyLedger.create(path, 1.0, "s")
     _charge(led, 0.2)
     _charge(led, 0.2)
     saved = path.read_bytes()
     path.unlink()
     with pytest.raises(LedgerError, match="gone"):
         _charge(led, 0.1)
-    PrivacyLedger.open(path, 1.0, "s")  # an empty ledger in its place: spend rewound to 0
+    PrivacyLedger.create(path, 1.0, "s")  # an empty ledger in its place: spend rewound to 0
     with pytest.raises(LedgerError, match="rewound or replaced"):
         _charge(led, 0.1)
     path.write_bytes(saved)
@@ -344,7 +353,7 @@ def test_a_deleted_or_rewound_ledger_is_refused(tmp_path: Path) -> None:
 
 
 def test_release_gaussian_seeded(tmp_path: Path) -> None:
-    led = PrivacyLedger.open(tmp_path / "l.json", 1.0, "s")
+    led = PrivacyLedger.create(tmp_path / "l.json", 1.0, "s")
     values = np.arange(12, dtype=float).reshape(3, 4)
     out = release_gaussian(
         values,
