@@ -7,9 +7,9 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import run_federation
+from fediim.protocol.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["app", "make_server_app"]
 

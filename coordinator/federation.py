@@ -38,7 +38,6 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.admission import Admission
-from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
 from coordinator.spend import SpendRecord, spend_went_down
 from fediim.errors import BankError, MessageError, QuorumNotMet
@@ -47,6 +46,7 @@ from fediim.federated.bank import ModelBank
 from fediim.federated.vetting import ReleaseLimits, release_problems
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
+from fediim.protocol.clock import SYSTEM_CLOCK, Clock
 from fediim.protocol.identity import load_site_registry
 from fediim.protocol.messages import (
     MESSAGE_TYPE,

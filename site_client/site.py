@@ -59,6 +59,7 @@ from fediim.io.result import METHOD_FALLBACK
 from fediim.io.schema import TableSchema, load_schema
 from fediim.io.table import Table, read_csv
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise, rho_to_epsilon
+from fediim.protocol.clock import SYSTEM_CLOCK, Clock, sleep_to_quantum
 from fediim.protocol.identity import load_site_private_key, sign_handshake
 from fediim.protocol.messages import (
     HandshakeReply,
@@ -85,6 +86,8 @@ log = logging.getLogger("flwr.fediim.site")
 
 #: The SuperNode ``--node-config`` key naming the site's TOML file.
 NODE_CONFIG_KEY = "site-config"
+#: The clock a reply waits on (tests substitute a fake one).
+REPLY_CLOCK: Clock = SYSTEM_CLOCK
 #: ``context.state`` record holding what this site released in the current run.
 STATE_RECORD = "fediim.site"
 OUTPUT_FILES = ("imputed.csv", "flags.csv", "audit.jsonl", "bank.npz", "bank.sig.json")
@@ -123,6 +126,10 @@ class _Site:
         self.site_id = self.cfg.site_id
         self._schema: TableSchema | None = None
         self._ledger: PrivacyLedger | None = None
+
+    def reply_time_quantum(self) -> float:
+        """Seconds: replies leave at whole multiples of this after the request arrived."""
+        return float(self.cfg.reply_time_quantum)
 
     # -- pieces ---------------------------------------------------------------------------
     @property
@@ -475,6 +482,7 @@ def handle(content: RecordDict, *, node_config: dict[str, Any], run_id: int, nod
 
     The reply carries a code, never the details: those go to the site's log.
     """
+    started = REPLY_CLOCK.monotonic()
     site_id = f"node-{node_id}"
     try:
         stage = request_stage(content)
@@ -498,4 +506,5 @@ def handle(content: RecordDict, *, node_config: dict[str, Any], run_id: int, nod
         log.exception("site %s: %s failed", site_id, stage)
         reply = reply_model(site_id=site_id, code=ReplyCode.ERROR,
                             ledger=site.ledger_view_if_open() if site is not None else None)
+    sleep_to_quantum(REPLY_CLOCK, started, site.reply_time_quantum() if site else 0.0)
     return reply.to_record()

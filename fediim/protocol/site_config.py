@@ -18,6 +18,7 @@ directory of the TOML file::
     delta = 1e-6                                # every request must be at this delta
     max_epsilon_per_run = 1.0                   # optional: no one run may ask for more
 
+    # reply_time_quantum = 2.0                  # replies leave at multiples of this (s)
     # insecure_seeded_noise = true              # simulations only; never in a deployment
 
 The coordinator's public key is pinned here, out of band: the site never learns it from the
@@ -93,6 +94,9 @@ class SiteConfig(BaseModel):
     coordinator_public_key: Path
     budget: Budget
     insecure_seeded_noise: StrictBool = False
+    #: Seconds: every reply leaves at a whole multiple of this after its request arrived,
+    #: so the coordinator cannot time the work (it grows with the records); 0 disables.
+    reply_time_quantum: FiniteFloat = Field(default=2.0, ge=0, le=600)
     site_key: Path | None = None  # signs the handshake (fediim.protocol.identity)
 
 
@@ -137,6 +141,7 @@ def site_config_toml(config: SiteConfig) -> str:
         "output_dir": str(config.output_dir),
         "coordinator_public_key": str(config.coordinator_public_key),
         "insecure_seeded_noise": config.insecure_seeded_noise,
+        "reply_time_quantum": config.reply_time_quantum,
         "site_key": str(config.site_key) if config.site_key is not None else None,
     }
     budget = {"epsilon": config.budget.epsilon, "delta": config.budget.delta,

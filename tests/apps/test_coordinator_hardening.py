@@ -42,12 +42,12 @@ from site_client.app import app as client_app
 from tests.apps.test_flower_apps import (
     COLUMNS,
     RUN_ID,
-    FakeClock,
     _schema,
     _table,
     _view,
     _write_csv,
 )
+from tests.fake_clock import FakeClock
 from tests.flower_grid import InProcessGrid, run_server_app
 
 Craft = Callable[[ModelBank], ModelBank]

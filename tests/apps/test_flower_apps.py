@@ -29,25 +29,12 @@ from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
 from fediim.protocol.signing import read_signature_file, verify_bank, write_keypair
 from fediim.protocol.site_config import load_site_config
 from site_client.app import app as client_app
+from tests.fake_clock import FakeClock
 from tests.flower_grid import InProcessGrid, run_server_app
 
 COLUMNS = ["age", "bp", "chol", "hr"]
 BOUNDS = [(0.0, 120.0), (40.0, 250.0), (50.0, 700.0), (30.0, 220.0)]
 RUN_ID = 4242
-
-
-class FakeClock:
-    """The coordinator's clock for tests: ``sleep`` only advances this clock's time."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.now += seconds
 
 
 def _table(seed: int, n: int) -> np.ndarray:

@@ -47,6 +47,7 @@ from fediim.protocol.messages import (
 from fediim.protocol.signing import key_id, load_private_key, sign_bank, write_keypair
 from fediim.protocol.site_config import load_site_config
 from site_client.site import STATE_RECORD, handle
+from tests.fake_clock import FakeClock
 
 COLUMNS = ["a", "b", "c"]
 BOUNDS = [(0.0, 10.0), (-5.0, 5.0), (0.0, 100.0)]
@@ -607,3 +608,28 @@ def test_any_bank_gives_a_clean_refusal_or_a_completed_imputation(
     if first.ok:
         for site in neighbours.sites:
             assert not np.isnan(site.imputed()).any()
+
+
+def test_replies_leave_at_multiples_of_the_reply_time_quantum(
+        tmp_path: Path, fake_reply_clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 8: a release's time grows with the site's records, and the coordinator can
+    time it. Each reply now leaves at a whole multiple of the site's quantum (2 s by
+    default) after its request arrived, whatever the work took within it."""
+    from fediim.protocol.clock import sleep_to_quantum
+
+    clock = FakeClock()
+    for work, expected in [(0.0, 2.0), (0.3, 2.0), (1.99, 2.0), (2.5, 4.0), (7.0, 8.0)]:
+        started = clock.now
+        clock.now += work
+        assert sleep_to_quantum(clock, started, 2.0) == pytest.approx(expected)
+        assert clock.now - started == pytest.approx(expected)
+    assert sleep_to_quantum(clock, clock.now - 0.7, 0.0) == pytest.approx(0.7)
+
+    coordinator = Coordinator(tmp_path / "coordinator")
+    for n_rows in (60, 600):  # ten times the records: the same reply time
+        site = make_site(tmp_path / f"site{n_rows}", coordinator, _table(n_rows, n_rows))
+        for request in (HandshakeRequest, ReleaseRequest):
+            before = fake_reply_clock.now
+            record = site.send(coordinator.privacy(request, epsilon=1.0, delta=1e-6))
+            assert record.config_records[CONFIG_RECORD]["code"] == "ok"
+            assert fake_reply_clock.now - before == pytest.approx(2.0)
