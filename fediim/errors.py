@@ -73,12 +73,20 @@ class DataError(FediimError, ValueError):
         self.source = source
         self.row = row
         self.column = column
+        self.expected = expected
+        self.row_desc = row_desc
         where = [source]
         if row is not None:
             where.append(row_desc or f"row {row}")
         if column is not None:
             where.append(f"column {column!r}")
         super().__init__(", ".join(where) + ": " + expected)
+
+
+    def at(self, source: str) -> DataError:
+        """The same error, located in ``source`` (e.g. which site's table)."""
+        return DataError(source, self.expected, row=self.row, column=self.column,
+                         row_desc=self.row_desc)
 
 
 class SchemaError(FediimError, ValueError):

@@ -6,15 +6,18 @@ import math
 import warnings
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from fediim.errors import DataError
 from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, plan_privacy
 from fediim.federated.release import assemble_bank, site_release
 from fediim.federated.site_imputation import site_impute
 from fediim.io.result import ImputationResult
+from fediim.io.table import as_matrix
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
 
 __all__ = ["FederatedIIM"]
@@ -146,7 +149,7 @@ class FederatedIIM(BaseEstimator):
         exactly this fit's budget.
         """
         self._validate_params()
-        sites = [np.asarray(table, dtype=np.float64) for table in sites]
+        sites = _site_tables(sites)
         if not sites or len({table.shape[1] for table in sites}) != 1:
             raise ValueError("sites must be a non-empty list of arrays with the same columns")
         self.n_features_in_ = sites[0].shape[1]
@@ -233,10 +236,10 @@ class FederatedIIM(BaseEstimator):
     def impute(self, sites: Sequence[np.ndarray]) -> list[ImputationResult]:
         """Like :meth:`transform`, with per-cell provenance and uncertainty."""
         check_is_fitted(self, "bank_")
-        return [site_impute(np.asarray(table, dtype=np.float64), self.bank_, self.bounds_,
+        return [site_impute(table, self.bank_, self.bounds_,
                             mode=self.mode, n_neighbors=self._n_neighbors, site_id=site_id,
                             random_state=self.random_state)
-                for table, site_id in zip(sites, self.site_ids_, strict=True)]
+                for table, site_id in zip(_site_tables(sites), self.site_ids_, strict=True)]
 
     def fit_transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Fit on the sites and impute them."""
@@ -245,3 +248,15 @@ class FederatedIIM(BaseEstimator):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _site_tables(sites: Sequence[Any]) -> list[np.ndarray]:
+    """Each site's table as a float64 matrix; a bad one is a :class:`DataError` naming the
+    site, row and column (inf, text, a ragged row, a column whose spread overflows)."""
+    tables = []
+    for number, table in enumerate(sites):
+        try:
+            tables.append(as_matrix(table)[0])
+        except DataError as exc:
+            raise exc.at(f"site {number}") from None
+    return tables

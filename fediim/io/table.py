@@ -25,7 +25,7 @@ from fediim.errors import DataError
 from fediim.io.atomic import atomic_open
 from fediim.io.schema import DEFAULT_MISSING, TableSchema
 
-__all__ = ["DataError", "Table", "as_matrix", "check_representable", "clamp_to_bounds", "read_csv",
+__all__ = ["DataError", "Table", "as_matrix", "check_representable", "read_csv",
            "write_csv"]
 
 ARRAY_SOURCE = "<array>"
@@ -485,31 +485,3 @@ def _check_finite(values: np.ndarray, names: list[str], index: Any | None) -> No
             row_desc=_row_desc(i, index),
             column=names[j],
         )
-
-
-# -- bounds -----------------------------------------------------------------------------
-
-
-def clamp_to_bounds(
-    values: npt.ArrayLike, bounds: npt.ArrayLike
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Clamp observed cells into public ``bounds`` (m, 2); NaN stays NaN.
-
-    Returns the clamped copy and, per column, how many observed cells were moved — the
-    count DESIGN §3 asks to report (out-of-bounds data is clamped, never dropped silently).
-    """
-    arr = np.array(values, dtype=np.float64, copy=True)
-    b = np.asarray(bounds, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"clamp_to_bounds: expected 2-D values, got shape {arr.shape}")
-    if b.shape != (arr.shape[1], 2):
-        raise ValueError(
-            f"clamp_to_bounds: expected bounds of shape ({arr.shape[1]}, 2), got {b.shape}"
-        )
-    lo, hi = b[:, 0], b[:, 1]
-    if not (np.all(np.isfinite(b)) and np.all(lo <= hi)):
-        raise ValueError("clamp_to_bounds: expected finite bounds with lo <= hi in every row")
-    outside = (arr < lo) | (arr > hi)  # False for NaN
-    counts = outside.sum(axis=0).astype(np.int64)
-    np.clip(arr, lo, hi, out=arr)
-    return arr, counts

@@ -18,6 +18,7 @@ import fediim.federated.partition as partition
 import fediim.federated.plan as plan_mod
 import fediim.federated.release as release_mod
 import fediim.federated.site_imputation as federated
+from fediim.errors import DataError
 from fediim.federated import (
     PLAN_DEFAULTS,
     FederatedIIM,
@@ -888,3 +889,12 @@ def test_k_is_a_deprecated_alias_of_n_neighbors(
     for a, b, c in zip(old.impute(obs), new.impute(obs), default.impute(obs), strict=True):
         np.testing.assert_array_equal(a.values, b.values)
         assert a.n_candidates.max() == 3 < c.n_candidates.max()
+
+
+def test_a_bad_site_table_is_a_data_error_naming_the_site() -> None:
+    good = np.array([[1.0, 2.0], [2.0, np.nan], [3.0, 6.0]])
+    bad = np.array([[1.0, 2.0], [2.0, np.inf], [3.0, 6.0]])
+    fed = FederatedIIM(epsilon=np.inf)
+    with pytest.raises(DataError, match=r"^site 1, row 2, column 'x1': .*not finite") as err:
+        fed.fit([good, bad])
+    assert (err.value.source, err.value.row, err.value.column) == ("site 1", 2, "x1")

@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402  (a dev dependency)
 import pytest
 
 from fediim.io.schema import ColumnSpec, TableSchema
-from fediim.io.table import DataError, Table, as_matrix, clamp_to_bounds, read_csv, write_csv
+from fediim.io.table import DataError, Table, as_matrix, read_csv, write_csv
 
 
 def _csv(tmp_path: Path, text: str, name: str = "site_a.csv") -> Path:
@@ -324,47 +324,3 @@ def test_as_matrix_error_column_names() -> None:
         as_matrix(np.zeros((1, 2)), columns=["a", "a"])
 
 
-# -- clamp_to_bounds --------------------------------------------------------------------
-
-
-def test_clamp_counts() -> None:
-    values = np.array([[-5.0, 50.0], [130.0, np.nan], [np.nan, 800.0], [60.0, 900.0]])
-    bounds = SCHEMA.bounds_array()
-    clamped, counts = clamp_to_bounds(values, bounds)
-    np.testing.assert_array_equal(clamped, [[0, 50], [120, np.nan], [np.nan, 700], [60, 700]])
-    np.testing.assert_array_equal(counts, [2, 2])
-    assert counts.dtype == np.int64
-    assert values[0, 0] == -5.0  # input untouched
-    _, none = clamp_to_bounds(np.array([[1.0, 2.0]]), bounds)
-    np.testing.assert_array_equal(none, [0, 0])
-
-
-def test_clamp_bad_bounds() -> None:
-    with pytest.raises(ValueError, match=r"bounds of shape \(2, 2\)"):
-        clamp_to_bounds(np.zeros((1, 2)), np.zeros((3, 2)))
-    with pytest.raises(ValueError, match="lo <= hi"):
-        clamp_to_bounds(np.zeros((1, 1)), np.array([[1.0, 0.0]]))
-
-
-def test_table_shape_check() -> None:
-    with pytest.raises(ValueError, match="expected values of shape"):
-        Table(values=np.zeros((2, 3)), columns=["a", "b"])
-
-
-def test_entirely_missing_column_allowed_when_asked(tmp_path: Path) -> None:
-    table = read_csv(_csv(tmp_path, "age,chol\n1,NA\n2,\n"), allow_empty_columns=True)
-    assert table.columns == ["age", "chol"]
-    assert np.isnan(table.values[:, 1]).all() and table.values[:, 0].tolist() == [1.0, 2.0]
-
-
-def test_values_whose_spread_overflows_are_a_data_error_naming_the_column(tmp_path) -> None:
-    """Finding: ±1e308 gave overflow warnings and imputations with uncertainty 0."""
-    path = tmp_path / "big.csv"
-    path.write_text("a,b\n1,1e308\n2,-1e308\n3,\n4,5\n")
-    with pytest.raises(DataError, match=r"column 'b'.*overflows") as err:
-        read_csv(path)
-    assert err.value.column == "b" and err.value.source == str(path)
-    path.write_text("a,b\n1,1e100\n2,-1e100\n3,\n4,5\n")
-    assert read_csv(path).values.shape == (4, 2)  # large but representable
-    with pytest.raises(DataError, match="overflows"):
-        as_matrix(np.array([[1.0, 1e308], [2.0, -1e308]]))
