@@ -112,25 +112,26 @@ def _ds_key(study: Study, index: int) -> str:
 
 def load_raw(study: Study, index: int) -> RawData:
     """Read dataset ``index`` of the study and apply its column preprocessing."""
-    return _load_raw(study.config.datasets[index], study.base_dir, study.source,
-                     _ds_key(study, index))
+    return _load_raw(study.config.datasets[index], study.base_dir,
+                     f"{study.source}: {_ds_key(study, index)}")
 
 
 #: (table name, its columns, its values) for each file of a dataset
 _Tables = list[tuple[str, list[str], np.ndarray]]
 
 
-def _load_raw(ds: DatasetConfig, base_dir: Path, source: str, key: str) -> RawData:
-    """Read the dataset's files, then apply its column preprocessing (module doc)."""
+def _load_raw(ds: DatasetConfig, base_dir: Path, where: str) -> RawData:
+    """Read the dataset's files, then apply its column preprocessing (module doc).
+    ``where`` (study file and dataset key) starts every error message."""
     fingerprint = hashlib.sha256()
-    tables = _read_sources(ds, base_dir, f"{source}: {key}", fingerprint)
+    tables = _read_sources(ds, base_dir, where, fingerprint)
     first_cols = tables[0][1]
     for tname, cols, _ in tables[1:]:
         if set(cols) != set(first_cols):
-            raise DataLoadError(f"{source}: {key}: file {tname!r} has columns {cols}, "
-                                f"the first file has {first_cols}")
-    label_col = _label_column(ds, first_cols, len(tables), f"{source}: {key}")
-    keep = _kept_columns(ds, first_cols, label_col, f"{source}: {key}")
+            raise DataLoadError(f"{where}: file {tname!r} has columns {cols}, the first "
+                                f"file has {first_cols}")
+    label_col = _label_column(ds, first_cols, len(tables), where)
+    keep = _kept_columns(ds, first_cols, label_col, where)
     out = [_preprocessed(ds, cols, x, keep) for _, cols, x in tables]
     labels = None if label_col is None else [x[:, cols.index(label_col)]
                                              for _, cols, x in tables]
@@ -359,12 +360,12 @@ def _partitioned_sites(raw: RawData, part: PartitionConfig, seed: int, where: st
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_raw(ds_json: str, base_dir: str, source: str, key: str) -> RawData:
-    return _load_raw(DatasetConfig.model_validate_json(ds_json), Path(base_dir), source, key)
+def _cached_raw(ds_json: str, base_dir: str, where: str) -> RawData:
+    return _load_raw(DatasetConfig.model_validate_json(ds_json), Path(base_dir), where)
 
 
 def cached_raw(study: Study, index: int) -> RawData:
     """:func:`load_raw`, memoised per process (workers load each dataset once)."""
     ds = study.config.datasets[index]
-    return _cached_raw(ds.model_dump_json(), str(study.base_dir), study.source,
-                       _ds_key(study, index))
+    return _cached_raw(ds.model_dump_json(), str(study.base_dir),
+                       f"{study.source}: {_ds_key(study, index)}")
