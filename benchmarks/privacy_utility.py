@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fediim.io.json_results import write_results
-from simulations import Study, StudyRun, load_study, run_study
+from simulations import Study, StudyConfigError, StudyRun, load_study, run_study
 from simulations.plots import plot_nrmse
 from simulations.provenance import finish_machine_info, machine_info
 from simulations.summary import eps_sort_key, paired_differences, summarise
@@ -136,8 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     machine = machine_info()
+    try:
+        studies = load_studies(args)
+    except StudyConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not studies:
+        print(f"error: no dataset of {', '.join(args.studies)} is named in --datasets",
+              file=sys.stderr)
+        return 2
     runs = [run_study(study, args.work / study.name, workers=args.workers)
-            for study in load_studies(args)]
+            for study in studies]
     doc = payload(runs, finish_machine_info(machine), time.perf_counter() - t0)
     write_results(args.out, doc)
     plot_nrmse(doc["summary"], eps_keys(runs), runs[0].study.config.study.delta,
