@@ -1,25 +1,20 @@
-"""Shared helpers for the benchmark scripts: data, masking, NRMSE, baselines, provenance.
+"""Shared helpers of the benchmarks on complete tables: data, the paper's masks, NRMSE.
 
 Not part of the fediim package; imported by ``paper_protocol.py`` and ``speed.py`` (which run
-with ``benchmarks/`` on ``sys.path`` as their script directory).
+with ``benchmarks/`` on ``sys.path`` as their script directory). The baselines, provenance
+and the JSON encoding are the project's own: ``simulations.baselines``,
+``simulations.provenance``, ``fediim.io.json_results``.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import os
-import platform
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from fediim.io.table import read_csv
+
 #: ``shared/datasets`` beside the repository root (``../shared/datasets`` from the repo).
 DEFAULT_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -38,11 +33,10 @@ REFERENCE_IIM_PARAMS: dict[str, Any] = {
 
 # -- data ---------------------------------------------------------------------------------
 def load_csv(path: Path) -> tuple[np.ndarray, list[str]]:
-    """A numeric CSV with a header row as a float matrix (empty fields -> NaN)."""
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    return df.to_numpy(dtype=np.float64), [str(c) for c in df.columns]
+    """A numeric CSV with a header row as a float matrix (missing markers -> NaN), read by
+    ``fediim.io.table.read_csv`` (errors name the file, line and column)."""
+    table = read_csv(path)
+    return table.values, table.columns
 
 
 def mask_rows(n: int, m: int, seed: int, frac: float = MISSING_ROW_FRACTION,
@@ -113,141 +107,3 @@ def synthetic(n: int, m: int, seed: int = 0, noise: float = 0.1) -> np.ndarray:
     X = np.column_stack(feats[:m])
     X += noise * X.std(axis=0) * rng.standard_normal(X.shape)
     return X
-
-
-# -- baselines ----------------------------------------------------------------------------
-def knn_zscored(Xm: np.ndarray, n_neighbors: int = 10) -> np.ndarray:
-    """sklearn KNNImputer on data z-scored with the masked matrix's nanmean/nanstd.
-
-    Observed cells are copied back exactly (the z-score round trip alone would perturb them
-    by float round-off, ~1e-15 relative).
-    """
-    from sklearn.impute import KNNImputer
-
-    mu = np.nanmean(Xm, axis=0)
-    sd = np.nanstd(Xm, axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
-    out = KNNImputer(n_neighbors=n_neighbors).fit_transform((Xm - mu) / sd) * sd + mu
-    observed = ~np.isnan(Xm)
-    out[observed] = Xm[observed]
-    return out
-
-
-# -- provenance / output ------------------------------------------------------------------
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _mem_total_gib() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024**2, 1)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _git(*args: str) -> str | None:
-    """Read-only git query (commit id, dirty flag) for provenance; None when unavailable."""
-    try:
-        res = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() if res.returncode == 0 else None
-
-
-def engine_fingerprint() -> str:
-    """sha256 over the source files of the loaded ``fediim`` modules (``import fediim`` loads
-    the IIMImputer engine). The engine may be edited while a benchmark runs: this ties a
-    result to the exact code, committed or not."""
-    import fediim  # noqa: F401
-
-    files = sorted({Path(mod.__file__) for name, mod in list(sys.modules.items())
-                    if (name == "fediim" or name.startswith("fediim."))
-                    and getattr(mod, "__file__", None)})
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def machine_info() -> dict[str, Any]:
-    import scipy
-    import sklearn
-
-    import fediim
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "mem_total_gib": _mem_total_gib(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "sklearn": sklearn.__version__,
-        "fediim": getattr(fediim, "__version__", None),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty_tracked": None if status is None else bool(status),
-        "fediim_source_sha256": engine_fingerprint(),
-        "thread_env": {k: os.environ[k] for k in
-                       ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-                       if k in os.environ},
-    }
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` atomically (temp file in the same directory + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"

@@ -11,7 +11,8 @@ Methods
                  masked matrix), un-scaled afterwards
     mice         sklearn IterativeImputer(max_iter=10, random_state=seed)
     missforest   IterativeImputer over ExtraTreesRegressor(n_estimators=100), mean init
-    mean         SimpleImputer (column means)
+    mean         column means
+(one implementation with the studies: ``simulations.baselines``)
 
 Plus the IIM authors' ASF example (``asf_iim_missing.csv`` vs ``asf_iim_truth.csv``) with
 their reference setting; plain RMS over the missing cells (their Java IIM: 8.57; target
@@ -26,12 +27,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,18 +40,17 @@ from _common import (
     DEFAULT_DATASETS,
     REFERENCE_IIM_PARAMS,
     apply_mask,
-    engine_fingerprint,
-    fmt,
-    knn_zscored,
     load_csv,
-    machine_info,
     mask_rows,
     nrmse,
     rms,
-    write_json_atomic,
 )
 
 from fediim import IIMImputer
+from fediim.io.json_results import write_results
+from simulations.baselines import impute_table
+from simulations.provenance import finish_machine_info, machine_info
+from simulations.tables import fmt
 
 DATASETS = ("asf", "ccs", "ccpp", "wine_red", "wine_white")
 ASF_EXAMPLE = "asf_iim"
@@ -77,56 +75,13 @@ REFERENCE_NRMSE: dict[str, dict[str, float]] = {
 }
 
 
-# -- methods ------------------------------------------------------------------------------
-def _iim(Xm: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    return IIMImputer().fit_transform(Xm), {}
-
-
-def _knn(Xm: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    return knn_zscored(Xm, n_neighbors=10), {}
-
-
-def _iterative(Xm: np.ndarray, imp: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        out = imp.fit_transform(Xm)
-    msgs = sorted({str(w.message) for w in caught})
-    return out, {"n_iter": int(imp.n_iter_), "warnings": msgs}
-
-
-def _mice(Xm: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
-    from sklearn.impute import IterativeImputer
-
-    return _iterative(Xm, IterativeImputer(max_iter=10, random_state=seed))
-
-
-def _missforest(Xm: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    from sklearn.ensemble import ExtraTreesRegressor
-    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
-    from sklearn.impute import IterativeImputer
-
-    est = ExtraTreesRegressor(n_estimators=100, random_state=seed, n_jobs=2)
-    imp = IterativeImputer(estimator=est, max_iter=10, random_state=seed,
-                           initial_strategy="mean")
-    return _iterative(Xm, imp)
-
-
-def _mean(Xm: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    from sklearn.impute import SimpleImputer
-
-    return SimpleImputer().fit_transform(Xm), {}
-
-
-METHOD_FUNCS: dict[str, Callable[[np.ndarray, int], tuple[np.ndarray, dict[str, Any]]]] = {
-    "fediim-iim": _iim,
-    "knn": _knn,
-    "mice": _mice,
-    "missforest": _missforest,
-    "mean": _mean,
+#: benchmark method -> ``simulations.baselines`` method (one implementation for both)
+BASELINE_OF: dict[str, str] = {
+    "fediim-iim": "iim", "knn": "knn", "mice": "mice", "missforest": "missforest",
+    "mean": "mean",
 }
+#: MissForest's tree threads here (the benchmark runs one imputation at a time)
+N_JOBS = 2
 
 
 # -- runs ---------------------------------------------------------------------------------
@@ -139,19 +94,12 @@ def run_one(name: str, X: np.ndarray, seed: int, method: str, count: str = "roun
                            "n_cols": m, "n_masked": int(len(rows))}
     try:
         t0 = time.perf_counter()
-        out, extra = METHOD_FUNCS[method](Xm, seed)
+        imputed = impute_table(BASELINE_OF[method], Xm, k=10, seed=seed, n_jobs=N_JOBS)
         elapsed = time.perf_counter() - t0
-        out = np.asarray(out, dtype=np.float64)
-        if out.shape != X.shape:
-            raise RuntimeError(f"output shape {out.shape} != input shape {X.shape}")
-        if not np.all(np.isfinite(out[rows, cols])):
+        if not np.all(np.isfinite(imputed.values[rows, cols])):
             raise RuntimeError("non-finite imputed values")
-        observed = ~np.isnan(Xm)
-        if not np.array_equal(out[observed], Xm[observed]):  # an imputer must keep them
-            diff = np.abs(out[observed] - Xm[observed])
-            extra["observed_cells_changed"] = int(np.sum(diff > 0))
-            extra["observed_cells_max_abs_change"] = float(diff.max())
-        rec.update(nrmse=nrmse(out, X, rows, cols), time_s=elapsed, **extra)
+        rec.update(nrmse=nrmse(imputed.values, X, rows, cols), time_s=elapsed,
+                   **imputed.diagnostics)
     except Exception as exc:  # keep going: one failing baseline must not lose the rest
         rec.update(nrmse=None, time_s=None, error=f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
@@ -175,7 +123,7 @@ def run_asf_example(datasets: Path) -> dict[str, Any]:
         "fediim-iim-reference": lambda: IIMImputer(**REFERENCE_IIM_PARAMS).fit_transform(
             missing),
         "fediim-iim-defaults": lambda: IIMImputer().fit_transform(missing),
-        "knn-raw-k10": lambda: _raw_knn(missing),
+        "knn-raw-k10": lambda: _raw_knn(missing),  # raw distances: the paper's kNN
     }
     if "validation" in IIMImputer().get_params():
         # The published Alg. 3 validation (what the authors' Java does), when the engine
@@ -268,7 +216,7 @@ def _csv_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
                     help=f"folder with the CSVs (default: {DEFAULT_DATASETS})")
@@ -284,59 +232,63 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).resolve().parent / "results" / "paper_protocol.json")
     args = ap.parse_args(argv)
-
-    bad = [m for m in args.methods if m not in METHOD_FUNCS]
+    bad = [m for m in args.methods if m not in BASELINE_OF]
     bad += [d for d in args.only if d not in (*DATASETS, ASF_EXAMPLE)]
     if bad:
         ap.error(f"unknown method/dataset: {', '.join(bad)}")
     if not args.datasets.is_dir():
         ap.error(f"datasets folder not found: {args.datasets} (use --datasets DIR)")
+    return args
 
-    t_start = time.perf_counter()
-    payload: dict[str, Any] = {
-        "benchmark": "paper_protocol",
-        "machine": machine_info(),
-        "protocol": {
-            "missing": f"{args.row_count}(5% of rows) rows (default_rng(seed).choice, no "
-                       "replacement), one uniformly random attribute each "
-                       "(default_rng(seed).integers)",
-            "row_count": args.row_count,
-            "metric": "NRMSE pooled over masked cells; error / full-data column std (ddof=0)",
-            "time": "wall time of fit + transform (time.perf_counter)",
-            "seeds": args.seeds,
-            "datasets_dir": str(args.datasets),
-        },
-        "methods": args.methods,
-        "records": [],
-        "summary": {},
-        "asf_example": None,
+
+def _protocol(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "missing": f"{args.row_count}(5% of rows) rows (default_rng(seed).choice, no "
+                   "replacement), one uniformly random attribute each "
+                   "(default_rng(seed).integers)",
+        "row_count": args.row_count,
+        "metric": "NRMSE pooled over masked cells; error / full-data column std (ddof=0)",
+        "time": "wall time of fit + transform (time.perf_counter)",
+        "seeds": args.seeds,
+        "datasets_dir": str(args.datasets),
     }
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every seed x method of one complete dataset."""
+    X, _ = load_csv(args.datasets / f"{name}.csv")
+    if np.isnan(X).any():
+        raise SystemExit(f"{name}.csv has missing values; the protocol needs complete data")
+    records = []
+    for seed in args.seeds:
+        for method in args.methods:
+            rec = run_one(name, X, seed, method, args.row_count)
+            records.append(rec)
+            print(f"{name:11s} seed={seed} {method:11s} nrmse={fmt(rec['nrmse'])} "
+                  f"time={fmt(rec['time_s'], 2)}s", file=sys.stderr, flush=True)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    payload: dict[str, Any] = {"benchmark": "paper_protocol", "machine": machine_info(),
+                               "protocol": _protocol(args), "methods": args.methods,
+                               "records": [], "summary": {}, "asf_example": None}
     records: list[dict[str, Any]] = payload["records"]
     for name in [d for d in DATASETS if d in args.only]:
-        X, _ = load_csv(args.datasets / f"{name}.csv")
-        if np.isnan(X).any():
-            raise SystemExit(f"{name}.csv has missing values; the protocol needs complete data")
-        for seed in args.seeds:
-            for method in args.methods:
-                rec = run_one(name, X, seed, method, args.row_count)
-                records.append(rec)
-                print(f"{name:11s} seed={seed} {method:11s} nrmse={fmt(rec['nrmse'])} "
-                      f"time={fmt(rec['time_s'], 2)}s", file=sys.stderr, flush=True)
+        records += run_dataset(name, args)
         payload["summary"] = summarise(records)
-        write_json_atomic(args.out, payload)  # partial results survive an interruption
+        write_results(args.out, payload, indent=2)  # partial results survive an interruption
     if ASF_EXAMPLE in args.only:
         payload["asf_example"] = run_asf_example(args.datasets)
         a = payload["asf_example"]
         print(f"asf_iim     reference RMS={a['rms']:.3f} (target <= {ASF_TARGET_RMS})",
               file=sys.stderr, flush=True)
     payload["summary"] = summarise(records)
-    payload["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    payload["machine"]["fediim_source_sha256_at_end"] = engine_fingerprint()
-    payload["machine"]["engine_changed_during_run"] = (
-        payload["machine"]["fediim_source_sha256_at_end"]
-        != payload["machine"]["fediim_source_sha256"])
+    payload["machine"] = finish_machine_info(payload["machine"])
     payload["total_wall_s"] = time.perf_counter() - t_start
-    write_json_atomic(args.out, payload)
+    write_results(args.out, payload, indent=2)
     print(markdown(payload["summary"], args.methods, payload["asf_example"]))
     print(f"\nwrote {args.out} in {payload['total_wall_s']:.0f} s")
     return 0

@@ -2,9 +2,10 @@
 
 The privacy-utility benchmark scores Switzerland (123 patients, 46 complete once ``chol``
 is set aside) on ~2 masked cells per seed, far too few to tell methods apart. This script
-runs the same protocol (``privacy_utility.load_scenario`` / ``mask_sites``: 5% of each
-site's complete rows lose one attribute) for many seeds and keeps every masked cell's
-error, so methods are compared *paired* on the same cells, with a standard error.
+runs the same protocol (the federation of ``simulations/studies/heart.toml``, masked by
+``mask_one_attribute``: 5% of each site's complete rows lose one attribute) for many seeds
+and keeps every masked cell's error, so methods are compared *paired* on the same cells,
+with a standard error.
 
 Methods at the smallest site (all impute the same masked tables; one bank per seed and ε):
     local          IIMImputer on the site alone
@@ -19,7 +20,7 @@ the hybrid is small, so this design scores *every* cell of the site's complete r
 rows x 10 attributes at Switzerland) with masking as in the protocol: each imputation
 masks two cells in different rows (the protocol masks ~2 of its 46 complete rows), and
 the same fixed pairing of cells is used for every bank. Banks come from N noise seeds
-(the other sites masked by ``mask_sites`` with that seed). The site's own table is
+(the other sites masked by the protocol with that seed). The site's own table is
 released whole: ``hybrid`` reads only the *other* sites' cells, so its own release does
 not enter (``federated`` does, and is left out of this design). Differences are averaged
 over banks per cell, then reported with the standard error over cells and, separately,
@@ -46,16 +47,64 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import DEFAULT_DATASETS, fmt, machine_info, write_json_atomic
-from privacy_utility import DELTA, K, load_scenario, local_iim, mask_sites, pooled_std
 
 from fediim.federated import FederatedIIM, site_impute
+from fediim.io.json_results import write_results
+from simulations import load_study
+from simulations.baselines import impute_table
+from simulations.data import make_federation
+from simulations.methods import pooled_std
+from simulations.missingness import mask_one_attribute
+from simulations.provenance import machine_info
+from simulations.tables import fmt
 
 METHODS = ("local", "hybrid", "hybrid_nofed", "federated")
+HEART = Path(__file__).resolve().parents[1] / "simulations" / "studies" / "heart.toml"
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The heart study's hospitals, their public bounds, the NRMSE scale and the study's
+    privacy delta and neighbour count."""
+
+    names: list[str]
+    sites: list[np.ndarray]
+    bounds: np.ndarray
+    sd: np.ndarray
+    delta: float
+    k: int
+
+
+def load_federation(study_path: Path = HEART) -> Federation:
+    """The first dataset of the study (heart: natural partition, the same for every seed)."""
+    study = load_study(study_path)
+    fed = make_federation(study, 0, seed=0)
+    assert fed.bounds is not None, "the study declares public bounds for every column"
+    return Federation(fed.site_names, fed.sites, fed.bounds, pooled_std(fed.sites),
+                      study.config.study.delta, study.config.study.k)
+
+
+def mask_sites(sites: list[np.ndarray], seed: int, frac: float = 0.05
+               ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """The protocol's masks (``frac`` of each site's complete rows lose one attribute):
+    the masked tables and each site's (rows, columns) of hidden cells, rows ascending."""
+    masked, cells = [], []
+    for x, mask in zip(sites, mask_one_attribute(sites, frac, seed), strict=True):
+        xm = x.copy()
+        xm[mask] = np.nan
+        masked.append(xm)
+        cells.append(np.nonzero(mask))
+    return masked, cells
+
+
+def local_iim(xm: np.ndarray, k: int) -> np.ndarray:
+    """IIM on the site alone (a column it never observes stays NaN)."""
+    return impute_table("iim", xm, k=k).values
 
 
 def _smallest(sites: list[np.ndarray]) -> int:
@@ -67,28 +116,26 @@ def _impute(xm: np.ndarray, f: FederatedIIM, sid: str, mode: str,
             use_federation_in_blend: bool = True) -> np.ndarray:
     """The small site's table imputed from the fitted federation's bank (ablation: the
     hybrid blend without its federated weight)."""
-    return site_impute(xm, f.bank_, f.bounds_, mode=mode, n_neighbors=K, site_id=sid,
+    return site_impute(xm, f.bank_, f.bounds_, mode=mode, n_neighbors=f.n_neighbors, site_id=sid,
                        use_federation_in_blend=use_federation_in_blend).values
 
 
-def run_seed(datasets: Path, seed: int, epsilons: list[float], frac: float = 0.05
+def run_seed(heart: Federation, seed: int, epsilons: list[float], frac: float = 0.05
              ) -> dict[str, Any]:
-    names, sites, _, bounds = load_scenario("heart", datasets, seed)
-    masked, cells = mask_sites(sites, seed, frac)
-    sd = pooled_std(sites)
-    small = _smallest(sites)
-    sid, x, xm = names[small], sites[small], masked[small]
+    masked, cells = mask_sites(heart.sites, seed, frac)
+    small = _smallest(heart.sites)
+    sid, x, xm = heart.names[small], heart.sites[small], masked[small]
     r, c = cells[small]
 
     def err(out: np.ndarray) -> list[float]:
-        return ((out[r, c] - x[r, c]) / sd[c]).tolist()
+        return ((out[r, c] - x[r, c]) / heart.sd[c]).tolist()
 
     rec: dict[str, Any] = {"seed": seed, "site": sid, "n_rows": len(x),
                            "cells": [[int(i), int(j)] for i, j in zip(r, c, strict=True)],
-                           "local": err(local_iim(xm)), "eps": {}}
+                           "local": err(local_iim(xm, heart.k)), "eps": {}}
     for eps in epsilons:
-        f = FederatedIIM(k=K, epsilon=eps, delta=DELTA, bounds=bounds, mode="federated",
-                         seed=seed).fit(masked, site_ids=names)
+        f = FederatedIIM(n_neighbors=heart.k, epsilon=eps, delta=heart.delta, bounds=heart.bounds,
+                         mode="federated", seed=seed).fit(masked, site_ids=heart.names)
         row = {}
         for method in ("hybrid", "federated"):
             row[method] = err(_impute(xm, f, sid, method))
@@ -159,18 +206,16 @@ def _masked(x: np.ndarray, batch: list[tuple[int, int]]) -> tuple[np.ndarray, np
     return xm, r, c
 
 
-def sweep_local(datasets: Path) -> dict[str, Any]:
+def sweep_local(heart: Federation) -> dict[str, Any]:
     """Local IIM's error on every sweep cell (it does not depend on the bank)."""
-    names, sites, _, _ = load_scenario("heart", datasets, 0)
-    sd = pooled_std(sites)
-    small = _smallest(sites)
-    x = sites[small]
+    small = _smallest(heart.sites)
+    x = heart.sites[small]
     cells, errs = [], []
     for batch in sweep_batches(x):
         xm, r, c = _masked(x, batch)
-        errs += ((local_iim(xm)[r, c] - x[r, c]) / sd[c]).tolist()
+        errs += ((local_iim(xm, heart.k)[r, c] - x[r, c]) / heart.sd[c]).tolist()
         cells += batch
-    return {"site": names[small], "cells": cells, "local": errs}
+    return {"site": heart.names[small], "cells": cells, "local": errs}
 
 
 def bank_sites(tables: list[np.ndarray], names: list[str], small: int, merge_others: bool
@@ -183,7 +228,7 @@ def bank_sites(tables: list[np.ndarray], names: list[str], small: int, merge_oth
     return [tables[small], others], [names[small], "others"]
 
 
-def sweep_bank(datasets: Path, seed: int, eps: float, merge_others: bool = False
+def sweep_bank(heart: Federation, seed: int, eps: float, merge_others: bool = False
                ) -> dict[str, Any]:
     """Hybrid and its no-federation ablation on every sweep cell, one bank (noise seed).
 
@@ -191,15 +236,13 @@ def sweep_bank(datasets: Path, seed: int, eps: float, merge_others: bool = False
     noise sigma per cell), which is what DESIGN's global tree with secure aggregation would
     give the small site at the same epsilon (without a margin for dropouts or collusion):
     an upper bound for that design, not something the product does."""
-    names, sites, _, bounds = load_scenario("heart", datasets, seed)
-    sd = pooled_std(sites)
-    small = _smallest(sites)
-    masked, _ = mask_sites(sites, seed)
-    masked[small] = sites[small]  # hybrid reads only the other sites' cells
-    sid, x = names[small], sites[small]
-    released, ids = bank_sites(masked, names, small, merge_others)
-    f = FederatedIIM(k=K, epsilon=eps, delta=DELTA, bounds=bounds, mode="federated",
-                     seed=seed).fit(released, site_ids=ids)
+    small = _smallest(heart.sites)
+    masked, _ = mask_sites(heart.sites, seed)
+    masked[small] = heart.sites[small]  # hybrid reads only the other sites' cells
+    sid, x, sd = heart.names[small], heart.sites[small], heart.sd
+    released, ids = bank_sites(masked, heart.names, small, merge_others)
+    f = FederatedIIM(n_neighbors=heart.k, epsilon=eps, delta=heart.delta, bounds=heart.bounds,
+                     mode="federated", seed=seed).fit(released, site_ids=ids)
     out: dict[str, list[float]] = {"hybrid": [], "hybrid_nofed": []}
     for batch in sweep_batches(x):
         xm, r, c = _masked(x, batch)
@@ -247,10 +290,11 @@ def markdown_sweep(summary: dict[str, Any], site: str) -> str:
 
 def run_sweep(args: argparse.Namespace, epsilons: list[float]) -> int:
     t0 = time.perf_counter()
-    jobs = [(args.datasets, seed, eps, args.merge_others)
+    heart = load_federation(args.study)
+    jobs = [(heart, seed, eps, args.merge_others)
             for eps in epsilons for seed in range(args.sweep)]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        local_f = pool.submit(sweep_local, args.datasets)
+        local_f = pool.submit(sweep_local, heart)
         futures = [pool.submit(sweep_bank, *job) for job in jobs]
         banks = []
         for job, fut in zip(jobs, futures, strict=True):
@@ -265,10 +309,10 @@ def run_sweep(args: argparse.Namespace, epsilons: list[float]) -> int:
                             "other_sites": ("merged into one release (global-tree bound)"
                                             if args.merge_others else "one release each"),
                             "bank_seeds": list(range(args.sweep)), "epsilons": list(summary),
-                            "delta": DELTA, "k": K},
+                            "delta": heart.delta, "k": heart.k},
                "cells": local["cells"], "local": local["local"], "banks": banks,
                "summary": summary, "total_wall_s": time.perf_counter() - t0}
-    write_json_atomic(args.out, payload)
+    write_results(args.out, payload, indent=2)
     print(markdown_sweep(summary, local["site"]))
     print(f"\nwrote {args.out} in {payload['total_wall_s']:.0f} s")
     return 0
@@ -277,7 +321,8 @@ def run_sweep(args: argparse.Namespace, epsilons: list[float]) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     here = Path(__file__).resolve().parent
-    ap.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
+    ap.add_argument("--study", type=Path, default=HEART,
+                    help="the study whose first dataset is the federation (default: heart)")
     ap.add_argument("--seeds", type=int, default=40, help="seeds 0..N-1 (default 40)")
     ap.add_argument("--eps", default="1,4,inf", help="comma list of per-site epsilons")
     ap.add_argument("--frac", type=float, default=0.05,
@@ -294,20 +339,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         return run_sweep(args, epsilons)
     t0 = time.perf_counter()
+    heart = load_federation(args.study)
     records = []
     for seed in range(args.seeds):
-        records.append(run_seed(args.datasets, seed, epsilons, args.frac))
+        records.append(run_seed(heart, seed, epsilons, args.frac))
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
               flush=True)
     summary = summarise(records)
     payload = {"benchmark": "small_site", "machine": machine_info(),
-               "protocol": {"scenario": "heart (privacy_utility.load_scenario/mask_sites)",
+               "protocol": {"scenario": f"{args.study.name} (mask_one_attribute)",
                             "site": records[0]["site"], "seeds": list(range(args.seeds)),
-                            "epsilons": list(summary), "delta": DELTA, "k": K,
+                            "epsilons": list(summary), "delta": heart.delta, "k": heart.k,
                             "masked_fraction": args.frac},
                "records": records, "summary": summary,
                "total_wall_s": time.perf_counter() - t0}
-    write_json_atomic(args.out, payload)
+    write_results(args.out, payload, indent=2)
     print(markdown(summary, records[0]["site"], args.seeds))
     print(f"\nwrote {args.out} in {payload['total_wall_s']:.0f} s")
     return 0

@@ -35,7 +35,6 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import resource
 import statistics
@@ -50,18 +49,17 @@ import numpy as np
 from _common import (
     DEFAULT_DATASETS,
     apply_mask,
-    engine_fingerprint,
-    fmt,
-    knn_zscored,
     load_csv,
-    machine_info,
     mask_rows,
     nrmse,
     synthetic,
-    write_json_atomic,
 )
 
 from fediim import IIMImputer
+from fediim.io.json_results import write_results
+
+# simulations (baselines, provenance, tables) is imported where it is used: the case-c
+# worker runs this script and measures its own memory, so it loads only what it runs.
 
 TARGET_A_S = 3.0
 TARGET_B_S = 15.0
@@ -77,7 +75,9 @@ def _iim(Xm: np.ndarray) -> np.ndarray:
 
 
 def _knn(Xm: np.ndarray) -> np.ndarray:
-    return knn_zscored(Xm, n_neighbors=10)
+    from simulations.baselines import impute_table
+
+    return impute_table("knn", Xm, k=10).values
 
 
 def timed_runs(fn: Imputer, Xm: np.ndarray, reps: int) -> tuple[list[float], np.ndarray]:
@@ -126,6 +126,8 @@ def worker(method: str, n: int, m: int, frac: float) -> None:
     X = synthetic(n, m, seed=0)
     rows, cols = mask_rows(n, m, seed=0, frac=frac)
     Xm = apply_mask(X, rows, cols)
+    from simulations.provenance import code_fingerprint
+
     base_kib = _proc_status_kib("VmHWM")
     fn = _iim if method == "iim" else _knn
     t0 = time.perf_counter()
@@ -137,7 +139,7 @@ def worker(method: str, n: int, m: int, frac: float) -> None:
         "vmhwm_before_fit_kib": base_kib,
         "vmhwm_kib": _proc_status_kib("VmHWM"),
         "self_ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "fediim_source_sha256": engine_fingerprint(),
+        "code_fingerprint": code_fingerprint(),
     }))
 
 
@@ -165,6 +167,8 @@ def run_worker(method: str, n: int, m: int, frac: float) -> dict[str, Any]:
 
 def bench_large_iim(n: int, m: int, frac: float) -> dict[str, Any]:
     """Case c, IIM part: one run in a fresh subprocess (call before the parent grows)."""
+    from simulations.tables import fmt
+
     label = f"synthetic {n}x{m}, {frac:.0%} incomplete rows"
     res: dict[str, Any] = {"case": label, "shape": [n, m], "reps": 1,
                            "target_s": TARGET_C_S, "target_peak_gib": TARGET_C_GB}
@@ -227,6 +231,8 @@ def profile_case(n: int = 20_000, m: int = 8, frac: float = 0.01, top: int = 15
 
 
 def markdown(cases: dict[str, dict[str, Any]]) -> str:
+    from simulations.tables import fmt
+
     lines = ["| case | IIM median (s) | target | IIM NRMSE | kNN median (s) | kNN NRMSE "
              "| IIM / kNN | peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for res in cases.values():
@@ -269,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
     reps_a, reps_b = (2, 1) if args.quick else (5, 3)
     t_start = time.perf_counter()
+    from simulations.provenance import finish_machine_info, machine_info
+
     payload: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(),
                                "quick": args.quick, "cases": {}}
     cases: dict[str, dict[str, Any]] = payload["cases"]
@@ -276,25 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     if "a" in wanted:
         X, _ = load_csv(args.datasets / "ccpp.csv")
         cases["a"] = bench_in_process(X, 0.05, reps_a, TARGET_A_S, "ccpp 9568x5, paper seed 0")
-        write_json_atomic(args.out, payload)
+        write_results(args.out, payload, indent=2)
     if "b" in wanted:
         X = synthetic(20_000, 9, seed=0)
         cases["b"] = bench_in_process(X, 0.05, reps_b, TARGET_B_S,
                                       "synthetic 20000x9, 5% incomplete rows")
-        write_json_atomic(args.out, payload)
+        write_results(args.out, payload, indent=2)
     if large is not None:
         bench_large_knn(large, cases.get("b"))
         cases["c"] = large
     if args.profile:
         payload["profile"] = profile_case()
         print(payload["profile"]["cumulative"], file=sys.stderr)
-    payload["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    payload["machine"]["fediim_source_sha256_at_end"] = engine_fingerprint()
-    payload["machine"]["engine_changed_during_run"] = (
-        payload["machine"]["fediim_source_sha256_at_end"]
-        != payload["machine"]["fediim_source_sha256"])
+    payload["machine"] = finish_machine_info(payload["machine"])
     payload["total_wall_s"] = time.perf_counter() - t_start
-    write_json_atomic(args.out, payload)
+    write_results(args.out, payload, indent=2)
     print(markdown(cases))
     print(f"\nwrote {args.out} in {payload['total_wall_s']:.0f} s")
     return 0

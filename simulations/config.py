@@ -261,6 +261,23 @@ class Study:
         """Study-wide bounds overridden by the dataset's own."""
         return {**self.config.bounds, **ds.bounds}
 
+    def replace(self, *, methods: list[str] | None = None,
+                epsilons: list[float] | None = None, seeds: list[int] | None = None,
+                datasets: list[str] | None = None) -> Study:
+        """This study with other methods, epsilons or seeds, or only the named datasets
+        (e.g. a quick check on one seed); validated like the file itself."""
+        raw = self.config.model_dump()
+        changes = {"methods": methods, "epsilons": epsilons, "seeds": seeds}
+        raw["study"].update({k: v for k, v in changes.items() if v is not None})
+        raw["study"]["base_dir"] = None  # already applied to self.base_dir
+        if datasets is not None:
+            unknown = [n for n in datasets if n not in [d["name"] for d in raw["datasets"]]]
+            if unknown:
+                raise StudyConfigError(f"{self.source}: no dataset named "
+                                       f"{', '.join(map(repr, unknown))}")
+            raw["datasets"] = [d for d in raw["datasets"] if d["name"] in datasets]
+        return study_from_dict(raw, self.source, self.base_dir)
+
     @property
     def report_epsilon(self) -> float | None:
         s = self.config.study
@@ -280,12 +297,19 @@ def _project_root(folder: Path) -> Path:
     return folder
 
 
+class _Fail:
+    """Raises the :class:`StudyConfigError` of one key of one study file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, key: str, msg: str) -> None:
+        raise StudyConfigError(f"{self.source}: invalid study: {key}: {msg}")
+
+
 def _cross_checks(cfg: StudyConfig, source: str) -> None:
     """Checks that span several keys (each error names the key to change)."""
-
-    def fail(key: str, msg: str) -> None:
-        raise StudyConfigError(f"{source}: invalid study: {key}: {msg}")
-
+    fail = _Fail(source)
     s = cfg.study
     private = [m for m in s.methods if m in PRIVATE_METHODS]
     if private and not s.epsilons:
@@ -295,35 +319,41 @@ def _cross_checks(cfg: StudyConfig, source: str) -> None:
         fail("study.report_epsilon", f"{eps_key(s.report_epsilon)} is not in study.epsilons")
     names = [d.name for d in cfg.datasets]
     for i, d in enumerate(cfg.datasets):
-        key = f"datasets[{i}]"
         if names.count(d.name) > 1:
-            fail(f"{key}.name", f"{d.name!r} is used by more than one dataset")
-        if (d.path is None) == (d.builtin is None):
-            fail(f"{key}.path", "give exactly one of path (a CSV file or a folder of per-site "
-                                "CSVs) and builtin (\"diabetes\")")
-        if d.files is not None and d.path is None:
-            fail(f"{key}.files", "only with path = a folder")
-        p = d.partition
-        pk = f"{key}.partition"
-        if p.kind in ("iid", "dirichlet", "sorted") and p.sites is None:
-            fail(f"{pk}.sites", f"required for kind = {p.kind!r} (the number of sites)")
-        if p.kind == "size_skew":
-            if p.sizes is None:
-                fail(f"{pk}.sizes", "required for kind = 'size_skew': each site's share of "
-                                    "the rows, e.g. [0.4, 0.3, 0.2, 0.1]")
-            if p.sites is not None and p.sites != len(p.sizes or []):
-                fail(f"{pk}.sites", f"{p.sites} sites but {len(p.sizes or [])} sizes")
-        elif p.sizes is not None:
-            fail(f"{pk}.sizes", "only used with kind = 'size_skew'")
-        if p.kind in ("dirichlet", "sorted") and p.column is None:
-            fail(f"{pk}.column", f"required for kind = {p.kind!r} (the column that drives "
-                                 "the skew)")
-        if p.kind == "iid" and p.column is not None:
-            fail(f"{pk}.column", "not used with kind = 'iid'")
-        if p.kind == "natural" and p.sites is not None:
-            fail(f"{pk}.sites", "kind = 'natural' takes its sites from the data (one file per "
-                                "site, or one value of partition.column per site)")
-    m = cfg.missingness
+            fail(f"datasets[{i}].name", f"{d.name!r} is used by more than one dataset")
+        _check_dataset(d, f"datasets[{i}]", fail)
+    _check_missingness(cfg.missingness, fail)
+
+
+def _check_dataset(d: DatasetConfig, key: str, fail: _Fail) -> None:
+    if (d.path is None) == (d.builtin is None):
+        fail(f"{key}.path", "give exactly one of path (a CSV file or a folder of per-site "
+                            "CSVs) and builtin (\"diabetes\")")
+    if d.files is not None and d.path is None:
+        fail(f"{key}.files", "only with path = a folder")
+    p = d.partition
+    pk = f"{key}.partition"
+    if p.kind in ("iid", "dirichlet", "sorted") and p.sites is None:
+        fail(f"{pk}.sites", f"required for kind = {p.kind!r} (the number of sites)")
+    if p.kind == "size_skew":
+        if p.sizes is None:
+            fail(f"{pk}.sizes", "required for kind = 'size_skew': each site's share of the "
+                                "rows, e.g. [0.4, 0.3, 0.2, 0.1]")
+        if p.sites is not None and p.sites != len(p.sizes or []):
+            fail(f"{pk}.sites", f"{p.sites} sites but {len(p.sizes or [])} sizes")
+    elif p.sizes is not None:
+        fail(f"{pk}.sizes", "only used with kind = 'size_skew'")
+    if p.kind in ("dirichlet", "sorted") and p.column is None:
+        fail(f"{pk}.column", f"required for kind = {p.kind!r} (the column that drives the "
+                             "skew)")
+    if p.kind == "iid" and p.column is not None:
+        fail(f"{pk}.column", "not used with kind = 'iid'")
+    if p.kind == "natural" and p.sites is not None:
+        fail(f"{pk}.sites", "kind = 'natural' takes its sites from the data (one file per "
+                            "site, or one value of partition.column per site)")
+
+
+def _check_missingness(m: MissingnessConfig, fail: _Fail) -> None:
     if m.mechanism == "mar" and m.driver is None:
         fail("missingness.driver", "required for mechanism = 'mar': the observed column whose "
                                    "value drives the probability of missingness")

@@ -8,7 +8,8 @@ Sources
     builtin = "diabetes"         scikit-learn's diabetes table (442 x 10, unscaled),
                                  shipped with scikit-learn
 
-Every CSV needs a header row; an empty field (or NA, NaN, nan, ?) is missing. Then, in
+Every CSV needs a header row and is read by ``fediim.io.table.read_csv``; an empty field
+(or NA, NaN, nan, ?; ``missing_markers`` replaces these) is missing. Then, in
 this order: the natural-partition column is taken out (if any), ``drop_columns`` are
 dropped, ``columns`` (if given) selects and orders the rest, and ``missing_codes`` turn
 coded values into missing (UCI Heart's ``chol = 0``).
@@ -27,18 +28,19 @@ Partitions (``seed`` is the study seed; random ones use ``default_rng(seed_offse
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from simulations.config import DatasetConfig, Study, StudyConfigError
+from fediim.errors import DataError
+from fediim.io.schema import DEFAULT_MISSING
+from fediim.io.table import read_csv
+from simulations.config import DatasetConfig, PartitionConfig, Study, StudyConfigError
 
 __all__ = [
     "DEFAULT_MISSING_MARKERS",
@@ -47,10 +49,9 @@ __all__ = [
     "load_raw",
     "make_federation",
     "partition_rows",
-    "read_table",
 ]
 
-DEFAULT_MISSING_MARKERS: tuple[str, ...] = ("", "NA", "NaN", "nan", "?")
+DEFAULT_MISSING_MARKERS: tuple[str, ...] = DEFAULT_MISSING
 
 
 class DataLoadError(StudyConfigError):
@@ -81,55 +82,18 @@ class Federation:
 
 
 # -- reading ------------------------------------------------------------------------------
-def read_table(path: Path, markers: tuple[str, ...] = DEFAULT_MISSING_MARKERS
-               ) -> tuple[list[str], np.ndarray, bytes]:
-    """A numeric CSV with a header row: (columns, values with NaN, the file's bytes).
-
-    Unlike ``fediim.io.table.read_csv`` a column may be entirely missing at one site.
-    """
+def _read_csv(path: Path, markers: tuple[str, ...]) -> tuple[list[str], np.ndarray, bytes]:
+    """fediim's CSV reader (errors name the file, line and column): (columns, values with
+    NaN, the file's bytes for the fingerprint). A column may be missing entirely at one
+    site (Switzerland never records ``chol``)."""
     try:
+        table = read_csv(path, missing_markers=markers, allow_empty_columns=True)
         data = path.read_bytes()
+    except DataError as exc:
+        raise DataLoadError(str(exc)) from None
     except OSError as exc:
         raise DataLoadError(f"{path}: cannot read: {exc}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataLoadError(f"{path}: not UTF-8 text ({exc})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise DataLoadError(f"{path}: empty file; expected a header row") from None
-    cols = [h.strip() for h in header]
-    if len(set(cols)) != len(cols) or any(not c for c in cols):
-        raise DataLoadError(f"{path}: line 1: header needs distinct non-empty column names")
-    mark = {m.strip() for m in markers}
-    rows: list[list[float]] = []
-    for rec in reader:
-        if not rec:
-            continue
-        line = reader.line_num
-        if len(rec) != len(cols):
-            raise DataLoadError(f"{path}: line {line}: {len(rec)} fields, expected {len(cols)}")
-        row = []
-        for j, cell in enumerate(rec):
-            c = cell.strip()
-            if c in mark:
-                row.append(math.nan)
-                continue
-            try:
-                v = float(c)
-            except ValueError:
-                raise DataLoadError(f"{path}: line {line}, column {cols[j]!r}: {cell!r} is "
-                                    "not a number (nor a missing marker)") from None
-            if not math.isfinite(v):
-                raise DataLoadError(f"{path}: line {line}, column {cols[j]!r}: {cell!r} is "
-                                    "not finite")
-            row.append(v)
-        rows.append(row)
-    if not rows:
-        raise DataLoadError(f"{path}: no data rows")
-    return cols, np.array(rows, dtype=np.float64), data
+    return table.columns, table.values, data
 
 
 def _builtin(name: str) -> tuple[list[str], np.ndarray, bytes]:
@@ -148,102 +112,133 @@ def _ds_key(study: Study, index: int) -> str:
 
 def load_raw(study: Study, index: int) -> RawData:
     """Read dataset ``index`` of the study and apply its column preprocessing."""
-    return _load_raw(study.config.datasets[index], study.base_dir, study.source,
-                     _ds_key(study, index))
+    return _load_raw(study.config.datasets[index], study.base_dir,
+                     f"{study.source}: {_ds_key(study, index)}")
 
 
-def _load_raw(ds: DatasetConfig, base_dir: Path, source: str, key: str) -> RawData:
-    markers = tuple(ds.missing_markers) if ds.missing_markers is not None \
-        else DEFAULT_MISSING_MARKERS
-    h = hashlib.sha256()
-    tables: list[tuple[str, list[str], np.ndarray]] = []
-    if ds.builtin is not None:
-        cols, x, b = _builtin(ds.builtin)
-        h.update(b)
-        tables.append((ds.builtin, cols, x))
-    else:
-        assert ds.path is not None
-        p = Path(ds.path).expanduser()
-        p = p if p.is_absolute() else base_dir / p
-        if p.is_dir():
-            if ds.files is not None:
-                files = [p / f for f in ds.files]
-                for i, f in enumerate(files):
-                    if not f.is_file():
-                        raise DataLoadError(f"{source}: {key}.files[{i}]: no such file "
-                                            f"{f}")
-            else:
-                files = sorted(p.glob("*.csv"))
-                if not files:
-                    raise DataLoadError(f"{source}: {key}.path: folder {p} holds no "
-                                        "*.csv files")
-            for f in files:
-                cols, x, b = read_table(f, markers)
-                h.update(f.name.encode() + b"\0" + b)
-                tables.append((f.stem, cols, x))
-        elif p.is_file():
-            if ds.files is not None:
-                raise DataLoadError(f"{source}: {key}.files: path {p} is a file, not a "
-                                    "folder")
-            cols, x, b = read_table(p, markers)
-            h.update(b)
-            tables.append((p.stem, cols, x))
-        else:
-            raise DataLoadError(f"{source}: {key}.path: {ds.path!r} not found (resolved "
-                                f"to {p}; relative paths are taken from {base_dir})")
+#: (table name, its columns, its values) for each file of a dataset
+_Tables = list[tuple[str, list[str], np.ndarray]]
+
+
+def _load_raw(ds: DatasetConfig, base_dir: Path, where: str) -> RawData:
+    """Read the dataset's files, then apply its column preprocessing (module doc).
+    ``where`` (study file and dataset key) starts every error message."""
+    fingerprint = hashlib.sha256()
+    tables = _read_sources(ds, base_dir, where, fingerprint)
     first_cols = tables[0][1]
     for tname, cols, _ in tables[1:]:
         if set(cols) != set(first_cols):
-            raise DataLoadError(f"{source}: {key}: file {tname!r} has columns {cols}, "
-                                f"the first file has {first_cols}")
+            raise DataLoadError(f"{where}: file {tname!r} has columns {cols}, the first "
+                                f"file has {first_cols}")
+    label_col = _label_column(ds, first_cols, len(tables), where)
+    keep = _kept_columns(ds, first_cols, label_col, where)
+    out = [_preprocessed(ds, cols, x, keep) for _, cols, x in tables]
+    labels = None if label_col is None else [x[:, cols.index(label_col)]
+                                             for _, cols, x in tables]
+    pre = {k: v for k, v in ds.model_dump().items() if k in (
+        "columns", "drop_columns", "missing_codes", "missing_markers", "files")}
+    fingerprint.update(json.dumps(pre, sort_keys=True).encode())
+    return RawData(ds.name, keep, out, [t[0] for t in tables], labels,
+                   fingerprint.hexdigest())
 
-    def need(col: str, what: str) -> None:
-        if col not in first_cols:
-            raise DataLoadError(f"{source}: {key}.{what}: no column {col!r} in the data "
-                                f"(columns: {', '.join(first_cols)})")
 
+def _read_sources(ds: DatasetConfig, base_dir: Path, where: str, fingerprint: Any
+                  ) -> _Tables:
+    """The dataset's tables: the builtin one, one CSV file, or a folder of per-site CSVs;
+    their bytes enter ``fingerprint``."""
+    markers = tuple(ds.missing_markers) if ds.missing_markers is not None \
+        else DEFAULT_MISSING_MARKERS
+    if ds.builtin is not None:
+        cols, x, data = _builtin(ds.builtin)
+        fingerprint.update(data)
+        return [(ds.builtin, cols, x)]
+    assert ds.path is not None
+    p = Path(ds.path).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if p.is_file():
+        if ds.files is not None:
+            raise DataLoadError(f"{where}.files: path {p} is a file, not a folder")
+        cols, x, data = _read_csv(p, markers)
+        fingerprint.update(data)
+        return [(p.stem, cols, x)]
+    if not p.is_dir():
+        raise DataLoadError(f"{where}.path: {ds.path!r} not found (resolved to {p}; "
+                            f"relative paths are taken from {base_dir})")
+    tables = []
+    for f in _site_files(ds, p, where):
+        cols, x, data = _read_csv(f, markers)
+        fingerprint.update(f.name.encode() + b"\0" + data)
+        tables.append((f.stem, cols, x))
+    return tables
+
+
+def _site_files(ds: DatasetConfig, folder: Path, where: str) -> list[Path]:
+    """The per-site CSVs of a folder: ``files`` in order, else every ``*.csv`` by name."""
+    if ds.files is None:
+        files = sorted(folder.glob("*.csv"))
+        if not files:
+            raise DataLoadError(f"{where}.path: folder {folder} holds no *.csv files")
+        return files
+    for i, f in enumerate(ds.files):
+        if not (folder / f).is_file():
+            raise DataLoadError(f"{where}.files[{i}]: no such file {folder / f}")
+    return [folder / f for f in ds.files]
+
+
+def _need(col: str, columns: list[str], where: str) -> None:
+    if col not in columns:
+        raise DataLoadError(f"{where}: no column {col!r} in the data (columns: "
+                            f"{', '.join(columns)})")
+
+
+def _label_column(ds: DatasetConfig, columns: list[str], n_tables: int, where: str
+                  ) -> str | None:
+    """The column naming each row's site (natural partition of a single table), if any."""
     part = ds.partition
-    label_col = part.column if part.kind == "natural" else None
-    if part.kind == "natural" and label_col is None and len(tables) == 1:
-        raise DataLoadError(f"{source}: {key}.partition.column: kind = 'natural' on a "
-                            "single table needs the column whose value names the site (or "
-                            "give path = a folder with one CSV per site)")
-    if part.kind == "natural" and label_col is not None and len(tables) > 1:
-        raise DataLoadError(f"{source}: {key}.partition.column: the folder already has "
-                            "one file per site; drop partition.column")
-    if label_col is not None:
-        need(label_col, "partition.column")
+    if part.kind != "natural":
+        return None
+    if part.column is None and n_tables == 1:
+        raise DataLoadError(f"{where}.partition.column: kind = 'natural' on a single table "
+                            "needs the column whose value names the site (or give path = a "
+                            "folder with one CSV per site)")
+    if part.column is not None and n_tables > 1:
+        raise DataLoadError(f"{where}.partition.column: the folder already has one file per "
+                            "site; drop partition.column")
+    if part.column is not None:
+        _need(part.column, columns, f"{where}.partition.column")
+    return part.column
+
+
+def _kept_columns(ds: DatasetConfig, columns: list[str], label_col: str | None, where: str
+                  ) -> list[str]:
+    """The columns a study imputes: all but the dropped ones and the site label, or
+    ``columns`` (in its order)."""
     for i, c in enumerate(ds.drop_columns):
-        need(c, f"drop_columns[{i}]")
-    keep = [c for c in first_cols if c not in ds.drop_columns and c != label_col]
+        _need(c, columns, f"{where}.drop_columns[{i}]")
+    keep = [c for c in columns if c not in ds.drop_columns and c != label_col]
     if ds.columns is not None:
         for i, c in enumerate(ds.columns):
-            need(c, f"columns[{i}]")
+            _need(c, columns, f"{where}.columns[{i}]")
             if c not in keep:
-                raise DataLoadError(f"{source}: {key}.columns[{i}]: {c!r} is dropped")
+                raise DataLoadError(f"{where}.columns[{i}]: {c!r} is dropped")
         keep = list(ds.columns)
     for c in ds.missing_codes:
         if c not in keep:
-            raise DataLoadError(f"{source}: {key}.missing_codes.{c}: no such column "
+            raise DataLoadError(f"{where}.missing_codes.{c}: no such column "
                                 f"(columns: {', '.join(keep)})")
     if len(keep) < 2:
-        raise DataLoadError(f"{source}: {key}: at least two columns are needed, "
-                            f"got {keep}")
-    out, labels = [], []
-    for _, cols, x in tables:
-        idx = [cols.index(c) for c in keep]
-        y = x[:, idx].copy()
-        for c, codes in ds.missing_codes.items():
-            j = keep.index(c)
-            y[np.isin(y[:, j], codes), j] = np.nan
-        out.append(y)
-        if label_col is not None:
-            labels.append(x[:, cols.index(label_col)])
-    pre = {k: v for k, v in ds.model_dump().items() if k in (
-        "columns", "drop_columns", "missing_codes", "missing_markers", "files")}
-    h.update(json.dumps(pre, sort_keys=True).encode())
-    return RawData(ds.name, keep, out, [t[0] for t in tables],
-                   labels if label_col is not None else None, h.hexdigest())
+        raise DataLoadError(f"{where}: at least two columns are needed, got {keep}")
+    return keep
+
+
+def _preprocessed(ds: DatasetConfig, columns: list[str], x: np.ndarray, keep: list[str]
+                  ) -> np.ndarray:
+    """``x`` reduced to ``keep`` (in order), with ``missing_codes`` turned into NaN."""
+    y = x[:, [columns.index(c) for c in keep]].copy()
+    for c, codes in ds.missing_codes.items():
+        j = keep.index(c)
+        y[np.isin(y[:, j], codes), j] = np.nan
+    return y
 
 
 # -- partitioning -------------------------------------------------------------------------
@@ -308,47 +303,19 @@ def make_federation(study: Study, index: int, seed: int, raw: RawData | None = N
     ds = study.config.datasets[index]
     raw = raw if raw is not None else load_raw(study, index)
     part = ds.partition
-    key = _ds_key(study, index)
-    source = study.source
+    where = f"{study.source}: {_ds_key(study, index)}"
     if part.kind == "natural":
-        if raw.labels is None:
-            sites = list(raw.tables)
-            names = _natural_names(raw)
-        else:
-            x, lab = raw.tables[0], raw.labels[0]
-            if np.isnan(lab).any():
-                raise DataLoadError(f"{source}: {key}.partition.column: "
-                                    f"{part.column!r} is missing in some rows")
-            vals = np.unique(lab)
-            if len(vals) < 2:
-                raise DataLoadError(f"{source}: {key}.partition.column: "
-                                    f"{part.column!r} has a single value; need >= 2 sites")
-            sites = [x[lab == v] for v in vals]
-            names = [f"{part.column}={n}" for n in _natural_names(raw, vals)]
+        sites, names = _natural_sites(raw, part, where)
     else:
-        x = np.vstack(raw.tables)
-        col = None
-        if part.column is not None:
-            if part.column not in raw.columns:
-                raise DataLoadError(f"{source}: {key}.partition.column: no column "
-                                    f"{part.column!r} (columns: {', '.join(raw.columns)})")
-            col = x[:, raw.columns.index(part.column)]
-        try:
-            idx = partition_rows(len(x), part.kind, seed, sites=part.sites, sizes=part.sizes,
-                                 column=col, alpha=part.alpha, bins=part.bins,
-                                 min_rows=part.min_rows, seed_offset=part.seed_offset)
-        except ValueError as exc:
-            raise DataLoadError(f"{source}: {key}.partition: {exc}") from None
-        sites = [x[i] for i in idx]
-        names = [f"site{i}" for i in range(len(sites))]
+        sites, names = _partitioned_sites(raw, part, seed, where)
     if part.site_names is not None:
         if len(part.site_names) != len(sites) or len(set(part.site_names)) != len(sites):
-            raise DataLoadError(f"{source}: {key}.partition.site_names: {len(sites)} "
-                                f"distinct names needed, got {part.site_names}")
+            raise DataLoadError(f"{where}.partition.site_names: {len(sites)} distinct names "
+                                f"needed, got {part.site_names}")
         names = list(part.site_names)
     for name, s in zip(names, sites, strict=True):
         if len(s) < 2:
-            raise DataLoadError(f"{source}: {key}: site {name!r} has {len(s)} row(s)")
+            raise DataLoadError(f"{where}: site {name!r} has {len(s)} row(s)")
     bmap = study.bounds_for(ds)
     bounds = None
     if all(c in bmap for c in raw.columns):
@@ -356,13 +323,49 @@ def make_federation(study: Study, index: int, seed: int, raw: RawData | None = N
     return Federation(ds.name, list(raw.columns), names, sites, bounds)
 
 
+def _natural_sites(raw: RawData, part: PartitionConfig, where: str
+                   ) -> tuple[list[np.ndarray], list[str]]:
+    """One site per file, or one per value of the label column (named ``column=value``)."""
+    if raw.labels is None:
+        return list(raw.tables), _natural_names(raw)
+    x, lab = raw.tables[0], raw.labels[0]
+    if np.isnan(lab).any():
+        raise DataLoadError(f"{where}.partition.column: {part.column!r} is missing in some "
+                            "rows")
+    vals = np.unique(lab)
+    if len(vals) < 2:
+        raise DataLoadError(f"{where}.partition.column: {part.column!r} has a single value; "
+                            "need >= 2 sites")
+    return ([x[lab == v] for v in vals],
+            [f"{part.column}={n}" for n in _natural_names(raw, vals)])
+
+
+def _partitioned_sites(raw: RawData, part: PartitionConfig, seed: int, where: str
+                       ) -> tuple[list[np.ndarray], list[str]]:
+    """The stacked tables cut by a random or sorted partition (sites ``site0``, ...)."""
+    x = np.vstack(raw.tables)
+    col = None
+    if part.column is not None:
+        if part.column not in raw.columns:
+            raise DataLoadError(f"{where}.partition.column: no column {part.column!r} "
+                                f"(columns: {', '.join(raw.columns)})")
+        col = x[:, raw.columns.index(part.column)]
+    try:
+        idx = partition_rows(len(x), part.kind, seed, sites=part.sites, sizes=part.sizes,
+                             column=col, alpha=part.alpha, bins=part.bins,
+                             min_rows=part.min_rows, seed_offset=part.seed_offset)
+    except ValueError as exc:
+        raise DataLoadError(f"{where}.partition: {exc}") from None
+    return [x[i] for i in idx], [f"site{i}" for i in range(len(idx))]
+
+
 @functools.lru_cache(maxsize=8)
-def _cached_raw(ds_json: str, base_dir: str, source: str, key: str) -> RawData:
-    return _load_raw(DatasetConfig.model_validate_json(ds_json), Path(base_dir), source, key)
+def _cached_raw(ds_json: str, base_dir: str, where: str) -> RawData:
+    return _load_raw(DatasetConfig.model_validate_json(ds_json), Path(base_dir), where)
 
 
 def cached_raw(study: Study, index: int) -> RawData:
     """:func:`load_raw`, memoised per process (workers load each dataset once)."""
     ds = study.config.datasets[index]
-    return _cached_raw(ds.model_dump_json(), str(study.base_dir), study.source,
-                       _ds_key(study, index))
+    return _cached_raw(ds.model_dump_json(), str(study.base_dir),
+                       f"{study.source}: {_ds_key(study, index)}")

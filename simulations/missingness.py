@@ -6,8 +6,8 @@ all of its observed cells. ``rate`` means:
 one_attribute  the IIM paper's protocol: per site, ``round(rate * n_complete)`` of its
                complete rows each lose one uniformly random attribute (columns a site never
                observes do not count against "complete" and are never hidden there). One
-               ``default_rng(seed)`` draws the sites in order -- the same masks as
-               ``benchmarks/privacy_utility.py``.
+               ``default_rng(seed)`` draws the sites in order: first the rows (ascending),
+               then one column per row.
 mcar           every observed cell of the target ``columns`` is hidden independently with
                probability ``rate`` (missing completely at random).
 mar            missing at random: the probability that a row's target cells are hidden is

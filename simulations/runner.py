@@ -15,9 +15,9 @@ bank fit, the methods are post-processing of it); each still has its own cache f
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import signal
@@ -32,8 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from fediim.io.atomic import atomic_write_text
-from simulations.config import PRIVATE_METHODS, Study, StudyConfigError, eps_key
+from fediim.io.json_results import to_json_value, write_results
+from simulations.config import (
+    PRIVATE_METHODS,
+    DatasetConfig,
+    Study,
+    StudyConfigError,
+    eps_key,
+)
 from simulations.data import DataLoadError, cached_raw, make_federation
 from simulations.methods import Task, TaskResult, compute_task
 from simulations.provenance import StudyRun, code_fingerprint
@@ -52,60 +58,50 @@ def validate_data(study: Study) -> dict[str, str]:
 
     Returns each dataset's data fingerprint. Raises :class:`StudyConfigError` naming the key.
     """
-    cfg, src = study.config, study.source
     fps: dict[str, str] = {}
-    private = study.private_methods
-    for i, ds in enumerate(cfg.datasets):
+    for i, ds in enumerate(study.config.datasets):
         raw = cached_raw(study, i)  # memoised: forked workers inherit it
         fps[ds.name] = raw.fingerprint
-        cols = raw.columns
-        key = f"datasets[{i}] ({ds.name})"
-        miss = cfg.missingness
-        for j, c in enumerate(miss.columns or []):
-            if c not in cols:
-                raise StudyConfigError(f"{src}: invalid study: missingness.columns[{j}]: no "
-                                       f"column {c!r} in dataset {ds.name!r} (columns: "
-                                       f"{', '.join(cols)})")
-        if miss.driver is not None and miss.driver not in cols:
-            raise StudyConfigError(f"{src}: invalid study: missingness.driver: no column "
-                                   f"{miss.driver!r} in dataset {ds.name!r} (columns: "
-                                   f"{', '.join(cols)})")
-        for c in ds.bounds:
-            if c not in cols:
-                raise StudyConfigError(f"{src}: invalid study: {key}.bounds.{c}: no such "
-                                       f"column (columns: {', '.join(cols)})")
-        if private:
-            have = study.bounds_for(ds)
-            lacking = [c for c in cols if c not in have]
-            if lacking:
-                raise StudyConfigError(
-                    f"{src}: invalid study: bounds: no public bounds for column(s) "
-                    f"{', '.join(map(repr, lacking))} of dataset {ds.name!r}. The private "
-                    f"method(s) {', '.join(private)} scale every release into [lo, hi] per "
-                    "column, which must come from domain knowledge, not from the data: add "
-                    f"e.g. `{lacking[0]} = [lo, hi]` under [bounds] (or [datasets.bounds])")
+        _check_columns(study, ds, raw.columns, f"datasets[{i}] ({ds.name})")
         # partition and masking once, to fail early rather than in every cell
-        for seed in cfg.study.seeds[:1]:
-            fed = make_federation(study, i, seed, raw=raw)
-            if miss.mechanism == "one_attribute" and not any(
-                    (~np.isnan(x)).all(axis=1).any() for x in fed.sites):
-                raise DataLoadError(f"{src}: {key}: no site has a complete row, so "
-                                    "missingness.mechanism = 'one_attribute' hides nothing")
+        fed = make_federation(study, i, study.config.study.seeds[0], raw=raw)
+        if study.config.missingness.mechanism == "one_attribute" and not any(
+                (~np.isnan(x)).all(axis=1).any() for x in fed.sites):
+            raise DataLoadError(f"{study.source}: datasets[{i}] ({ds.name}): no site has a "
+                                "complete row, so missingness.mechanism = 'one_attribute' "
+                                "hides nothing")
     return fps
+
+
+def _check_columns(study: Study, ds: DatasetConfig, cols: list[str], key: str) -> None:
+    """The missingness columns and bounds name real columns; private methods have bounds."""
+    src, miss = study.source, study.config.missingness
+    named = [(f"missingness.columns[{j}]", c) for j, c in enumerate(miss.columns or [])]
+    if miss.driver is not None:
+        named.append(("missingness.driver", miss.driver))
+    for where, c in named:
+        if c not in cols:
+            raise StudyConfigError(f"{src}: invalid study: {where}: no column {c!r} in dataset "
+                                   f"{ds.name!r} (columns: {', '.join(cols)})")
+    for c in ds.bounds:
+        if c not in cols:
+            raise StudyConfigError(f"{src}: invalid study: {key}.bounds.{c}: no such column "
+                                   f"(columns: {', '.join(cols)})")
+    private = study.private_methods
+    lacking = [c for c in cols if c not in study.bounds_for(ds)]
+    if private and lacking:
+        raise StudyConfigError(
+            f"{src}: invalid study: bounds: no public bounds for column(s) "
+            f"{', '.join(map(repr, lacking))} of dataset {ds.name!r}. The private "
+            f"method(s) {', '.join(private)} scale every release into [lo, hi] per "
+            "column, which must come from domain knowledge, not from the data: add "
+            f"e.g. `{lacking[0]} = [lo, hi]` under [bounds] (or [datasets.bounds])")
 
 
 # -- planning -----------------------------------------------------------------------------
 def _canonical(obj: Any) -> str:
-    def fix(o: Any) -> Any:
-        if isinstance(o, float) and not math.isfinite(o):
-            return str(o)
-        if isinstance(o, dict):
-            return {str(k): fix(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [fix(v) for v in o]
-        return o
-
-    return json.dumps(fix(obj), sort_keys=True, separators=(",", ":"))
+    """``obj`` as compact JSON with sorted keys (what a cell's key hashes)."""
+    return json.dumps(to_json_value(obj), sort_keys=True, separators=(",", ":"))
 
 
 def cell_identity(study: Study, index: int, seed: int, epsilon: float | None, method: str,
@@ -179,8 +175,7 @@ def _read_cached(cache: Path, key: str) -> dict[str, Any] | None:
 
 def _write_cached(cache: Path, key: str, ident: dict[str, Any], record: dict[str, Any]
                   ) -> None:
-    doc = {"key": key, "identity": json.loads(_canonical(ident)), "record": record}
-    atomic_write_text(_cache_path(cache, key), json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    write_results(_cache_path(cache, key), {"key": key, "identity": ident, "record": record})
 
 
 # -- progress -----------------------------------------------------------------------------
@@ -278,27 +273,32 @@ def _summary_line(recs: TaskResult) -> str:
     return ", ".join(f"{r['method']} {r['nrmse']:.3f}" for r in recs)
 
 
-def run_study(study: Study, out_dir: str | os.PathLike[str], *, workers: int = 2,
-              cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
-              compute: Compute = compute_task, write: bool = True,
-              log: Callable[[str], None] | None = None) -> StudyRun:
-    """Run (or resume) ``study``; write results, plots and ``report.md`` under ``out_dir``.
+class _Collector:
+    """Takes each finished task: caches and keeps its cells, or records its failure."""
 
-    ``workers = 1`` computes in this process (``compute`` may then be any callable, e.g. a
-    test double); more uses a process pool (``compute`` must be picklable).
-    """
-    import datetime
+    def __init__(self, cache: Path, idents: dict[str, dict[str, Any]],
+                 results: dict[str, dict[str, Any]]) -> None:
+        self.cache, self.idents, self.results = cache, idents, results
+        self.failures: list[dict[str, Any]] = []
 
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    t_start = time.perf_counter()
-    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    out = Path(out_dir)
-    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
-    data_fps = validate_data(study)
-    code_fp = code_fingerprint()
-    tasks = plan(study, data_fps, code_fp)
-    n_cells = sum(len(t.methods) for t in tasks)
+    def finish(self, t: Task, recs: TaskResult | None, err: str | None, bar: _Progress
+               ) -> None:
+        if recs is None:
+            self.failures.append({"task": t.label(), "dataset": t.dataset, "seed": t.seed,
+                                  "epsilon": eps_key(t.epsilon), "methods": list(t.methods),
+                                  "error": err})
+            bar.advance(len(t.methods), t.label(), "FAILED: " + (err or "").splitlines()[0])
+            return
+        for rec, k in zip(recs, t.keys, strict=True):
+            rec = {**rec, "key": k}
+            _write_cached(self.cache, k, self.idents[k], rec)
+            self.results[k] = rec
+        bar.advance(len(t.methods), t.label(), _summary_line(recs))
 
+
+def _split_cached(tasks: list[Task], cache: Path
+                  ) -> tuple[dict[str, dict[str, Any]], list[Task]]:
+    """The cells already in the cache (by key), and the tasks narrowed to the others."""
     results: dict[str, dict[str, Any]] = {}
     pending: list[Task] = []
     for t in tasks:
@@ -312,53 +312,60 @@ def run_study(study: Study, out_dir: str | os.PathLike[str], *, workers: int = 2
         if missing:
             pending.append(Task(t.study, t.dataset_index, t.seed, t.epsilon,
                                 tuple(m for m, _ in missing), tuple(k for _, k in missing)))
+    return results, pending
+
+
+def _compute(pending: list[Task], compute: Compute, workers: int, collector: _Collector,
+             bar: _Progress) -> None:
+    """Compute the pending tasks, most expensive first, in this process or on a pool."""
+    pending = sorted(pending, key=_cost, reverse=True)
+    if workers <= 1 or len(pending) == 1:
+        with bar:
+            for t in pending:
+                collector.finish(t, *_guarded(compute, t), bar)
+        return
+    with _executor(min(workers, len(pending))) as ex, bar:
+        futs: dict[Future[Any], Task] = {ex.submit(_guarded, compute, t): t for t in pending}
+        left = set(futs)
+        while left:
+            done, left = wait(left, return_when=FIRST_COMPLETED)
+            for fu in done:
+                collector.finish(futs[fu], *fu.result(), bar)
+
+
+def run_study(study: Study, out_dir: str | os.PathLike[str], *, workers: int = 2,
+              cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+              compute: Compute = compute_task, write: bool = True,
+              log: Callable[[str], None] | None = None) -> StudyRun:
+    """Run (or resume) ``study``; write results, plots and ``report.md`` under ``out_dir``.
+
+    ``workers = 1`` computes in this process (``compute`` may then be any callable, e.g. a
+    test double); more uses a process pool (``compute`` must be picklable).
+    """
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    out = Path(out_dir)
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    data_fps = validate_data(study)
+    code_fp = code_fingerprint()
+    tasks = plan(study, data_fps, code_fp)
+    n_cells = sum(len(t.methods) for t in tasks)
+    results, pending = _split_cached(tasks, cache)
     n_cached = len(results)
     n_todo = n_cells - n_cached
     say(f"study {study.name}: {n_cells} cells ({len(study.config.datasets)} dataset(s) x "
         f"{len(study.config.study.seeds)} seed(s) x methods/epsilons); {n_cached} cached in "
         f"{cache}, {n_todo} to compute" + (f" on {workers} worker(s)" if n_todo else ""))
-    pending.sort(key=_cost, reverse=True)
-    failures: list[dict[str, Any]] = []
-    idents = {}
-    for t in pending:
-        for m, k in zip(t.methods, t.keys, strict=True):
-            idents[k] = cell_identity(study, t.dataset_index, t.seed, t.epsilon, m,
-                                      data_fps[t.dataset], code_fp)
-
-    def finish(t: Task, recs: TaskResult | None, err: str | None, bar: _Progress) -> None:
-        if recs is None:
-            failures.append({"task": t.label(), "dataset": t.dataset, "seed": t.seed,
-                             "epsilon": eps_key(t.epsilon), "methods": list(t.methods),
-                             "error": err})
-            bar.advance(len(t.methods), t.label(), "FAILED: " + (err or "").splitlines()[0])
-            return
-        for rec, k in zip(recs, t.keys, strict=True):
-            rec = {**rec, "key": k}
-            _write_cached(cache, k, idents[k], rec)
-            results[k] = rec
-        bar.advance(len(t.methods), t.label(), _summary_line(recs))
-
+    idents = {k: cell_identity(study, t.dataset_index, t.seed, t.epsilon, m,
+                               data_fps[t.dataset], code_fp)
+              for t in pending for m, k in zip(t.methods, t.keys, strict=True)}
+    collector = _Collector(cache, idents, results)
     cache.mkdir(parents=True, exist_ok=True)
     if pending:
-        if workers <= 1 or len(pending) == 1:
-            with _Progress(progress, n_todo, study.name) as bar:
-                for t in pending:
-                    recs, err = _guarded(compute, t)
-                    finish(t, recs, err, bar)
-        else:
-            with _executor(min(workers, len(pending))) as ex, \
-                    _Progress(progress, n_todo, study.name) as bar:
-                futs: dict[Future[Any], Task] = {ex.submit(_guarded, compute, t): t
-                                                 for t in pending}
-                left = set(futs)
-                while left:
-                    done, left = wait(left, return_when=FIRST_COMPLETED)
-                    for fu in done:
-                        recs, err = fu.result()
-                        finish(futs[fu], recs, err, bar)
-
+        _compute(pending, compute, workers, collector, _Progress(progress, n_todo, study.name))
     ordered = [results[k] for t in tasks for k in t.keys if k in results]
-    run = StudyRun(study, ordered, failures, n_cells, n_cached, n_cells - n_cached,
+    run = StudyRun(study, ordered, collector.failures, n_cells, n_cached, n_todo,
                    time.perf_counter() - t_start, code_fp, out, cache, started=started)
     if write:
         run.files = write_outputs(run)

@@ -1,7 +1,7 @@
 """The ``make demo`` job: a four-hospital privacy–utility study, then the CLI on one table.
 
-Run as ``python -m fediim.cli.demo``. It is the study ``simulations/studies/diabetes.toml``
-(:data:`DEMO_STUDY` below, the same settings) on scikit-learn's bundled diabetes data
+Run as ``python -m fediim.cli.demo``. It runs the study ``simulations/studies/diabetes.toml``
+(read from the installed ``simulations`` package) on scikit-learn's bundled diabetes data
 (442 patients x 10 attributes; no download):
 
 - four hospitals A, B, C, D hold 40 / 30 / 20 / 10 % of the patients (a seeded shuffle);
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import sys
 import time
@@ -38,48 +37,24 @@ from fediim.cli.command import main as cli_main
 from fediim.cli.impute import default_sidecar_paths
 from fediim.io.table import write_csv
 
-__all__ = ["DEMO_STUDY", "demo_study", "main"]
+__all__ = ["demo_study", "demo_study_path", "main"]
 
-#: The demo's study, key for key the same as ``simulations/studies/diabetes.toml``.
-DEMO_STUDY: dict[str, Any] = {
-    "study": {
-        "name": "diabetes",
-        "title": "Four hospitals, one shared schema: what does privacy cost?",
-        "description": (
-            "Four hospitals hold 40%, 30%, 20% and 10% of 442 diabetes patients (age, sex, "
-            "body mass\nindex, blood pressure and six blood serum measurements). In 20% of "
-            "each hospital's\ncomplete records one attribute is hidden; each hospital then "
-            "fills its gaps alone\n(`local`), with the federation's privately released "
-            "statistics (`federated`, `hybrid`),\nor -- for reference, not private -- with "
-            "everybody's raw records pooled (`centralized`,\n`knn`, `mean`)."),
-        "methods": ["local", "federated", "hybrid", "centralized", "knn", "mean"],
-        "epsilons": [1, 4, math.inf],
-        "delta": 1e-6,
-        "seeds": [0, 1, 2],
-        "k": 10,
-    },
-    "missingness": {"mechanism": "one_attribute", "rate": 0.2},
-    "datasets": [{
-        "name": "diabetes",
-        "builtin": "diabetes",
-        "partition": {"kind": "size_skew", "sizes": [0.4, 0.3, 0.2, 0.1],
-                      "site_names": ["A", "B", "C", "D"]},
-    }],
-    "bounds": {
-        "age": [0, 120], "sex": [1, 2], "bmi": [10, 70], "bp": [40, 200], "s1": [50, 500],
-        "s2": [0, 400], "s3": [0, 150], "s4": [0, 15], "s5": [2, 8], "s6": [40, 300],
-    },
-}
+
+def demo_study_path() -> Path:
+    """``simulations/studies/diabetes.toml``, found through the installed ``simulations``
+    package (the studies ship as its package data)."""
+    from importlib.resources import files
+
+    return Path(str(files("simulations").joinpath("studies", "diabetes.toml")))
 
 
 def demo_study(seeds: Sequence[int] | None = None) -> Any:
-    """:data:`DEMO_STUDY` validated (optionally with other seeds, e.g. for a quick test)."""
-    from simulations.config import study_from_dict
+    """The demo's study, read from :func:`demo_study_path` (optionally with other seeds,
+    e.g. for a quick test)."""
+    from simulations.config import load_study
 
-    raw = {**DEMO_STUDY, "study": dict(DEMO_STUDY["study"])}
-    if seeds is not None:
-        raw["study"]["seeds"] = list(seeds)
-    return study_from_dict(raw, source="simulations/studies/diabetes.toml")
+    study = load_study(demo_study_path())
+    return study if seeds is None else study.replace(seeds=list(seeds))
 
 
 def bounds_span_sd() -> tuple[float, float]:
@@ -92,17 +67,19 @@ def bounds_span_sd() -> tuple[float, float]:
     from sklearn.datasets import load_diabetes
 
     d = load_diabetes(scaled=False)
-    b = np.array([DEMO_STUDY["bounds"][c] for c in d.feature_names], dtype=np.float64)
+    bounds = demo_study().config.bounds
+    b = np.array([bounds[c] for c in d.feature_names], dtype=np.float64)
     span = (b[:, 1] - b[:, 0]) / d.data.std(axis=0)
     return float(np.median(span)), float(span.max())
 
 
 def _privacy_table(summary: dict[str, Any], study: Any, rows: dict[str, int]) -> str:
     from simulations.config import eps_key
+    from simulations.tables import aligned_table, eps_label
 
     cells = summary["diabetes"][study.private_methods[0]]
-    keys = [eps_key(e) for e in study.config.study.epsilons]
-    head = ["site", "patients"] + [f"ε={'∞' if k == 'inf' else k}" for k in keys]
+    keys = [eps_key(e) or "" for e in study.config.study.epsilons]
+    head = ["site", "patients"] + [f"ε={eps_label(k)}" for k in keys]
     body = []
     for site, n in rows.items():
         row = [site, str(n)]
@@ -111,10 +88,11 @@ def _privacy_table(summary: dict[str, Any], study: Any, rows: dict[str, int]) ->
             row.append("none (no noise)" if k == "inf" else
                        "" if p is None else f"{p['epsilon_spent']:.2f} of {k}")
         body.append(row)
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    return "\n".join("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                      for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-                     for r in [head, *body])
+    return _indented(aligned_table(head, body))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
 
 
 def _cli_walkthrough(study: Any, out: Path) -> int:
@@ -147,47 +125,35 @@ def _cli_walkthrough(study: Any, out: Path) -> int:
     return 0
 
 
-def main(out_dir: str | os.PathLike[str] = "demo-output", *,
-         seeds: Sequence[int] | None = None, workers: int = 2,
-         progress: bool | None = None) -> int:
-    """Run the demo, writing under ``out_dir``; return 0 on success."""
-    from simulations.report import summarise, table_text
-    from simulations.runner import run_study
-
-    study = demo_study(seeds)
-    s = study.config.study
-    out = Path(out_dir)
-    t0 = time.perf_counter()
+def _print_intro(seeds: Sequence[int]) -> None:
     print("fediim demo: four hospitals fill gaps in their records, alone or together under "
           "differential privacy")
     print("  data: scikit-learn's diabetes table, 442 patients x 10 attributes (age, sex, "
           "bmi, bp, s1-s6)")
     print("  hospitals A, B, C, D hold 40/30/20/10% of the patients; in 20% of each one's "
           "complete records")
-    print(f"  one random attribute is hidden (seeds {', '.join(map(str, s.seeds))}); "
+    print(f"  one random attribute is hidden (seeds {', '.join(map(str, seeds))}); "
           "budgets ε = 1, 4, ∞ per hospital, δ = 1e-6\n")
     sys.stdout.flush()
-    run = run_study(study, out, workers=workers,
-                    progress=sys.stderr.isatty() if progress is None else progress,
-                    log=lambda _msg: None)
-    if run.failures:
-        for f in run.failures:
-            print(f"error: {f['task']}: {f['error']}", file=sys.stderr)
-        return 1
-    summary = summarise(run.records)
-    rows = run.records[0]["n_rows_site"]
-    print(f"NRMSE, mean ± sd over {len(s.seeds)} seed(s) (lower is better; 0 = perfect, "
-          "~1 = as bad as the column mean):\n")
-    print("\n".join("  " + line for line in
-                    table_text(summary, study, "diabetes", markdown=False).splitlines()))
+
+
+def _print_results(summary: dict[str, Any], study: Any, rows: dict[str, int]) -> None:
+    """The method x epsilon table and each hospital's privacy spent."""
+    from simulations.tables import table_text
+
+    print(f"NRMSE, mean ± sd over {len(study.config.study.seeds)} seed(s) (lower is better; "
+          "0 = perfect, ~1 = as bad as the column mean):\n")
+    print(_indented(table_text(summary, study, "diabetes", markdown=False)))
     print("\n  local: each hospital alone, nothing shared · federated: the private model bank "
           "only ·\n  hybrid: bank + the hospital's own model · centralized / knn / mean: all "
           "records pooled (NOT private)")
     print("\nprivacy spent per hospital (ε of its budget; `local` spends nothing):\n")
     print(_privacy_table(summary, study, rows))
 
+
+def _print_observations(summary: dict[str, Any], rows: dict[str, int], small: str) -> None:
+    """What the numbers say at ε = 1: the bank alone against the mean; the smallest site."""
     res = summary["diabetes"]
-    small = run.records[0]["sites"][-1]
     loc, mean = res.get("local", {}).get("-"), res.get("mean", {}).get("-")
     hyb, fed = res.get("hybrid", {}).get("1"), res.get("federated", {}).get("1")
     print()
@@ -203,6 +169,30 @@ def main(out_dir: str | os.PathLike[str] = "demo-output", *,
         print(f"smallest hospital {small} ({rows[small]} patients): local "
               f"{loc['nrmse_site'][small]['mean']:.3f} -> hybrid at ε=1 "
               f"{hyb['nrmse_site'][small]['mean']:.3f}")
+
+
+def main(out_dir: str | os.PathLike[str] = "demo-output", *,
+         seeds: Sequence[int] | None = None, workers: int = 2,
+         progress: bool | None = None) -> int:
+    """Run the demo, writing under ``out_dir``; return 0 on success."""
+    from simulations.runner import run_study
+    from simulations.summary import summarise
+
+    study = demo_study(seeds)
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    _print_intro(study.config.study.seeds)
+    run = run_study(study, out, workers=workers,
+                    progress=sys.stderr.isatty() if progress is None else progress,
+                    log=lambda _msg: None)
+    if run.failures:
+        for f in run.failures:
+            print(f"error: {f['task']}: {f['error']}", file=sys.stderr)
+        return 1
+    summary = summarise(run.records)
+    rows = run.records[0]["n_rows_site"]
+    _print_results(summary, study, rows)
+    _print_observations(summary, rows, run.records[0]["sites"][-1])
     cached = f", {run.n_cached} reused from {run.cache_dir}" if run.n_cached else ""
     print(f"\nstudy: {run.n_cells} cells in {run.wall_s:.1f} s ({run.n_computed} computed"
           f"{cached})")

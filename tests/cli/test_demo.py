@@ -13,13 +13,26 @@ from fediim.cli import demo
 from tests.paths import REPO
 
 
-def test_demo_study_is_the_shipped_diabetes_toml() -> None:
-    with open(REPO / "simulations" / "studies" / "diabetes.toml", "rb") as fh:
-        assert tomllib.load(fh) == demo.DEMO_STUDY
+def test_demo_reads_the_shipped_diabetes_study() -> None:
+    path = demo.demo_study_path()
+    assert path == REPO / "simulations" / "studies" / "diabetes.toml"  # editable install
     study = demo.demo_study()
+    assert study.source == str(path)
     s = study.config.study
     assert s.methods == ["local", "federated", "hybrid", "centralized", "knn", "mean"]
     assert s.seeds == [0, 1, 2] and [str(e) for e in s.epsilons] == ["1.0", "4.0", "inf"]
+    quick = demo.demo_study(seeds=[0]).config
+    assert quick.study.seeds == [0] and quick.bounds == study.config.bounds
+
+
+def test_shipped_studies_are_package_data() -> None:
+    """A non-editable install carries every study (the demo reads diabetes.toml from it)."""
+    with open(REPO / "pyproject.toml", "rb") as fh:
+        patterns = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["simulations"]
+    package = REPO / "simulations"
+    shipped = {f for pattern in patterns for f in package.glob(pattern)}
+    studies = set((package / "studies").glob("*.toml"))
+    assert studies and studies <= shipped
 
 
 def test_demo_runs_and_writes_the_report(tmp_path: Path,

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -17,11 +15,13 @@ from scipy import stats
 
 from fediim.cli import main as fediim_main
 from simulations import StudyConfigError, load_study, run_study, study_from_dict
+from simulations.baselines import impute_table
 from simulations.config import MissingnessConfig
 from simulations.data import make_federation, partition_rows
 from simulations.methods import Task, compute_task
 from simulations.missingness import apply_missingness, mask_one_attribute, mask_pooled
 from simulations.runner import validate_data
+from simulations.summary import paired_differences
 from tests.paths import REPO
 
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -207,7 +207,7 @@ def test_folder_of_site_csvs_and_natural_column(tmp_path: Path) -> None:
 
 def test_partitioners() -> None:
     n = 1000
-    for seed in (0, 3):  # iid and sorted exactly as benchmarks/privacy_utility.py
+    for seed in (0, 3):  # a default_rng(10_000 + seed) permutation cut in 4
         got = partition_rows(n, "iid", seed, sites=4)
         want = np.array_split(np.random.default_rng(10_000 + seed).permutation(n), 4)
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
@@ -299,33 +299,69 @@ def test_masks_never_blank_a_row_and_respect_real_gaps() -> None:
     assert not masks[0][:, [0, 2]].any() and masks[1][:, 1].any()
 
 
-def _benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Any:
-    bench = REPO / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("privacy_utility_bench",
-                                                  bench / "privacy_utility.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "privacy_utility_bench", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_one_attribute_masks_equal_the_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not (REPO / "benchmarks" / "privacy_utility.py").is_file():
-        pytest.skip("benchmarks/privacy_utility.py not present")
-    bench = _benchmark_module(monkeypatch)
+def test_one_attribute_protocol() -> None:
+    """Per site, round(rate x complete rows) complete rows lose one observed attribute each;
+    a column the site never observes neither counts against "complete" nor is hidden."""
     rng = np.random.default_rng(2)
     sites = [rng.normal(size=(n, 4)) for n in (120, 80, 45)]
     sites[1][rng.random((80, 4)) < 0.1] = np.nan
     sites[2][:, 3] = np.nan                    # a column this site never observes
-    for seed in (0, 1, 2):
-        _, cells = bench.mask_sites(sites, seed)
-        ours = mask_one_attribute(sites, 0.05, seed)
-        for (r, c), mk in zip(cells, ours, strict=True):
-            want = np.zeros_like(mk)
-            want[r, c] = True
-            np.testing.assert_array_equal(mk, want)
+    for seed in (0, 1):
+        masks = mask_one_attribute(sites, 0.05, seed)
+        for x, mk in zip(sites, masks, strict=True):
+            seen = ~np.isnan(x).all(axis=0)
+            complete = ~np.isnan(x[:, seen]).any(axis=1)
+            assert mk.sum() == round(0.05 * complete.sum())
+            assert (mk.sum(axis=1) <= 1).all() and complete[mk.any(axis=1)].all()
+            assert not mk[:, ~seen].any()
+        again = mask_one_attribute(sites, 0.05, seed)
+        assert all(np.array_equal(a, b) for a, b in zip(masks, again, strict=True))
+    assert masks[2].sum() == 2  # 45 complete rows over the three observed columns
+
+
+def test_baselines_keep_observed_cells_and_unseen_columns() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 4))
+    x[rng.random((60, 4)) < 0.1] = np.nan
+    x[:, 3] = np.nan                           # never observed: nothing to learn it from
+    for method in ("iim", "knn", "mean", "mice", "missforest"):
+        out = impute_table(method, x, k=5, seed=0)
+        observed = ~np.isnan(x)
+        np.testing.assert_array_equal(out.values[observed], x[observed])
+        assert np.isfinite(out.values[:, :3]).all() and np.isnan(out.values[:, 3]).all()
+    mice = impute_table("mice", x, seed=0).diagnostics
+    assert mice["n_iter"] >= 1 and isinstance(mice["warnings"], list)
+
+
+def test_paired_differences_pair_by_seed() -> None:
+    def rec(method: str, seed: int, nrmse: float, eps: str | None = None) -> dict[str, Any]:
+        return {"dataset": "d", "method": method, "seed": seed, "epsilon": eps,
+                "nrmse": nrmse}
+
+    records = [rec("local", 0, 1.0), rec("local", 1, 2.0), rec("local", 2, 3.0),
+               rec("hybrid", 0, 0.9, "1"), rec("hybrid", 1, 2.0, "1"),
+               rec("hybrid", 2, 2.8, "1"), rec("federated", 0, 1.5, "inf")]
+    paired = paired_differences(records)["d"]
+    hybrid = paired["hybrid"]["1"]
+    diffs = [-0.1, 0.0, -0.2]  # paired by seed, although the seeds' levels differ by 1
+    assert hybrid["mean"] == pytest.approx(np.mean(diffs))
+    assert hybrid["se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(3))
+    assert hybrid["n_seeds"] == 3 and hybrid["within_noise"]
+    one = paired["federated"]["inf"]
+    assert one["n_seeds"] == 1 and one["se"] == math.inf and one["within_noise"]
+    assert paired_differences([r for r in records if r["method"] != "local"]) == {}
+
+
+def test_study_replace_narrows_and_revalidates() -> None:
+    study = study_from_dict(small_study(), base_dir=REPO)
+    quick = study.replace(seeds=[0], epsilons=[math.inf], methods=["local", "federated"])
+    s = quick.config.study
+    assert (s.seeds, s.epsilons, s.methods) == ([0], [math.inf], ["local", "federated"])
+    assert quick.base_dir == study.base_dir and quick.config.bounds == study.config.bounds
+    with pytest.raises(StudyConfigError, match="unknown method 'nope'"):
+        study.replace(methods=["nope"])
+    with pytest.raises(StudyConfigError, match="no dataset named 'other'"):
+        study.replace(datasets=["other"])
 
 
 # -- running: resume, failures, outputs ---------------------------------------------------
@@ -429,12 +465,14 @@ def test_cli_study_end_to_end_on_two_workers(tmp_path: Path,
     assert len(fed) == 2 and all(0 < r["privacy_site"]["site0"]["epsilon_spent"] <= 2
                                  for r in fed)
     assert doc["summary"]["diab"]["mean"]["-"]["n_seeds"] == 2
+    assert doc["paired_vs_local"]["diab"]["federated"]["2"]["n_seeds"] == 2
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 * 3 and {r["site"] for r in rows} == {"ALL", "site0", "site1"}
     report = (out / "report.md").read_text()
     for phrase in ("## What was run", "MCAR", "as bad as filling in the column mean",
                    "| federated |", "## Privacy spent", "![nrmse](nrmse_vs_epsilon.png)",
+                   "Paired by seed", "| method − local | ε=2 |",
                    "fediim study"):
         assert phrase in report, phrase
     # rerun: everything comes from the cache
@@ -454,64 +492,3 @@ def test_shipped_studies_are_valid(path: Path) -> None:
     if uses_shared and not DATASETS.is_dir():
         pytest.skip("../shared/datasets not present")
     validate_data(study)
-
-
-def _need_benchmark() -> None:
-    if not DATASETS.is_dir() or not (REPO / "benchmarks" / "privacy_utility.py").is_file():
-        pytest.skip("../shared/datasets or the benchmark script not present")
-
-
-def test_shipped_studies_load_the_benchmarks_federations(monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
-    """heart/ccpp/wine.toml give the same sites, bounds and masks as the benchmark."""
-    _need_benchmark()
-    bench = _benchmark_module(monkeypatch)
-    studies = {p: load_study(REPO / "simulations" / "studies" / f"{p}.toml")
-               for p in ("heart", "ccpp", "wine")}
-    for scenario, (name, index) in {"heart": ("heart", 0), "ccpp_iid": ("ccpp", 0),
-                                    "ccpp_noniid": ("ccpp", 1), "wine": ("wine", 0)}.items():
-        study = studies[name]
-        assert study.config.datasets[index].name == scenario
-        for seed in (0, 1):
-            names, sites, cols, bounds = bench.load_scenario(scenario, DATASETS, seed)
-            fed = make_federation(study, index, seed)
-            assert (fed.site_names, fed.columns) == (names, cols)
-            np.testing.assert_array_equal(fed.bounds, bounds)
-            for a, b in zip(fed.sites, sites, strict=True):
-                np.testing.assert_array_equal(a, b)
-            masks = apply_missingness(fed.sites, fed.columns, study.config.missingness, seed)
-            _, cells = bench.mask_sites(sites, seed)
-            assert [list(zip(*np.nonzero(m), strict=True)) for m in masks] == [
-                sorted(zip(r.tolist(), c.tolist(), strict=True)) for r, c in cells]
-        s = study.config.study
-        assert (s.seeds, s.delta, s.k) == (list(bench.SEEDS), bench.DELTA, bench.K)
-        assert s.epsilons == list(bench.EPSILONS)
-
-
-@pytest.mark.slow
-def test_heart_study_matches_the_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Same settings, same numbers: study cells == benchmarks/privacy_utility.py records."""
-    _need_benchmark()
-    bench = _benchmark_module(monkeypatch)
-    study = load_study(REPO / "simulations" / "studies" / "heart.toml")
-    raw = study.config.model_dump()
-    raw["study"].update(methods=["local", "federated", "hybrid"], epsilons=[1.0], seeds=[0])
-    study = study_from_dict(raw, base_dir=study.base_dir)
-    ours = {(r["method"], r["epsilon"]): r for t in _tasks(study) for r in compute_task(t)}
-    theirs = bench.run_scenario_seed("heart", DATASETS, 0, [1.0])
-    for r in theirs:
-        mine = ours.get((r["method"], r["epsilon"]))
-        if mine is None:
-            continue
-        assert mine["nrmse"] == pytest.approx(r["nrmse"], rel=1e-12, abs=1e-12), r["method"]
-        assert mine["n_masked_site"] == r["n_masked_site"]
-        if r.get("privacy_site"):
-            assert {s: p["epsilon"] for s, p in r["privacy_site"].items()} == pytest.approx(
-                {s: p["epsilon_spent"] for s, p in mine["privacy_site"].items()})
-    assert {"local", "federated", "hybrid"} <= {m for m, _ in ours}
-
-
-def _tasks(study: Any) -> list[Task]:
-    from simulations.runner import code_fingerprint, plan
-
-    return plan(study, validate_data(study), code_fingerprint())
