@@ -324,3 +324,27 @@ def test_as_matrix_error_column_names() -> None:
         as_matrix(np.zeros((1, 2)), columns=["a", "a"])
 
 
+
+
+def test_values_whose_spread_overflows_are_a_data_error_naming_the_column(tmp_path) -> None:
+    """Finding 10: ±1e308 gave overflow warnings and imputations with uncertainty 0."""
+    path = tmp_path / "big.csv"
+    path.write_text("a,b\n1,1e308\n2,-1e308\n3,\n4,5\n")
+    with pytest.raises(DataError, match=r"column 'b'.*overflows") as err:
+        read_csv(path)
+    assert err.value.column == "b" and err.value.source == str(path)
+    path.write_text("a,b\n1,1e100\n2,-1e100\n3,\n4,5\n")
+    assert read_csv(path).values.shape == (4, 2)  # large but representable
+    with pytest.raises(DataError, match="overflows"):
+        as_matrix(np.array([[1.0, 1e308], [2.0, -1e308]]))
+
+
+def test_table_shape_check() -> None:
+    with pytest.raises(ValueError, match="expected values of shape"):
+        Table(values=np.zeros((2, 3)), columns=["a", "b"])
+
+
+def test_entirely_missing_column_allowed_when_asked(tmp_path: Path) -> None:
+    table = read_csv(_csv(tmp_path, "age,chol\n1,NA\n2,\n"), allow_empty_columns=True)
+    assert table.columns == ["age", "chol"]
+    assert np.isnan(table.values[:, 1]).all() and table.values[:, 0].tolist() == [1.0, 2.0]
