@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 
 from simulations import run_study
-from tests.paths import REPO
+from tests.paths import DATASETS, REPO, require_file
 
 BENCH = REPO / "benchmarks"
-DATASETS = REPO.parent / "shared" / "datasets"
 COMMITTED = BENCH / "results" / "privacy_utility.json"
 
 @pytest.fixture
@@ -53,8 +52,7 @@ def test_gathers_the_studies_into_one_results_file(bench: Any, tmp_path: Path,
 
 def test_committed_results_are_what_the_code_computes(bench: Any, tmp_path: Path) -> None:
     """Heart, seed 0, ε = 1: the committed per-seed records come out again."""
-    if not DATASETS.is_dir():
-        pytest.skip("../shared/datasets not present")
+    require_file(DATASETS)
     args = bench.parse_args(["--studies", "heart", "--seeds", "0", "--eps", "1", "--methods",
                              "local,centralized,federated,hybrid,federated_mean"])
     (study,) = bench.load_studies(args)

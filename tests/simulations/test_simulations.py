@@ -22,9 +22,7 @@ from simulations.methods import Task, compute_task
 from simulations.missingness import apply_missingness, mask_one_attribute, mask_pooled
 from simulations.runner import validate_data
 from simulations.summary import paired_differences
-from tests.paths import REPO
-
-DATASETS = REPO.parent / "shared" / "datasets"
+from tests.paths import DATASETS, REPO, require_file
 
 DIABETES_BOUNDS = {"age": [0, 120], "sex": [1, 2], "bmi": [10, 70], "bp": [40, 200],
                    "s1": [50, 500], "s2": [0, 400], "s3": [0, 150], "s4": [0, 15],
@@ -489,6 +487,6 @@ def test_shipped_studies_are_valid(path: Path) -> None:
     study = load_study(path)
     assert study.base_dir == REPO
     uses_shared = any(d.path for d in study.config.datasets)
-    if uses_shared and not DATASETS.is_dir():
-        pytest.skip("../shared/datasets not present")
+    if uses_shared:
+        require_file(DATASETS)
     validate_data(study)
