@@ -12,11 +12,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# pytest's own exit code: "no tests collected" (5) is a failure, like any other.
+# pytest's own exit code: "no tests collected" (5) is a failure, like any other. Two
+# workers, one test file each at a time (module fixtures such as the real deployment stay
+# in one worker): the deployment tests mostly wait, so the other core keeps working.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m fediim.cli.demo
