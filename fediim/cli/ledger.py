@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 from fediim.cli.common import Subparsers, add_parser, error
 from fediim.errors import ExitCode, FediimError
@@ -48,32 +49,39 @@ def _missing_action(parser: argparse.ArgumentParser) -> int:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_site_config(args.site_config)
-        ledger = PrivacyLedger.create(cfg.ledger, cfg.budget.rho, cfg.site_id)
-    except FediimError as exc:
-        error(str(exc))
-        return exc.exit_code
-    print(f"created ledger {ledger.path} for site {cfg.site_id!r}: budget "
-          f"epsilon={cfg.budget.epsilon:g} at delta={cfg.budget.delta:g} "
-          f"(rho={cfg.budget.rho:.6g})")
-    return ExitCode.OK
+    return _on_site_ledger(args, _create)
 
 
 def _run_show(args: argparse.Namespace) -> int:
+    return _on_site_ledger(args, _show)
+
+
+def _on_site_ledger(args: argparse.Namespace,
+                    action: Callable[[SiteConfig, argparse.Namespace], None]) -> int:
+    """Run ``action`` on the site TOML's configuration; a fediim error is its exit code."""
     try:
-        cfg = load_site_config(args.site_config)
-        ledger = PrivacyLedger.open(cfg.ledger, cfg.budget.rho, cfg.site_id)
+        action(load_site_config(args.site_config), args)
     except FediimError as exc:
         error(str(exc))
         return exc.exit_code
+    return ExitCode.OK
+
+
+def _create(cfg: SiteConfig, args: argparse.Namespace) -> None:
+    ledger = PrivacyLedger.create(cfg.ledger, cfg.budget.rho, cfg.site_id)
+    print(f"created ledger {ledger.path} for site {cfg.site_id!r}: budget "
+          f"epsilon={cfg.budget.epsilon:g} at delta={cfg.budget.delta:g} "
+          f"(rho={cfg.budget.rho:.6g})")
+
+
+def _show(cfg: SiteConfig, args: argparse.Namespace) -> None:
+    ledger = PrivacyLedger.open(cfg.ledger, cfg.budget.rho, cfg.site_id)
     summary = ledger.summary(cfg.budget.delta)
     if args.json:
         entries = [e.to_dict() for e in ledger.entries]
         print(json.dumps({**summary, "entries": entries}, indent=2))
     else:
         print(_describe(cfg, ledger, summary))
-    return ExitCode.OK
 
 
 def _describe(cfg: SiteConfig, ledger: PrivacyLedger, summary: dict) -> str:
@@ -81,6 +89,9 @@ def _describe(cfg: SiteConfig, ledger: PrivacyLedger, summary: dict) -> str:
              f"spent epsilon {summary['epsilon_spent']:.4g} of {summary['epsilon_budget']:.4g} "
              f"at delta {summary['delta']:g} (rho {summary['rho_spent']:.6g} of "
              f"{summary['rho_budget']:.6g}) in {summary['releases']} release(s)"]
+    if summary.get("insecure_noise"):
+        lines.append("INSECURE: some releases used seeded noise, which whoever knows the seed "
+                     "can subtract (simulations only)")
     lines += [f"  {e.time}  rho={e.rho:.6g}  sigma={e.sigma:.4g}  {e.mechanism}: {e.purpose}"
               for e in ledger.entries]
     return "\n".join(lines)
