@@ -124,9 +124,7 @@ def prepare_federation(
     one keeps its mode.
     """
     from fediim.io.schema import load_schema
-    from fediim.privacy import PrivacyLedger
-    from fediim.protocol.signing import load_private_key, write_keypair
-    from fediim.protocol.site_config import Budget, SiteConfig, site_config_toml
+    from fediim.protocol.site_config import Budget
 
     out_dir = Path(out).resolve()
     schema_path = Path(schema).resolve()
@@ -141,30 +139,12 @@ def prepare_federation(
                     delta=delta)
     for site_id in ids:
         _check_existing_ledger(out_dir / site_id / "ledger.json", site_id, budget.rho)
-    coordinator_dir = out_dir / "coordinator"
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the owner only
-    coordinator_dir.mkdir(parents=True, exist_ok=True)
-    key, public_key = coordinator_dir / "signing.key", coordinator_dir / "coordinator.pub"
-    if key.exists() and public_key.exists():
-        load_private_key(key)
-    else:
-        write_keypair(key, public_key)
-    sites = []
-    for site_id, data_file in zip(ids, files, strict=True):
-        site_dir = out_dir / site_id
-        site_dir.mkdir(parents=True, exist_ok=True)
-        if not (site_dir / "ledger.json").exists():
-            PrivacyLedger.create(site_dir / "ledger.json", budget.rho, site_id)
-        config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path,
-                            ledger=site_dir / "ledger.json", output_dir=site_dir,
-                            coordinator_public_key=public_key, budget=budget,
-                            insecure_seeded_noise=insecure_seeded_noise,
-                            site_key=_site_key(site_dir))
-        atomic_write_text(site_dir / "site.toml", site_config_toml(config))
-        if not config.ledger.exists():  # a site never runs without its ledger: create it
-            PrivacyLedger.create(config.ledger, budget.rho, site_id)
-        sites.append(SiteLayout(site_id, data_file, site_dir, site_dir / "site.toml",
-                                site_dir / "ledger.json"))
+    coordinator_dir = out_dir / "coordinator"
+    key, public_key = _coordinator_keys(coordinator_dir)
+    sites = [_prepare_site(out_dir / site_id, site_id, data_file, schema_path, public_key,
+                           budget, insecure_seeded_noise)
+             for site_id, data_file in zip(ids, files, strict=True)]
     registry = _write_site_registry(coordinator_dir, sites)
     run = {
         "schema": str(schema_path), "signing-key": str(key), "out-dir": str(coordinator_dir),
@@ -175,6 +155,37 @@ def prepare_federation(
     }
     return FederationLayout(out_dir, schema_path, coordinator_dir, key, public_key,
                             tuple(sites), run, site_registry=registry)
+
+
+def _coordinator_keys(coordinator_dir: Path) -> tuple[Path, Path]:
+    """The coordinator's signing key pair, written once and reused by later runs."""
+    from fediim.protocol.signing import load_private_key, write_keypair
+
+    coordinator_dir.mkdir(parents=True, exist_ok=True)
+    key, public_key = coordinator_dir / "signing.key", coordinator_dir / "coordinator.pub"
+    if key.exists() and public_key.exists():
+        load_private_key(key)
+    else:
+        write_keypair(key, public_key)
+    return key, public_key
+
+
+def _prepare_site(site_dir: Path, site_id: str, data_file: Path, schema_path: Path,
+                  public_key: Path, budget: Any, insecure_seeded_noise: bool) -> SiteLayout:
+    """One site's directory: its ledger (created once), identity key and site TOML."""
+    from fediim.privacy import PrivacyLedger
+    from fediim.protocol.site_config import SiteConfig, site_config_toml
+
+    site_dir.mkdir(parents=True, exist_ok=True)
+    ledger = site_dir / "ledger.json"
+    if not ledger.exists():
+        PrivacyLedger.create(ledger, budget.rho, site_id)
+    config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path, ledger=ledger,
+                        output_dir=site_dir, coordinator_public_key=public_key, budget=budget,
+                        insecure_seeded_noise=insecure_seeded_noise,
+                        site_key=_site_key(site_dir))
+    atomic_write_text(site_dir / "site.toml", site_config_toml(config))
+    return SiteLayout(site_id, data_file, site_dir, site_dir / "site.toml", ledger)
 
 
 def app_pyproject(run_config: dict[str, Any]) -> str:
