@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
+SIM    := $(VENV)/.installed-sim
 
 .PHONY: test demo lint bench clean
 
@@ -12,10 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The tests also run the Simulation Engine (Ray): its extra is installed for them only.
+$(SIM): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,sim]"
+	touch $(SIM)
+
 # pytest's own exit code: "no tests collected" (5) is a failure, like any other. Two
 # workers, one test file each at a time (module fixtures such as the real deployment stay
 # in one worker): the deployment tests mostly wait, so the other core keeps working.
-test: $(STAMP)
+test: $(SIM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile

@@ -10,14 +10,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fediim.cli import main
 from fediim.deploy.supervisor import stray_processes
 from fediim.io.table import read_csv
 from tests.paths import require_module
-
-pytestmark = pytest.mark.slow
 
 
 def _site(path: Path, rng: np.random.Generator) -> np.ndarray:
