@@ -256,7 +256,13 @@ def _privacy_spent(summary: dict[str, Any], study: Study) -> list[str]:
              "ρ-zCDP by its own ledger and shown here as (ε, δ). `local` and the `no DP` "
              "baselines spend nothing because `local` sends nothing; the pooled baselines "
              "and `centralized` are not private at all. At ε = ∞ nothing is spent because "
-             "nothing is protected.", ""]
+             "nothing is protected.", "",
+             "**Seeded noise (insecure, simulation only).** A study draws every site's noise "
+             "from numpy generators seeded by the study's seeds, so that each cell can be "
+             "reproduced; whoever knows a seed can subtract the noise. The ε below is what "
+             "the same release would guarantee with OpenDP's sampler, as deployments use "
+             "(sites refuse seeded noise unless their TOML says `insecure_seeded_noise = "
+             "true`).", ""]
     for ds in summary:
         head, rows = privacy_rows(summary, study, ds)
         if rows:

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fediim.cli.argtypes import positive_float, positive_int
-from fediim.cli.common import Subparsers, add_parser, error
+from fediim.cli.common import Subparsers, add_parser, error, warn
 from fediim.deploy.local import local_deploy
 from fediim.deploy.supervisor import DEFAULT_RUN_TIMEOUT
 from fediim.errors import ExitCode, FediimError, RunNotCompleted
@@ -168,6 +168,8 @@ def _run_local_deploy(args: argparse.Namespace) -> int:
     run_config: dict[str, Any] = {"mode": args.mode, "k": args.k, **dict(args.run_config)}
     if args.seed is not None:
         run_config["seed"] = int(args.seed)
+        warn(f"--seed {args.seed}: every site draws INSECURE seeded noise, which whoever "
+             "knows the seed can subtract; for reproducible simulations only")
     try:
         view = local_deploy(args.data, args.schema, args.out, epsilon=args.epsilon,
                             delta=args.delta, min_sites=args.min_sites,
