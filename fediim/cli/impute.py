@@ -12,13 +12,17 @@ import numpy as np
 
 from fediim.cli.argtypes import positive_int
 from fediim.cli.common import Subparsers, add_parser, check_distinct, error, warn
-from fediim.errors import ExitCode
-from fediim.impute.estimator import IIMImputer
+from fediim.errors import ExitCode, FediimError
+from fediim.federated import site_impute
+from fediim.federated.plan import MODES
+from fediim.impute.estimator import IIMImputer, ImputationResult
 from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
-from fediim.io.schema import DEFAULT_MISSING, SchemaError, TableSchema, load_schema
-from fediim.io.table import DataError, read_csv
+from fediim.io.schema import DEFAULT_MISSING, TableSchema, load_schema
+from fediim.io.table import Table, read_csv
+from fediim.protocol.signed_bank import SignedBank, load_signed_bank
+from fediim.protocol.site_config import SiteConfig, load_site_config
 
 __all__ = ["default_sidecar_paths", "register_impute"]
 
@@ -73,10 +77,18 @@ examples:
   fediim impute visits.csv -o visits_imputed.csv
   fediim impute visits.csv -o out.csv --schema schema.toml --k 15
   fediim impute raw.csv -o out.csv --missing NA --missing -999 --no-scale
+  fediim impute new_visits.csv -o out.csv --site-config site.toml --mode hybrid
 
 With --schema, the header must match the schema's columns, its missing markers apply,
 columns with impute = false are left with their gaps, and imputed values are clipped
-into the column bounds. Make a starting schema with: fediim schema infer""",
+into the column bounds. Make a starting schema with: fediim schema infer
+
+With --site-config, a site that took part in a federation run imputes from the bank the
+run left in its output_dir (bank.npz, bank.sig.json; the TOML keys bank, bank_signature
+override): the bank's signature must verify under the pinned coordinator key for the
+site's schema, and the bank be at most max_bank_age_days old, or nothing is written. The
+rows of IN are the site's own rows (mode hybrid blends them with the bank). The site's
+schema applies; no budget is spent (the privacy ledger is not touched).""",
     )
     p.add_argument("input", metavar="IN.csv", help="table with missing cells")
     p.add_argument("-o", "--output", metavar="OUT.csv", required=True,
@@ -95,6 +107,10 @@ into the column bounds. Make a starting schema with: fediim schema infer""",
     p.add_argument("--missing", metavar="MARKER", nargs="+", action="extend",
                    help="text meaning 'missing' (repeatable); replaces the default markers "
                         "and the schema's global ones, e.g. --missing NA --missing ''")
+    p.add_argument("--site-config", metavar="SITE.toml",
+                   help="impute from this site's signed federation bank (see below)")
+    p.add_argument("--mode", choices=MODES,
+                   help="with --site-config: how the bank is used (default: hybrid)")
     p.set_defaults(func=_run_impute)
 
 
@@ -108,23 +124,70 @@ def _count_out_of_bounds(values: np.ndarray, schema: TableSchema, columns: list[
     return total
 
 
+def _option_problem(args: argparse.Namespace) -> str | None:
+    """Options that contradict each other, else None."""
+    if args.site_config is None:
+        return "--mode needs --site-config (it says how the site's bank is used)" \
+            if args.mode else None
+    if args.schema:
+        return "--schema with --site-config: the site's own schema applies; drop --schema"
+    if not args.scale:
+        return "--no-scale with --site-config: imputing from the bank always scales"
+    return None
+
+
+def _site_bank(path: str) -> tuple[SiteConfig, TableSchema, SignedBank]:
+    """The site's configuration, schema and verified bank (a FediimError if any is bad)."""
+    cfg = load_site_config(path)
+    schema = load_schema(cfg.schema_path)
+    signed = load_signed_bank(cfg.bank_path, cfg.bank_signature_path,
+                              cfg.coordinator_public_key, schema.schema_hash(),
+                              max_age_days=cfg.max_bank_age_days)
+    return cfg, schema, signed
+
+
+def _read_inputs(args: argparse.Namespace
+                 ) -> tuple[Table, TableSchema | None, SiteConfig | None, SignedBank | None]:
+    """The table, its schema and, with --site-config, the site and its verified bank."""
+    cfg = signed = None
+    if args.site_config is not None:
+        cfg, schema, signed = _site_bank(args.site_config)
+        # A column this hospital never measures is what the federation's bank is for.
+        table = read_csv(args.input, schema=schema, missing_markers=args.missing,
+                         allow_empty_columns=True)
+        return table, schema, cfg, signed
+    schema = load_schema(args.schema) if args.schema else None
+    return read_csv(args.input, schema=schema, missing_markers=args.missing), schema, None, None
+
+
+def _imputed(args: argparse.Namespace, table: Table, schema: TableSchema | None,
+             cfg: SiteConfig | None, signed: SignedBank | None) -> ImputationResult:
+    """IIM on the table alone, or, with the site's bank, the site's imputation from it
+    (the table's rows being the site's own rows)."""
+    if cfg is None or signed is None or schema is None:
+        imputer = IIMImputer(n_neighbors=args.k, scale=args.scale)
+        return imputer.fit(table.values).impute(table.values)
+    return site_impute(table.values, signed.bank, schema.bounds_array(),
+                       mode=args.mode or "hybrid", n_neighbors=args.k, site_id=cfg.site_id)
+
+
 def _run_impute(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = args.output
     flags_default, audit_default = default_sidecar_paths(out)
     flags = args.flags or str(flags_default)
     audit = args.audit or str(audit_default)
-    clash = check_distinct({"IN": args.input, "OUT": out, "--flags": flags, "--audit": audit})
-    if clash:
-        error(clash)
+    problem = _option_problem(args) or check_distinct(
+        {"IN": args.input, "OUT": out, "--flags": flags, "--audit": audit})
+    if problem:
+        error(problem)
         return ExitCode.USAGE
 
     try:
-        schema = load_schema(args.schema) if args.schema else None
-        table = read_csv(args.input, schema=schema, missing_markers=args.missing)
-    except (DataError, SchemaError) as exc:
+        table, schema, cfg, signed = _read_inputs(args)
+    except FediimError as exc:
         error(str(exc))
-        return ExitCode.USAGE
+        return exc.exit_code
 
     columns = table.columns
     if schema is not None:
@@ -133,9 +196,8 @@ def _run_impute(args: argparse.Namespace) -> int:
             warn(f"{outside} observed cell(s) of {table.source} lie outside the schema bounds "
                   f"(written back unchanged)")
 
-    imputer = IIMImputer(n_neighbors=args.k, scale=args.scale)
     try:
-        result = imputer.fit(table.values).impute(table.values)
+        result = _imputed(args, table, schema, cfg, signed)
     except ValueError as exc:
         error(f"{table.source}: cannot impute: {exc}")
         return ExitCode.USAGE
@@ -160,9 +222,11 @@ def _run_impute(args: argparse.Namespace) -> int:
         return ExitCode.FAILED
 
     seconds = time.perf_counter() - start
+    origin = "" if signed is None else (
+        f" from the bank of run {signed.run_id} (saved {signed.saved_at:%Y-%m-%d})")
     print(
-        f"fediim impute: {table.n_rows} rows x {table.n_cols} columns, {n_cells} cells imputed "
-        f"in {seconds:.2f} s -> {out} (flags: {flags}, audit: {audit})",
+        f"fediim impute: {table.n_rows} rows x {table.n_cols} columns, {n_cells} cells imputed"
+        f"{origin} in {seconds:.2f} s -> {out} (flags: {flags}, audit: {audit})",
         file=sys.stderr,
     )
     return ExitCode.OK

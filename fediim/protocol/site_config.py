@@ -10,6 +10,9 @@ directory of the TOML file::
     ledger = "out/ledger.json"                  # this site's privacy ledger (must exist:
                                                 # fediim ledger init --site-config site.toml)
     output_dir = "out"                          # imputed.csv, flags.csv, audit.jsonl, bank.npz
+    # bank = "out/bank.npz"                     # optional: the signed bank fediim impute
+    # bank_signature = "out/bank.sig.json"      #   --site-config reads (default: output_dir)
+    # max_bank_age_days = 365                   # optional: older banks are refused
     coordinator_public_key = "coordinator.pub"  # pinned Ed25519 key that must sign the bank
     site_key = "site.key"                       # optional: signs the handshake (identity)
 
@@ -29,6 +32,10 @@ a coordinator cannot make a spend look cheaper), and refuses a request above
 ``insecure_seeded_noise`` lets a simulation ask for seeded noise, which whoever knows the
 seed can subtract; the ledger marks every such release. The former key
 ``allow_seeded_noise`` is refused, so that no old file turns it on unnoticed.
+``fediim impute --site-config`` imputes new rows every day from the signed bank of the last
+run (``bank``/``bank_signature``, by default ``bank.npz``/``bank.sig.json`` in
+``output_dir``), without spending budget; it refuses a bank older than
+``max_bank_age_days`` (:mod:`fediim.protocol.signed_bank`).
 ``site_key`` (Ed25519 or ECDSA, PEM or OpenSSH; the SuperNode's node-authentication key will
 do) signs the site's handshake, so that a coordinator with a site registry knows that the
 node claiming this site id holds the key registered for it (:mod:`fediim.protocol.identity`).
@@ -98,6 +105,22 @@ class SiteConfig(BaseModel):
     #: so the coordinator cannot time the work (it grows with the records); 0 disables.
     reply_time_quantum: FiniteFloat = Field(default=2.0, ge=0, le=600)
     site_key: Path | None = None  # signs the handshake (fediim.protocol.identity)
+    bank: Path | None = None  # the signed bank to impute from; default output_dir/bank.npz
+    bank_signature: Path | None = None  # its signature; default output_dir/bank.sig.json
+    #: Days: ``fediim impute --site-config`` refuses an older bank (join a new run).
+    max_bank_age_days: FiniteFloat = Field(default=365.0, gt=0)
+
+    @property
+    def bank_path(self) -> Path:
+        """Where the site's signed bank is read from."""
+        return self.bank if self.bank is not None else self.output_dir / "bank.npz"
+
+    @property
+    def bank_signature_path(self) -> Path:
+        """Where the signature of :attr:`bank_path` is read from."""
+        if self.bank_signature is not None:
+            return self.bank_signature
+        return self.output_dir / "bank.sig.json"
 
 
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
@@ -118,7 +141,8 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
             "can be removed by whoever knows the seed: simulations only, never a deployment); "
             "rename it to turn seeded noise on deliberately")
     base = Path(source).resolve().parent
-    for key in ("data", "schema", "ledger", "output_dir", "coordinator_public_key", "site_key"):
+    for key in ("data", "schema", "ledger", "output_dir", "coordinator_public_key", "site_key",
+                "bank", "bank_signature"):
         if isinstance(raw.get(key), str):
             raw[key] = base / Path(raw[key]).expanduser()
     try:
@@ -143,6 +167,10 @@ def site_config_toml(config: SiteConfig) -> str:
         "insecure_seeded_noise": config.insecure_seeded_noise,
         "reply_time_quantum": config.reply_time_quantum,
         "site_key": str(config.site_key) if config.site_key is not None else None,
+        "bank": str(config.bank) if config.bank is not None else None,
+        "bank_signature": (str(config.bank_signature)
+                           if config.bank_signature is not None else None),
+        "max_bank_age_days": config.max_bank_age_days,
     }
     budget = {"epsilon": config.budget.epsilon, "delta": config.budget.delta,
               "max_epsilon_per_run": config.budget.max_epsilon_per_run}
