@@ -49,7 +49,7 @@ from fediim.errors import (
 )
 from fediim.federated import PrivacyPlan, site_impute, site_release
 from fediim.federated.bank import ModelBank
-from fediim.federated.site_imputation import impute_local
+from fediim.federated.site_imputation import local_fallback
 from fediim.federated.vetting import ReleaseLimits, bank_problems
 from fediim.impute.estimator import ImputationResult
 from fediim.io.atomic import atomic_outputs
@@ -422,9 +422,7 @@ def _imputed_from_bank(site: _Site, table: Table, bank: ModelBank,
         failure = f"{type(exc).__name__}: {exc}"
     log.warning("site %s: imputation from the bank failed (%s); the site's own IIM fills "
                 "every cell", site.site_id, failure)
-    result = impute_local(table.values, request.k)
-    result.method[result.imputed] = METHOD_FALLBACK
-    return result
+    return local_fallback(table.values, request.k)
 
 
 def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict) -> ImputeReply:

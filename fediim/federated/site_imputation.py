@@ -25,7 +25,7 @@ from fediim.impute.iim import IIMConfig, PatternModels
 from fediim.io.result import METHOD_FALLBACK, METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["BLEND_WEIGHTS", "ImputationJob", "JobEstimate", "SiteView", "impute_federated",
-           "impute_hybrid", "impute_local", "impute_mean", "site_impute"]
+           "impute_hybrid", "impute_local", "impute_mean", "local_fallback", "site_impute"]
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,15 @@ class _LocalFallback:
         """The whole local result, every imputed cell marked ``fallback``."""
         log.warning("the bank could not be read (%s); the site's own IIM fills every cell",
                     type(exc).__name__)
-        local = self._result()
-        local.method[local.imputed] = METHOD_FALLBACK
-        return local
+        return local_fallback(self._x, self._n_neighbors)
+
+
+def local_fallback(x: np.ndarray, n_neighbors: int) -> ImputationResult:
+    """The site's own IIM for every cell, each marked ``fallback``: what a site uses when
+    the federation's bank cannot be used at all."""
+    local = impute_local(x, n_neighbors)
+    local.method[local.imputed] = METHOD_FALLBACK
+    return local
 
 
 def impute_local(x: np.ndarray, n_neighbors: int) -> ImputationResult:
