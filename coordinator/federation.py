@@ -347,14 +347,8 @@ class _Federation:
         return bank
 
     def _vet(self, bank: ModelBank) -> list[str]:
-        """Why a site's release does not fit the plan (vetting's checks, plus the manifest's
-        ``min_records`` of an empty release, which vetting skips but which would make the
-        assembled bank refuse every other site's cells)."""
-        problems = release_problems(bank, self.limits)
-        if bank.n_cells == 0 and bank.min_records != self.limits.min_records:
-            problems.append(f"min_records {bank.min_records}, the plan's is "
-                            f"{self.limits.min_records}")
-        return problems
+        """Why a site's release does not fit the plan (see :mod:`fediim.federated.vetting`)."""
+        return release_problems(bank, self.limits)
 
     def _issue_receipts(self, replies: dict[int, ReleaseReply]) -> None:
         """Sign a spend receipt for every site that reported its ledger after releasing (as

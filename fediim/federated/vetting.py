@@ -61,6 +61,9 @@ class ReleaseLimits:
 def release_problems(release: ModelBank, limits: ReleaseLimits) -> list[str]:
     """Why one site's release does not fit the plan; empty if it does."""
     problems = _shape_problems(release, limits)
+    if release.min_records != limits.min_records:  # an empty release's manifest too
+        problems.append(f"min_records {release.min_records}, the plan's is "
+                        f"{limits.min_records}")
     if problems or release.n_cells == 0:
         return problems
     problems += _box_problems(release, limits)
@@ -114,9 +117,6 @@ def _noise_problems(release: ModelBank, limits: ReleaseLimits) -> list[str]:
     if not np.allclose(release.sigma, limits.sigma_gram, rtol=_RTOL, atol=0.0):
         problems.append(f"cells released with noise other than the plan's "
                         f"sigma={limits.sigma_gram:.6g}")
-    if release.min_records != limits.min_records:
-        problems.append(f"min_records {release.min_records}, the plan's is "
-                        f"{limits.min_records}")
     return problems
 
 

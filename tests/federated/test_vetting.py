@@ -114,3 +114,13 @@ def test_cell_coordinates_stay_in_the_unit_box(seed: int) -> None:
     assert np.all(np.abs(z) <= 0.5)
     assert np.linalg.norm(np.column_stack([np.ones(len(z)), z]), axis=1).max() <= np.sqrt(
         1 + M / 4)
+
+
+def test_an_empty_release_with_another_min_records_is_rejected() -> None:
+    """An empty release's manifest still carries min_records; the assembled bank takes the
+    largest, so 10**8 would make it refuse every other site's cells."""
+    bank, limits = _release(1.0)
+    empty = bank.select(np.zeros(bank.n_cells, dtype=bool))
+    assert release_problems(empty, limits) == []
+    assert release_problems(_crafted(empty, min_records=10**8), limits) == [
+        f"min_records {10**8}, the plan's is {limits.min_records}"]
