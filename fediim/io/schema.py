@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tomllib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -41,7 +40,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from fediim.errors import SchemaError
-from fediim.io.toml import toml_document, toml_string
+from fediim.io.toml import read_toml, toml_document, toml_string
 from fediim.io.validation import error_lines, join_errors
 
 __all__ = [
@@ -226,19 +225,7 @@ class TableSchema(BaseModel):
 def load_schema(path: str | os.PathLike[str]) -> TableSchema:
     """Read and validate a TOML schema file (SchemaError naming the file on any problem)."""
     source = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise SchemaError(f"{source}: schema file not found") from None
-    except IsADirectoryError:
-        raise SchemaError(f"{source}: is a directory; expected a TOML schema file") from None
-    except OSError as exc:
-        raise SchemaError(f"{source}: cannot read schema file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise SchemaError(f"{source}: invalid TOML: expected UTF-8 text ({exc.reason})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SchemaError(f"{source}: invalid TOML: {exc}") from None
+    data = read_toml(path, SchemaError, "schema file")
     return TableSchema.from_dict(data, source=source)
 
 

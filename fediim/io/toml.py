@@ -1,4 +1,5 @@
-"""The one TOML writer: values, keys and tables that ``tomllib`` reads back exactly.
+"""The one TOML writer (values, keys and tables that ``tomllib`` reads back exactly) and the
+one reader of fediim's TOML files.
 
 fediim writes small TOML files (schemas, site configurations, the local app's run
 configuration); they all go through :func:`toml_value` and :func:`toml_document` so that
@@ -8,10 +9,12 @@ every string is escaped the same way and every float round-trips.
 from __future__ import annotations
 
 import math
+import os
+import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["toml_document", "toml_key", "toml_string", "toml_value"]
+__all__ = ["read_toml", "toml_document", "toml_key", "toml_string", "toml_value"]
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
             "\r": "\\r"}
@@ -78,3 +81,22 @@ def toml_document(tables: Mapping[str, Mapping[str, Any]], *, header: str = "") 
         lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in entries.items()
                   if v is not None]
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def read_toml(path: str | os.PathLike[str], error: type[Exception], what: str) -> dict[str, Any]:
+    """The TOML document at ``path``; any problem is ``error`` naming the file and ``what``
+    it should have been (e.g. ``"schema file"``)."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise error(f"{source}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{source}: is a directory; expected a {what}") from None
+    except OSError as exc:
+        raise error(f"{source}: cannot read {what}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{source}: invalid TOML: expected UTF-8 text ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{source}: invalid TOML: {exc}") from None

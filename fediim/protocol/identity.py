@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fediim.errors import ConfigError, SignatureError, SigningKeyError
-from fediim.io.toml import toml_document
+from fediim.io.toml import read_toml, toml_document
 from fediim.protocol.signing import key_id, read_key_file
 from fediim.protocol.site_config import SITE_ID_PATTERN
 
@@ -172,13 +171,7 @@ def _registry_entries(raw: dict[str, Any], source: str) -> dict[str, str]:
 def load_site_registry(path: str | os.PathLike[str]) -> SiteRegistry:
     """Read a site registry (see module docstring); :class:`ConfigError` names the file."""
     source = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"site-registry: cannot read {source} ({exc.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: invalid TOML ({exc})") from None
+    raw = read_toml(path, ConfigError, "site registry")
     base = Path(source).resolve().parent
     keys: dict[str, SitePublicKey] = {}
     for site_id, key_file in _registry_entries(raw, source).items():

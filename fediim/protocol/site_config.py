@@ -44,14 +44,13 @@ node claiming this site id holds the key registered for it (:mod:`fediim.protoco
 from __future__ import annotations
 
 import os
-import tomllib
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from fediim.errors import SiteConfigError
-from fediim.io.toml import toml_document
+from fediim.io.toml import read_toml, toml_document
 from fediim.io.validation import FiniteFloat, format_validation_error
 from fediim.privacy import epsilon_to_rho
 
@@ -126,15 +125,7 @@ class SiteConfig(BaseModel):
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
     """Read and validate a site TOML (SiteConfigError naming the file on any problem)."""
     source = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise SiteConfigError(f"{source}: site configuration file not found") from None
-    except OSError as exc:
-        raise SiteConfigError(f"{source}: cannot read ({exc.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SiteConfigError(f"{source}: invalid TOML ({exc})") from None
+    raw = read_toml(path, SiteConfigError, "site configuration file")
     if isinstance(raw, dict) and "allow_seeded_noise" in raw:
         raise SiteConfigError(
             f"{source}: allow_seeded_noise: the key is now insecure_seeded_noise (seeded noise "
