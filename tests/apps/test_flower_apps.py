@@ -7,7 +7,6 @@ The coordinator waits on a :class:`FakeClock`: a silent site is excluded after i
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from fediim.errors import ExitCode, QuorumNotMet
 from fediim.federated import FederatedIIM
 from fediim.federated.bank import ModelBank
 from fediim.io.schema import TableSchema
-from fediim.io.table import read_csv
+from fediim.io.table import read_csv, write_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
 from fediim.protocol.messages import ARRAYS_RECORD, REPLY_REASONS, ReplyCode
 from fediim.protocol.run_config import RUN_CONFIG_DEFAULTS
@@ -53,11 +52,7 @@ def _table(seed: int, n: int) -> np.ndarray:
 
 
 def _write_csv(path: Path, x: np.ndarray) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(COLUMNS)
-        for row in x:
-            w.writerow(["" if np.isnan(v) else repr(float(v)) for v in row])
+    write_csv(path, x, COLUMNS, float_format=None)  # exact values, NaN as empty
 
 
 def _schema(path: Path, bounds: list[tuple[float, float]] = BOUNDS) -> Path:

@@ -10,7 +10,6 @@ coordinator sends, the two must answer alike.
 from __future__ import annotations
 
 import copy
-import csv
 import io
 import json
 import os
@@ -33,7 +32,7 @@ import fediim.federated.site_imputation as site_imputation
 import site_client.site as site_module
 from fediim.federated.bank import ModelBank
 from fediim.io.schema import TableSchema, load_schema
-from fediim.io.table import read_csv
+from fediim.io.table import read_csv, write_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
 from fediim.protocol.messages import (
     CONFIG_RECORD,
@@ -67,11 +66,7 @@ def _table(seed: int, n: int) -> np.ndarray:
 
 
 def _write_csv(path: Path, x: np.ndarray) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for row in x:
-            writer.writerow(["" if np.isnan(v) else repr(float(v)) for v in row])
+    write_csv(path, x, COLUMNS, float_format=None)  # exact values, NaN as empty
 
 
 @dataclass
