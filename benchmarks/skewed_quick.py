@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def per_seed_rows(run: StudyRun) -> tuple[list[str], list[list[str]]]:
-    """One row per (dataset, seed, method, ε): the small site's NRMSE and, where it never
-    measures a column, its NRMSE on that column ("—": the method left it empty)."""
+    """One row per (dataset, seed, method, ε; "-" without a budget): the small site's NRMSE
+    and, where it never measures a column, its NRMSE on that column ("—": the method left
+    it empty)."""
     records = run.records
     head = ["dataset", "seed", "method", "ε", "small-site NRMSE", "never-measured column"]
     rows = []
@@ -70,7 +71,7 @@ def per_seed_rows(run: StudyRun) -> tuple[list[str], list[list[str]]]:
         assert site is not None
         absent = r.get("nrmse_absent", {}).get(site, {})
         never = ", ".join(f"{c} {fmt(v)}" for c, v in absent.items())
-        rows.append([r["dataset"], str(r["seed"]), r["method"], r["epsilon"] or "no DP",
+        rows.append([r["dataset"], str(r["seed"]), r["method"], r["epsilon"] or "-",
                      fmt(r["nrmse_site"][site]), never])
     return head, rows
 

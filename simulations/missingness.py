@@ -7,8 +7,8 @@ one_attribute  the IIM paper's protocol: per site, ``round(rate * n_complete)`` 
                complete rows each lose one uniformly random attribute (columns a site never
                observes do not count against "complete" and are never hidden there). One
                ``default_rng(seed)`` draws the sites in order: first the rows (ascending),
-               then one column per row. ``site_rates`` overrides ``rate`` for the named
-               sites (the draws stay in the same order, so other sites' masks do not move).
+               then one column per row. ``site_rates`` gives the named sites their own
+               rate; the others keep ``rate``.
 mcar           every observed cell of the target ``columns`` is hidden independently with
                probability ``rate`` (missing completely at random).
 mar            missing at random: the probability that a row's target cells are hidden is
