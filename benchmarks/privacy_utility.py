@@ -1,13 +1,17 @@
-"""Privacy-utility of federated IIM: the studies heart, ccpp and wine as one benchmark.
+"""Privacy-utility of federated IIM: the studies heart, ccpp, wine and ccpp_skewed as one
+benchmark.
 
-The benchmark is ``simulations/studies/{heart,ccpp,wine}.toml``: four federations (heart,
-ccpp_iid, ccpp_noniid, wine), their public bounds, masking, seeds and epsilons are declared
-there (keys: ``simulations/studies/README.md``). This script runs them with
-``simulations.run_study`` -- each study's cells are cached under ``--work``, so a rerun
-computes only what is missing -- and gathers every record into
-``benchmarks/results/privacy_utility.json`` (with the summary over seeds and each private
-method minus ``local`` paired by seed), draws ``privacy_utility.png`` beside it and prints
-the tables of ``benchmarks/README.md``.
+The benchmark is ``simulations/studies/{heart,ccpp,wine,ccpp_skewed}.toml``: six federations
+(heart, ccpp_iid, ccpp_noniid, wine, and ccpp_skewed / ccpp_absent: a 150-row site among
+three large ones, which in ccpp_absent never measures RH), their public bounds, masking,
+seeds and epsilons are declared there (keys: ``simulations/studies/README.md``). This script
+runs them with ``simulations.run_study`` -- each study's cells are cached under ``--work``,
+so a rerun computes only what is missing -- and gathers every record into
+``benchmarks/results/privacy_utility.json`` (with the summary over seeds, each private
+method minus ``local`` paired by seed, and each dataset's smallest site on its own:
+``simulations.small_site``), draws ``privacy_utility.png`` and
+``privacy_utility_small_site.png`` beside it and prints the tables of
+``benchmarks/README.md``.
 
 Usage::
 
@@ -29,6 +33,12 @@ from fediim.io.json_results import write_results
 from simulations import Study, StudyConfigError, StudyRun, load_study, run_study
 from simulations.plots import plot_nrmse
 from simulations.provenance import finish_machine_info, machine_info
+from simulations.small_site import (
+    SMALL_SITE_TITLE,
+    small_site_markdown,
+    small_site_panels,
+    small_site_results,
+)
 from simulations.summary import eps_sort_key, paired_differences, summarise
 from simulations.tables import (
     eps_label,
@@ -39,7 +49,7 @@ from simulations.tables import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ("heart", "ccpp", "wine")
+STUDIES = ("heart", "ccpp", "wine", "ccpp_skewed")
 
 
 def _csv_list(text: str) -> list[str]:
@@ -63,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma list of seeds (default: each study's, 0,1,2)")
     ap.add_argument("--eps", type=_eps_list, default=None,
                     help="comma list of per-site epsilons, 'inf' allowed (default: each "
-                         "study's, 0.5,1,2,4,8,inf)")
+                         "study's)")
     ap.add_argument("--workers", type=int, default=2, help="processes per study (default 2)")
     ap.add_argument("--work", type=Path, default=REPO / "study-output" / "privacy_utility",
                     help="each study's outputs and cell cache go to WORK/<study>")
@@ -112,12 +122,15 @@ def payload(runs: list[StudyRun], machine: dict[str, Any], wall_s: float) -> dic
                       "computed": run.n_computed}, "failures": run.failures,
             "wall_s": run.wall_s} for run in runs},
         "summary": summarise(records), "paired_vs_local": paired_differences(records),
-        "records": records, "total_wall_s": wall_s,
+        "small_site": small_site_results(records), "records": records,
+        "total_wall_s": wall_s,
     }
 
 
-def tables(runs: list[StudyRun], summary: dict[str, Any], paired: dict[str, Any]) -> str:
-    """The NRMSE table (mean ± sd over seeds) and the paired table, all datasets."""
+def tables(runs: list[StudyRun], summary: dict[str, Any], paired: dict[str, Any],
+           small: dict[str, Any]) -> str:
+    """The NRMSE table (mean ± sd over seeds), the paired table and the small-site tables,
+    all datasets."""
     keys = eps_keys(runs)
     head = ["dataset", "method", "no DP"] + [f"ε={eps_label(k)}" for k in keys]
     rows, paired_table = [], []
@@ -129,7 +142,9 @@ def tables(runs: list[StudyRun], summary: dict[str, Any], paired: dict[str, Any]
     return "\n\n".join([
         "Pooled NRMSE, mean ± sd over seeds (ε per site)", markdown_table(head, rows),
         "Method − local, paired by seed: mean ± standard error over seeds",
-        markdown_table(["dataset", "method", *head[3:]], paired_table)])
+        markdown_table(["dataset", "method", *head[3:]], paired_table),
+        "The smallest site of each dataset alone, NRMSE mean ± sd over seeds",
+        "\n".join(small_site_markdown(small, keys, heading="####")).rstrip()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,11 +164,16 @@ def main(argv: list[str] | None = None) -> int:
             for study in studies]
     doc = payload(runs, finish_machine_info(machine), time.perf_counter() - t0)
     write_results(args.out, doc)
-    plot_nrmse(doc["summary"], eps_keys(runs), runs[0].study.config.study.delta,
-               args.out.with_suffix(".png"))
-    print(tables(runs, doc["summary"], doc["paired_vs_local"]))
+    delta = runs[0].study.config.study.delta
+    plot_nrmse(doc["summary"], eps_keys(runs), delta, args.out.with_suffix(".png"))
+    small_png = args.out.with_name(f"{args.out.stem}_small_site.png")
+    panels = small_site_panels(doc["small_site"])
+    if panels:
+        plot_nrmse(panels, eps_keys(runs), delta, small_png, title=SMALL_SITE_TITLE)
+    print(tables(runs, doc["summary"], doc["paired_vs_local"], doc["small_site"]))
     failed = sum(len(run.failures) for run in runs)
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} in {doc['total_wall_s']:.0f} s"
+    print(f"\nwrote {args.out}, {args.out.with_suffix('.png')}"
+          + (f" and {small_png}" if panels else "") + f" in {doc['total_wall_s']:.0f} s"
           + (f"; {failed} task(s) FAILED, see the study reports under {args.work}"
              if failed else ""))
     return 1 if failed else 0

@@ -41,7 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from fediim.errors import StudyConfigError
 from fediim.io.validation import format_validation_error
@@ -162,6 +169,7 @@ class PartitionConfig(_Model):
     kind: Literal["natural", "iid", "size_skew", "dirichlet", "sorted"] = "natural"
     sites: int | None = Field(None, ge=2)
     sizes: list[float] | None = None
+    rows: list[StrictInt] | None = None
     column: str | None = None
     alpha: float = Field(0.5, gt=0)
     bins: int = Field(4, ge=2)
@@ -174,6 +182,14 @@ class PartitionConfig(_Model):
     def _sizes(cls, v: list[float] | None) -> list[float] | None:
         if v is not None and (len(v) < 2 or any(not (s > 0 and math.isfinite(s)) for s in v)):
             raise ValueError("expected at least two positive fractions, e.g. [0.4, 0.3, 0.2, 0.1]")
+        return v
+
+    @field_validator("rows")
+    @classmethod
+    def _rows(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) < 2 or any(r < 1 for r in v)):
+            raise ValueError("expected at least two row counts >= 1 that sum to the dataset's "
+                             "rows, e.g. [150, 3000, 3000, 3418]")
         return v
 
 
@@ -190,11 +206,21 @@ class DatasetConfig(_Model):
     missing_markers: list[str] | None = None
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    absent: dict[str, list[str]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return StudySection._name(v)
+
+    @field_validator("absent")
+    @classmethod
+    def _absent(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for site, cols in v.items():
+            if not cols or len(set(cols)) != len(cols):
+                raise ValueError(f"{site}: expected a non-empty list of distinct column names "
+                                 f"that the site never measures, got {cols}")
+        return v
 
     @field_validator("bounds")
     @classmethod
@@ -210,6 +236,16 @@ class MissingnessConfig(_Model):
     columns: list[str] | None = None
     driver: str | None = None
     strength: float = 2.0
+    site_rates: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("site_rates")
+    @classmethod
+    def _site_rates(cls, v: dict[str, float]) -> dict[str, float]:
+        for site, r in v.items():
+            if not 0 < r < 1:
+                raise ValueError(f"{site}: expected a fraction between 0 and 1 (exclusive), "
+                                 f"got {r}")
+        return v
 
 
 def _check_bounds(v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -336,13 +372,11 @@ def _check_dataset(d: DatasetConfig, key: str, fail: _Fail) -> None:
     if p.kind in ("iid", "dirichlet", "sorted") and p.sites is None:
         fail(f"{pk}.sites", f"required for kind = {p.kind!r} (the number of sites)")
     if p.kind == "size_skew":
-        if p.sizes is None:
-            fail(f"{pk}.sizes", "required for kind = 'size_skew': each site's share of the "
-                                "rows, e.g. [0.4, 0.3, 0.2, 0.1]")
-        if p.sites is not None and p.sites != len(p.sizes or []):
-            fail(f"{pk}.sites", f"{p.sites} sites but {len(p.sizes or [])} sizes")
-    elif p.sizes is not None:
-        fail(f"{pk}.sizes", "only used with kind = 'size_skew'")
+        _check_size_skew(p, pk, fail)
+    else:
+        for k in ("sizes", "rows"):
+            if getattr(p, k) is not None:
+                fail(f"{pk}.{k}", "only used with kind = 'size_skew'")
     if p.kind in ("dirichlet", "sorted") and p.column is None:
         fail(f"{pk}.column", f"required for kind = {p.kind!r} (the column that drives the "
                              "skew)")
@@ -353,7 +387,22 @@ def _check_dataset(d: DatasetConfig, key: str, fail: _Fail) -> None:
                             "site, or one value of partition.column per site)")
 
 
+def _check_size_skew(p: PartitionConfig, pk: str, fail: _Fail) -> None:
+    """``size_skew`` takes either ``sizes`` (shares) or ``rows`` (exact counts)."""
+    if (p.sizes is None) == (p.rows is None):
+        fail(f"{pk}.sizes", "kind = 'size_skew' needs exactly one of sizes (each site's "
+                            "share of the rows, e.g. [0.4, 0.3, 0.2, 0.1]) and rows (each "
+                            "site's exact row count, e.g. [150, 3000, 3000, 3418])")
+    n = len(p.sizes if p.sizes is not None else p.rows or [])
+    if p.sites is not None and p.sites != n:
+        key = "sizes" if p.sizes is not None else "rows"
+        fail(f"{pk}.sites", f"{p.sites} sites but {n} {key}")
+
+
 def _check_missingness(m: MissingnessConfig, fail: _Fail) -> None:
+    if m.site_rates and m.mechanism != "one_attribute":
+        fail("missingness.site_rates", "only used with mechanism = 'one_attribute' (the other "
+                                       "mechanisms draw over the federation as a whole)")
     if m.mechanism == "mar" and m.driver is None:
         fail("missingness.driver", "required for mechanism = 'mar': the observed column whose "
                                    "value drives the probability of missingness")

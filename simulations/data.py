@@ -17,13 +17,18 @@ coded values into missing (UCI Heart's ``chol = 0``).
 Partitions (``seed`` is the study seed; random ones use ``default_rng(seed_offset + seed)``)
     natural      one site per file, or one site per value of ``column`` (a single table)
     iid          a random permutation cut into ``sites`` near-equal parts
-    size_skew    a random permutation cut at the cumulative ``sizes`` fractions
+    size_skew    a random permutation cut at the cumulative ``sizes`` fractions, or into
+                 exactly ``rows`` rows per site (the counts must sum to the dataset's rows)
     dirichlet    label/feature skew on ``column``: its values are classes (or ``bins``
                  quantile bins when it has more distinct values); each class is spread over
                  the sites by proportions drawn from Dirichlet(``alpha``) -- small alpha,
                  strong skew. Redrawn (up to 100 times) until every site has ``min_rows``.
     sorted       rows sorted by ``column`` and cut into ``sites`` contiguous blocks (the
                  most extreme feature skew: each site sees one range of the column)
+
+``absent`` (``{site = [columns]}``) names columns a site never measures. The federation
+keeps their true values; :func:`simulations.missingness.hide_cells` hides them before any
+other masking, and they are scored on their own (``simulations.methods.score``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +84,8 @@ class Federation:
     site_names: list[str]
     sites: list[np.ndarray]
     bounds: np.ndarray | None   # (m, 2) public bounds, or None when not all are given
+    #: site -> the columns it never measures (``[datasets.absent]``; truth kept in ``sites``)
+    absent: dict[str, list[str]] = field(default_factory=dict)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -269,18 +276,28 @@ def _dirichlet(values: np.ndarray, n_sites: int, alpha: float, bins: int, min_ro
 
 
 def partition_rows(n: int, kind: str, seed: int, *, sites: int | None = None,
-                   sizes: list[float] | None = None, column: np.ndarray | None = None,
-                   alpha: float = 0.5, bins: int = 4, min_rows: int = 10,
-                   seed_offset: int = 10_000) -> list[np.ndarray]:
-    """Row indices of each site for the random/sorted partitions (see the module doc)."""
+                   sizes: list[float] | None = None, rows: list[int] | None = None,
+                   column: np.ndarray | None = None, alpha: float = 0.5, bins: int = 4,
+                   min_rows: int = 10, seed_offset: int = 10_000) -> list[np.ndarray]:
+    """Row indices of each site for the random/sorted partitions (see the module doc).
+
+    ``size_skew`` cuts one shuffle at the cumulative ``sizes`` shares, or into exactly
+    ``rows`` rows per site (which must sum to ``n``).
+    """
     rng = np.random.default_rng(seed_offset + seed)
     if kind == "iid":
         assert sites is not None
         return list(np.array_split(rng.permutation(n), sites))
     if kind == "size_skew":
-        assert sizes is not None
-        w = np.asarray(sizes, dtype=np.float64)
-        cuts = (np.cumsum(w / w.sum())[:-1] * n).round().astype(int)
+        if rows is not None:
+            if sum(rows) != n:
+                raise ValueError(f"rows: the counts sum to {sum(rows)} but the dataset has "
+                                 f"{n} rows")
+            cuts = np.cumsum(rows)[:-1]
+        else:
+            assert sizes is not None
+            w = np.asarray(sizes, dtype=np.float64)
+            cuts = (np.cumsum(w / w.sum())[:-1] * n).round().astype(int)
         return list(np.split(rng.permutation(n), cuts))
     if kind == "sorted":
         assert sites is not None and column is not None
@@ -316,11 +333,29 @@ def make_federation(study: Study, index: int, seed: int, raw: RawData | None = N
     for name, s in zip(names, sites, strict=True):
         if len(s) < 2:
             raise DataLoadError(f"{where}: site {name!r} has {len(s)} row(s)")
+    _check_absent(ds, names, raw.columns, where)
     bmap = study.bounds_for(ds)
     bounds = None
     if all(c in bmap for c in raw.columns):
         bounds = np.array([bmap[c] for c in raw.columns], dtype=np.float64)
-    return Federation(ds.name, list(raw.columns), names, sites, bounds)
+    return Federation(ds.name, list(raw.columns), names, sites, bounds,
+                      {s: list(c) for s, c in ds.absent.items()})
+
+
+def _check_absent(ds: DatasetConfig, site_names: list[str], columns: list[str], where: str
+                  ) -> None:
+    """``[datasets.absent]`` names real sites and columns, and leaves each site a column."""
+    for site, cols in ds.absent.items():
+        key = f"{where}.absent.{site}"
+        if site not in site_names:
+            raise DataLoadError(f"{key}: no site named {site!r} (sites: "
+                                f"{', '.join(site_names)}; name them with "
+                                "partition.site_names)")
+        for j, c in enumerate(cols):
+            _need(c, columns, f"{key}[{j}]")
+        if len(cols) >= len(columns) - 1:
+            raise DataLoadError(f"{key}: a site must keep at least two measured columns, "
+                                f"got {len(columns) - len(cols)}")
 
 
 def _natural_sites(raw: RawData, part: PartitionConfig, where: str
@@ -352,7 +387,7 @@ def _partitioned_sites(raw: RawData, part: PartitionConfig, seed: int, where: st
         col = x[:, raw.columns.index(part.column)]
     try:
         idx = partition_rows(len(x), part.kind, seed, sites=part.sites, sizes=part.sizes,
-                             column=col, alpha=part.alpha, bins=part.bins,
+                             rows=part.rows, column=col, alpha=part.alpha, bins=part.bins,
                              min_rows=part.min_rows, seed_offset=part.seed_offset)
     except ValueError as exc:
         raise DataLoadError(f"{where}.partition: {exc}") from None

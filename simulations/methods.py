@@ -13,8 +13,10 @@ Baselines (``simulations.baselines``: knn, mean, mice, missforest); ``<name>`` p
 sites (not private), ``<name>_local`` runs on each site alone.
 
 Scoring: NRMSE over the hidden cells, each error divided by its attribute's std (ddof=0)
-over the federation's complete rows (:func:`pooled_std`), pooled over all sites and per
-site.
+over the federation's complete rows (:func:`pooled_std`), pooled over all sites, per site
+and per (site, column). Cells of a column a site never measures (``[datasets.absent]``)
+are scored apart, per (site, column): a method that works on the site alone cannot
+impute them, and they would swamp the site's other hidden cells.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from fediim.federated import FederatedIIM, site_impute
 from simulations.baselines import impute_table
 from simulations.config import PRIVATE_METHODS, Study, eps_key
 from simulations.data import Federation, cached_raw, make_federation
-from simulations.missingness import apply_missingness
+from simulations.missingness import hide_cells
 
 __all__ = ["Prepared", "Task", "TaskResult", "compute_task", "pooled_std", "prepare", "score"]
 
@@ -69,24 +71,28 @@ TaskResult = list[dict[str, Any]]
 @dataclass(frozen=True)
 class Prepared:
     """One dataset and seed ready to impute: the sites, their masked copies, the hidden
-    cells (boolean masks) and the NRMSE scale."""
+    cells (boolean masks), the never-measured cells and the NRMSE scale."""
 
     fed: Federation
     masked: list[np.ndarray]
     masks: list[np.ndarray]
     sd: np.ndarray
+    #: per site, the cells of columns it never measures (``[datasets.absent]``): missing in
+    #: ``masked``, true in ``fed.sites``, scored apart from ``masks``
+    never: list[np.ndarray]
 
 
 def prepare(study: Study, index: int, seed: int) -> Prepared:
     """Load, partition and mask dataset ``index`` for ``seed`` (deterministic)."""
     fed = make_federation(study, index, seed, raw=cached_raw(study, index))
-    masks = apply_missingness(fed.sites, fed.columns, study.config.missingness, seed)
+    masks, never = hide_cells(fed.sites, fed.columns, fed.site_names, fed.absent,
+                              study.config.missingness, seed)
     masked = []
-    for x, mk in zip(fed.sites, masks, strict=True):
+    for x, mk, nv in zip(fed.sites, masks, never, strict=True):
         xm = x.copy()
-        xm[mk] = np.nan
+        xm[mk | nv] = np.nan
         masked.append(xm)
-    return Prepared(fed, masked, masks, pooled_std(fed.sites))
+    return Prepared(fed, masked, masks, pooled_std(fed.sites), never)
 
 
 def pooled_std(sites: Sequence[np.ndarray]) -> np.ndarray:
@@ -102,8 +108,10 @@ def pooled_std(sites: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def score(out: Sequence[np.ndarray], p: Prepared) -> dict[str, Any]:
-    """Pooled and per-site NRMSE; checks every hidden cell got a finite value."""
-    errs, per_site, n_site = [], {}, {}
+    """NRMSE over the hidden cells, pooled, per site and per (site, column); checks every
+    hidden cell got a finite value. Never-measured cells are scored apart
+    (:func:`_score_never`): a method may be unable to impute them."""
+    errs, per_site, n_site, per_column, n_column = [], {}, {}, {}, {}
     for y, x, xm, mk, sid in zip(out, p.fed.sites, p.masked, p.masks, p.fed.site_names,
                                  strict=True):
         obs = ~np.isnan(xm)
@@ -115,13 +123,43 @@ def score(out: Sequence[np.ndarray], p: Prepared) -> dict[str, Any]:
                                "cell(s) were not imputed")
         e = (y[r, c] - x[r, c]) / p.sd[c]
         errs.append(e)
-        per_site[sid] = float(np.sqrt(np.mean(e**2))) if e.size else None
+        per_site[sid] = _rms(e)
         n_site[sid] = int(e.size)
+        per_column[sid] = {col: _rms(e[c == j]) for j, col in enumerate(p.fed.columns)}
+        n_column[sid] = {col: int(np.sum(c == j)) for j, col in enumerate(p.fed.columns)}
     allerr = np.concatenate(errs)
     if allerr.size == 0:
         raise RuntimeError("no cells were hidden (missingness.rate too small for the data?)")
     return {"nrmse": float(np.sqrt(np.mean(allerr**2))), "nrmse_site": per_site,
-            "n_masked": int(allerr.size), "n_masked_site": n_site}
+            "n_masked": int(allerr.size), "n_masked_site": n_site,
+            "nrmse_site_column": per_column, "n_masked_site_column": n_column,
+            **_score_never(out, p)}
+
+
+def _rms(e: np.ndarray) -> float | None:
+    return float(np.sqrt(np.mean(e**2))) if e.size else None
+
+
+def _score_never(out: Sequence[np.ndarray], p: Prepared) -> dict[str, Any]:
+    """NRMSE on each never-measured (site, column), against the truth.
+
+    ``nrmse_absent[site][column]`` is None when the method left any of those cells empty
+    (a site alone cannot impute a column it never measures); ``n_absent_unimputed`` counts
+    them.
+    """
+    nrmse: dict[str, dict[str, float | None]] = {}
+    count: dict[str, dict[str, int]] = {}
+    empty: dict[str, dict[str, int]] = {}
+    for y, x, nv, sid in zip(out, p.fed.sites, p.never, p.fed.site_names, strict=True):
+        for col in p.fed.absent.get(sid, ()):
+            j = p.fed.columns.index(col)
+            rows = np.flatnonzero(nv[:, j])
+            e = (y[rows, j] - x[rows, j]) / p.sd[j]
+            n_empty = int(np.sum(~np.isfinite(e)))
+            nrmse.setdefault(sid, {})[col] = None if n_empty else _rms(e)
+            count.setdefault(sid, {})[col] = int(rows.size)
+            empty.setdefault(sid, {})[col] = n_empty
+    return {"nrmse_absent": nrmse, "n_absent": count, "n_absent_unimputed": empty}
 
 
 def _run_public(method: str, p: Prepared, k: int, seed: int) -> list[np.ndarray]:

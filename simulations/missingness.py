@@ -7,7 +7,8 @@ one_attribute  the IIM paper's protocol: per site, ``round(rate * n_complete)`` 
                complete rows each lose one uniformly random attribute (columns a site never
                observes do not count against "complete" and are never hidden there). One
                ``default_rng(seed)`` draws the sites in order: first the rows (ascending),
-               then one column per row.
+               then one column per row. ``site_rates`` gives the named sites their own
+               rate; the others keep ``rate``.
 mcar           every observed cell of the target ``columns`` is hidden independently with
                probability ``rate`` (missing completely at random).
 mar            missing at random: the probability that a row's target cells are hidden is
@@ -25,30 +26,40 @@ For mcar/mar/mnar the draws are made on the sites stacked in order with
 ``default_rng(seed)``, so a site whose values are higher loses more under mnar (the
 mechanism is the federation's, not tuned per site). The target ``columns`` default to all
 columns (all but the driver for mar).
+
+Columns a site never measures (``[datasets.absent]``) are hidden first, whole
+(:func:`hide_cells`); the mechanism then runs on what the site does measure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.special import expit
 
 from simulations.config import MissingnessConfig
 
-__all__ = ["apply_missingness", "mask_one_attribute", "mask_pooled"]
+__all__ = ["absent_cells", "apply_missingness", "hide_cells", "mask_one_attribute",
+           "mask_pooled"]
 
 
-def mask_one_attribute(sites: Sequence[np.ndarray], rate: float, seed: int,
+def mask_one_attribute(sites: Sequence[np.ndarray], rate: float | Sequence[float], seed: int,
                        columns: Sequence[int] | None = None) -> list[np.ndarray]:
-    """The paper protocol per site (see the module doc); boolean masks of hidden cells."""
+    """The paper protocol per site (see the module doc); boolean masks of hidden cells.
+
+    ``rate`` is one fraction for every site, or one per site.
+    """
     rng = np.random.default_rng(seed)
+    rates = [float(rate)] * len(sites) if isinstance(rate, int | float) else list(rate)
+    if len(rates) != len(sites):
+        raise ValueError(f"{len(rates)} rates for {len(sites)} sites")
     masks = []
-    for x in sites:
+    for x, site_rate in zip(sites, rates, strict=True):
         seen = np.flatnonzero(~np.isnan(x).all(axis=0))
         complete = np.flatnonzero(~np.isnan(x[:, seen]).any(axis=1))
         cand = seen if columns is None else np.intersect1d(seen, np.asarray(columns))
-        k = int(round(rate * len(complete))) if cand.size else 0
+        k = int(round(site_rate * len(complete))) if cand.size else 0
         rows = np.sort(rng.choice(complete, size=k, replace=False))
         cols = rng.choice(cand, size=k) if cand.size else np.zeros(0, dtype=np.int64)
         mask = np.zeros(x.shape, dtype=bool)
@@ -113,14 +124,21 @@ def mask_pooled(x: np.ndarray, mechanism: str, rate: float, rng: np.random.Gener
 
 
 def apply_missingness(sites: Sequence[np.ndarray], columns: Sequence[str],
-                      cfg: MissingnessConfig, seed: int) -> list[np.ndarray]:
-    """Boolean masks (one per site) of the cells the study hides for ``seed``."""
+                      cfg: MissingnessConfig, seed: int,
+                      site_names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Boolean masks (one per site) of the cells the study hides for ``seed``.
+
+    ``site_names`` are needed when ``cfg.site_rates`` names sites.
+    """
     def idx(name: str) -> int:
         return list(columns).index(name)
 
     targets = [idx(c) for c in cfg.columns] if cfg.columns is not None else None
     if cfg.mechanism == "one_attribute":
-        return mask_one_attribute(sites, cfg.rate, seed, targets)
+        if cfg.site_rates and site_names is None:
+            raise ValueError("missingness.site_rates needs the sites' names")
+        rates = [cfg.site_rates.get(s, cfg.rate) for s in site_names or [""] * len(sites)]
+        return mask_one_attribute(sites, rates, seed, targets)
     driver = idx(cfg.driver) if cfg.driver is not None else None
     if targets is None:
         targets = [j for j in range(len(columns)) if j != driver]
@@ -128,3 +146,32 @@ def apply_missingness(sites: Sequence[np.ndarray], columns: Sequence[str],
     mask = mask_pooled(stacked, cfg.mechanism, cfg.rate, np.random.default_rng(seed),
                        targets=targets, driver=driver, strength=cfg.strength)
     return np.split(mask, np.cumsum([len(s) for s in sites])[:-1])
+
+
+def absent_cells(sites: Sequence[np.ndarray], columns: Sequence[str],
+                 site_names: Sequence[str], absent: Mapping[str, Sequence[str]]
+                 ) -> list[np.ndarray]:
+    """Boolean masks (one per site) of the cells of the columns a site never measures,
+    where the data has a true value to score against."""
+    masks = []
+    for x, name in zip(sites, site_names, strict=True):
+        mask = np.zeros(x.shape, dtype=bool)
+        for c in absent.get(name, ()):
+            j = list(columns).index(c)
+            mask[:, j] = ~np.isnan(x[:, j])
+        masks.append(mask)
+    return masks
+
+
+def hide_cells(sites: Sequence[np.ndarray], columns: Sequence[str],
+               site_names: Sequence[str], absent: Mapping[str, Sequence[str]],
+               cfg: MissingnessConfig, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(hidden, never measured): the cells the mechanism hides, drawn on the sites with
+    their never-measured columns already gone, and the never-measured cells themselves.
+
+    Without ``absent`` the masks are those of :func:`apply_missingness` on the sites.
+    """
+    never = absent_cells(sites, columns, site_names, absent)
+    seen = [np.where(a, np.nan, x) if a.any() else x
+            for x, a in zip(sites, never, strict=True)]
+    return apply_missingness(seen, columns, cfg, seed, site_names), never

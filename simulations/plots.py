@@ -79,9 +79,14 @@ def _private_line(ax: Any, meth: str, cells: dict[str, Any], xs: dict[str, float
                    color=color, s=8, alpha=0.6)
 
 
-def plot_nrmse(summary: dict[str, Any], eps_keys: Sequence[str], delta: float, path: Path
-               ) -> None:
-    """NRMSE against each site's epsilon, one panel per dataset of ``summary``."""
+_NRMSE_TITLE = ("NRMSE vs each site's privacy budget\n(private: mean over seeds, shaded "
+                "min–max, dots = seeds; dashed: no budget)")
+
+
+def plot_nrmse(summary: dict[str, Any], eps_keys: Sequence[str], delta: float, path: Path,
+               title: str = _NRMSE_TITLE) -> None:
+    """NRMSE against each site's epsilon, one panel per key of ``summary`` (a dataset, or
+    any panel title: :func:`simulations.small_site.small_site_panels`)."""
     plt = pyplot()
     finite = [float(k) for k in eps_keys if k != "inf"]
     inf_x = max(finite) * 2.5 if finite else 1.0
@@ -104,8 +109,7 @@ def plot_nrmse(summary: dict[str, Any], eps_keys: Sequence[str], delta: float, p
         ax.set_ylabel("NRMSE (lower is better; 1 ≈ column mean)")
         ax.set_title(ds)
         ax.grid(alpha=0.3)
-    _finish(fig, axes, "NRMSE vs each site's privacy budget\n(private: mean over seeds, "
-            "shaded min–max, dots = seeds; dashed: no budget)", path, plt)
+    _finish(fig, axes, title, path, plt)
 
 
 def plot_sites(summary: dict[str, Any], study: Study, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""A study's outputs: results JSON and CSV, three plots, and ``report.md``.
+"""A study's outputs: results JSON and CSV, the plots, and ``report.md``.
 
 Every file is written atomically (``fediim.io``); the report is written last. Plots need
 matplotlib (``pip install 'fediim[dev]'``); without it the report says so and keeps its
@@ -21,6 +21,12 @@ from fediim.io.json_results import write_results
 from simulations.config import PRIVATE_METHODS, Study, eps_key
 from simulations.plots import plot_nrmse, plot_privacy, plot_sites, pyplot
 from simulations.provenance import StudyRun, machine_info
+from simulations.small_site import (
+    SMALL_SITE_TITLE,
+    small_site_markdown,
+    small_site_panels,
+    small_site_results,
+)
 from simulations.summary import NP, paired_differences, summarise
 from simulations.tables import (
     eps_label,
@@ -67,6 +73,10 @@ _PLOT_CAPTIONS = {
     "privacy": "ε each site actually spent (bars) against its budget (black ticks). "
                "Spending can fall short of the budget: the private partition stops "
                "splitting early and its unused share is never spent.",
+    "small_site": "The smallest site of each dataset alone (and each column it never "
+                  "measures): NRMSE against its ε for the site alone (`local`), the "
+                  "pooled ceiling (`centralized`), the bank alone (`federated`) and the "
+                  "blend (`hybrid`).",
 }
 
 
@@ -76,8 +86,9 @@ def _describe_missingness(study: Study) -> str:
     m = study.config.missingness
     cols = f" in columns {', '.join(m.columns)}" if m.columns else ""
     if m.mechanism == "one_attribute":
+        per_site = "".join(f"; at site `{s}`, {r:.0%}" for s, r in m.site_rates.items())
         return (f"the IIM paper's protocol: at each site, {m.rate:.0%} of the complete rows "
-                f"each lose one attribute chosen at random{cols}")
+                f"each lose one attribute chosen at random{cols}{per_site}")
     if m.mechanism == "mcar":
         return (f"MCAR (missing completely at random): each observed cell{cols or ''} is "
                 f"hidden with probability {m.rate:.0%}, independently of everything")
@@ -102,6 +113,9 @@ def _describe_partition(study: Study, i: int) -> str:
                 else f"natural: one site per value of `{p.column}`")
     if p.kind == "iid":
         return f"IID: rows shuffled (seed {p.seed_offset} + seed) and cut into {p.sites} sites"
+    if p.kind == "size_skew" and p.rows is not None:
+        return ("size skew: rows shuffled and dealt into sites of exactly "
+                + ", ".join(map(str, p.rows)) + " rows")
     if p.kind == "size_skew":
         return ("size skew: rows shuffled and cut into shares "
                 + ", ".join(f"{s:g}" for s in (p.sizes or [])))
@@ -201,10 +215,22 @@ def _what_was_run(run: StudyRun) -> list[str]:
                      "ε = ∞ means exact statistics (no noise, no privacy). The private "
                      "methods are all read from one model bank per (dataset, seed, ε), so "
                      "each site pays its budget once for all of them.")
+    lines += _never_measured(study)
     methods = [[f"`{m}`", METHOD_INFO[m][0].replace("(k)", f"(k={s.k})"), METHOD_INFO[m][1]]
                for m in s.methods]
     return lines + ["", markdown_table(["method", "what it is", "what leaves a site"],
                                        methods), ""]
+
+
+def _never_measured(study: Study) -> list[str]:
+    """A bullet per dataset with ``[datasets.absent]``."""
+    return [f"- **Never measured ({ds.name}):** "
+            + "; ".join(f"site `{site}` never measures {', '.join(f'`{c}`' for c in cols)}"
+                        for site, cols in ds.absent.items())
+            + ". Those columns are hidden there before any other masking (the site's other "
+              "rows may still lose an attribute it does measure); their true values are "
+              "scored on their own, not in the pooled or per-site NRMSE (see *The smallest "
+              "site*)." for ds in study.config.datasets if ds.absent]
 
 
 _HOW_TO_READ = [
@@ -235,12 +261,23 @@ def _results(summary: dict[str, Any], paired: dict[str, Any], study: Study) -> l
     return lines
 
 
+def _small_site(small: dict[str, Any], study: Study) -> list[str]:
+    body = small_site_markdown(small, study_eps_keys(study))
+    if not body:
+        return []
+    return ["## The smallest site", "",
+            "Pooled numbers are dominated by the large sites. Here each dataset's smallest "
+            "site alone: its NRMSE (mean ± sd over seeds) with its own data only (`local`), "
+            "with every site's raw rows pooled (`centralized`, not private), with the "
+            "private bank only (`federated`) and with the blend (`hybrid`).", "", *body]
+
+
 def _plots(plots: dict[str, str | None], study: Study) -> list[str]:
     lines = ["## Plots", ""]
     if plots.get("_error"):
         return lines + [f"Plots were not drawn: {plots['_error']}", ""]
     rep = eps_label(eps_key(study.report_epsilon) or "")
-    for k in ("nrmse", "sites", "privacy"):
+    for k in ("nrmse", "small_site", "sites", "privacy"):
         if plots.get(k):
             lines += [f"![{k}]({plots[k]})", "", _PLOT_CAPTIONS[k].format(rep=rep), ""]
     return lines
@@ -307,12 +344,16 @@ def _files(run: StudyRun) -> list[str]:
 
 
 def render_markdown(run: StudyRun, summary: dict[str, Any], plots: dict[str, str | None],
-                    paired: dict[str, Any] | None = None) -> str:
-    """``report.md``: what was run, how to read it, results, plots, privacy, per site."""
+                    paired: dict[str, Any] | None = None,
+                    small: dict[str, Any] | None = None) -> str:
+    """``report.md``: what was run, how to read it, results, the smallest site, plots,
+    privacy, per site."""
     study = run.study
     paired = paired if paired is not None else paired_differences(run.records)
+    small = small if small is not None else small_site_results(run.records)
     sections = [_intro(run), _what_was_run(run), _HOW_TO_READ,
-                _results(summary, paired, study), _plots(plots, study),
+                _results(summary, paired, study), _small_site(small, study),
+                _plots(plots, study),
                 _privacy_spent(summary, study), _per_site(summary, study), _failures(run),
                 _files(run)]
     return "\n".join(line for section in sections for line in section)
@@ -344,9 +385,9 @@ def _csv(records: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _draw_plots(summary: dict[str, Any], study: Study, out: Path) -> dict[str, str | None]:
-    """The three plots under ``out``: name per drawn plot, or ``_error`` without
-    matplotlib."""
+def _draw_plots(summary: dict[str, Any], small: dict[str, Any], study: Study, out: Path
+                ) -> dict[str, str | None]:
+    """The plots under ``out``: name per drawn plot, or ``_error`` without matplotlib."""
     if not summary:
         return {}
     if pyplot() is None:
@@ -356,6 +397,11 @@ def _draw_plots(summary: dict[str, Any], study: Study, out: Path) -> dict[str, s
     plot_nrmse(summary, study_eps_keys(study), study.config.study.delta,
                out / "nrmse_vs_epsilon.png")
     plots["nrmse"] = "nrmse_vs_epsilon.png"
+    panels = small_site_panels(small)
+    if panels:
+        plot_nrmse(panels, study_eps_keys(study), study.config.study.delta,
+                   out / "small_site.png", title=SMALL_SITE_TITLE)
+        plots["small_site"] = "small_site.png"
     plot_sites(summary, study, out / "per_site.png")
     plots["sites"] = "per_site.png"
     if plot_privacy(summary, study, out / "privacy_spent.png"):
@@ -369,6 +415,7 @@ def write_outputs(run: StudyRun) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(run.records)
     paired = paired_differences(run.records)
+    small = small_site_results(run.records)
     payload = {
         "study": run.study.name, "source": run.study.source, "generated": run.started,
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -377,13 +424,13 @@ def write_outputs(run: StudyRun) -> dict[str, Path]:
         "cells": {"total": run.n_cells, "cached": run.n_cached, "computed": run.n_computed,
                   "failed": sum(len(f["methods"]) for f in run.failures)},
         "wall_s": run.wall_s, "summary": summary, "paired_vs_local": paired,
-        "records": run.records, "failures": run.failures,
+        "small_site": small, "records": run.records, "failures": run.failures,
     }
     files = {"json": out / "results.json", "csv": out / "results.csv"}
     write_results(files["json"], payload)
     atomic_write_text(files["csv"], _csv(run.records))
-    plots = _draw_plots(summary, run.study, out)
+    plots = _draw_plots(summary, small, run.study, out)
     files.update({k: out / str(name) for k, name in plots.items() if k != "_error"})
     files["report"] = out / "report.md"
-    atomic_write_text(files["report"], render_markdown(run, summary, plots, paired))
+    atomic_write_text(files["report"], render_markdown(run, summary, plots, paired, small))
     return files

@@ -59,17 +59,25 @@ def validate_data(study: Study) -> dict[str, str]:
     Returns each dataset's data fingerprint. Raises :class:`StudyConfigError` naming the key.
     """
     fps: dict[str, str] = {}
+    sites: set[str] = set()
     for i, ds in enumerate(study.config.datasets):
         raw = cached_raw(study, i)  # memoised: forked workers inherit it
         fps[ds.name] = raw.fingerprint
         _check_columns(study, ds, raw.columns, f"datasets[{i}] ({ds.name})")
         # partition and masking once, to fail early rather than in every cell
         fed = make_federation(study, i, study.config.study.seeds[0], raw=raw)
+        sites.update(fed.site_names)
         if study.config.missingness.mechanism == "one_attribute" and not any(
                 (~np.isnan(x)).all(axis=1).any() for x in fed.sites):
             raise DataLoadError(f"{study.source}: datasets[{i}] ({ds.name}): no site has a "
                                 "complete row, so missingness.mechanism = 'one_attribute' "
                                 "hides nothing")
+    for name in study.config.missingness.site_rates:
+        if name not in sites:
+            raise StudyConfigError(f"{study.source}: invalid study: missingness.site_rates."
+                                   f"{name}: no dataset has a site named {name!r} (sites: "
+                                   f"{', '.join(sorted(sites))}; name them with "
+                                   "partition.site_names)")
     return fps
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from simulations.config import METHODS
+from simulations.config import METHODS, PRIVATE_METHODS
 
-__all__ = ["NP", "eps_sort_key", "paired_differences", "summarise"]
+__all__ = ["NP", "eps_sort_key", "paired_against", "paired_differences", "summarise"]
 
 NP = "-"  # epsilon key of non-private cells
 
@@ -89,14 +89,30 @@ def paired_differences(records: Sequence[dict[str, Any]], baseline: str = "local
     ``within_noise`` = mean <= 2 se (the seeds do not show the method worse than the
     baseline).
     """
-    base = {(r["dataset"], r["seed"]): r["nrmse"] for r in records
-            if r["method"] == baseline and r["epsilon"] is None}
+    return paired_against(records, [baseline])
+
+
+def paired_against(records: Sequence[dict[str, Any]], baselines: Sequence[str],
+                   methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """dataset -> method -> epsilon key -> NRMSE(method) - min over ``baselines`` of theirs,
+    paired by seed, with the statistics of :func:`paired_differences`.
+
+    A private baseline is taken at the method's own epsilon, any other without one; a seed
+    where a baseline did not run is left out. ``methods`` defaults to every method with a
+    budget. ``["local", "federated"]`` asks whether ``hybrid`` is at least as good as the
+    better of what the site has alone and what the bank gives it.
+    """
+    nrmse = {(r["dataset"], r["method"], r["seed"], r["epsilon"]): r["nrmse"] for r in records}
     diffs: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in records:
-        key = (r["dataset"], r["seed"])
-        if r["epsilon"] is not None and key in base:
-            diffs.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(
-                r["epsilon"], []).append(r["nrmse"] - base[key])
+        if r["epsilon"] is None if methods is None else r["method"] not in methods:
+            continue
+        base = [nrmse.get((r["dataset"], b, r["seed"],
+                           r["epsilon"] if b in PRIVATE_METHODS else None)) for b in baselines]
+        if any(v is None for v in base):
+            continue
+        diffs.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(
+            r["epsilon"] or NP, []).append(r["nrmse"] - min(v for v in base if v is not None))
     return {ds: {m: {ek: _paired_stats(d) for ek, d in sorted(
                  by_eps.items(), key=lambda kv: eps_sort_key(kv[0]))}
                  for m, by_eps in sorted(meths.items(), key=lambda kv: METHODS.index(kv[0]))}

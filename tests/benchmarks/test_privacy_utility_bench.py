@@ -43,11 +43,20 @@ def test_gathers_the_studies_into_one_results_file(bench: Any, tmp_path: Path,
     assert doc["summary"]["diabetes"]["hybrid"]["1"]["n_seeds"] == 2
     assert doc["paired_vs_local"]["diabetes"]["hybrid"]["1"]["n_seeds"] == 2
     assert "| diabetes | hybrid |  |" in printed and "| diabetes | federated | +" in printed
+    # the smallest hospital on its own (D: 10% of the patients)
+    assert doc["small_site"]["diabetes"]["site"] == "D"
+    assert "#### diabetes: site `D` (44 of 442 rows" in printed
+    assert "| hybrid − min(local, federated) | " in printed
+    assert (out.parent / "pu_small_site.png").read_bytes()[:4] == b"\x89PNG"
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "work" / "diabetes" / "report.md").is_file()
     # a rerun is all cache
     assert bench.main(argv) == 0
     assert json.loads(out.read_text())["studies"]["diabetes"]["cells"]["computed"] == 0
+
+
+def test_the_default_benchmark_includes_the_size_skewed_scenarios(bench: Any) -> None:
+    assert bench.parse_args([]).studies == ["heart", "ccpp", "wine", "ccpp_skewed"]
 
 
 def test_committed_results_are_what_the_code_computes(bench: Any, tmp_path: Path) -> None:
