@@ -1,9 +1,10 @@
-"""Differential privacy: OpenDP Gaussian mechanisms under ρ-zCDP and the site's ledger.
+"""Differential privacy: OpenDP mechanisms under ρ-zCDP and the site's ledger.
 
 A site releases only noised statistics (Gram matrices, counts) through
-:func:`release_gaussian`, which calibrates the Gaussian mechanism with OpenDP, charges the
-site's :class:`PrivacyLedger` *before* any noise is drawn, and refuses a release that would
-pass the site's ρ budget.
+:func:`release_gaussian`, and private quantiles (clipping bounds) through
+:func:`release_quantiles`; both calibrate their mechanism with OpenDP, charge the site's
+:class:`PrivacyLedger` *before* any noise is drawn, and refuse a release that would pass the
+site's ρ budget.
 """
 
 from fediim.errors import BudgetExceeded, LedgerError
@@ -11,28 +12,38 @@ from fediim.privacy.ledger import LEDGER_FORMAT, LedgerEntry, PrivacyLedger
 from fediim.privacy.mechanisms import (
     NoiseSource,
     OpenDPGaussianNoise,
+    QuantileNoiseSource,
     SeededGaussianNoise,
     count_sensitivity,
     epsilon_to_rho,
     gaussian_sigma,
     gram_sensitivity,
+    quantile_score_scale,
+    quantile_score_sensitivity,
     rho_to_epsilon,
 )
+from fediim.privacy.quantiles import QUANTILE_GRID_SIZE, quantile_candidates, release_quantiles
 from fediim.privacy.release import release_gaussian
 
 __all__ = [
     "LEDGER_FORMAT",
+    "QUANTILE_GRID_SIZE",
     "BudgetExceeded",
     "LedgerEntry",
     "LedgerError",
     "NoiseSource",
     "OpenDPGaussianNoise",
     "PrivacyLedger",
+    "QuantileNoiseSource",
     "SeededGaussianNoise",
     "count_sensitivity",
     "epsilon_to_rho",
     "gaussian_sigma",
     "gram_sensitivity",
+    "quantile_candidates",
+    "quantile_score_scale",
+    "quantile_score_sensitivity",
     "release_gaussian",
+    "release_quantiles",
     "rho_to_epsilon",
 ]

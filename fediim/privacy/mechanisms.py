@@ -1,4 +1,4 @@
-"""Gaussian mechanisms under ρ-zCDP, their sensitivities and the ε/δ conversions (OpenDP).
+"""Gaussian and quantile mechanisms under ρ-zCDP, sensitivities and ε/δ conversions (OpenDP).
 
 Privacy unit: one record at one site (add/remove neighbours, DESIGN §2 "Accounting").
 Budgets compose sequentially (ρ's add) and are shown as (ε, δ) via OpenDP's zCDP →
@@ -19,11 +19,17 @@ dp.enable_features("contrib")
 __all__ = [
     "NoiseSource",
     "OpenDPGaussianNoise",
+    "QuantileNoiseSource",
     "SeededGaussianNoise",
     "count_sensitivity",
     "epsilon_to_rho",
     "gaussian_sigma",
     "gram_sensitivity",
+    "private_quantile_measurement",
+    "quantile_score_denominator",
+    "quantile_score_scale",
+    "quantile_score_sensitivity",
+    "quantile_scores",
     "rho_to_epsilon",
 ]
 
@@ -170,6 +176,83 @@ def count_sensitivity() -> float:
     return 1.0
 
 
+# --------------------------------------------------------------------------- quantiles
+#
+# OpenDP's private quantile (``make_private_quantile``, Smith 2011) scores each public
+# candidate c by s(c) = |den·#(x < c) − num·(n − #(x = c))| with α ≈ num/den (integers), and
+# reports the candidate of least score with Gumbel noise of scale ``scale·den`` (report noisy
+# max = the exponential mechanism). Input metric: symmetric distance, where d_in = 1 is
+# exactly one record added or removed — the privacy unit "one record at one site".
+
+
+def _quantile_space() -> tuple[Any, Any]:
+    """Float datasets of any size (NaN excluded) under the symmetric (add/remove) distance."""
+    return dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.symmetric_distance()
+
+
+def _check_alpha(alpha: float) -> float:
+    a = float(alpha)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    return a
+
+
+@lru_cache(maxsize=64)
+def _score_transformation(candidates: tuple[float, ...], alpha: float) -> dp.Transformation:
+    """OpenDP's quantile score transformation (deterministic: no noise)."""
+    return dp.t.make_quantile_score_candidates(*_quantile_space(), list(candidates), alpha)
+
+
+@lru_cache(maxsize=64)
+def quantile_score_denominator(alpha: float) -> int:
+    """The integer ``den`` with α ≈ num/den that OpenDP's quantile score uses.
+
+    Read off OpenDP itself: on the one-record dataset [0], a candidate below the record
+    scores num and one above scores den − num, so their sum is den.
+    """
+    scores = _score_transformation((-1.0, 1.0), _check_alpha(alpha))([0.0])
+    return int(scores[0]) + int(scores[1])
+
+
+def quantile_score_sensitivity(alpha: float) -> float:
+    """L∞ sensitivity of OpenDP's quantile scores, in records: max(α, 1 − α) (rational α).
+
+    Adding one record below a candidate moves its score by at most num, above by at most
+    den − num (OpenDP's stability map); divided by den this is the change in units of
+    records. The scores of different candidates move in opposite directions, so the
+    exponential mechanism at Gumbel scale ``s`` is (2Δ/s)-DP and (Δ/s)²/2-zCDP.
+    """
+    a = _check_alpha(alpha)
+    den = quantile_score_denominator(a)
+    stability = int(_score_transformation((0.0,), a).map(1))
+    return stability / den
+
+
+def quantile_score_scale(alpha: float, rho: float) -> float:
+    """Gumbel scale (in records) that makes one quantile release exactly ρ-zCDP: Δ/√(2ρ)."""
+    r = finite_float("rho", rho, strict=True)
+    return quantile_score_sensitivity(alpha) / math.sqrt(2.0 * r)
+
+
+def quantile_scores(values: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
+    """OpenDP's integer quantile scores of ``candidates`` on ``values`` (finite, 1-D)."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("values must be finite (drop NaN and clamp first)")
+    cands = tuple(float(c) for c in np.asarray(candidates, dtype=np.float64))
+    out = _score_transformation(cands, _check_alpha(alpha))(arr.tolist())
+    return np.asarray(out, dtype=np.int64)
+
+
+@lru_cache(maxsize=256)
+def private_quantile_measurement(candidates: tuple[float, ...], alpha: float,
+                                 scale: float) -> dp.Measurement:
+    """OpenDP's ρ-zCDP private quantile over ``candidates`` (symmetric distance input)."""
+    return dp.m.make_private_quantile(
+        *_quantile_space(), dp.zero_concentrated_divergence(), list(candidates),
+        _check_alpha(alpha), finite_float("scale", scale, strict=True))
+
+
 # --------------------------------------------------------------------------- noise sources
 
 
@@ -181,6 +264,20 @@ class NoiseSource(Protocol):
 
     def sample(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
         """Noise array of the given shape."""
+        ...
+
+
+@runtime_checkable
+class QuantileNoiseSource(NoiseSource, Protocol):
+    """A noise source that also runs the private quantile (exponential mechanism on OpenDP's
+    quantile scores); ``quantile_mechanism`` names its sampler in the ledger."""
+
+    quantile_mechanism: str
+
+    def quantile(self, values: np.ndarray, candidates: np.ndarray, alpha: float,
+                 scale: float) -> float:
+        """The released candidate: least OpenDP quantile score after Gumbel noise of
+        ``scale`` records (see :func:`quantile_score_scale`)."""
         ...
 
 
@@ -220,6 +317,17 @@ class OpenDPGaussianNoise:
         """Pure noise of the given shape: one release of a zero vector."""
         return self.perturb(np.zeros(shape, dtype=np.float64), sigma)
 
+    quantile_mechanism: str = "private-quantile (opendp make_private_quantile, exact gumbel)"
+
+    def quantile(self, values: np.ndarray, candidates: np.ndarray, alpha: float,
+                 scale: float) -> float:
+        """One run of OpenDP's ``make_private_quantile`` (zCDP) on ``values`` (finite)."""
+        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("values must be finite")  # OpenDP does not check its domain
+        cands = tuple(float(c) for c in np.asarray(candidates, dtype=np.float64))
+        return float(private_quantile_measurement(cands, alpha, scale)(arr.tolist()))
+
 
 class SeededGaussianNoise:
     """numpy Generator noise: reproducible simulations and tests only, never deployments.
@@ -237,3 +345,24 @@ class SeededGaussianNoise:
         """Noise array of the given shape."""
         s = finite_float("sigma", sigma, strict=True)
         return self._rng.normal(0.0, s, size=shape)
+
+    quantile_mechanism: str = ("private-quantile (opendp quantile scores, numpy-seeded gumbel "
+                               "argmin; simulation only)")
+
+    def select_min(self, scores: np.ndarray, scale: float) -> int:
+        """Index of the least score after Gumbel(0, ``scale``) noise: the exponential
+        mechanism, P(i) ∝ exp(−scores[i] / scale) (OpenDP's report-noisy-min)."""
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if s.size == 0:
+            raise ValueError("scores is empty: nothing to select from")
+        g = self._rng.gumbel(0.0, finite_float("scale", scale, strict=True), size=s.shape)
+        return int(np.argmax(g - s))
+
+    def quantile(self, values: np.ndarray, candidates: np.ndarray, alpha: float,
+                 scale: float) -> float:
+        """The same mechanism as OpenDP's ``make_private_quantile`` at the same scale (so
+        the same privacy with private noise): OpenDP's integer scores, Gumbel noise of
+        ``scale · den`` from the seeded generator."""
+        cands = np.asarray(candidates, dtype=np.float64).reshape(-1)
+        scores = quantile_scores(values, cands, alpha)
+        return float(cands[self.select_min(scores, scale * quantile_score_denominator(alpha))])
