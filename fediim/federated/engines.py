@@ -7,8 +7,11 @@ list, as in IIM's incremental learning. The adaptive choice of ``ell`` (and so b
 local model and the global one) is IIM's Alg. 3 with the validation error of a model on a
 neighbouring cell read off that cell's Gram matrix:
 ``sum (y - x phi)^2 = y^T y - 2 phi^T V' + phi^T U' phi``. The ridge penalty grows with
-the noise of the pooled matrix (AdaSSP-style, ``alpha ~ sigma sqrt(d)``). Imputation: the
-k nearest anchors give candidates, combined by candidate-distance voting. With exact
+the noise of the pooled matrix (AdaSSP-style, ``alpha ~ sigma sqrt(d)``), and shrinks
+towards the level-0 model — the ridge fit on every cell pooled, the federation's global
+regression — rather than towards zero: ``phi = (U + alpha I)^-1 (V + alpha phi_0)``, so a
+noisy small pool falls back to the global model, not to a flat one. Imputation: the k
+nearest anchors give candidates, combined by candidate-distance voting. With exact
 statistics, :class:`MixturePatternModels` reads the bank as a Gaussian mixture instead.
 """
 
@@ -58,6 +61,10 @@ class CellPatternModels:
             np.minimum(np.asarray(grid, dtype=int), bank.n_cells))
         self._phi: np.ndarray | None = None
         self._ell: np.ndarray | None = None
+        # Level 0: every cell pooled, the federation's global regression; pooled models
+        # are shrunk towards it.
+        self._prior = ridge_solve(self._grams.sum(axis=0),
+                                  self._alpha(self._noise_var.sum()))
 
     def _alpha(self, noise_var: np.ndarray) -> np.ndarray:
         """Ridge penalty of a model pooled from Grams with total noise variance
@@ -72,7 +79,7 @@ class CellPatternModels:
         n_cells = self.bank.n_cells
         _, neighbors = self._index.query(self._anchors, int(self._grid[-1]))
         pooled = self._pooled_statistics(neighbors)
-        candidates = np.stack([ridge_solve(gram, self._alpha(noise_var))
+        candidates = np.stack([ridge_solve(gram, self._alpha(noise_var), prior=self._prior)
                                for gram, noise_var in pooled], axis=1)  # (C, L, p)
         n_validators = min(self.config.n_neighbors, n_cells - 1)
         if len(self._grid) > 1 and n_validators > 0:
@@ -133,7 +140,8 @@ class CellPatternModels:
         models, held = model_cell[inside], validation_cell[inside]
         phi = phi.copy()
         phi[inside] = ridge_solve(gram[models] - self._grams[held],
-                                  self._alpha(noise_var[models] - self._noise_var[held]))
+                                  self._alpha(noise_var[models] - self._noise_var[held]),
+                                  prior=self._prior)
         return phi
 
     def impute(self, queries: np.ndarray) -> PatternResult:

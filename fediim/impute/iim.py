@@ -97,18 +97,23 @@ def auto_ell_grid(n_rows: int, n_features: int) -> np.ndarray:
     return np.unique(np.clip(np.asarray(grid, dtype=int), 1, max(n_rows, 1)))
 
 
-def ridge_solve(gram: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
+def ridge_solve(gram: np.ndarray, alpha: float | np.ndarray,
+                prior: np.ndarray | None = None) -> np.ndarray:
     """Solve ridge systems from stacked augmented Gram matrices.
 
     ``gram`` has shape (..., p + 1, p + 1) over z = (1, features..., target); returns phi of
     shape (..., p) with phi = (U + alpha I)^-1 V, U = G[:p, :p], V = G[:p, p]. The intercept
     is penalised like the other coefficients, as in the paper's Formula 5. ``alpha`` is a
-    scalar or an array broadcasting against the stack (one penalty per system).
+    scalar or an array broadcasting against the stack (one penalty per system). With a
+    ``prior`` of shape (p,) the penalty shrinks towards it instead of towards zero:
+    phi = (U + alpha I)^-1 (V + alpha prior).
     """
     size = gram.shape[-1] - 1
     penalty = np.asarray(alpha, dtype=np.float64)
     lhs = gram[..., :size, :size] + penalty[..., None, None] * np.eye(size)
     rhs = gram[..., :size, size]
+    if prior is not None:
+        rhs = rhs + penalty[..., None] * np.asarray(prior, dtype=np.float64)
     try:
         return np.linalg.solve(lhs, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:
