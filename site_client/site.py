@@ -314,7 +314,8 @@ def _cells_digest(bank: ModelBank, site_id: str) -> str:
     mask = bank.site.astype(str) == site_id
     digest = hashlib.sha256()
     digest.update("\n".join(bank.cell[mask].astype(str).tolist()).encode("utf-8"))
-    for array in (bank.lo[mask], bank.hi[mask], bank.gram[mask], bank.sigma[mask]):
+    for array in (bank.lo[mask], bank.hi[mask], bank.gram[mask], bank.sigma[mask],
+                  bank.clip_lo[mask], bank.clip_hi[mask]):
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
     return digest.hexdigest()
 

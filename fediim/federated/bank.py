@@ -84,17 +84,27 @@ class ModelBank:
     min_records: int = 10
     meta: dict[str, Any] = field(default_factory=dict)
     tree: np.ndarray | None = None  # (C,) int, which of a site's partitions; None = all 0
+    # (C, m) the releasing site's clipping box (scaled coordinates): its records were
+    # clamped to it; None = the public bounds [-1/2, 1/2].
+    clip_lo: np.ndarray | None = None
+    clip_hi: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_cells, n_features = len(self.site), self.n_features
         if self.tree is None:
             self.tree = np.zeros(n_cells, dtype=np.int64)
+        if self.clip_lo is None:
+            self.clip_lo = np.full((n_cells, n_features), -0.5)
+        if self.clip_hi is None:
+            self.clip_hi = np.full((n_cells, n_features), 0.5)
         shapes = {
             "cell": (self.cell.shape, (n_cells,)),
             "lo": (self.lo.shape, (n_cells, n_features)),
             "hi": (self.hi.shape, (n_cells, n_features)),
             "gram": (self.gram.shape, (n_cells, n_features + 1, n_features + 1)),
             "sigma": (self.sigma.shape, (n_cells,)), "tree": (self.tree.shape, (n_cells,)),
+            "clip_lo": (self.clip_lo.shape, (n_cells, n_features)),
+            "clip_hi": (self.clip_hi.shape, (n_cells, n_features)),
         }
         for name, (got, want) in shapes.items():
             if tuple(got) != want:
@@ -123,6 +133,7 @@ class ModelBank:
             n_features=self.n_features, site=self.site[mask], cell=self.cell[mask],
             lo=self.lo[mask], hi=self.hi[mask], gram=self.gram[mask], sigma=self.sigma[mask],
             min_records=self.min_records, meta=dict(self.meta), tree=self.tree[mask],
+            clip_lo=self.clip_lo[mask], clip_hi=self.clip_hi[mask],
         )
 
     @property
@@ -155,7 +166,7 @@ class ModelBank:
         widths = {bank.n_features for bank in banks}
         if len(widths) != 1:
             raise BankError(f"banks disagree on the number of features: {sorted(widths)}")
-        fields = ("site", "cell", "lo", "hi", "gram", "sigma", "tree")
+        fields = ("site", "cell", "lo", "hi", "gram", "sigma", "tree", "clip_lo", "clip_hi")
         return cls(
             n_features=widths.pop(),
             min_records=max(bank.min_records for bank in banks),
@@ -176,6 +187,7 @@ class ModelBank:
             buf, manifest=np.array(json.dumps(manifest, sort_keys=True)),
             site=self.site.astype(str), cell=self.cell.astype(str), lo=self.lo, hi=self.hi,
             gram=self.gram, sigma=self.sigma, tree=self.tree.astype(np.int64),
+            clip_lo=self.clip_lo, clip_hi=self.clip_hi,
         )
         return buf.getvalue()
 
@@ -188,6 +200,8 @@ class ModelBank:
                 arrays = {name: archive[name]
                           for name in ("site", "cell", "lo", "hi", "gram", "sigma")}
                 tree = archive["tree"] if "tree" in archive.files else None
+                clip = {name: archive[name] for name in ("clip_lo", "clip_hi")
+                        if name in archive.files}
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad bank
             raise BankError(f"{source}: not a readable fediim bank ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
@@ -200,7 +214,8 @@ class ModelBank:
         meta = manifest.get("meta", {})
         if not isinstance(meta, dict):
             raise BankError(f"{source}: manifest key 'meta' must be an object")
-        for name in ("lo", "hi", "gram", "sigma"):
+        arrays.update(clip)
+        for name in sorted(arrays.keys() - {"site", "cell"}):
             if arrays[name].dtype.kind != "f" or not np.all(np.isfinite(arrays[name])):
                 raise BankError(f"{source}: bank array {name!r} must hold finite floats (found "
                                 "non-finite or non-float values)")

@@ -58,6 +58,13 @@ class FederatedIIM(BaseEstimator):
         deviations of records.
     n_trees : int or None, default=None
         Differently cut partitions released per site; ``None`` picks by budget.
+    clip_fraction : float, default=0.1
+        Share of each site's budget spent on its private clipping box (per-column
+        quantiles inside ``bounds``); 0 clamps to ``bounds`` only.
+    clip_columns : array-like of bool of shape (n_features,), default=None
+        Which columns the box may narrow (default: all). Leave out columns holding codes
+        (binary or categorical values): a noisy quantile between two codes would clamp
+        half the records.
     seed : int or None, default=None
         Seeds a numpy noise source for reproducible *simulations*. ``None`` draws the
         privacy noise with OpenDP's exact sampler, as a deployment must.
@@ -121,6 +128,8 @@ class FederatedIIM(BaseEstimator):
         max_depth: int | None = PLAN_DEFAULTS.max_depth,
         cell_noise_ratio: float = PLAN_DEFAULTS.cell_noise_ratio,
         n_trees: int | None = PLAN_DEFAULTS.n_trees,
+        clip_fraction: float = PLAN_DEFAULTS.clip_fraction,
+        clip_columns: np.ndarray | None = None,
         seed: int | None = None,
         random_state: int | None = 0,
         k: int | None = None,
@@ -135,6 +144,8 @@ class FederatedIIM(BaseEstimator):
         self.max_depth = max_depth
         self.cell_noise_ratio = cell_noise_ratio
         self.n_trees = n_trees
+        self.clip_fraction = clip_fraction
+        self.clip_columns = clip_columns
         self.seed = seed
         self.random_state = random_state
         self.k = k
@@ -159,11 +170,12 @@ class FederatedIIM(BaseEstimator):
         self.plan_ = plan_privacy(
             self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
             count_fraction=self.count_fraction, max_depth=self.max_depth,
-            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees)
+            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
+            clip_fraction=self.clip_fraction)
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
         releases = [
             site_release(table, self.bounds_, self.plan_, site_id=site_id, ledger=ledger,
-                         noise=noise)
+                         noise=noise, clip_columns=self.clip_columns)
             for table, site_id, ledger, noise in zip(
                 sites, self.site_ids_, self.ledgers_, self._noise_sources(len(sites)),
                 strict=True)]

@@ -78,8 +78,12 @@ def build_partition(
     ledger: PrivacyLedger | None,
     noise: NoiseSource | None = None,
     tree: int = 0,
+    box: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[Leaf]:
     """Split the rows of ``x`` (n, m), already scaled into [-1/2, 1/2], into leaves.
+
+    The root cell is ``box`` (the site's clipping box, public once released; the rows must
+    lie in it) or, by default, the whole of [-1/2, 1/2]^m.
 
     Every depth's counts are charged to ``ledger`` before they are drawn; with
     ``rho_per_depth = inf`` counts are exact and nothing is charged. ``tree`` numbers one of
@@ -89,8 +93,10 @@ def build_partition(
     boundaries differ. Both choices are data-free.
     """
     n_rows, n_features = x.shape
-    root = Leaf("r", np.full(n_features, -0.5), np.full(n_features, 0.5), np.arange(n_rows),
-                axis=tree % n_features)
+    low, high = box if box is not None else (np.full(n_features, -0.5),
+                                             np.full(n_features, 0.5))
+    root = Leaf("r", np.array(low, dtype=np.float64), np.array(high, dtype=np.float64),
+                np.arange(n_rows), axis=tree % n_features)
     # The frontier holds sibling pairs (or the root alone) together with their parent.
     frontier: list[tuple[Leaf | None, list[Leaf]]] = [(None, [root])]
     leaves: list[Leaf] = []

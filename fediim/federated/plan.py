@@ -1,9 +1,10 @@
 """The privacy plan: how a site's budget is split between counts and Gram releases.
 
-A site's total spend is ``rho_counts`` (one count release per tree depth, parallel within
-a depth) plus ``rho_gram`` (one Gram release over disjoint leaves, parallel composition),
-all in ρ-zCDP and recorded in its ledger. Records enter every release scaled into the
-schema's public bounds.
+A site's total spend is ``rho_clip`` (its private clipping box: a noisy count of its
+records and two quantiles per column), ``rho_counts`` (one count release per tree depth,
+parallel within a depth) and ``rho_gram`` (one Gram release over disjoint leaves, parallel
+composition), all in ρ-zCDP and recorded in its ledger. Records enter every release scaled
+into the schema's public bounds and clamped to the site's box.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class PlanParams:
     cell_noise_ratio : a cell is split only while its children keep this many Gram noise
         standard deviations of records.
     n_trees : differently cut partitions released; ``None`` picks by budget.
+    clip_fraction : share of the budget spent on the site's private clipping box (0: clamp
+        to the public bounds only). Exact statistics (epsilon = inf) are never clipped.
     """
 
     min_records: int = 10
@@ -42,6 +45,7 @@ class PlanParams:
     max_depth: int | None = None
     cell_noise_ratio: float = 4.0
     n_trees: int | None = None
+    clip_fraction: float = 0.1
 
 
 PLAN_DEFAULTS = PlanParams()
@@ -57,6 +61,7 @@ class PrivacyPlan:
     sigma_gram : Gaussian noise std of each Gram entry, in the leaf's own coordinates.
     n_trees : how many differently cut partitions of the same records are released; each
         tree gets ``1 / n_trees`` of the budget (a record is in one leaf per tree).
+    rho_clip : spent on the site's clipping box (0: none; see :mod:`fediim.federated.clipping`).
     """
 
     rho_total: float
@@ -65,6 +70,7 @@ class PrivacyPlan:
     sigma_gram: float
     min_records: int
     n_trees: int = 1
+    rho_clip: float = 0.0
 
 
 #: Trees released when statistics are exact (epsilon = inf): they cost nothing, and a
@@ -86,6 +92,7 @@ def plan_privacy(
     max_depth: int | None = PLAN_DEFAULTS.max_depth,
     cell_noise_ratio: float = PLAN_DEFAULTS.cell_noise_ratio,
     n_trees: int | None = PLAN_DEFAULTS.n_trees,
+    clip_fraction: float = PLAN_DEFAULTS.clip_fraction,
 ) -> PrivacyPlan:
     """Split a site's (epsilon, delta) into the trees' counts and the leaves' Gram matrices.
 
@@ -98,6 +105,9 @@ def plan_privacy(
     """
     if not 0 < count_fraction < 1:
         raise ValueError(f"count_fraction must be in (0, 1), got {count_fraction}")
+    if not (0 <= clip_fraction and count_fraction + clip_fraction < 1):
+        raise ValueError(f"clip_fraction must be >= 0 and leave budget for the Gram "
+                         f"matrices (count_fraction + clip_fraction < 1), got {clip_fraction}")
     if min_records < 1:
         raise ValueError(f"min_records must be >= 1, got {min_records}")
     if n_trees is not None and n_trees < 1:
@@ -117,11 +127,12 @@ def plan_privacy(
     trees = 1 if n_trees is None else n_trees
     rho = epsilon_to_rho(epsilon, delta)
     rho_counts = count_fraction * rho
-    rho_gram = rho - rho_counts
+    rho_clip = clip_fraction * rho
+    rho_gram = rho - rho_counts - rho_clip
     sigma = gaussian_sigma(gram_sensitivity(n_features), rho_gram / trees)
     threshold = 2.0 * max(min_records, cell_noise_ratio * sigma)
     part = PartitionPlan(depth, rho_counts / (trees * (depth + 1)), threshold, min_records)
-    return PrivacyPlan(rho, rho_gram, part, sigma, min_records, trees)
+    return PrivacyPlan(rho, rho_gram, part, sigma, min_records, trees, rho_clip)
 
 
 def scale_to_bounds(x: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """A site's release (private partition + noised leaf Gram matrices) and the bank's assembly.
 
-1. :func:`site_release` (site): scale complete records into the public bounds, build the
-   private partition (noisy counts, charged), release every leaf's Gram matrix in the
+1. :func:`site_release` (site): scale complete records into the public bounds, clamp them
+   to the site's private clipping box (:mod:`fediim.federated.clipping`), build the
+   private partition inside it (noisy counts, charged), release every leaf's Gram matrix in the
    leaf's own coordinates with the Gaussian mechanism (charged to the site's ledger
    *before* noise is drawn), map back, drop cells whose noisy count is below
    ``min_records``. Returns the site's cells as a :class:`~fediim.federated.bank.ModelBank`.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fediim.federated.bank import ModelBank
+from fediim.federated.clipping import clamp_to_box, clip_min_records, private_clip_box
 from fediim.federated.gram import (
     affine_map,
     augmented_gram,
@@ -29,6 +31,7 @@ from fediim.privacy import (
     BudgetExceeded,
     NoiseSource,
     PrivacyLedger,
+    count_sensitivity,
     gram_sensitivity,
     release_gaussian,
 )
@@ -43,8 +46,12 @@ def site_release(
     site_id: str,
     ledger: PrivacyLedger | None,
     noise: NoiseSource | None = None,
+    clip_columns: np.ndarray | None = None,
 ) -> ModelBank:
-    """A site's whole release: private partition + noised leaf Gram matrices (see module)."""
+    """A site's whole release: clipping box, private partition and noised leaf Gram
+    matrices (see module). ``clip_columns``: public per-column flags of the columns the box
+    may narrow (default all; codes must not be clipped, see
+    :func:`~fediim.federated.clipping.private_clip_box`)."""
     x = np.asarray(x, dtype=np.float64)
     if np.isfinite(plan.rho_total):
         # Refuse the whole plan up front: a release that could not be finished must not
@@ -58,9 +65,42 @@ def site_release(
                 "was released")
     complete = x[~np.isnan(x).any(axis=1)]
     xs, _ = scale_to_bounds(complete, bounds)
-    parts = [_release_tree(xs, plan, tree, site_id=site_id, ledger=ledger, noise=noise)
+    box = site_clip_box(xs, plan, ledger=ledger, noise=noise, clip_columns=clip_columns)
+    xs = clamp_to_box(xs, *box)[0]
+    parts = [_release_tree(xs, plan, tree, site_id=site_id, ledger=ledger, noise=noise,
+                           box=box)
              for tree in range(plan.n_trees)]
     return ModelBank.concat(parts) if len(parts) > 1 else parts[0]
+
+
+#: Share of the clipping budget spent on the noisy record count that decides whether a
+#: box pays at all (:func:`~fediim.federated.clipping.clip_min_records`).
+CLIP_COUNT_SHARE = 0.1
+
+
+def site_clip_box(xs: np.ndarray, plan: PrivacyPlan, *, ledger: PrivacyLedger | None,
+                  noise: NoiseSource | None, clip_columns: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The site's clipping box (lo, hi) in scaled coordinates: the public bounds when the
+    plan spends nothing on it, else a private box when the site's noisy record count says
+    it pays, else the public bounds (the unspent quantile budget is not charged)."""
+    n_features = xs.shape[1]
+    public = (np.full(n_features, -0.5), np.full(n_features, 0.5))
+    if plan.rho_clip <= 0:
+        return public
+    columns = np.ones(n_features, bool) if clip_columns is None else np.asarray(
+        clip_columns, bool)
+    if not columns.any():
+        return public
+    rho_count = CLIP_COUNT_SHARE * plan.rho_clip
+    noisy_count = release_gaussian(
+        np.array([float(len(xs))]), sensitivity_l2=count_sensitivity(), rho=rho_count,
+        ledger=ledger, noise=noise, purpose="record count (does a clipping box pay?)")[0]
+    rho_quantiles = plan.rho_clip - rho_count
+    if noisy_count < clip_min_records(rho_quantiles, int(columns.sum())):
+        return public
+    return private_clip_box(xs, rho_quantiles, ledger=ledger, noise=noise,
+                            clip_columns=columns, purpose="clipping box quantiles")
 
 
 def cell_coordinates(rows: np.ndarray, center: np.ndarray, width: np.ndarray) -> np.ndarray:
@@ -73,10 +113,14 @@ def cell_coordinates(rows: np.ndarray, center: np.ndarray, width: np.ndarray) ->
 
 
 def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
-                  ledger: PrivacyLedger | None, noise: NoiseSource | None) -> ModelBank:
+                  ledger: PrivacyLedger | None, noise: NoiseSource | None,
+                  box: tuple[np.ndarray, np.ndarray] | None = None) -> ModelBank:
     """One tree of :func:`site_release`: its partition and its leaves' noised Grams."""
     n_features = xs.shape[1]
-    leaves = build_partition(xs, plan.partition, ledger=ledger, noise=noise, tree=tree)
+    leaves = build_partition(xs, plan.partition, ledger=ledger, noise=noise, tree=tree,
+                             box=box)
+    box_lo, box_hi = box if box is not None else (np.full(n_features, -0.5),
+                                                  np.full(n_features, 0.5))
     los = np.array([leaf.lo for leaf in leaves]).reshape(-1, n_features)
     his = np.array([leaf.hi for leaf in leaves]).reshape(-1, n_features)
     centers, widths = 0.5 * (los + his), his - los
@@ -109,6 +153,7 @@ def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
         lo=los[keep], hi=his[keep],
         gram=grams[keep], sigma=np.full(n_kept, plan.sigma_gram),
         min_records=plan.min_records, tree=np.full(n_kept, tree, dtype=np.int64),
+        clip_lo=np.tile(box_lo, (n_kept, 1)), clip_hi=np.tile(box_hi, (n_kept, 1)),
     )
 
 

@@ -543,6 +543,8 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
     Gram; other rows were never in the bank. Rows go out in :data:`CROSSFIT_FOLDS` random
     folds at a time.
     """
+    # As released: clamped to the site's clipping box.
+    rows = np.clip(rows, bank.clip_lo[own[0]], bank.clip_hi[own[0]])
     cell = _own_cell_of_rows(bank, own, rows)
     augmented = np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
     predictions = np.empty((len(choices), len(rows)))
@@ -557,7 +559,8 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
         gram[:, 0, 0] = np.maximum(gram[:, 0, 0], 1e-9)
         without_fold = ModelBank(
             n_features=bank.n_features, site=bank.site, cell=bank.cell, lo=bank.lo,
-            hi=bank.hi, gram=gram, sigma=bank.sigma, min_records=0, tree=bank.tree)
+            hi=bank.hi, gram=gram, sigma=bank.sigma, min_records=0, tree=bank.tree,
+            clip_lo=bank.clip_lo, clip_hi=bank.clip_hi)
         queries = rows[np.ix_(held, list(features))]
         for number, config in enumerate(choices):
             predictions[number, held] = pattern_models(
@@ -573,7 +576,8 @@ def _own_cell_of_rows(bank: ModelBank, own: np.ndarray, rows: np.ndarray) -> np.
     for column in range(bank.n_features):  # a released row lies in at most one own cell
         values = complete[:, [column]]
         inside &= (values >= bank.lo[own, column]) & (
-            (values < bank.hi[own, column]) | (bank.hi[own, column] >= 0.5))
+            (values < bank.hi[own, column])
+            | (bank.hi[own, column] >= bank.clip_hi[own, column]))
     cell = np.full(len(rows), -1)
     cell[released] = np.where(inside.any(axis=1), own[inside.argmax(axis=1)], -1)
     return cell

@@ -109,6 +109,12 @@ def _box_problems(release: ModelBank, limits: ReleaseLimits) -> list[str]:
     edge = 0.5 * (1.0 + _RTOL)
     if np.any(release.lo < -edge) or np.any(release.hi > edge):
         problems.append("a cell box outside the public bounds")
+    clip_lo, clip_hi = release.clip_lo, release.clip_hi
+    if (np.any(clip_lo >= clip_hi) or np.any(clip_lo < -edge) or np.any(clip_hi > edge)
+            or len(np.unique(np.hstack([clip_lo, clip_hi]), axis=0)) > 1):
+        problems.append("clipping boxes that are not one box inside the public bounds")
+    elif np.any(release.lo < clip_lo - _RTOL) or np.any(release.hi > clip_hi + _RTOL):
+        problems.append("a cell box outside the site's clipping box")
     return problems
 
 

@@ -187,7 +187,8 @@ def _bank_bytes(own: ModelBank, other: ModelBank) -> bytes:
     """The federation's bank of two sites' cells, as the coordinator assembles it, but
     serialised whatever the cells hold (a crafted count or ``min_records`` included)."""
     bank = copy.copy(own)  # fields set one by one: ModelBank's own checks are not run
-    for name in ("site", "cell", "lo", "hi", "gram", "sigma", "tree"):
+    for name in ("site", "cell", "lo", "hi", "gram", "sigma", "tree", "clip_lo",
+                 "clip_hi"):
         setattr(bank, name, np.concatenate([getattr(own, name), getattr(other, name)]))
     bank.min_records = min(own.min_records, other.min_records)
     bank.meta = {"epsilon": EPSILON, "delta": DELTA}

@@ -88,7 +88,8 @@ def test_plan_privacy_splits_the_budget() -> None:
     plan = plan_privacy(1.0, DELTA, M, count_fraction=0.2, max_depth=4, min_records=7)
     rho = epsilon_to_rho(1.0, DELTA)
     assert plan.rho_total == pytest.approx(rho)
-    assert plan.rho_gram == pytest.approx(0.8 * rho)
+    assert plan.rho_clip == pytest.approx(0.1 * rho)  # PLAN_DEFAULTS.clip_fraction
+    assert plan.rho_gram == pytest.approx(0.7 * rho)
     assert plan.partition.rho_per_depth * 5 == pytest.approx(0.2 * rho)
     assert plan.sigma_gram == pytest.approx(gram_sensitivity(M) / math.sqrt(2 * plan.rho_gram))
     assert plan.partition.split_threshold >= 2 * plan.min_records
@@ -96,12 +97,14 @@ def test_plan_privacy_splits_the_budget() -> None:
     inf = plan_privacy(np.inf, DELTA, M)
     assert math.isinf(inf.rho_total) and math.isinf(inf.partition.rho_per_depth)
     assert inf.sigma_gram == 0.0
+    assert inf.rho_clip == 0.0  # exact statistics are never clipped
 
 
 @pytest.mark.parametrize("kw", [{"epsilon": 0.0}, {"epsilon": -1.0},
                                 {"count_fraction": 0.0}, {"count_fraction": 1.0},
                                 {"min_records": 0}, {"max_depth": -1},
-                                {"cell_noise_ratio": -1.0}])
+                                {"cell_noise_ratio": -1.0}, {"clip_fraction": -0.1},
+                                {"clip_fraction": 0.9}])
 def test_plan_privacy_rejects_bad_arguments(kw: dict[str, float]) -> None:
     args: dict[str, Any] = {"epsilon": 1.0, "delta": DELTA, "n_features": M, **kw}
     with pytest.raises(ValueError):
@@ -158,7 +161,8 @@ def _release_vectors(x: np.ndarray, plan: Any, seed: int,
     return counts, grams
 
 
-_SENS_PLAN = plan_privacy(50.0, DELTA, M, min_records=5, cell_noise_ratio=0.5, max_depth=6)
+_SENS_PLAN = plan_privacy(50.0, DELTA, M, min_records=5, cell_noise_ratio=0.5, max_depth=6,
+                          clip_fraction=0.0)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -229,7 +233,7 @@ def test_pre_noise_gram_entries_are_in_cell_coordinates() -> None:
 
 
 def test_site_release_ledger_names_mechanism_sensitivity_sigma_rho() -> None:
-    plan = plan_privacy(1.0, DELTA, M, max_depth=3)
+    plan = plan_privacy(1.0, DELTA, M, max_depth=3, clip_fraction=0.0)
     ledger = PrivacyLedger.in_memory(plan.rho_total, "s")
     rec = ReleaseRecorder(release_mod.release_gaussian)
     with pytest.MonkeyPatch.context() as mp:
@@ -260,7 +264,7 @@ def test_empirical_noise_of_gram_release_matches_sigma() -> None:
     # Spread-out records and a tiny split threshold: hundreds of leaves, thousands of entries.
     x = np.random.default_rng(5).uniform(BOUNDS[:, 0], BOUNDS[:, 1], size=(2000, M))
     plan = plan_privacy(8.0, DELTA, M, min_records=2, cell_noise_ratio=0.0, max_depth=10,
-                        count_fraction=0.5)
+                        count_fraction=0.5, clip_fraction=0.0)
     ledger = PrivacyLedger.in_memory(plan.rho_total, "s")
     rec = ReleaseRecorder(release_mod.release_gaussian)
     with pytest.MonkeyPatch.context() as mp:
@@ -310,21 +314,26 @@ def test_fit_spends_at_most_the_budget(epsilon: float,
         # Float sums may pass the nominal total by an ulp; the ledger's own slack is 1e-12.
         assert ledger.spent_rho <= plan.rho_total * (1 + 1e-12)
         assert ledger.epsilon(DELTA) <= epsilon
-        counts = [e for e in ledger.entries if e.sensitivity_l2 == 1.0]
-        grams = [e for e in ledger.entries if e.sensitivity_l2 != 1.0]
+        counts = [e for e in ledger.entries if "partition counts" in e.purpose]
+        grams = [e for e in ledger.entries if "Gram" in e.purpose]
+        clip = [e for e in ledger.entries if e not in counts + grams]
         assert len(grams) == 1 and grams[0].rho == pytest.approx(plan.rho_gram, rel=1e-9)
-        assert math.fsum(e.rho for e in counts) <= (plan.rho_total - plan.rho_gram) * (
-            1 + 1e-9)
-        if len(counts) == plan.partition.max_depth + 1:
+        assert math.fsum(e.rho for e in counts) <= (
+            plan.rho_total - plan.rho_gram - plan.rho_clip) * (1 + 1e-9)
+        assert math.fsum(e.rho for e in clip) <= plan.rho_clip * (1 + 1e-9)
+        clip_spent = math.fsum(e.rho for e in clip)
+        if (len(counts) == plan.partition.max_depth + 1
+                and clip_spent == pytest.approx(plan.rho_clip, rel=1e-9)):
             assert ledger.spent_rho == pytest.approx(plan.rho_total, rel=1e-9)
 
 
 def _persisted_fit(tmp_path: Path, x: np.ndarray, max_depth: int
                    ) -> tuple[Path, PrivacyLedger, Any]:
-    plan = plan_privacy(1.0, DELTA, M, max_depth=max_depth)
+    plan = plan_privacy(1.0, DELTA, M, max_depth=max_depth, clip_fraction=0.0)
     path = tmp_path / "h1.ledger.json"
     ledger = PrivacyLedger.create(path, plan.rho_total, "h1")
     model = FederatedIIM(epsilon=1.0, delta=DELTA, bounds=BOUNDS, max_depth=max_depth,
+                         clip_fraction=0.0,
                          mode="federated", seed=0)
     model.fit([x], site_ids=["h1"], ledgers=[ledger])
     assert model.plan_ == plan
@@ -355,7 +364,8 @@ def test_second_fit_on_a_spent_persisted_ledger_is_refused(tmp_path: Path) -> No
 
     # The same through FederatedIIM.
     with pytest.raises(BudgetExceeded):
-        FederatedIIM(epsilon=1.0, delta=DELTA, bounds=BOUNDS, max_depth=2, seed=1).fit(
+        FederatedIIM(epsilon=1.0, delta=DELTA, bounds=BOUNDS, max_depth=2, seed=1,
+                     clip_fraction=0.0).fit(
             [x], site_ids=["h1"], ledgers=[PrivacyLedger.open(path, plan.rho_total, "h1")])
     assert path.read_bytes() == on_disk
     assert PrivacyLedger.open(path, plan.rho_total, "h1").spent_rho == spent
@@ -583,7 +593,7 @@ def test_several_trees_split_the_budget_and_spend_at_most_it(
     assert set(model.bank_.tree) == {0, 1, 2}
     for ledger in model.ledgers_:
         assert ledger is not None
-        grams = [e for e in ledger.entries if e.sensitivity_l2 != 1.0]
+        grams = [e for e in ledger.entries if "Gram" in e.purpose]
         assert len(grams) == 3
         assert math.fsum(e.rho for e in grams) == pytest.approx(three.rho_gram, rel=1e-9)
         assert all(e.sigma == pytest.approx(three.sigma_gram) for e in grams)
@@ -755,7 +765,7 @@ def test_shrink_validation_takes_each_row_out_of_its_own_cell(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The banks the shrink weight validates on hold each validated row's cell minus it."""
     x = _truth(0, 300)
-    plan = plan_privacy(2.0, DELTA, M, max_depth=2)
+    plan = plan_privacy(2.0, DELTA, M, max_depth=2, clip_fraction=0.0)
     bank = site_release(x, BOUNDS, plan, site_id="s", ledger=PrivacyLedger.in_memory(
         plan.rho_total, "s"), noise=SeededGaussianNoise(0))
     seen: list[np.ndarray] = []
