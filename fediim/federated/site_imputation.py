@@ -361,17 +361,30 @@ def impute_federated(site: SiteView, job: ImputationJob) -> JobEstimate:
     """
     config, _ = _config_and_other_models(site, job)
     weight = 1.0
+    mean = shrink_target(site, job)
     if site.shrink:
         assert site.site_id is not None  # site.shrink needs it
+        observed = site.scaled[job.train, job.target]
+        mean_without_row = (observed.sum() - observed) / max(len(observed) - 1, 1)
         config, weight = choose_shrinkage(
             site.bank, site.site_id, job.target, job.features, site.choices,
-            site.scaled[job.train], site.federation_mean[job.target], site.random_state)
+            site.scaled[job.train], mean_without_row, site.random_state)
     bank_side = pattern_models(site.bank, job.target, job.features, config).impute(
         site.queries(job))
-    mean = site.federation_mean[job.target]
     return JobEstimate(values=weight * bank_side.values + (1 - weight) * mean,
                        spread=weight * bank_side.spread, ell=bank_side.ell.mean(axis=1),
                        n_candidates=bank_side.ell.shape[1])
+
+
+def shrink_target(site: SiteView, job: ImputationJob) -> float:
+    """What federated mode shrinks the bank's estimate towards: the site's own mean of the
+    target where it observes it (exact, and never left the site), else the federation's
+    mean read off the bank (a column the site never measures). On a small federation the
+    bank's mean is noisy: at eps = 1 each site's noised sums move it by about a standard
+    deviation on wide public bounds."""
+    observed = site.scaled[job.train, job.target]
+    return float(observed.mean()) if observed.size else float(
+        site.federation_mean[job.target])
 
 
 def impute_hybrid(site: SiteView, job: ImputationJob) -> JobEstimate:
@@ -507,10 +520,11 @@ def choose_blend(local: np.ndarray, others: BankModels | None, queries: np.ndarr
 
 
 def choose_shrinkage(bank: ModelBank, site_id: str, target: int, features: tuple[int, ...],
-                     choices: list[BankConfig], rows: np.ndarray, mean: float,
+                     choices: list[BankConfig], rows: np.ndarray, mean: float | np.ndarray,
                      random_state: int | None = 0) -> tuple[BankConfig, float]:
-    """The bank configuration and the weight of its models against the federation's
-    ``mean``, chosen jointly on the site's ``rows``.
+    """The bank configuration and the weight of its models against ``mean`` (a scalar, or
+    one value per row: the site's mean without that row), chosen jointly on the site's
+    ``rows``.
 
     ``rows``: the site's rows observed on the features and the target (bank coordinates,
     NaN where missing). Each is predicted by a bank from which the row itself was taken

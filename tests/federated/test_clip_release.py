@@ -134,3 +134,22 @@ def test_bank_keeps_the_box_through_bytes_and_vetting_checks_it() -> None:
         ModelBank(n_features=M, site=bank.site, cell=bank.cell, lo=bank.lo, hi=bank.hi,
                   gram=bank.gram, sigma=bank.sigma, clip_lo=bank.clip_lo[:, :2])
 
+
+def test_federated_mode_shrinks_towards_the_sites_own_mean_where_it_has_one() -> None:
+    """The site's exact mean where it observes the target; the bank's (noisy) mean for a
+    column it never measures."""
+    x = _site(400) + np.array([10.0, 0.0, 0.0])  # this site sits apart from the bank
+    x[:, 2] = np.nan  # never measures column 2
+    bank, _, _ = _release(_site(4000, seed=1), 1.0)
+    site = site_imputation.SiteView.build(
+        x, bank, BOUNDS, mode="federated", n_neighbors=10, site_id="other",
+        config=site_imputation.BankConfig(), blend_weights=site_imputation.BLEND_WEIGHTS,
+        random_state=0)
+    scaled, _ = scale_to_bounds(x, BOUNDS)
+    jobs = {job.target: job for job in site_imputation.imputation_jobs(
+        np.isnan(x) | (np.arange(400) < 20)[:, None] & (np.arange(M) == 0), 400, 0)}
+    assert site_imputation.shrink_target(site, jobs[0]) == pytest.approx(
+        scaled[jobs[0].train, 0].mean())
+    assert site_imputation.shrink_target(site, jobs[2]) == pytest.approx(
+        site.federation_mean[2])
+    assert abs(site.federation_mean[0] - scaled[20:, 0].mean()) > 0.05
