@@ -207,6 +207,9 @@ class DatasetConfig(_Model):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
     absent: dict[str, list[str]] = Field(default_factory=dict)
+    #: Columns holding codes (binary or categorical values): private clipping never
+    #: narrows them (a noisy quantile between two codes would clamp half the records).
+    code_columns: list[str] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod

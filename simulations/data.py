@@ -86,6 +86,8 @@ class Federation:
     bounds: np.ndarray | None   # (m, 2) public bounds, or None when not all are given
     #: site -> the columns it never measures (``[datasets.absent]``; truth kept in ``sites``)
     absent: dict[str, list[str]] = field(default_factory=dict)
+    #: columns holding codes, never narrowed by private clipping (``code_columns``)
+    code_columns: list[str] = field(default_factory=list)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -334,12 +336,14 @@ def make_federation(study: Study, index: int, seed: int, raw: RawData | None = N
         if len(s) < 2:
             raise DataLoadError(f"{where}: site {name!r} has {len(s)} row(s)")
     _check_absent(ds, names, raw.columns, where)
+    for j, c in enumerate(ds.code_columns):
+        _need(c, raw.columns, f"{where}.code_columns[{j}]")
     bmap = study.bounds_for(ds)
     bounds = None
     if all(c in bmap for c in raw.columns):
         bounds = np.array([bmap[c] for c in raw.columns], dtype=np.float64)
     return Federation(ds.name, list(raw.columns), names, sites, bounds,
-                      {s: list(c) for s, c in ds.absent.items()})
+                      {s: list(c) for s, c in ds.absent.items()}, list(ds.code_columns))
 
 
 def _check_absent(ds: DatasetConfig, site_names: list[str], columns: list[str], where: str

@@ -208,8 +208,10 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
         raise ValueError(f"dataset {task.dataset!r}: private methods need public bounds for "
                          "every column")
     t0 = time.perf_counter()
+    clip_columns = [column not in p.fed.code_columns for column in p.fed.columns]
     f = FederatedIIM(n_neighbors=s.k, epsilon=task.epsilon, delta=s.delta, bounds=p.fed.bounds,
-                     mode="federated", seed=task.seed).fit(p.masked, site_ids=p.fed.site_names)
+                     mode="federated", seed=task.seed, clip_columns=clip_columns
+                     ).fit(p.masked, site_ids=p.fed.site_names)
     fit_s = time.perf_counter() - t0
     privacy = {sid: None if led is None else {
         "rho_spent": float(led.spent_rho), "epsilon_spent": float(led.epsilon(s.delta)),
