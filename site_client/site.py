@@ -315,7 +315,7 @@ def _cells_digest(bank: ModelBank, site_id: str) -> str:
     digest = hashlib.sha256()
     digest.update("\n".join(bank.cell[mask].astype(str).tolist()).encode("utf-8"))
     for array in (bank.lo[mask], bank.hi[mask], bank.gram[mask], bank.sigma[mask],
-                  bank.clip_lo[mask], bank.clip_hi[mask]):
+                  bank.clip_lo[mask], bank.clip_hi[mask], bank.observed[mask]):
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
     return digest.hexdigest()
 

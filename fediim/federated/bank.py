@@ -88,6 +88,9 @@ class ModelBank:
     # clamped to it; None = the public bounds [-1/2, 1/2].
     clip_lo: np.ndarray | None = None
     clip_hi: np.ndarray | None = None
+    # (C, m) bool: which attributes the releasing site measures. An attribute a site never
+    # measures carries zeros in its cells' Gram rows and columns; None = all measured.
+    observed: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_cells, n_features = len(self.site), self.n_features
@@ -97,6 +100,10 @@ class ModelBank:
             self.clip_lo = np.full((n_cells, n_features), -0.5)
         if self.clip_hi is None:
             self.clip_hi = np.full((n_cells, n_features), 0.5)
+        if self.observed is None:
+            self.observed = np.ones((n_cells, n_features), dtype=bool)
+        if self.observed.dtype != bool:
+            raise BankError("bank field 'observed' must hold booleans")
         shapes = {
             "cell": (self.cell.shape, (n_cells,)),
             "lo": (self.lo.shape, (n_cells, n_features)),
@@ -105,6 +112,7 @@ class ModelBank:
             "sigma": (self.sigma.shape, (n_cells,)), "tree": (self.tree.shape, (n_cells,)),
             "clip_lo": (self.clip_lo.shape, (n_cells, n_features)),
             "clip_hi": (self.clip_hi.shape, (n_cells, n_features)),
+            "observed": (self.observed.shape, (n_cells, n_features)),
         }
         for name, (got, want) in shapes.items():
             if tuple(got) != want:
@@ -134,6 +142,7 @@ class ModelBank:
             lo=self.lo[mask], hi=self.hi[mask], gram=self.gram[mask], sigma=self.sigma[mask],
             min_records=self.min_records, meta=dict(self.meta), tree=self.tree[mask],
             clip_lo=self.clip_lo[mask], clip_hi=self.clip_hi[mask],
+            observed=self.observed[mask],
         )
 
     @property
@@ -147,16 +156,22 @@ class ModelBank:
         divided by the number of trees (an average of the trees' estimates)."""
         return self.gram.sum(axis=0) / self.n_trees
 
+    def column_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Federation-wide mean and variance per attribute, each from the cells that
+        measure it (per tree, averaged over trees like :meth:`pooled_gram`)."""
+        weight = self.observed / self.n_trees  # (C, m)
+        count = np.maximum(weight.T @ self.gram[:, 0, 0], 1.0)
+        mean = np.einsum("cm,cm->m", weight, self.gram[:, 0, 1:]) / count
+        square = np.einsum("cm,cm->m", weight,
+                           np.diagonal(self.gram, axis1=1, axis2=2)[:, 1:]) / count
+        return mean, square - mean**2
+
     def feature_scale(self) -> np.ndarray:
-        """Federation-wide standard deviation per attribute, read off the pooled Gram.
+        """Federation-wide standard deviation per attribute (:meth:`column_moments`).
 
         Used to standardise anchor distances (bounds may be much wider than the data).
         """
-        pooled = self.pooled_gram()
-        count = max(pooled[0, 0], 1.0)
-        mean = pooled[0, 1:] / count
-        variance = np.diag(pooled)[1:] / count - mean**2
-        return np.sqrt(np.maximum(variance, 1e-12))
+        return np.sqrt(np.maximum(self.column_moments()[1], 1e-12))
 
     @classmethod
     def concat(cls, banks: list[ModelBank], meta: dict[str, Any] | None = None) -> ModelBank:
@@ -166,7 +181,8 @@ class ModelBank:
         widths = {bank.n_features for bank in banks}
         if len(widths) != 1:
             raise BankError(f"banks disagree on the number of features: {sorted(widths)}")
-        fields = ("site", "cell", "lo", "hi", "gram", "sigma", "tree", "clip_lo", "clip_hi")
+        fields = ("site", "cell", "lo", "hi", "gram", "sigma", "tree", "clip_lo", "clip_hi",
+                  "observed")
         return cls(
             n_features=widths.pop(),
             min_records=max(bank.min_records for bank in banks),
@@ -187,7 +203,7 @@ class ModelBank:
             buf, manifest=np.array(json.dumps(manifest, sort_keys=True)),
             site=self.site.astype(str), cell=self.cell.astype(str), lo=self.lo, hi=self.hi,
             gram=self.gram, sigma=self.sigma, tree=self.tree.astype(np.int64),
-            clip_lo=self.clip_lo, clip_hi=self.clip_hi,
+            clip_lo=self.clip_lo, clip_hi=self.clip_hi, observed=self.observed,
         )
         return buf.getvalue()
 
@@ -202,6 +218,7 @@ class ModelBank:
                 tree = archive["tree"] if "tree" in archive.files else None
                 clip = {name: archive[name] for name in ("clip_lo", "clip_hi")
                         if name in archive.files}
+                observed = archive["observed"] if "observed" in archive.files else None
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad bank
             raise BankError(f"{source}: not a readable fediim bank ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
@@ -221,9 +238,11 @@ class ModelBank:
                                 "non-finite or non-float values)")
         if tree is not None and (tree.dtype.kind not in "iu" or np.any(tree < 0)):
             raise BankError(f"{source}: bank array 'tree' must hold non-negative integers")
+        if observed is not None and observed.dtype != bool:
+            raise BankError(f"{source}: bank array 'observed' must hold booleans")
         try:
             return cls(n_features=manifest["n_features"], min_records=manifest["min_records"],
-                       meta=meta, tree=tree, **arrays)
+                       meta=meta, tree=tree, observed=observed, **arrays)
         except BankError as exc:
             raise BankError(f"{source}: {exc}") from exc
 

@@ -51,7 +51,13 @@ def site_release(
     """A site's whole release: clipping box, private partition and noised leaf Gram
     matrices (see module). ``clip_columns``: public per-column flags of the columns the box
     may narrow (default all; codes must not be clipped, see
-    :func:`~fediim.federated.clipping.private_clip_box`)."""
+    :func:`~fediim.federated.clipping.private_clip_box`).
+
+    A site that never measures an attribute (missing in every row: a property of its
+    schema, treated as public like the schema) releases over the attributes it measures,
+    from its records complete on those, and its cells say so (``observed``): it still
+    contributes to every pattern within them. With fewer than two measured attributes it
+    releases nothing and spends nothing."""
     x = np.asarray(x, dtype=np.float64)
     if np.isfinite(plan.rho_total):
         # Refuse the whole plan up front: a release that could not be finished must not
@@ -63,14 +69,44 @@ def site_release(
                 f"site {site_id!r}: this release needs rho={plan.rho_total:.6g} but only "
                 f"{ledger.remaining_rho:.6g} of {ledger.rho_budget:.6g} remains; nothing "
                 "was released")
-    complete = x[~np.isnan(x).any(axis=1)]
-    xs, _ = scale_to_bounds(complete, bounds)
-    box = site_clip_box(xs, plan, ledger=ledger, noise=noise, clip_columns=clip_columns)
+    n_features = x.shape[1]
+    measured = ~np.isnan(x).all(axis=0)
+    if measured.sum() < 2:  # nothing to relate: release nothing, spend nothing
+        return _empty_release(n_features, plan)
+    complete = x[~np.isnan(x[:, measured]).any(axis=1)][:, measured]
+    xs, _ = scale_to_bounds(complete, bounds[measured])
+    clip = measured if clip_columns is None else measured & np.asarray(clip_columns, bool)
+    box = site_clip_box(xs, plan, ledger=ledger, noise=noise, clip_columns=clip[measured])
     xs = clamp_to_box(xs, *box)[0]
     parts = [_release_tree(xs, plan, tree, site_id=site_id, ledger=ledger, noise=noise,
-                           box=box)
+                           box=box, sensitivity=gram_sensitivity(n_features))
              for tree in range(plan.n_trees)]
-    return ModelBank.concat(parts) if len(parts) > 1 else parts[0]
+    part = ModelBank.concat(parts) if len(parts) > 1 else parts[0]
+    return part if measured.all() else embed_columns(part, measured)
+
+
+def _empty_release(n_features: int, plan: PrivacyPlan) -> ModelBank:
+    empty = np.zeros((0, n_features))
+    return ModelBank(n_features=n_features, site=np.array([], str), cell=np.array([], str),
+                     lo=empty, hi=empty, gram=np.zeros((0, n_features + 1, n_features + 1)),
+                     sigma=np.zeros(0), min_records=plan.min_records)
+
+
+def embed_columns(part: ModelBank, measured: np.ndarray) -> ModelBank:
+    """A release over the ``measured`` attributes only, as cells over all of them: zero Gram
+    rows and columns, the whole public range as box, and ``observed`` False where the site
+    measures nothing."""
+    n_cells, n_features = part.n_cells, len(measured)
+    index = np.flatnonzero(np.concatenate([[True], measured]))
+    gram = np.zeros((n_cells, n_features + 1, n_features + 1))
+    gram[:, index[:, None], index[None, :]] = part.gram
+    boxes = {}
+    for name, fill in (("lo", -0.5), ("hi", 0.5), ("clip_lo", -0.5), ("clip_hi", 0.5)):
+        boxes[name] = np.full((n_cells, n_features), fill)
+        boxes[name][:, measured] = getattr(part, name)
+    return ModelBank(n_features=n_features, site=part.site, cell=part.cell, gram=gram,
+                     sigma=part.sigma, min_records=part.min_records, tree=part.tree,
+                     observed=np.tile(measured, (n_cells, 1)), **boxes)
 
 
 #: Share of the clipping budget spent on the noisy record count that decides whether a
@@ -114,8 +150,14 @@ def cell_coordinates(rows: np.ndarray, center: np.ndarray, width: np.ndarray) ->
 
 def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
                   ledger: PrivacyLedger | None, noise: NoiseSource | None,
-                  box: tuple[np.ndarray, np.ndarray] | None = None) -> ModelBank:
-    """One tree of :func:`site_release`: its partition and its leaves' noised Grams."""
+                  box: tuple[np.ndarray, np.ndarray] | None = None,
+                  sensitivity: float | None = None) -> ModelBank:
+    """One tree of :func:`site_release`: its partition and its leaves' noised Grams.
+
+    ``sensitivity``: the Gram release's declared L2 sensitivity, by default that of
+    ``xs``'s attributes; a site measuring fewer attributes than the schema declares the
+    schema's (an upper bound), so its noise is the plan's.
+    """
     n_features = xs.shape[1]
     leaves = build_partition(xs, plan.partition, ledger=ledger, noise=noise, tree=tree,
                              box=box)
@@ -133,7 +175,8 @@ def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
         vec = upper_triangle(grams).ravel()
         tree_note = f", tree {tree + 1} of {plan.n_trees}" if plan.n_trees > 1 else ""
         noised = release_gaussian(
-            vec, sensitivity_l2=gram_sensitivity(n_features), rho=plan.rho_gram / plan.n_trees,
+            vec, sensitivity_l2=sensitivity or gram_sensitivity(n_features),
+            rho=plan.rho_gram / plan.n_trees,
             ledger=ledger, noise=noise,
             purpose=f"leaf Gram matrices ({len(leaves)} cells, {n_features} attributes"
                     f"{tree_note})",

@@ -289,7 +289,6 @@ class SiteView:
             mean = np.nanmean(scaled, axis=0)
         spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
         mean = np.where(np.isfinite(mean), mean, 0.0)
-        pooled = bank.pooled_gram()
         others = bank.select(bank.site != site_id) if site_id is not None else bank
         choices = bank_choices(config, exact=bool(np.all(bank.sigma == 0)))
         return cls(
@@ -299,7 +298,7 @@ class SiteView:
             choose_config=len(choices) > 1 and others.n_cells > 0,
             shrink=(mode != "hybrid" and site_id is not None and bank.n_trees == 1
                     and bool(np.any(bank.sigma > 0))),
-            federation_mean=pooled[0, 1:] / max(pooled[0, 0], 1.0),
+            federation_mean=bank.column_moments()[0],
             local_config=IIMConfig(n_neighbors=n_neighbors), blend_weights=blend_weights,
             site_id=site_id, random_state=random_state)
 
@@ -557,8 +556,9 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
     Gram; other rows were never in the bank. Rows go out in :data:`CROSSFIT_FOLDS` random
     folds at a time.
     """
-    # As released: clamped to the site's clipping box.
+    # As released: clamped to the site's clipping box, zero where it measures nothing.
     rows = np.clip(rows, bank.clip_lo[own[0]], bank.clip_hi[own[0]])
+    rows[:, ~bank.observed[own[0]]] = 0.0
     cell = _own_cell_of_rows(bank, own, rows)
     augmented = np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
     predictions = np.empty((len(choices), len(rows)))
@@ -574,7 +574,7 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
         without_fold = ModelBank(
             n_features=bank.n_features, site=bank.site, cell=bank.cell, lo=bank.lo,
             hi=bank.hi, gram=gram, sigma=bank.sigma, min_records=0, tree=bank.tree,
-            clip_lo=bank.clip_lo, clip_hi=bank.clip_hi)
+            clip_lo=bank.clip_lo, clip_hi=bank.clip_hi, observed=bank.observed)
         queries = rows[np.ix_(held, list(features))]
         for number, config in enumerate(choices):
             predictions[number, held] = pattern_models(

@@ -130,6 +130,9 @@ def _gram_problems(release: ModelBank, limits: ReleaseLimits) -> list[str]:
     gram = release.gram
     scale = np.maximum(1.0, np.abs(gram).max(axis=(1, 2)))
     problems = []
+    unmeasured = ~np.concatenate([np.ones((release.n_cells, 1), bool), release.observed], 1)
+    if np.any(unmeasured[:, :, None] & (gram != 0)):
+        problems.append("Gram entries for an attribute the site does not measure")
     if np.any(np.abs(gram - gram.transpose(0, 2, 1)).max(axis=(1, 2)) > _RTOL * scale):
         problems.append("a Gram matrix that is not symmetric")
     elif np.any(np.linalg.eigvalsh(gram)[:, 0] < -1e-6 * scale):

@@ -188,7 +188,7 @@ def _bank_bytes(own: ModelBank, other: ModelBank) -> bytes:
     serialised whatever the cells hold (a crafted count or ``min_records`` included)."""
     bank = copy.copy(own)  # fields set one by one: ModelBank's own checks are not run
     for name in ("site", "cell", "lo", "hi", "gram", "sigma", "tree", "clip_lo",
-                 "clip_hi"):
+                 "clip_hi", "observed"):
         setattr(bank, name, np.concatenate([getattr(own, name), getattr(other, name)]))
     bank.min_records = min(own.min_records, other.min_records)
     bank.meta = {"epsilon": EPSILON, "delta": DELTA}
