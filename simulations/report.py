@@ -27,7 +27,7 @@ from simulations.small_site import (
     small_site_panels,
     small_site_results,
 )
-from simulations.summary import NP, paired_differences, summarise
+from simulations.summary import NP, paired_differences, site_gains, summarise
 from simulations.tables import (
     eps_label,
     fmt,
@@ -323,6 +323,26 @@ def _per_site(summary: dict[str, Any], study: Study) -> list[str]:
     return lines
 
 
+def _gains(run: StudyRun) -> list[str]:
+    """What joining gains each site at the report's epsilon (hybrid against alone)."""
+    study = run.study
+    if "hybrid" not in study.config.study.methods or "local" not in study.config.study.methods:
+        return []
+    rep = eps_key(study.report_epsilon)
+    lines = ["## What joining gains each site", "",
+             f"Each site's NRMSE alone (`local`) and in the federation (`hybrid`, ε = "
+             f"{eps_label(rep)}), and the difference paired by seed (mean ± standard error; "
+             "negative: joining helps).", ""]
+    for ds, sites in site_gains(run.records, rep).items():
+        rows = [[site, fmt(g["local"]), fmt(g["joined"]),
+                 f"{g['mean']:+.3f} ± {g['se']:.3f}",
+                 f"{100 * g['mean'] / g['local']:+.1f}%" if g["local"] else ""]
+                for site, g in sites.items()]
+        lines += [f"**{ds}**:", "", markdown_table(
+            ["site", "alone", "joined", "joined − alone", "relative"], rows), ""]
+    return lines
+
+
 def _failures(run: StudyRun) -> list[str]:
     if not run.failures:
         return []
@@ -354,7 +374,8 @@ def render_markdown(run: StudyRun, summary: dict[str, Any], plots: dict[str, str
     sections = [_intro(run), _what_was_run(run), _HOW_TO_READ,
                 _results(summary, paired, study), _small_site(small, study),
                 _plots(plots, study),
-                _privacy_spent(summary, study), _per_site(summary, study), _failures(run),
+                _privacy_spent(summary, study), _per_site(summary, study), _gains(run),
+                _failures(run),
                 _files(run)]
     return "\n".join(line for section in sections for line in section)
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from simulations.config import METHODS, PRIVATE_METHODS
 
-__all__ = ["NP", "eps_sort_key", "paired_against", "paired_differences", "summarise"]
+__all__ = ["NP", "eps_sort_key", "paired_against", "paired_differences", "site_gains",
+           "summarise"]
 
 NP = "-"  # epsilon key of non-private cells
 
@@ -123,3 +124,27 @@ def _paired_stats(d: Sequence[float]) -> dict[str, Any]:
     mean = float(np.mean(d))
     se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
     return {"mean": mean, "se": se, "n_seeds": len(d), "within_noise": bool(mean <= 2 * se)}
+
+
+def site_gains(records: Sequence[dict[str, Any]], epsilon_key: str,
+               method: str = "hybrid") -> dict[str, dict[str, Any]]:
+    """dataset -> site -> what joining gains it: ``method`` at ``epsilon_key`` against the
+    site alone (``local``), paired by seed: ``local`` and ``joined`` (mean NRMSE over the
+    seeds where both ran) and the statistics of the differences (joined - local; negative
+    is a gain)."""
+    alone = {(r["dataset"], r["seed"]): r["nrmse_site"] for r in records
+             if r["method"] == "local"}
+    pairs: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in records:
+        if r["method"] != method or r["epsilon"] != epsilon_key:
+            continue
+        local = alone.get((r["dataset"], r["seed"]))
+        for site, joined in r["nrmse_site"].items():
+            if local is not None and joined is not None and local.get(site) is not None:
+                pairs.setdefault(r["dataset"], {}).setdefault(site, []).append(
+                    (local[site], joined))
+    return {ds: {site: {"local": float(np.mean([a for a, _ in p])),
+                        "joined": float(np.mean([b for _, b in p])),
+                        **_paired_stats([b - a for a, b in p])}
+                 for site, p in by_site.items()}
+            for ds, by_site in pairs.items()}

@@ -60,12 +60,20 @@ def test_demo_runs_and_writes_the_report(tmp_path: Path,
                          re.M), site
     assert "report: " in out and "study: 10 cells" in out
 
+    # the bank against the column mean, and each hospital's gain from joining
+    assert re.search(r"at ε=1 the private bank alone is (better|worse) than the column mean "
+                     r"of all records pooled \(\d\.\d{3} vs \d\.\d{3}, [+-]\d+\.\d%\)", out)
+    for site in ("A", "B", "C", "D"):
+        assert re.search(rf"^\s+{site} \(\s*\d+ patients\): \d\.\d{{3}} -> \d\.\d{{3}}  "
+                         r"\([+-]\d\.\d{3} ± (\d\.\d{3}|inf), [+-]\d+\.\d%\)$", out, re.M), site
+
     names = {p.name for p in tmp_path.iterdir()}
     assert {"report.md", "results.json", "results.csv", "nrmse_vs_epsilon.png", "per_site.png",
             "privacy_spent.png", "cache", "hospital_D_masked.csv", "hospital_D_imputed.csv",
             "hospital_D_imputed.flags.csv", "hospital_D_imputed.audit.jsonl"} <= names
     report = (tmp_path / "report.md").read_text()
     assert "Four hospitals" in report and "![nrmse](nrmse_vs_epsilon.png)" in report
+    assert "## What joining gains each site" in report
     audit = (tmp_path / "hospital_D_imputed.audit.jsonl").read_text().splitlines()
     assert audit and json.loads(audit[0])["method"] == "iim"
     assert "$ fediim impute" in out

@@ -227,3 +227,22 @@ def test_report_has_a_smallest_site_section(tmp_path: Path) -> None:
         r["nrmse_site"]["small"] for r in hyb]
     assert small["absent"]["bmi"]["summary"]["hybrid"]["1"]["nrmse_seeds"] == [
         r["nrmse_absent"]["small"]["bmi"] for r in hyb]
+
+
+def test_site_gains_pair_each_site_by_seed() -> None:
+    """joined - local per site, paired by seed; sites or seeds without both are left out."""
+    from simulations.summary import site_gains
+
+    def rec(method: str, seed: int, eps: str | None, a: float, b: float | None) -> dict:
+        return {"dataset": "d", "method": method, "seed": seed, "epsilon": eps,
+                "nrmse_site": {"a": a, "b": b}}
+
+    records = [rec("local", 0, None, 1.0, 0.5), rec("local", 1, None, 0.8, 0.5),
+               rec("hybrid", 0, "1", 0.7, None), rec("hybrid", 1, "1", 0.6, 0.4),
+               rec("hybrid", 0, "4", 0.1, 0.1), rec("federated", 1, "1", 0.0, 0.0)]
+    gains = site_gains(records, "1")["d"]
+    assert gains["a"]["local"] == pytest.approx(0.9)
+    assert gains["a"]["joined"] == pytest.approx(0.65)
+    assert gains["a"]["mean"] == pytest.approx(-0.25) and gains["a"]["n_seeds"] == 2
+    assert gains["a"]["se"] == pytest.approx(0.05)  # sd 0.05 * sqrt(2), over sqrt(2)
+    assert gains["b"]["n_seeds"] == 1 and gains["b"]["mean"] == pytest.approx(-0.1)
