@@ -1,6 +1,8 @@
 """Who is admitted at the handshake: a site that accepted the request, proved its identity,
-is the only node speaking for its site id, did not rewind its ledger and computed the
-coordinator's spend.
+is the only node speaking for its site id, did not rewind its ledger, computed the
+coordinator's spend and stays within the federation's budget policy (run config
+``max-total-epsilon``: the most any site may have spent, across runs, once this run is
+charged).
 
 Identity: with a site registry (run config ``site-registry``) a site is admitted only if
 its handshake reply is signed, with the key registered for the site id it claims, over this
@@ -38,6 +40,9 @@ class Admission:
     registry: SiteRegistry | None
     spend: SpendRecord
     admitted: dict[str, int] = field(default_factory=dict)
+    #: The federation's budget policy: most rho a site may have spent, this run included
+    #: (inf: no policy).
+    max_total_rho: float = math.inf
 
     def judge(self, node_id: int, reply: HandshakeReply) -> Problem | None:
         """Why the site on ``node_id`` is not admitted, or None (then it is admitted)."""
@@ -80,4 +85,15 @@ class Admission:
         if not math.isclose(reply.rho_requested, self.rho, rel_tol=1e-9):
             return ("plan_mismatch", f"the site computed rho={reply.rho_requested!r} for this "
                     f"request, the coordinator {self.rho!r}")
-        return None
+        return self._policy_problem(reply.site_id, reported)
+
+    def _policy_problem(self, site_id: str, reported: float) -> Problem | None:
+        """The federation's budget policy, on the larger of the site's reported spend and
+        the last one this coordinator acknowledged."""
+        last = self.spend.last(site_id)
+        spent = max(reported, last.rho_spent_total if last is not None else 0.0)
+        if spent + self.rho <= self.max_total_rho * (1 + 1e-12):
+            return None
+        return ("federation_budget", f"the site has spent rho={spent:.6g}; this run's "
+                f"rho={self.rho:.6g} would pass the federation's policy of "
+                f"rho={self.max_total_rho:.6g} in total")

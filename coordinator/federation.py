@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from fediim.federated.bank import ModelBank
 from fediim.federated.vetting import ReleaseLimits, release_problems
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
+from fediim.privacy import epsilon_to_rho
 from fediim.protocol.clock import SYSTEM_CLOCK, Clock
 from fediim.protocol.identity import load_site_registry
 from fediim.protocol.messages import (
@@ -148,7 +150,9 @@ class _Federation:
         self.spend = SpendRecord.beside_key(cfg.signing_key)
         self.admission = Admission(
             run_id=self.run_id, nonce=secrets.token_hex(16), rho=self.rho, spend=self.spend,
-            registry=load_site_registry(cfg.site_registry) if cfg.site_registry else None)
+            registry=load_site_registry(cfg.site_registry) if cfg.site_registry else None,
+            max_total_rho=(epsilon_to_rho(cfg.max_total_epsilon, cfg.delta)
+                           if cfg.max_total_epsilon > 0 else math.inf))
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.sites: dict[int, _Site] = {}

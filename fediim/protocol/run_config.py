@@ -58,12 +58,14 @@ class PlanFields(BaseModel):
 
     min_records: int = Field(default=PLAN_DEFAULTS.min_records, ge=1)
     count_fraction: float = Field(default=PLAN_DEFAULTS.count_fraction, gt=0, lt=1)
+    clip_fraction: float = Field(default=PLAN_DEFAULTS.clip_fraction, ge=0, lt=0.5)
     max_depth: int = Field(default=NOISY_MAX_DEPTH, ge=0, le=64)
     cell_noise_ratio: FiniteFloat = Field(default=PLAN_DEFAULTS.cell_noise_ratio, gt=0)
 
     def plan_params(self) -> PlanParams:
         """These fields as the plan's parameters (``n_trees`` by budget: one under noise)."""
         return PlanParams(min_records=self.min_records, count_fraction=self.count_fraction,
+                          clip_fraction=self.clip_fraction,
                           max_depth=self.max_depth, cell_noise_ratio=self.cell_noise_ratio,
                           n_trees=PLAN_DEFAULTS.n_trees)
 
@@ -87,6 +89,11 @@ class RunConfig(PlanFields):
     expected_sites: int = Field(default=0, ge=0)  # SuperNodes to wait for (0: min-sites)
     epsilon: Epsilon = 1.0  # this fit's spend at every site
     delta: Delta = 1e-6
+    # The federation's budget policy: no site may have spent more than this epsilon (at
+    # delta) in total, across runs, once this run is charged; 0: no federation policy (each
+    # site's own budget and per-run cap still hold). Checked at the handshake from the
+    # site's reported spend and this coordinator's last receipt.
+    max_total_epsilon: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     mode: Mode = "hybrid"  # how the sites impute (fediim.federated.plan.MODES)
     k: int = Field(default=10, ge=1)  # neighbours
     seed: int = Field(default=-1, ge=-1)  # -1: OpenDP noise; >= 0: seeded, SIMULATION ONLY

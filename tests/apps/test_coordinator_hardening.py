@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from coordinator.app import make_server_app
 from coordinator.spend import SPEND_RECORD_NAME
 from fediim.deploy.layout import FederationLayout, prepare_federation
-from fediim.errors import ConfigError, SignatureError, SigningKeyError
+from fediim.errors import ConfigError, QuorumNotMet, SignatureError, SigningKeyError
 from fediim.federated.bank import ModelBank
 from fediim.federated.vetting import ReleaseLimits, bank_problems
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
@@ -408,3 +408,24 @@ def test_an_unreadable_spend_record_stops_the_run_before_anything_is_sent(
     (layout.coordinator_dir / SPEND_RECORD_NAME).write_text("{not json")
     with pytest.raises(ConfigError, match="spend record is unreadable"):
         _serve(layout)
+
+
+def test_the_federation_budget_policy_refuses_a_site_that_would_pass_it(
+        tmp_path: Path) -> None:
+    """max-total-epsilon: one run at epsilon 4 fits under a policy of 5 (a site's
+    budget is 12); two would not (rho adds up: about epsilon 5.4), so at the second run
+    every site is refused at the handshake, before it spends anything."""
+    layout = _layout(tmp_path, {"site-a": 200, "site-b": 160}, budget_epsilon=12.0,
+                     **{"max-total-epsilon": 5.0})
+    _serve(layout)
+    assert _view(layout)["status"] == "completed"
+    spent = {site.site_id: site.ledger.read_bytes() for site in layout.sites}
+    with pytest.raises(QuorumNotMet):
+        _serve(layout, run_id=RUN_ID + 1)
+    view = _view(layout)
+    assert view["status"] == "failed"
+    for site in layout.sites:
+        refused = _stage(view, site.site_id, "handshake")
+        assert refused["code"] == "federation_budget"
+        assert "federation's policy" in refused["reason"]
+        assert site.ledger.read_bytes() == spent[site.site_id]  # nothing charged
