@@ -679,17 +679,6 @@ def test_hybrid_without_federation_blends_only_the_sites_own_sides(
         case, mode="hybrid", use_federation_in_blend=False)
 
 
-def test_hybrid_weights_prefer_local_on_ties() -> None:
-    w, bias = federated.choose_blend(
-        np.array([1.0, 2.0, 3.0]), None, np.zeros((3, 1)), np.array([1.0, 2.0, 3.0]),
-        np.array([1.0, 2.0, 3.0]), federated.BLEND_WEIGHTS)
-    np.testing.assert_array_equal(w, [1.0, 0.0, 0.0])
-    assert bias == 0.0
-    assert tuple(federated.BLEND_WEIGHTS[0]) == (1.0, 0.0, 0.0)
-    np.testing.assert_allclose(federated.BLEND_WEIGHTS.sum(axis=1), 1.0)
-
-
-
 def test_federated_mode_shrinks_a_noise_only_bank_towards_the_mean(
         two_sites: tuple[list[np.ndarray], ...], monkeypatch: pytest.MonkeyPatch) -> None:
     """At a tiny budget the cells are mostly noise; the weight the site's rows choose
