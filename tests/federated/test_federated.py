@@ -43,6 +43,7 @@ from fediim.privacy import (
     gram_sensitivity,
     release_gaussian,
 )
+from tests.federated.spies import spy_bank_counts
 from tests.release_doubles import RecordingNoise, ReleaseRecorder
 
 M = 4
@@ -747,14 +748,7 @@ def test_shrink_validation_takes_each_row_out_of_its_own_cell(
     plan = plan_privacy(2.0, DELTA, M, max_depth=2)
     bank = site_release(x, BOUNDS, plan, site_id="s", ledger=PrivacyLedger.in_memory(
         plan.rho_total, "s"), noise=SeededGaussianNoise(0))
-    seen: list[np.ndarray] = []
-    real = federated.pattern_models
-
-    def spy(b: ModelBank, *args: Any) -> Any:
-        seen.append(b.counts.copy())
-        return real(b, *args)
-
-    monkeypatch.setattr(federated, "pattern_models", spy)
+    seen = spy_bank_counts(monkeypatch)
     xs, _ = scale_to_bounds(x, BOUNDS)
     federated.choose_shrinkage(bank, "s", 0, (1, 2, 3), [BankConfig()], xs, 0.0)
     assert len(seen) == federated.CROSSFIT_FOLDS

@@ -4,17 +4,16 @@ site_imputation.impute_hybrid)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 import fediim.federated.site_imputation as federated
 from fediim.federated import FederatedIIM, scale_to_bounds, site_impute
-from fediim.federated.bank import BankConfig, ModelBank
+from fediim.federated.bank import BankConfig
 from fediim.federated.engines import pattern_models
 from fediim.federated.fusion import choose_blend, fusion_predictions, site_coefficients
 from fediim.impute.iim import ridge_solve
+from tests.federated.spies import spy_bank_counts
 
 LOADINGS = np.array([1.0, 2.0, -1.0, 0.5])
 BOUNDS = np.array([[-4.0, 4.0], [-8.0, 8.0], [-4.0, 4.0], [-2.0, 2.0]])
@@ -124,14 +123,7 @@ def test_hybrid_bank_side_takes_each_validated_row_out_of_its_cell_in_every_tree
         [x, _factor_table(5, 300)], site_ids=["s", "other"])
     bank = model.bank_
     assert bank.n_trees > 1
-    seen: list[np.ndarray] = []
-    real = federated.pattern_models
-
-    def spy(b: ModelBank, *args: Any) -> Any:
-        seen.append(b.counts.copy())
-        return real(b, *args)
-
-    monkeypatch.setattr(federated, "pattern_models", spy)
+    seen = spy_bank_counts(monkeypatch)
     rows, _ = scale_to_bounds(x, BOUNDS)
     coefficients = federated.crossfitted_bank_coefficients(
         bank, "s", rows, 3, (0, 1, 2), [BankConfig(engine="mixture")])
