@@ -9,8 +9,9 @@ with a standard error.
 
 Methods at the smallest site (all impute the same masked tables; one bank per seed and ε):
     local          IIMImputer on the site alone
-    hybrid         site_impute(mode="hybrid"): local, the other sites' cells recentred, and
-                   the site mean, blended by weights chosen on the site's own rows
+    hybrid         site_impute(mode="hybrid"): local, one side read off the bank (its
+                   models, the same at the site's level, or their shrinkage fusion with the
+                   site's rows) and the site mean, chosen on the site's own rows
     hybrid_nofed   ablation: the same blend with the federated weight forced to 0 (local +
                    site mean only) -- what the site gets *without* the federation
     federated      bank candidates only
@@ -20,9 +21,9 @@ the hybrid is small, so this design scores *every* cell of the site's complete r
 rows x 10 attributes at Switzerland) with masking as in the protocol: each imputation
 masks two cells in different rows (the protocol masks ~2 of its 46 complete rows), and
 the same fixed pairing of cells is used for every bank. Banks come from N noise seeds
-(the other sites masked by the protocol with that seed). The site's own table is
-released whole: ``hybrid`` reads only the *other* sites' cells, so its own release does
-not enter (``federated`` does, and is left out of this design). Differences are averaged
+(the other sites masked by the protocol with that seed). The site itself releases
+nothing: ``hybrid`` reads the whole bank, and a release of the site's table would put the
+sweep's hidden cells into it (``federated`` is left out of this design). Differences are averaged
 over banks per cell, then reported with the standard error over cells and, separately,
 per bank so that the bank-to-bank spread is visible.
 
@@ -220,12 +221,13 @@ def sweep_local(heart: Federation) -> dict[str, Any]:
 
 def bank_sites(tables: list[np.ndarray], names: list[str], small: int, merge_others: bool
                ) -> tuple[list[np.ndarray], list[str]]:
-    """The tables that release into the bank, and their site ids: every site, or the small
-    site and the union of the others as one site named "others"."""
+    """The tables that release into the bank, and their site ids: every site but the small
+    one (its release would hold the sweep's hidden cells), or their union as one site named
+    "others"."""
+    others = [number for number in range(len(tables)) if number != small]
     if not merge_others:
-        return list(tables), list(names)
-    others = np.vstack([t for i, t in enumerate(tables) if i != small])
-    return [tables[small], others], [names[small], "others"]
+        return [tables[number] for number in others], [names[number] for number in others]
+    return [np.vstack([tables[number] for number in others])], ["others"]
 
 
 def sweep_bank(heart: Federation, seed: int, eps: float, merge_others: bool = False
@@ -238,7 +240,6 @@ def sweep_bank(heart: Federation, seed: int, eps: float, merge_others: bool = Fa
     an upper bound for that design, not something the product does."""
     small = _smallest(heart.sites)
     masked, _ = mask_sites(heart.sites, seed)
-    masked[small] = heart.sites[small]  # hybrid reads only the other sites' cells
     sid, x, sd = heart.names[small], heart.sites[small], heart.sd
     released, ids = bank_sites(masked, heart.names, small, merge_others)
     f = FederatedIIM(n_neighbors=heart.k, epsilon=eps, delta=heart.delta, bounds=heart.bounds,

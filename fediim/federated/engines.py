@@ -156,6 +156,15 @@ class CellPatternModels:
         candidates = np.einsum("qf,qkf->qk", augmented, self._phi[nearest]) * self._std[-1]
         return PatternResult.vote(candidates, nearest, self._ell[nearest])
 
+    def coefficients(self, queries: np.ndarray) -> np.ndarray:
+        """Per query, the linear model (intercept, slopes on F; scaled coordinates) that the
+        voting applies there: the vote-weighted mean of its k nearest cells' models, whose
+        value at the query is :meth:`impute`'s. Shape (queries, len(F) + 1)."""
+        found = self.impute(queries)
+        assert self._phi is not None
+        phi = np.einsum("qk,qkf->qf", found.weights, self._phi[found.neighbors])
+        return np.column_stack([phi[:, 0], phi[:, 1:] / self._std[1:-1]]) * self._std[-1]
+
 
 _MIXTURE_BLOCK_FLOATS = 4_000_000
 
@@ -222,6 +231,19 @@ class MixturePatternModels:
             top_estimate[part] = np.take_along_axis(estimate, order, axis=1)
         # Provenance: the k most responsible cells (their share of the vote, their estimate).
         return PatternResult(values, spread, top, np.ones_like(top), top_weight, top_estimate)
+
+    def coefficients(self, queries: np.ndarray) -> np.ndarray:
+        """Per query, the responsibility-weighted mean of the cells' regressions (intercept,
+        slopes on F; scaled coordinates), whose value at the query is :meth:`impute`'s.
+        Shape (queries, len(F) + 1)."""
+        queries = np.asarray(queries, dtype=np.float64)
+        models = np.column_stack([
+            self._mean_target - np.einsum("cf,cf->c", self._beta, self._mean_features),
+            self._beta])
+        block = max(1, min(256, _MIXTURE_BLOCK_FLOATS // max(self._mean_features.size, 1)))
+        return np.concatenate([self._components(queries[start:start + block])[0] @ models
+                               for start in range(0, len(queries), block)]
+                              or [np.zeros((0, models.shape[1]))])
 
     def _components(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each cell's responsibility for each query and its within-cell estimate, both of

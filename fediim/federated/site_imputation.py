@@ -19,9 +19,15 @@ import numpy as np
 
 from fediim.federated.bank import NOISE_ALPHA_GRID, BankConfig, BankError, ModelBank
 from fediim.federated.engines import BankModels, pattern_models
+from fediim.federated.fusion import (
+    FUSION_STRENGTHS,
+    choose_blend,
+    fusion_predictions,
+    site_coefficients,
+)
 from fediim.federated.plan import MODES, Mode, scale_to_bounds, unscale
 from fediim.impute.estimator import IIMImputer, empty_result, missing_patterns
-from fediim.impute.iim import IIMConfig, PatternModels
+from fediim.impute.iim import IIMConfig, PatternModels, PatternResult
 from fediim.io.result import METHOD_FALLBACK, METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["BLEND_WEIGHTS", "ImputationJob", "JobEstimate", "SiteView", "impute_federated",
@@ -34,8 +40,8 @@ MIN_VALIDATION_ROWS = 20
 #: Folds of the cross-fitting that keeps validated rows out of the models that predict them.
 CROSSFIT_FOLDS = 5
 _WEIGHT_STEP = 0.1
-#: Hybrid blend weights (local, recentred federated, site mean) on a 0.1 grid of the
-#: simplex, local-only first so that ties keep the site's own model.
+#: Hybrid blend weights (local, one bank side, site mean) on a 0.1 grid of the simplex,
+#: local-only first so that ties keep the site's own model.
 BLEND_WEIGHTS = np.array(sorted(
     ((i * _WEIGHT_STEP, j * _WEIGHT_STEP, round(1 - (i + j) * _WEIGHT_STEP, 10))
      for i in range(11) for j in range(11 - i)),
@@ -71,8 +77,9 @@ def site_impute(
     mode : {"hybrid", "federated", "local", "mean"}, default="hybrid"
         ``local``: the site's own IIM only; ``mean``: the federation-wide mean read off the
         bank; ``federated``: the bank's cell models (see :func:`impute_federated`);
-        ``hybrid``: a blend of local, federated and the site's mean whose weights the
-        site's own rows choose (see :func:`impute_hybrid`).
+        ``hybrid``: a blend of local, one side read off the bank (its models, the same at
+        the site's own level, or their shrinkage fusion with the site's rows) and the
+        site's mean, chosen on the site's own rows (see :func:`impute_hybrid`).
     n_neighbors : int, default=10
         Imputation neighbours, locally and in the bank (unless ``bank_config`` says).
     bank_config : BankConfig, optional
@@ -80,8 +87,10 @@ def site_impute(
         leaves open (``engine="auto"`` on an exact bank, ``noise_alpha=None`` on a noised
         one) the site makes per job on its own rows (see :func:`bank_choices`).
     site_id : str, optional
-        The site's id in the bank. With it, the site validates against the *other*
-        sites' cells, so that its own records do not flatter the federated side.
+        The site's id in the bank. With it, each validated row is first taken out of the
+        site's own cell that holds it (or, where federated mode chooses its configuration
+        on an exact bank, the other sites' cells are used), so that its own records do not
+        flatter the bank's side.
     n_validation : int, default=400
         At most this many of the site's complete rows validate each job's choices.
     random_state : int or None, default=0
@@ -246,15 +255,17 @@ class SiteView:
     missing : where the site's table is NaN.
     bounds : the public bounds per attribute.
     bank, others : the whole bank, and the other sites' cells (the whole bank when the
-        site has no id) that the site validates against.
+        site has no id), on which federated mode chooses its configuration for an exact
+        bank.
     config, choices : the bank configuration asked for, and those the site chooses
         between on its own rows (see :func:`bank_choices`).
     choose_config : whether there is a choice, and cells to make it on.
     shrink : federated mode on a noised single-tree bank with a known site: shrink towards
-        the federation's mean (see :func:`choose_shrinkage`) instead.
-    federation_mean : the federation-wide mean per attribute, read off the bank.
+        the site's own mean (see :func:`shrink_target`, :func:`choose_shrinkage`) instead.
+    federation_mean : the federation-wide mean per attribute, read off the bank (from the
+        cells that measure it).
     local_config : the local side's IIM configuration.
-    blend_weights : the hybrid blend's candidate weights.
+    blend_weights : the hybrid blend's candidate weights (local, bank side, site mean).
     site_id : the site's id in the bank, if known.
     random_state : seeds each job's random choices (see :func:`site_impute`).
     """
@@ -353,12 +364,12 @@ def impute_federated(site: SiteView, job: ImputationJob) -> JobEstimate:
     has fewer than two training rows).
 
     The bank configuration is the one the site's validation rows choose against the other
-    sites' cells (:func:`best_bank_models`). On a noised bank with a known site, it is
-    chosen instead jointly with a weight that shrinks the estimate towards the
-    federation's mean (:func:`choose_shrinkage`): noised cell models can be worse than
-    that mean.
+    sites' cells (:func:`best_bank_config`). On a noised bank with a known site, it is
+    chosen instead jointly with a weight that shrinks the estimate towards the site's own
+    mean (:func:`shrink_target`, :func:`choose_shrinkage`): noised cell models can be
+    worse than that mean.
     """
-    config, _ = _config_and_other_models(site, job)
+    config = _federated_config(site, job)
     weight = 1.0
     mean = shrink_target(site, job)
     if site.shrink:
@@ -387,38 +398,147 @@ def shrink_target(site: SiteView, job: ImputationJob) -> float:
 
 
 def impute_hybrid(site: SiteView, job: ImputationJob) -> JobEstimate:
-    """``w_l * local + w_f * (federated + b) + w_m * site mean``, weights chosen per job.
+    """``w_l * local + w_s * side + w_m * site mean``, the side and weights chosen per job.
 
-    ``local`` is the site's own IIM; ``federated`` the *other* sites' cells recentred by
-    the site's mean residual ``b`` (shared slopes, the site's own level: hospitals differ
-    in case mix); ``site mean`` the site's own mean. The weights come from
-    ``site.blend_weights`` and are chosen on the job's validation rows, each predicted
-    without itself (see :func:`choose_blend`).
+    ``local`` is the site's own IIM; ``site mean`` its own mean; the side is one of
+    :func:`hybrid_sides`: the bank's models as federated mode reads them, the same moved
+    to the site's own level, or the shrinkage fusion of the site's rows with them at one
+    prior strength. The choice (:func:`~fediim.federated.fusion.choose_blend`, weights from
+    ``site.blend_weights``) is made on the job's validation rows, each predicted without
+    itself (:func:`hybrid_validation`); ties keep local.
     """
+    validation = hybrid_validation(site, job)
+    sides, labels = hybrid_sides(site, job, validation)
+    side, weights = choose_blend(validation.local, sides, validation.site_mean,
+                                 validation.truth, site.blend_weights)
+    return _hybrid_estimate(site, job, weights, labels[side] if labels else None)
+
+
+@dataclass(frozen=True)
+class HybridValidation:
+    """The job's validation rows and what predicts them, each without the row itself.
+
+    truth : the target (bank coordinates).
+    local : local IIM, cross-fitted (:func:`crossfitted_local_predictions`).
+    site_mean : the site's mean over its other training rows.
+    bank : the bank's model at each row (scaled coordinates, one per configuration of
+        ``configs``), from the bank with the row out of its own cell
+        (:func:`crossfitted_bank_coefficients`); None when the blend leaves the bank out.
+    configs : the bank configurations the site chooses between.
+    """
+
+    truth: np.ndarray
+    local: np.ndarray
+    site_mean: np.ndarray
+    bank: np.ndarray | None
+    configs: list[BankConfig]
+
+
+@dataclass(frozen=True)
+class HybridSide:
+    """A hybrid side: ``kind`` "bank" (plus ``bias``: "recentred") or "fusion" (at prior
+    ``strength``), from the bank read with ``config``."""
+
+    kind: str
+    config: BankConfig
+    bias: float = 0.0
+    strength: float = 0.0
+
+
+def hybrid_validation(site: SiteView, job: ImputationJob) -> HybridValidation:
+    """Every validation prediction of the hybrid's fixed parts (see
+    :class:`HybridValidation`)."""
     target, features = job.target, list(job.features)
-    _, other_models = _config_and_other_models(site, job)
-    if other_models is None and site.others.n_cells > 0:
-        other_models = pattern_models(site.others, target, job.features, site.config)
-    train_features = site.standardized[np.ix_(job.train, features)]
-    train_target = site.standardized[job.train, target]
-    scale, center = site.scale[target], site.center[target]
-    local = PatternModels(train_features, train_target, site.local_config).impute(
-        site.standardized[np.ix_(job.rows, features)])
     positions = np.searchsorted(job.train, job.validation)  # among the training rows
-    local_validation = crossfitted_local_predictions(
-        train_features, train_target, positions, site.local_config) * scale + center
-    weights, bias = choose_blend(
-        local_validation, other_models, site.validation_queries(job),
-        site.scaled[job.validation, target], site.scaled[job.train, target],
-        site.blend_weights)
+    local = crossfitted_local_predictions(
+        site.standardized[np.ix_(job.train, features)], site.standardized[job.train, target],
+        positions, site.local_config) * site.scale[target] + site.center[target]
+    truth, train_target = site.scaled[job.validation, target], site.scaled[job.train, target]
+    site_mean = (train_target.sum() - truth) / max(len(train_target) - 1, 1)
+    configs = (site.choices if len(site.choices) > 1
+               and len(job.validation) >= MIN_VALIDATION_ROWS else [site.config])
+    bank = None
+    if site.blend_weights[:, 1].any():
+        bank = crossfitted_bank_coefficients(site.bank, site.site_id,
+                                             site.scaled[job.validation], target,
+                                             job.features, configs)
+    return HybridValidation(truth, local, site_mean, bank, configs)
+
+
+def hybrid_sides(site: SiteView, job: ImputationJob, validation: HybridValidation
+                 ) -> tuple[np.ndarray, list[HybridSide]]:
+    """The sides the hybrid chooses from, with their validation predictions (one row
+    each): the bank read with the configuration that validates best, the same recentred
+    by the site's mean residual (shared slopes, the site's own level: hospitals differ in
+    case mix), and the shrinkage fusion at each of
+    :data:`~fediim.federated.fusion.FUSION_STRENGTHS`."""
+    truth = validation.truth
+    if validation.bank is None:
+        return np.zeros((0, len(truth))), []
+    augmented = np.column_stack([np.ones(len(truth)), site.validation_queries(job)])
+    predictions = np.einsum("qf,cqf->cq", augmented, validation.bank)
+    best = int(np.argmin(((predictions - truth) ** 2).mean(axis=1)))  # ties: the first
+    config, bank_side = validation.configs[best], predictions[best]
+    residuals = truth - bank_side
+    recentred = bank_side + (residuals.sum() - residuals) / (len(truth) - 1)
+    fusion = crossfitted_fusion(site, job, validation.bank[best])
+    labels = [HybridSide("bank", config), HybridSide("recentred", config,
+                                                     bias=float(residuals.mean()))]
+    labels += [HybridSide("fusion", config, strength=strength)
+               for strength in FUSION_STRENGTHS]
+    return np.vstack([bank_side, recentred, fusion]), labels
+
+
+def crossfitted_fusion(site: SiteView, job: ImputationJob, bank_coefficients: np.ndarray
+                       ) -> np.ndarray:
+    """The shrinkage fusion's prediction of each validation row at each prior strength,
+    shape (len(FUSION_STRENGTHS), n), from the site's rows without the row's fold, towards
+    ``bank_coefficients`` (the bank's model at each row, made without the row)."""
+    target, n_rows = job.target, len(job.validation)
+    train = _training_system(site, job)
+    positions = np.searchsorted(job.train, job.validation)
+    prior = site_coefficients(bank_coefficients, site.center, site.scale, job.features,
+                              target)
+    folds = np.arange(n_rows) % CROSSFIT_FOLDS
+    predictions = np.empty((len(FUSION_STRENGTHS), n_rows))
+    for fold in range(min(CROSSFIT_FOLDS, n_rows)):
+        held = folds == fold
+        keep = np.ones(len(train), dtype=bool)
+        keep[positions[held]] = False
+        predictions[:, held] = fusion_predictions(
+            train[keep], train[positions[held], 1:-1], prior[held], FUSION_STRENGTHS,
+            _base_alpha(site))
+    return predictions * site.scale[target] + site.center[target]
+
+
+def _training_system(site: SiteView, job: ImputationJob) -> np.ndarray:
+    """The job's training rows as ``(1, features, target)``, standardized coordinates."""
+    return np.column_stack([np.ones(len(job.train)),
+                            site.standardized[np.ix_(job.train, list(job.features))],
+                            site.standardized[job.train, job.target]])
+
+
+def _base_alpha(site: SiteView) -> float:
+    """The fusion's base ridge penalty: the local side's smallest."""
+    return float(site.local_config.alphas().min())
+
+
+def _hybrid_estimate(site: SiteView, job: ImputationJob, weights: np.ndarray,
+                     side: HybridSide | None) -> JobEstimate:
+    """The chosen blend of the job's rows, with its spread and provenance."""
+    target, features = job.target, list(job.features)
+    scale, center = site.scale[target], site.center[target]
+    local = PatternModels(site.standardized[np.ix_(job.train, features)],
+                          site.standardized[job.train, target], site.local_config).impute(
+        site.standardized[np.ix_(job.rows, features)])
     parts = [(weights[0], local.values * scale + center, local.spread * scale)]
     ell = weights[0] * local.ell.mean(axis=1)
     n_candidates = local.ell.shape[1]
-    if weights[1] > 0 and other_models is not None:
-        federated = other_models.impute(site.queries(job))
-        parts.append((weights[1], federated.values + bias, federated.spread))
-        ell = ell + weights[1] * federated.ell.mean(axis=1)
-        n_candidates += federated.ell.shape[1]
+    if weights[1] > 0 and side is not None:
+        values, found = _side_estimate(site, job, side)
+        parts.append((weights[1], values, found.spread))
+        ell = ell + weights[1] * found.ell.mean(axis=1)
+        n_candidates += found.ell.shape[1]
     site_mean = float(site.scaled[job.train, target].mean())
     parts.append((weights[2], np.full(len(job.rows), site_mean), np.zeros(len(job.rows))))
     values = sum(weight * part for weight, part, _ in parts)
@@ -428,15 +548,59 @@ def impute_hybrid(site: SiteView, job: ImputationJob) -> JobEstimate:
     return JobEstimate(values=values, spread=spread, ell=ell, n_candidates=n_candidates)
 
 
-def _config_and_other_models(site: SiteView, job: ImputationJob
-                             ) -> tuple[BankConfig, BankModels | None]:
-    """The bank configuration for a job, and its models over the other sites' cells when
-    choosing it fitted them (None otherwise). The default configuration stands when there
-    is nothing to choose, too few validation rows, or the shrinkage chooses instead."""
+def _side_estimate(site: SiteView, job: ImputationJob, side: HybridSide
+                   ) -> tuple[np.ndarray, PatternResult]:
+    """A side's estimate of the job's rows (bank coordinates), and the bank's candidates
+    behind it (their spread and provenance)."""
+    models = pattern_models(site.bank, job.target, job.features, side.config)
+    queries = site.queries(job)
+    found = models.impute(queries)
+    if side.kind != "fusion":
+        return found.values + side.bias, found
+    target = job.target
+    prior = site_coefficients(models.coefficients(queries), site.center, site.scale,
+                              job.features, target)
+    fused = fusion_predictions(_training_system(site, job),
+                               site.standardized[np.ix_(job.rows, list(job.features))],
+                               prior, (side.strength,), _base_alpha(site))[0]
+    return fused * site.scale[target] + site.center[target], found
+
+
+def crossfitted_bank_coefficients(bank: ModelBank, site_id: str | None, rows: np.ndarray,
+                                  target: int, features: tuple[int, ...],
+                                  configs: list[BankConfig]) -> np.ndarray:
+    """The bank's model at each of the site's ``rows`` (bank coordinates, NaN where
+    missing) for each configuration, shape (len(configs), n, len(features) + 1), each from
+    the bank with the row taken out of its own cell, in :data:`CROSSFIT_FOLDS` folds (as
+    :func:`leave_own_rows_out_predictions`). Without a site id, the bank as released."""
+    own = np.flatnonzero(bank.site == site_id) if site_id is not None else np.zeros(0, int)
+    cells = _own_cells_of_rows(bank, own, rows)
+    augmented = np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
+    whole: list[BankModels] = []
+    coefficients = np.empty((len(configs), len(rows), len(features) + 1))
+    folds = np.arange(len(rows)) % CROSSFIT_FOLDS
+    for fold in range(min(CROSSFIT_FOLDS, len(rows))):
+        held = np.flatnonzero(folds == fold)
+        if np.any(cells[held] >= 0):
+            fold_bank = _bank_without_rows(bank, cells, augmented, held)
+            models = [pattern_models(fold_bank, target, features, c) for c in configs]
+        else:  # none of these rows was released: the bank as it is, fitted once
+            whole = whole or [pattern_models(bank, target, features, c) for c in configs]
+            models = whole
+        queries = rows[np.ix_(held, list(features))]
+        for number, model in enumerate(models):
+            coefficients[number, held] = model.coefficients(queries)
+    return coefficients
+
+
+def _federated_config(site: SiteView, job: ImputationJob) -> BankConfig:
+    """Federated mode's bank configuration for a job, chosen against the other sites'
+    cells. The default configuration stands when there is nothing to choose, too few
+    validation rows, or the shrinkage chooses instead."""
     if (not site.choose_config or site.shrink
             or len(job.validation) < MIN_VALIDATION_ROWS):
-        return site.config, None
-    return best_bank_models(site.others, job.target, job.features, site.choices,
+        return site.config
+    return best_bank_config(site.others, job.target, job.features, site.choices,
                             site.validation_queries(job),
                             site.scaled[job.validation, job.target])
 
@@ -455,20 +619,19 @@ def bank_choices(config: BankConfig, exact: bool) -> list[BankConfig]:
     return [config]
 
 
-def best_bank_models(others: ModelBank, target: int, features: tuple[int, ...],
+def best_bank_config(others: ModelBank, target: int, features: tuple[int, ...],
                      choices: list[BankConfig], queries: np.ndarray, truth: np.ndarray
-                     ) -> tuple[BankConfig, BankModels]:
-    """The configuration with the lowest error on the site's validation rows (``queries``
-    on the features, ``truth`` on the target), and its models over ``others`` (fitted
-    once, reused by the hybrid blend). Ties: the first."""
-    best: tuple[float, BankConfig, BankModels] | None = None
+                     ) -> BankConfig:
+    """The configuration whose models over ``others`` err least on the site's validation
+    rows (``queries`` on the features, ``truth`` on the target). Ties: the first."""
+    best: tuple[float, BankConfig] | None = None
     for config in choices:
         models = pattern_models(others, target, features, config)
         error = float(np.mean((models.impute(queries).values - truth) ** 2))
         if best is None or error < best[0]:
-            best = (error, config, models)
+            best = (error, config)
     assert best is not None
-    return best[1], best[2]
+    return best[1]
 
 
 def crossfitted_local_predictions(train_features: np.ndarray, train_target: np.ndarray,
@@ -492,30 +655,6 @@ def crossfitted_local_predictions(train_features: np.ndarray, train_target: np.n
         model = PatternModels(train_features[keep], train_target[keep], config)
         predictions[held] = model.impute(train_features[positions[held]]).values
     return predictions
-
-
-def choose_blend(local: np.ndarray, others: BankModels | None, queries: np.ndarray,
-                 truth: np.ndarray, train_target: np.ndarray, grid: np.ndarray
-                 ) -> tuple[np.ndarray, float]:
-    """Hybrid blend weights (a row of ``grid``) and the federated side's recentring.
-
-    ``local``: cross-fitted local predictions of the validation rows (``queries`` on the
-    features, ``truth`` on the target); ``others``: the bank models over the other sites'
-    cells (None if there are none); ``train_target``: the target on all the site's
-    training rows. Every validation prediction leaves its own row out: the local one by
-    cross-fitting, the recentring and the site mean as leave-one-out means.
-    """
-    n_validation = len(truth)
-    if others is None or n_validation < 2:
-        return np.array([1.0, 0.0, 0.0]), 0.0
-    federated = others.impute(queries).values
-    residuals = truth - federated
-    bias = float(residuals.mean())
-    bias_without_row = (residuals.sum() - residuals) / (n_validation - 1)
-    mean_without_row = (train_target.sum() - truth) / max(len(train_target) - 1, 1)
-    predictions = np.stack([local, federated + bias_without_row, mean_without_row])
-    errors = ((grid @ predictions - truth) ** 2).mean(axis=1)
-    return grid[int(np.argmin(errors))], bias
 
 
 def choose_shrinkage(bank: ModelBank, site_id: str, target: int, features: tuple[int, ...],
@@ -559,22 +698,13 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
     # As released: clamped to the site's clipping box, zero where it measures nothing.
     rows = np.clip(rows, bank.clip_lo[own[0]], bank.clip_hi[own[0]])
     rows[:, ~bank.observed[own[0]]] = 0.0
-    cell = _own_cell_of_rows(bank, own, rows)
+    cells = _own_cells_of_rows(bank, own, rows)
     augmented = np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
     predictions = np.empty((len(choices), len(rows)))
     folds = np.random.default_rng(random_state).permutation(len(rows)) % CROSSFIT_FOLDS
     for fold in range(CROSSFIT_FOLDS):
         held = np.flatnonzero(folds == fold)
-        gram = bank.gram.copy()
-        released = held[cell[held] >= 0]
-        np.subtract.at(gram, cell[released],
-                       augmented[released, :, None] * augmented[released, None, :])
-        # A noised count can fall below zero once rows are out: such a cell is noise only.
-        gram[:, 0, 0] = np.maximum(gram[:, 0, 0], 1e-9)
-        without_fold = ModelBank(
-            n_features=bank.n_features, site=bank.site, cell=bank.cell, lo=bank.lo,
-            hi=bank.hi, gram=gram, sigma=bank.sigma, min_records=0, tree=bank.tree,
-            clip_lo=bank.clip_lo, clip_hi=bank.clip_hi, observed=bank.observed)
+        without_fold = _bank_without_rows(bank, cells, augmented, held)
         queries = rows[np.ix_(held, list(features))]
         for number, config in enumerate(choices):
             predictions[number, held] = pattern_models(
@@ -582,8 +712,33 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
     return predictions
 
 
+def _bank_without_rows(bank: ModelBank, cells: np.ndarray, augmented: np.ndarray,
+                       rows: np.ndarray) -> ModelBank:
+    """The bank with each of the site's ``rows`` (indices into ``augmented``, the rows as
+    ``(1, values)``) subtracted from its own cell in every tree (``cells``, see
+    :func:`_own_cells_of_rows`)."""
+    gram = bank.gram.copy()
+    for cell in cells.T:
+        released = rows[cell[rows] >= 0]
+        np.subtract.at(gram, cell[released],
+                       augmented[released, :, None] * augmented[released, None, :])
+    # A noised count can fall below zero once rows are out: such a cell is noise only.
+    gram[:, 0, 0] = np.maximum(gram[:, 0, 0], 1e-9)
+    return ModelBank(n_features=bank.n_features, site=bank.site, cell=bank.cell, lo=bank.lo,
+                     hi=bank.hi, gram=gram, sigma=bank.sigma, min_records=0, tree=bank.tree,
+                     clip_lo=bank.clip_lo, clip_hi=bank.clip_hi, observed=bank.observed)
+
+
+def _own_cells_of_rows(bank: ModelBank, own: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per row and tree, the bank index of the site's cell that holds it (-1: not
+    released), shape (len(rows), bank.n_trees): a released row is in one cell per tree."""
+    return np.column_stack([_own_cell_of_rows(bank, own[bank.tree[own] == tree], rows)
+                            for tree in range(bank.n_trees)])
+
+
 def _own_cell_of_rows(bank: ModelBank, own: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Per row, the bank index of the site's cell that holds it (-1: not released)."""
+    """Per row, the bank index of the site's cell (among ``own``, cells of one tree) that
+    holds it (-1: not released)."""
     released = np.flatnonzero(~np.isnan(rows).any(axis=1))
     complete = rows[released]
     inside = np.ones((len(released), own.size), dtype=bool)
@@ -593,5 +748,6 @@ def _own_cell_of_rows(bank: ModelBank, own: np.ndarray, rows: np.ndarray) -> np.
             (values < bank.hi[own, column])
             | (bank.hi[own, column] >= bank.clip_hi[own, column]))
     cell = np.full(len(rows), -1)
-    cell[released] = np.where(inside.any(axis=1), own[inside.argmax(axis=1)], -1)
+    if own.size:
+        cell[released] = np.where(inside.any(axis=1), own[inside.argmax(axis=1)], -1)
     return cell

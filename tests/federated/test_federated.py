@@ -43,6 +43,7 @@ from fediim.privacy import (
     gram_sensitivity,
     release_gaussian,
 )
+from tests.federated.spies import spy_bank_counts
 from tests.release_doubles import RecordingNoise, ReleaseRecorder
 
 M = 4
@@ -689,17 +690,6 @@ def test_hybrid_without_federation_blends_only_the_sites_own_sides(
         case, mode="hybrid", use_federation_in_blend=False)
 
 
-def test_hybrid_weights_prefer_local_on_ties() -> None:
-    w, bias = federated.choose_blend(
-        np.array([1.0, 2.0, 3.0]), None, np.zeros((3, 1)), np.array([1.0, 2.0, 3.0]),
-        np.array([1.0, 2.0, 3.0]), federated.BLEND_WEIGHTS)
-    np.testing.assert_array_equal(w, [1.0, 0.0, 0.0])
-    assert bias == 0.0
-    assert tuple(federated.BLEND_WEIGHTS[0]) == (1.0, 0.0, 0.0)
-    np.testing.assert_allclose(federated.BLEND_WEIGHTS.sum(axis=1), 1.0)
-
-
-
 def test_federated_mode_shrinks_a_noise_only_bank_towards_the_mean(
         two_sites: tuple[list[np.ndarray], ...], monkeypatch: pytest.MonkeyPatch) -> None:
     """At a tiny budget the cells are mostly noise; the weight the site's rows choose
@@ -768,14 +758,7 @@ def test_shrink_validation_takes_each_row_out_of_its_own_cell(
     plan = plan_privacy(2.0, DELTA, M, max_depth=2, clip_fraction=0.0)
     bank = site_release(x, BOUNDS, plan, site_id="s", ledger=PrivacyLedger.in_memory(
         plan.rho_total, "s"), noise=SeededGaussianNoise(0))
-    seen: list[np.ndarray] = []
-    real = federated.pattern_models
-
-    def spy(b: ModelBank, *args: Any) -> Any:
-        seen.append(b.counts.copy())
-        return real(b, *args)
-
-    monkeypatch.setattr(federated, "pattern_models", spy)
+    seen = spy_bank_counts(monkeypatch)
     xs, _ = scale_to_bounds(x, BOUNDS)
     federated.choose_shrinkage(bank, "s", 0, (1, 2, 3), [BankConfig()], xs, 0.0)
     assert len(seen) == federated.CROSSFIT_FOLDS

@@ -1,0 +1,81 @@
+"""Shrinkage fusion of a site's own rows with the bank's models, and the hybrid's choice.
+
+The fusion is the site's own ridge regression of the target on F with a prior centred at
+the bank's model: ``phi = (U + lambda I)^-1 (V + lambda phi_fed)``, ``U, V`` the site's
+Gram over its training rows. It is solved per query, in coordinates centred at the query
+and with ``phi_fed`` the linear model the bank applies there (see
+:meth:`~fediim.federated.engines.CellPatternModels.coefficients`), so that the penalty
+weighs the estimate at the query and the slopes alike: ``lambda -> 0`` gives the site's
+own linear regression, ``lambda -> inf`` the bank's estimate. Everything works in the
+site's standardized coordinates (see :class:`~fediim.federated.site_imputation.SiteView`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FUSION_STRENGTHS", "choose_blend", "fusion_predictions", "site_coefficients"]
+
+#: The fusion's prior strengths per training row: ``lambda = strength * n_train``, so the
+#: bank's model counts as that share of the site's rows whatever the site's size.
+FUSION_STRENGTHS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def site_coefficients(coefficients: np.ndarray, center: np.ndarray, scale: np.ndarray,
+                      features: tuple[int, ...], target: int) -> np.ndarray:
+    """Linear models ``y = a + b . x`` in the bank's scaled coordinates, shape (q, f + 1),
+    rewritten for the site's standardized ones (``x = center + scale * s``, both affine
+    maps of the raw values)."""
+    columns = list(features)
+    intercept, slopes = coefficients[:, 0], coefficients[:, 1:]
+    return np.column_stack([
+        (intercept + slopes @ center[columns] - center[target]) / scale[target],
+        slopes * scale[columns] / scale[target]])
+
+
+def fusion_predictions(train: np.ndarray, queries: np.ndarray, prior: np.ndarray,
+                       strengths: tuple[float, ...] | np.ndarray, alpha: float
+                       ) -> np.ndarray:
+    """The fusion's estimate at each query for each prior strength, shape
+    (len(strengths), q).
+
+    ``train``: the site's training rows as ``(1, features, target)`` (standardized
+    coordinates); ``queries``: the queries on the features; ``prior``: the bank's model at
+    each query (:func:`site_coefficients`); ``alpha``: the base ridge penalty.
+    """
+    n_rows, width = train.shape
+    size = width - 1
+    gram = train.T @ train
+    # The Gram in coordinates centred at each query: z' = A z with x' = x - q.
+    shift = np.broadcast_to(np.eye(width), (len(queries), width, width)).copy()
+    shift[:, 1:size, 0] = -queries
+    centred = shift @ gram @ np.swapaxes(shift, 1, 2)
+    prior_at_query = prior.copy()
+    prior_at_query[:, 0] += np.einsum("qf,qf->q", prior[:, 1:], queries)
+    estimates = np.empty((len(strengths), len(queries)))
+    for number, strength in enumerate(strengths):
+        penalty = strength * n_rows
+        phi = np.linalg.solve(
+            centred[:, :size, :size] + (alpha + penalty) * np.eye(size),
+            (centred[:, :size, size] + penalty * prior_at_query)[..., None])[..., 0]
+        estimates[number] = phi[:, 0]
+    return estimates
+
+
+def choose_blend(local: np.ndarray, sides: np.ndarray, site_mean: np.ndarray,
+                 truth: np.ndarray, grid: np.ndarray) -> tuple[int, np.ndarray]:
+    """The hybrid's choice: one side and blend weights (a row of ``grid``) for
+    ``w_l * local + w_s * side + w_m * site mean``, least squared error on ``truth``.
+
+    All predictions are of the same validation rows, each made without the row itself.
+    ``sides`` has shape (n_sides, n) and may be empty. Ties go to the first side and the
+    first weights (the grid lists local-only first), so an uninformative side keeps local.
+    """
+    if not len(sides):
+        sides = np.zeros((1, len(truth)))
+        grid = grid[grid[:, 1] == 0]
+    stacked = np.stack([np.broadcast_to(local, sides.shape), sides,
+                        np.broadcast_to(site_mean, sides.shape)], axis=1)  # (side, 3, n)
+    errors = ((np.einsum("wp,spn->swn", grid, stacked) - truth) ** 2).mean(axis=2)
+    side, weights = np.unravel_index(int(np.argmin(errors)), errors.shape)
+    return int(side), grid[weights]
