@@ -17,6 +17,7 @@ from fediim.federated.plan import plan_privacy, scale_to_bounds
 from fediim.federated.release import CLIP_COUNT_SHARE, site_release
 from fediim.federated.vetting import ReleaseLimits, release_problems
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
+from tests.federated.spies import spy_bank_counts
 
 M = 3
 DELTA = 1e-6
@@ -102,14 +103,7 @@ def test_leave_own_rows_out_finds_clamped_rows_in_their_cells(
     x = _site(4000, outliers=40)
     bank, _, _ = _release(x, 50.0)
     assert np.all(bank.clip_hi < 0.4)  # the outliers (scaled > 0.35) lie outside the box
-    seen: list[np.ndarray] = []
-    real = site_imputation.pattern_models
-
-    def spy(candidate: ModelBank, *args: object) -> object:
-        seen.append(candidate.counts.copy())
-        return real(candidate, *args)
-
-    monkeypatch.setattr(site_imputation, "pattern_models", spy)
+    seen = spy_bank_counts(monkeypatch)
     scaled, _ = scale_to_bounds(x, BOUNDS)
     site_imputation.leave_own_rows_out_predictions(
         bank, np.arange(bank.n_cells), scaled, 0, (1, 2),
