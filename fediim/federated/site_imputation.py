@@ -574,8 +574,7 @@ def crossfitted_bank_coefficients(bank: ModelBank, site_id: str | None, rows: np
     the bank with the row taken out of its own cell, in :data:`CROSSFIT_FOLDS` folds (as
     :func:`leave_own_rows_out_predictions`). Without a site id, the bank as released."""
     own = np.flatnonzero(bank.site == site_id) if site_id is not None else np.zeros(0, int)
-    cells = _own_cells_of_rows(bank, own, rows)
-    augmented = np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
+    _, cells, augmented = _rows_as_released(bank, own, rows)
     whole: list[BankModels] = []
     coefficients = np.empty((len(configs), len(rows), len(features) + 1))
     folds = np.arange(len(rows)) % CROSSFIT_FOLDS
@@ -695,11 +694,7 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
     Gram; other rows were never in the bank. Rows go out in :data:`CROSSFIT_FOLDS` random
     folds at a time.
     """
-    # As released: clamped to the site's clipping box, zero where it measures nothing.
-    rows = np.clip(rows, bank.clip_lo[own[0]], bank.clip_hi[own[0]])
-    rows[:, ~bank.observed[own[0]]] = 0.0
-    cells = _own_cells_of_rows(bank, own, rows)
-    augmented = np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
+    rows, cells, augmented = _rows_as_released(bank, own, rows)
     predictions = np.empty((len(choices), len(rows)))
     folds = np.random.default_rng(random_state).permutation(len(rows)) % CROSSFIT_FOLDS
     for fold in range(CROSSFIT_FOLDS):
@@ -710,6 +705,18 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
             predictions[number, held] = pattern_models(
                 without_fold, target, features, config).impute(queries).values
     return predictions
+
+
+def _rows_as_released(bank: ModelBank, own: np.ndarray, rows: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The site's ``rows`` as its release saw them (clamped to its clipping box, zero in
+    the attributes it does not measure), the own cell holding each per tree
+    (:func:`_own_cells_of_rows`) and the rows as ``(1, values)`` to subtract from them."""
+    if own.size:
+        rows = np.clip(rows, bank.clip_lo[own[0]], bank.clip_hi[own[0]])
+        rows[:, ~bank.observed[own[0]]] = 0.0
+    cells = _own_cells_of_rows(bank, own, rows)
+    return rows, cells, np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
 
 
 def _bank_without_rows(bank: ModelBank, cells: np.ndarray, augmented: np.ndarray,

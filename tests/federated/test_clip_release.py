@@ -96,18 +96,23 @@ def test_unclipped_columns_keep_the_public_bounds_and_get_no_budget() -> None:
     assert quantiles.dimension == 2 * 2  # two quantiles of two columns
 
 
+@pytest.mark.parametrize("validation", ["shrinkage", "hybrid"])
 def test_leave_own_rows_out_finds_clamped_rows_in_their_cells(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outliers were released clamped into the box: the shrink validation must subtract
-    each from the cell that holds its clamped copy (nearly exact counts at eps = 50)."""
+        monkeypatch: pytest.MonkeyPatch, validation: str) -> None:
+    """Outliers were released clamped into the box: federated mode's shrinkage validation
+    and the hybrid's bank side must subtract each from the cell that holds its clamped
+    copy (nearly exact counts at eps = 50)."""
     x = _site(4000, outliers=40)
     bank, _, _ = _release(x, 50.0)
     assert np.all(bank.clip_hi < 0.4)  # the outliers (scaled > 0.35) lie outside the box
     seen = spy_bank_counts(monkeypatch)
     scaled, _ = scale_to_bounds(x, BOUNDS)
-    site_imputation.leave_own_rows_out_predictions(
-        bank, np.arange(bank.n_cells), scaled, 0, (1, 2),
-        [site_imputation.BankConfig()], 0)
+    configs = [site_imputation.BankConfig()]
+    if validation == "shrinkage":
+        site_imputation.leave_own_rows_out_predictions(
+            bank, np.arange(bank.n_cells), scaled, 0, (1, 2), configs, 0)
+    else:
+        site_imputation.crossfitted_bank_coefficients(bank, "s", scaled, 0, (1, 2), configs)
     removed = np.sum([bank.counts - counts for counts in seen], axis=0)
     np.testing.assert_allclose(removed, bank.counts, atol=1.0)
 
