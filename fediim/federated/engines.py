@@ -270,7 +270,9 @@ def pattern_models(bank: ModelBank, target: int, features: tuple[int, ...],
     IIM over cells reads only tree 0 of a bank with several trees (see below).
     """
     # Only cells whose site measures every attribute of the pattern describe it.
-    bank = bank.select(bank.observed[:, [*features, target]].all(axis=1))
+    covering = bank.observed[:, [*features, target]].all(axis=1)
+    if not covering.all():
+        bank = bank.select(covering)
     if bank.n_cells == 0:
         raise ValueError("no cell in the bank measures every attribute of this pattern")
     engine = config.engine
