@@ -150,19 +150,18 @@ def cell_coordinates(rows: np.ndarray, center: np.ndarray, width: np.ndarray) ->
 
 def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
                   ledger: PrivacyLedger | None, noise: NoiseSource | None,
-                  box: tuple[np.ndarray, np.ndarray] | None = None,
-                  sensitivity: float | None = None) -> ModelBank:
-    """One tree of :func:`site_release`: its partition and its leaves' noised Grams.
+                  box: tuple[np.ndarray, np.ndarray], sensitivity: float) -> ModelBank:
+    """One tree of :func:`site_release`: its partition inside ``box`` and its leaves'
+    noised Grams.
 
-    ``sensitivity``: the Gram release's declared L2 sensitivity, by default that of
-    ``xs``'s attributes; a site measuring fewer attributes than the schema declares the
-    schema's (an upper bound), so its noise is the plan's.
+    ``sensitivity``: the Gram release's declared L2 sensitivity, the schema's: a site
+    measuring fewer attributes than the schema declares an upper bound, so its noise is
+    the plan's.
     """
     n_features = xs.shape[1]
     leaves = build_partition(xs, plan.partition, ledger=ledger, noise=noise, tree=tree,
                              box=box)
-    box_lo, box_hi = box if box is not None else (np.full(n_features, -0.5),
-                                                  np.full(n_features, 0.5))
+    box_lo, box_hi = box
     los = np.array([leaf.lo for leaf in leaves]).reshape(-1, n_features)
     his = np.array([leaf.hi for leaf in leaves]).reshape(-1, n_features)
     centers, widths = 0.5 * (los + his), his - los
@@ -175,7 +174,7 @@ def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
         vec = upper_triangle(grams).ravel()
         tree_note = f", tree {tree + 1} of {plan.n_trees}" if plan.n_trees > 1 else ""
         noised = release_gaussian(
-            vec, sensitivity_l2=sensitivity or gram_sensitivity(n_features),
+            vec, sensitivity_l2=sensitivity,
             rho=plan.rho_gram / plan.n_trees,
             ledger=ledger, noise=noise,
             purpose=f"leaf Gram matrices ({len(leaves)} cells, {n_features} attributes"
