@@ -21,6 +21,10 @@ class RecordingNoise:
         self.calls += 1
         return np.zeros(shape)
 
+    def sample_integer(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+        self.calls += 1
+        return np.zeros(shape, dtype=np.int64)
+
 
 class ReleaseRecorder:
     """Stands in for ``release_gaussian``: records every exact input and released output.

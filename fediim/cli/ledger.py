@@ -93,5 +93,6 @@ def _describe(cfg: SiteConfig, ledger: PrivacyLedger, summary: dict) -> str:
         lines.append("INSECURE: some releases used seeded noise, which whoever knows the seed "
                      "can subtract (simulations only)")
     lines += [f"  {e.time}  rho={e.rho:.6g}  sigma={e.sigma:.4g}  {e.mechanism}: {e.purpose}"
+              + ("" if e.assumption is None else f"  [assumes: {e.assumption}]")
               for e in ledger.entries]
     return "\n".join(lines)

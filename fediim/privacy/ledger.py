@@ -29,6 +29,7 @@ __all__ = ["LEDGER_FORMAT", "BudgetExceeded", "LedgerEntry", "LedgerError", "Pri
 LEDGER_FORMAT = "fediim-ledger/1"
 _BUDGET_RTOL = 1e-12  # float slack when comparing spend against the budget
 _LEDGER_KEYS = frozenset({"format", "site_id", "rho_budget", "entries", "checksum"})
+_OPTIONAL_ENTRY_KEYS = frozenset({"assumption"})  # absent from ledgers written before it
 
 
 
@@ -44,10 +45,17 @@ class LedgerEntry:
     time: str  # ISO-8601, UTC
     dimension: int  # number of noised values
     noise_source: str
+    # the trust the release's guarantee rests on (e.g. a secure sum's "at least t sites'
+    # noise in every released sum"); None: the site's own noise alone, no assumption
+    assumption: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
+        """Plain JSON-ready dict (``assumption`` only when there is one, so entries without
+        it keep the exact layout of ledgers written before the field existed)."""
+        out = asdict(self)
+        if self.assumption is None:
+            del out["assumption"]
+        return out
 
     @property
     def insecure_noise(self) -> bool:
@@ -62,12 +70,16 @@ def _entry_from_dict(raw: Any, index: int) -> LedgerEntry:
     fields = set(LedgerEntry.__dataclass_fields__)
     if not isinstance(raw, dict):
         raise ValueError(f"entry {index} is not an object")
-    if set(raw) != fields:
-        missing, extra = sorted(fields - set(raw)), sorted(set(raw) - fields)
+    if not fields - _OPTIONAL_ENTRY_KEYS <= set(raw) <= fields:
+        missing = sorted(fields - _OPTIONAL_ENTRY_KEYS - set(raw))
+        extra = sorted(set(raw) - fields)
         raise ValueError(f"entry {index} has missing keys {missing} / unknown keys {extra}")
     for key in ("mechanism", "purpose", "time", "noise_source"):
         if not isinstance(raw[key], str):
             raise ValueError(f"entry {index}: {key} must be a string")
+    assumption = raw.get("assumption")
+    if assumption is not None and not isinstance(assumption, str):
+        raise ValueError(f"entry {index}: assumption must be a string or absent")
     for key in ("sensitivity_l2", "sigma", "rho"):
         v = raw[key]
         if isinstance(v, bool) or not isinstance(v, int | float):
@@ -90,6 +102,7 @@ def _entry_from_dict(raw: Any, index: int) -> LedgerEntry:
         time=raw["time"],
         dimension=dim,
         noise_source=raw["noise_source"],
+        assumption=assumption,
     )
 
 
@@ -383,8 +396,13 @@ class PrivacyLedger:
         purpose: str,
         dimension: int,
         noise_source: str,
+        *,
+        assumption: str | None = None,
     ) -> LedgerEntry:
         """Record a release costing ``rho``; persisted before returning.
+
+        ``assumption`` states what the guarantee rests on beyond the site's own noise (a
+        distributed release: other sites' noise in the sum), kept in the entry.
 
         Holds the ledger's exclusive lock from reading the file to writing it, so charges
         from several processes all land and together never pass the budget. Raises
@@ -401,6 +419,7 @@ class PrivacyLedger:
             time=datetime.now(UTC).isoformat(timespec="microseconds"),
             dimension=int(dimension),
             noise_source=str(noise_source),
+            assumption=None if assumption is None else str(assumption),
         )
         if entry.dimension < 0:
             raise ValueError(f"dimension must be >= 0, got {dimension!r}")

@@ -14,9 +14,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import opendp.prelude as dp
 
+from fediim.privacy.discrete_gaussian import opendp_discrete_gaussian, seeded_discrete_gaussian
+
 dp.enable_features("contrib")
 
 __all__ = [
+    "IntegerNoiseSource",
     "NoiseSource",
     "OpenDPGaussianNoise",
     "QuantileNoiseSource",
@@ -268,6 +271,19 @@ class NoiseSource(Protocol):
 
 
 @runtime_checkable
+class IntegerNoiseSource(Protocol):
+    """Draws i.i.d. discrete Gaussian N_Z(0, σ²) noise, truncated at
+    :func:`~fediim.privacy.discrete_gaussian.noise_bound` (the distributed release's
+    noise); ``name`` is recorded in the ledger with each release."""
+
+    name: str
+
+    def sample_integer(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+        """int64 noise array of the given shape, every |value| <= noise_bound(σ)."""
+        ...
+
+
+@runtime_checkable
 class QuantileNoiseSource(NoiseSource, Protocol):
     """A noise source that also runs the private quantile (exponential mechanism on OpenDP's
     quantile scores); ``quantile_mechanism`` names its sampler in the ledger."""
@@ -317,6 +333,11 @@ class OpenDPGaussianNoise:
         """Pure noise of the given shape: one release of a zero vector."""
         return self.perturb(np.zeros(shape, dtype=np.float64), sigma)
 
+    def sample_integer(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+        """int64 discrete Gaussian N_Z(0, σ²) noise from OpenDP's exact sampler (one release
+        of an integer zero vector), truncated at ``noise_bound(σ)``."""
+        return opendp_discrete_gaussian(shape, finite_float("sigma", sigma, strict=True))
+
     quantile_mechanism: str = "private-quantile (opendp make_private_quantile, exact gumbel)"
 
     def quantile(self, values: np.ndarray, candidates: np.ndarray, alpha: float,
@@ -345,6 +366,12 @@ class SeededGaussianNoise:
         """Noise array of the given shape."""
         s = finite_float("sigma", sigma, strict=True)
         return self._rng.normal(0.0, s, size=shape)
+
+    def sample_integer(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+        """int64 discrete Gaussian N_Z(0, σ²) noise (Canonne-Kamath-Steinke rejection from a
+        discrete Laplace on the seeded generator), truncated at ``noise_bound(σ)``."""
+        return seeded_discrete_gaussian(self._rng, shape,
+                                        finite_float("sigma", sigma, strict=True))
 
     quantile_mechanism: str = ("private-quantile (opendp quantile scores, numpy-seeded gumbel "
                                "argmin; simulation only)")

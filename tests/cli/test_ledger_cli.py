@@ -46,3 +46,24 @@ def test_create_refuses_a_missing_directory(tmp_path: Path) -> None:
 
     with pytest.raises(LedgerError, match="does not exist"):
         PrivacyLedger.create(tmp_path / "nope" / "l.json", 1.0, "s")
+
+
+def test_show_prints_the_assumption_of_a_distributed_release(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toml, cfg = _site_toml(tmp_path)
+    assert main(["ledger", "init", "--site-config", str(toml)]) == 0
+    ledger = PrivacyLedger.open(cfg.ledger, cfg.budget.rho, "h1")
+    ledger.charge(mechanism="gaussian", sensitivity_l2=1.0, sigma=2.0, rho=0.01,
+                  purpose="own noise", dimension=3, noise_source="opendp")
+    ledger.charge(mechanism="distributed discrete gaussian", sensitivity_l2=9.0, sigma=4.0,
+                  rho=0.02, purpose="gram", dimension=6, noise_source="opendp",
+                  assumption="at least t=3 sites' noise in every released sum")
+    capsys.readouterr()
+    assert main(["ledger", "show", "--site-config", str(toml)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "assumes" not in lines[-2]
+    assert lines[-1].endswith("gram  [assumes: at least t=3 sites' noise in every released sum]")
+    assert main(["ledger", "show", "--site-config", str(toml), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["entries"]
+    assert "assumption" not in entries[0]
+    assert entries[1]["assumption"] == "at least t=3 sites' noise in every released sum"

@@ -234,6 +234,8 @@ _CONTENT_EDITS = {
     "dimension type": lambda d: d["entries"][0].__setitem__("dimension", "3"),
     "missing entry key": lambda d: d["entries"][0].pop("sigma"),
     "bad time": lambda d: d["entries"][0].__setitem__("time", "yesterday"),
+    "assumption type": lambda d: d["entries"][0].__setitem__("assumption", 3),
+    "unknown entry key": lambda d: d["entries"][0].__setitem__("assumptions", "t=3"),
 }
 
 
