@@ -44,8 +44,8 @@ from fediim.protocol.site_config import SITE_ID_PATTERN
 
 __all__ = ["HANDSHAKE_FORMAT", "SitePrivateKey", "SitePublicKey", "SiteRegistry",
            "handshake_payload", "load_site_private_key", "load_site_public_key",
-           "load_site_registry", "sign_handshake", "site_key_id", "site_registry_toml",
-           "verify_handshake"]
+           "load_site_registry", "payload_signature_verifies", "sign_handshake",
+           "sign_payload", "site_key_id", "site_registry_toml", "verify_handshake"]
 
 HANDSHAKE_FORMAT = "fediim-site-handshake/1"
 
@@ -110,6 +110,28 @@ def site_key_id(key: SitePrivateKey | SitePublicKey) -> str:
     return f"ecdsa-{public.curve.name}:" + hashlib.sha256(der).hexdigest()
 
 
+def sign_payload(key: SitePrivateKey, payload: bytes) -> bytes:
+    """A site key's signature over canonical ``payload`` bytes (Ed25519, or ECDSA with the
+    curve's hash); every site-signed document (handshake, secure-aggregation keys) uses it."""
+    if isinstance(key, Ed25519PrivateKey):
+        return key.sign(payload)
+    return key.sign(payload, ec.ECDSA(_ECDSA_HASHES[key.curve.key_size]()))
+
+
+def payload_signature_verifies(public_key: SitePublicKey, signature: bytes,
+                               payload: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s signature over ``payload``."""
+    try:
+        if isinstance(public_key, Ed25519PublicKey):
+            public_key.verify(signature, payload)
+        else:
+            public_key.verify(signature, payload,
+                              ec.ECDSA(_ECDSA_HASHES[public_key.curve.key_size]()))
+    except InvalidSignature:
+        return False
+    return True
+
+
 def handshake_payload(*, run_id: int, nonce: str, site_id: str, node_id: int) -> bytes:
     """The canonical bytes a site signs at the handshake (see module docstring)."""
     doc = {"format": HANDSHAKE_FORMAT, "run_id": int(run_id), "nonce": str(nonce),
@@ -120,26 +142,18 @@ def handshake_payload(*, run_id: int, nonce: str, site_id: str, node_id: int) ->
 def sign_handshake(key: SitePrivateKey, *, run_id: int, nonce: str, site_id: str,
                    node_id: int) -> bytes:
     """The site's signature over this run's handshake."""
-    payload = handshake_payload(run_id=run_id, nonce=nonce, site_id=site_id, node_id=node_id)
-    if isinstance(key, Ed25519PrivateKey):
-        return key.sign(payload)
-    return key.sign(payload, ec.ECDSA(_ECDSA_HASHES[key.curve.key_size]()))
+    return sign_payload(key, handshake_payload(run_id=run_id, nonce=nonce, site_id=site_id,
+                                               node_id=node_id))
 
 
 def verify_handshake(public_key: SitePublicKey, signature: bytes, *, run_id: int, nonce: str,
                      site_id: str, node_id: int) -> None:
     """Raise :class:`SignatureError` unless ``signature`` signs this handshake."""
     payload = handshake_payload(run_id=run_id, nonce=nonce, site_id=site_id, node_id=node_id)
-    try:
-        if isinstance(public_key, Ed25519PublicKey):
-            public_key.verify(signature, payload)
-        else:
-            public_key.verify(signature, payload,
-                              ec.ECDSA(_ECDSA_HASHES[public_key.curve.key_size]()))
-    except InvalidSignature:
+    if not payload_signature_verifies(public_key, signature, payload):
         raise SignatureError(
             f"the handshake signature does not verify under the key registered for site "
-            f"{site_id!r} ({site_key_id(public_key)}) for this run, nonce and node") from None
+            f"{site_id!r} ({site_key_id(public_key)}) for this run, nonce and node")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,251 @@
+"""A site's side of the secure sum: its secrets between the phases, and every check.
+
+A site answers four kinds of request, in order: advertise keys, share keys (given the
+broadcast advertisements), masked input (once per session, given the session's
+participants and the site's input) and unmask (once per session). It refuses with
+:class:`SecureAggregationError`, before revealing anything, whenever a request could
+break the protocol's guarantees:
+
+- an advertisement that is unsigned, signed by a key other than the one registered for
+  its site, for another run or run shape, or that replaces this site's own keys;
+- participants of a session that include a site which did not share its keys (U2), a site
+  named dropped in an earlier session, or fewer than t sites; a session asked before this
+  site answered the unmask of its previous one (so it always knows who was dropped);
+- an input of the wrong length or type, or with an entry beyond the per-site bound;
+- an unmask request for a session this site did not mask an input in, asked twice, with
+  fewer than t survivors, or naming one site both survivor and dropped (which would reveal
+  both its self-mask seed and its mask key for that session, hence its input).
+
+Each site has one mask key pair per session, so revealing a dropped site's key for session
+k (to remove its pairwise masks) says nothing about its masks in any other session, where
+its self-mask seed may have been revealed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fediim.protocol.identity import SitePrivateKey, SitePublicKey, sign_payload
+from fediim.protocol.secure_sum.advertising import advertisement_payload, verify_advertisements
+from fediim.protocol.secure_sum.keys import KEY_BYTES, decrypt_for, encrypt_for, public_bytes
+from fediim.protocol.secure_sum.masking import SELF_DOMAIN, pair_mask_sum, prg, to_group
+from fediim.protocol.secure_sum.messages import (
+    AdvertisementBroadcast,
+    KeyAdvertisement,
+    MaskedInput,
+    MaskedInputRequest,
+    ShareBundle,
+    ShareDelivery,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from fediim.protocol.secure_sum.params import SecureAggregationError, SecureSumConfig
+from fediim.protocol.secure_sum.shamir import (
+    SHARE_BYTES,
+    share_from_bytes,
+    share_to_bytes,
+    split_secret,
+)
+
+__all__ = ["SiteSecureAggregator"]
+
+
+class SiteSecureAggregator:
+    """One site's secure-sum state for one run (see module docstring).
+
+    Parameters
+    ----------
+    config : the run's public parameters.
+    site_id : this site's id (one of ``config.sites``).
+    identity_key : this site's identity key (its registered site key).
+    registry : every site's registered public identity key, site id -> key.
+    """
+
+    def __init__(self, config: SecureSumConfig, site_id: str, identity_key: SitePrivateKey,
+                 registry: Mapping[str, SitePublicKey]) -> None:
+        if site_id not in config.sites:
+            raise SecureAggregationError(f"site {site_id!r} is not a site of this run")
+        missing = [s for s in config.sites if s not in registry]
+        if missing:
+            raise SecureAggregationError(f"no registered identity key for sites {missing}")
+        self.config, self.site_id = config, site_id
+        self._identity, self._registry = identity_key, dict(registry)
+        self._c_key = X25519PrivateKey.generate()
+        self._s_keys = [X25519PrivateKey.generate() for _ in range(config.n_sessions)]
+        self._self_seeds = [os.urandom(KEY_BYTES) for _ in range(config.n_sessions)]
+        self._peers: dict[str, KeyAdvertisement] = {}  # U1: verified advertisements
+        self._shares: dict[str, list[tuple[int, int]]] = {}  # owner -> (s, b) per session
+        self._allowed: tuple[str, ...] = ()  # who may be a participant of the next session
+        self._participants: dict[int, tuple[str, ...]] = {}
+        self._answered: set[int] = set()
+
+    def advertise(self) -> KeyAdvertisement:
+        """Round 1: this site's public keys, signed with its identity key."""
+        fields = {"run_id": self.config.run_id, "site_id": self.site_id,
+                  "c_public": public_bytes(self._c_key),
+                  "s_publics": tuple(public_bytes(key) for key in self._s_keys),
+                  "n_sessions": self.config.n_sessions, "threshold": self.config.threshold}
+        signature = sign_payload(self._identity, advertisement_payload(**fields))
+        return KeyAdvertisement(**fields, signature=signature)
+
+    def share_keys(self, broadcast: AdvertisementBroadcast) -> ShareBundle:
+        """Round 2: verify every advertisement, then Shamir-share this site's mask keys and
+        self-mask seeds among the advertised sites, each recipient's shares encrypted."""
+        if self._peers:
+            raise SecureAggregationError(f"site {self.site_id!r} already shared its keys")
+        peers = verify_advertisements(broadcast, self.config, self._registry)
+        self._check_own_advertisement(peers)
+        self._peers = peers
+        split = [(split_secret(self._s_keys[k].private_bytes_raw(), self.config.threshold,
+                               self._xs(peers)),
+                  split_secret(self._self_seeds[k], self.config.threshold, self._xs(peers)))
+                 for k in range(self.config.n_sessions)]
+        ciphertexts = {}
+        for peer, advert in peers.items():
+            x = self.config.share_x(peer)
+            own = [(s_shares[x], b_shares[x]) for s_shares, b_shares in split]
+            if peer == self.site_id:
+                self._shares[peer] = own
+                continue
+            plaintext = b"".join(share_to_bytes(s) + share_to_bytes(b) for s, b in own)
+            ciphertexts[peer] = encrypt_for(plaintext, self._c_key, advert.c_public,
+                                            run_id=self.config.run_id, sender=self.site_id,
+                                            recipient=peer)
+        return ShareBundle(run_id=self.config.run_id, sender=self.site_id,
+                           ciphertexts=ciphertexts)
+
+    def _check_own_advertisement(self, peers: Mapping[str, KeyAdvertisement]) -> None:
+        """Refuse a broadcast that leaves out or replaces this site's own keys."""
+        mine = peers.get(self.site_id)
+        if mine is None or mine.c_public != public_bytes(self._c_key) or mine.s_publics != tuple(
+                public_bytes(key) for key in self._s_keys):
+            raise SecureAggregationError(f"the broadcast replaced or left out site "
+                                         f"{self.site_id!r}'s own keys")
+
+    def _xs(self, peers: Mapping[str, KeyAdvertisement]) -> list[int]:
+        return [self.config.share_x(peer) for peer in peers]
+
+    def receive_shares(self, delivery: ShareDelivery) -> None:
+        """Round 2, delivered: decrypt the shares held for each site of U2 (every sender)."""
+        if not self._peers or len(self._shares) > 1:
+            raise SecureAggregationError("shares are delivered once, after key sharing")
+        if delivery.run_id != self.config.run_id or delivery.recipient != self.site_id:
+            raise SecureAggregationError("a share delivery for another run or site")
+        unknown = sorted(set(delivery.ciphertexts) - set(self._peers) | (
+            {self.site_id} & set(delivery.ciphertexts)))
+        if unknown:
+            raise SecureAggregationError(f"shares from sites that did not advertise: {unknown}")
+        for sender, ciphertext in sorted(delivery.ciphertexts.items()):
+            plaintext = decrypt_for(ciphertext, self._c_key, self._peers[sender].c_public,
+                                    run_id=self.config.run_id, sender=sender,
+                                    recipient=self.site_id)
+            self._shares[sender] = self._parse_shares(plaintext, sender)
+        self._allowed = tuple(sorted(self._shares))
+        self._require_quorum(self._allowed, "sites that shared their keys")
+
+    def _parse_shares(self, plaintext: bytes, sender: str) -> list[tuple[int, int]]:
+        width = 2 * SHARE_BYTES
+        if len(plaintext) != width * self.config.n_sessions:
+            raise SecureAggregationError(f"site {sender!r} sent shares of the wrong size")
+        return [(share_from_bytes(plaintext[i:i + SHARE_BYTES]),
+                 share_from_bytes(plaintext[i + SHARE_BYTES:i + width]))
+                for i in range(0, len(plaintext), width)]
+
+    def _require_quorum(self, sites: tuple[str, ...], what: str) -> None:
+        if len(sites) < self.config.threshold:
+            raise SecureAggregationError(f"only {len(sites)} {what}, fewer than the "
+                                         f"threshold t = {self.config.threshold}; refused")
+
+    def masked_input(self, request: MaskedInputRequest, values: np.ndarray) -> MaskedInput:
+        """Round 3: this session's input, masked by the self mask and the pairwise masks
+        with every other participant."""
+        session = self._check_session_request(request)
+        vector = self._checked_input(values, session)
+        participants = request.participants
+        masked = to_group(vector) + prg(self._self_seeds[session], session, vector.size,
+                                        SELF_DOMAIN)
+        masked += pair_mask_sum(self.site_id, self._s_keys[session],
+                                {peer: self._peers[peer].s_publics[session]
+                                 for peer in participants},
+                                run_id=self.config.run_id, session=session, length=vector.size)
+        self._participants[session] = participants
+        return MaskedInput(run_id=self.config.run_id, session=session, site_id=self.site_id,
+                           length=vector.size, masked=masked.astype("<u8").tobytes())
+
+    def _check_session_request(self, request: MaskedInputRequest) -> int:
+        """The session of a valid masked-input request (see module docstring)."""
+        session = request.session
+        if request.run_id != self.config.run_id or session >= self.config.n_sessions:
+            raise SecureAggregationError(f"a masked-input request for another run or for "
+                                         f"session {session} of {self.config.n_sessions}")
+        last = max(self._participants, default=-1)
+        if not self._allowed or session <= last or (last >= 0 and last not in self._answered):
+            raise SecureAggregationError(f"session {session} asked out of order, before the "
+                                         "shares were delivered, or before this site's last "
+                                         "session was unmasked")
+        participants = request.participants
+        if list(participants) != sorted(set(participants)) or self.site_id not in participants:
+            raise SecureAggregationError("the participants must be sorted, distinct and "
+                                         "include this site")
+        excluded = sorted(set(participants) - set(self._allowed))
+        if excluded:
+            raise SecureAggregationError(
+                f"session {session} names {excluded} as participants: they did not share "
+                "their keys or were named dropped in an earlier session; refused")
+        self._require_quorum(participants, f"participants in session {session}")
+        return session
+
+    def _checked_input(self, values: np.ndarray, session: int) -> np.ndarray:
+        """The site's input as int64, refused if of the wrong shape, type or magnitude."""
+        array = np.asarray(values)
+        length = self.config.vector_lengths[session]
+        if array.shape != (length,) or not np.issubdtype(array.dtype, np.integer):
+            raise SecureAggregationError(f"session {session} takes an integer vector of "
+                                         f"length {length}, got {array.dtype} {array.shape}")
+        bound = self.config.max_abs_per_site
+        if array.size and (int(array.max()) > bound or int(array.min()) < -bound):
+            raise SecureAggregationError(f"an input entry exceeds the declared per-site "
+                                         f"bound {bound}; refused to mask it")
+        return array.astype(np.int64)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Round 4: this site's shares of each survivor's self-mask seed and of each dropped
+        site's mask key, for this session only."""
+        session = self._check_unmask_request(request)
+        self._answered.add(session)
+        self._allowed = request.survivors
+        return UnmaskReply(
+            run_id=self.config.run_id, session=session, site_id=self.site_id,
+            self_mask_shares={u: share_to_bytes(self._shares[u][session][1])
+                              for u in request.survivors},
+            key_shares={w: share_to_bytes(self._shares[w][session][0])
+                        for w in request.dropped})
+
+    def _check_unmask_request(self, request: UnmaskRequest) -> int:
+        """The session of a valid unmask request (see module docstring)."""
+        session = request.session
+        participants = self._participants.get(session)
+        if request.run_id != self.config.run_id or participants is None:
+            raise SecureAggregationError(f"an unmask request for another run, or for session "
+                                         f"{session} where this site masked no input")
+        if session in self._answered:
+            raise SecureAggregationError(f"session {session} was already unmasked; refused")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped:
+            raise SecureAggregationError(
+                f"sites {sorted(survivors & dropped)} are named both survivor and dropped in "
+                f"session {session}: that would reveal both their self-mask seed and their "
+                "mask key, hence their input; refused")
+        if survivors | dropped != set(participants) or len(survivors) + len(dropped) != len(
+                participants) or list(request.survivors) != sorted(survivors):
+            raise SecureAggregationError(f"the survivors and dropped sites of session "
+                                         f"{session} must split its participants; refused")
+        if self.site_id not in survivors:
+            raise SecureAggregationError(f"site {self.site_id!r} sent its masked input but is "
+                                         "named dropped; refused")
+        self._require_quorum(request.survivors, f"survivors in session {session}")
+        return session
