@@ -13,8 +13,17 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from fediim.errors import DataError
+from fediim.federated.bank import ModelBank
 from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, plan_privacy
 from fediim.federated.release import assemble_bank, site_release
+from fediim.federated.secure_release import (
+    AGGREGATIONS,
+    MIN_SECURE_SITES,
+    SecureSettings,
+    SiteShares,
+    default_threshold,
+    secure_bank,
+)
 from fediim.federated.site_imputation import site_impute
 from fediim.io.result import ImputationResult
 from fediim.io.table import as_matrix
@@ -130,6 +139,8 @@ class FederatedIIM(BaseEstimator):
         n_trees: int | None = PLAN_DEFAULTS.n_trees,
         clip_fraction: float = PLAN_DEFAULTS.clip_fraction,
         clip_columns: np.ndarray | None = None,
+        aggregation: str = "per-site",
+        threshold: int | None = None,
         seed: int | None = None,
         random_state: int | None = 0,
         k: int | None = None,
@@ -146,6 +157,8 @@ class FederatedIIM(BaseEstimator):
         self.n_trees = n_trees
         self.clip_fraction = clip_fraction
         self.clip_columns = clip_columns
+        self.aggregation = aggregation
+        self.threshold = threshold
         self.seed = seed
         self.random_state = random_state
         self.k = k
@@ -173,6 +186,9 @@ class FederatedIIM(BaseEstimator):
             cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
             clip_fraction=self.clip_fraction)
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
+        if self._secure(len(sites)):
+            self.bank_ = self._secure_bank(sites)
+            return self
         releases = [
             site_release(table, self.bounds_, self.plan_, site_id=site_id, ledger=ledger,
                          noise=noise, clip_columns=self.clip_columns)
@@ -181,6 +197,30 @@ class FederatedIIM(BaseEstimator):
                 strict=True)]
         self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
         return self
+
+    def _secure(self, n_sites: int) -> bool:
+        """Whether the sites sum their statistics securely (``auto``: from 3 sites)."""
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got "
+                             f"{self.aggregation!r}")
+        return self.aggregation == "secure" or (
+            self.aggregation == "auto" and n_sites >= MIN_SECURE_SITES)
+
+    def _secure_bank(self, sites: list[np.ndarray]) -> ModelBank:
+        """The bank from the three secure sums (:mod:`~fediim.federated.secure_release`)."""
+        threshold = (default_threshold(len(sites)) if self.threshold is None
+                     else self.threshold)
+        settings = SecureSettings(len(sites), threshold)
+        shares = {
+            site_id: SiteShares.from_table(table, self.bounds_, self.plan_, settings,
+                                           site_id=site_id, ledger=ledger, noise=noise,
+                                           clip_columns=self.clip_columns)
+            for table, site_id, ledger, noise in zip(
+                sites, self.site_ids_, self.ledgers_, self._noise_sources(len(sites)),
+                strict=True)}
+        bank = secure_bank(shares, self.plan_, settings)
+        bank.meta.update({"epsilon": self.epsilon, "delta": self.delta})
+        return bank
 
     def _validate_params(self) -> None:
         """Check every parameter once, at ``fit``, naming the one at fault."""

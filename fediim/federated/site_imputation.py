@@ -300,7 +300,7 @@ class SiteView:
             mean = np.nanmean(scaled, axis=0)
         spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
         mean = np.where(np.isfinite(mean), mean, 0.0)
-        others = bank.select(bank.site != site_id) if site_id is not None else bank
+        others = other_sites_bank(bank, site_id, scaled)
         choices = bank_choices(config, exact=bool(np.all(bank.sigma == 0)))
         return cls(
             scaled=scaled, standardized=(scaled - mean) / spread, center=mean, scale=spread,
@@ -573,7 +573,7 @@ def crossfitted_bank_coefficients(bank: ModelBank, site_id: str | None, rows: np
     missing) for each configuration, shape (len(configs), n, len(features) + 1), each from
     the bank with the row taken out of its own cell, in :data:`CROSSFIT_FOLDS` folds (as
     :func:`leave_own_rows_out_predictions`). Without a site id, the bank as released."""
-    own = np.flatnonzero(bank.site == site_id) if site_id is not None else np.zeros(0, int)
+    own = own_cells(bank, site_id)
     _, cells, augmented = _rows_as_released(bank, own, rows)
     whole: list[BankModels] = []
     coefficients = np.empty((len(configs), len(rows), len(features) + 1))
@@ -670,7 +670,7 @@ def choose_shrinkage(bank: ModelBank, site_id: str, target: int, features: tuple
     leaving the site's cells out altogether misjudges a site unlike the others. Both sides
     are bank information; ties go to the first configuration and to the bank's models.
     """
-    own = np.flatnonzero(bank.site == site_id)
+    own = own_cells(bank, site_id)
     if own.size == 0 or len(rows) < MIN_VALIDATION_ROWS:
         return choices[0], 1.0
     predictions = leave_own_rows_out_predictions(bank, own, rows, target, features, choices,
@@ -705,6 +705,28 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
             predictions[number, held] = pattern_models(
                 without_fold, target, features, config).impute(queries).values
     return predictions
+
+
+def own_cells(bank: ModelBank, site_id: str | None) -> np.ndarray:
+    """Bank indices of the cells that may hold the site's released rows: its own cells,
+    or under secure aggregation every cell (each is a sum over the sites)."""
+    if site_id is None:
+        return np.zeros(0, dtype=np.int64)
+    if bank.meta.get("aggregation") == "secure":
+        return np.arange(bank.n_cells)
+    return np.flatnonzero(bank.site == site_id)
+
+
+def other_sites_bank(bank: ModelBank, site_id: str | None, scaled: np.ndarray) -> ModelBank:
+    """The bank without the site's own records: its cells dropped, or under secure
+    aggregation its released rows (``scaled``: all its rows, bank coordinates)
+    subtracted from the summed cells they fell in."""
+    if site_id is None:
+        return bank
+    if bank.meta.get("aggregation") != "secure":
+        return bank.select(bank.site != site_id)
+    rows, cells, augmented = _rows_as_released(bank, own_cells(bank, site_id), scaled.copy())
+    return _bank_without_rows(bank, cells, augmented, np.arange(len(rows)))
 
 
 def _rows_as_released(bank: ModelBank, own: np.ndarray, rows: np.ndarray

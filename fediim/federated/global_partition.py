@@ -1,0 +1,147 @@
+"""The federation's shared partition: a complete kd-tree with public cuts, pruned by
+securely summed noisy counts.
+
+With secure aggregation every cell must be a sum over sites, so all sites partition
+their records by one tree. Its cuts are public and data-free: the root is the federation's
+clipping box, depth ``d`` cuts attribute ``(tree + d) mod m`` at
+:func:`~fediim.federated.partition.split_fraction` of the cell (the midpoint for tree 0).
+Each site counts its records in *every* node of the complete tree to a public depth ``D``
+(heap order: node ``i`` has children ``2i + 1`` and ``2i + 2``); a record is in one node
+per depth, so the count vector has L2 sensitivity ``sqrt(D + 1)`` per tree, the same
+noise per count as releasing one depth at a time (zCDP composes exactly) but in one
+secure sum instead of ``D + 1``. The coordinator prunes the summed noisy counts top-down
+(:func:`prune_tree`): post-processing, so the leaves are public.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fediim.federated.partition import split_fraction
+
+__all__ = ["GlobalTree", "complete_tree_boxes", "node_counts", "prune_tree", "leaf_of_rows"]
+
+
+@dataclass(frozen=True)
+class GlobalTree:
+    """One pruned tree of the shared partition (public).
+
+    box : (lo, hi) the federation's clipping box, the root cell (scaled coordinates).
+    depth : the complete tree's depth ``D`` (counts were released for depths 0..D).
+    tree : which of the differently cut trees (0 cuts at midpoints).
+    leaves : sorted heap indices of the leaves; every record falls in exactly one.
+    """
+
+    box: tuple[np.ndarray, np.ndarray]
+    depth: int
+    tree: int
+    leaves: np.ndarray
+
+    def boxes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The leaves' boxes (lo, hi), each (n_leaves, m)."""
+        lo, hi = complete_tree_boxes(self.box, self.depth, self.tree)
+        return lo[self.leaves], hi[self.leaves]
+
+
+def n_nodes(depth: int) -> int:
+    """Nodes of a complete binary tree of ``depth`` (depths 0..depth)."""
+    return 2 ** (depth + 1) - 1
+
+
+def _axis(depth: int, tree: int, n_features: int) -> int:
+    return (tree + depth) % n_features
+
+
+def _path(node: int) -> str:
+    """The node's path as :mod:`~fediim.federated.partition` names it ("r" + 0/1 per cut)."""
+    bits = bin(node + 1)[3:]
+    return "r" + bits
+
+
+def complete_tree_boxes(box: tuple[np.ndarray, np.ndarray], depth: int, tree: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Every node's box (lo, hi), each (n_nodes(depth), m), in heap order."""
+    low, high = (np.asarray(side, dtype=np.float64) for side in box)
+    n_features = len(low)
+    lo = np.empty((n_nodes(depth), n_features))
+    hi = np.empty_like(lo)
+    lo[0], hi[0] = low, high
+    for level in range(depth):
+        nodes = np.arange(2 ** level - 1, 2 ** (level + 1) - 1)
+        axis = _axis(level, tree, n_features)
+        fraction = (np.full(len(nodes), 0.5) if tree == 0 else
+                    np.array([split_fraction(tree, _path(node), axis) for node in nodes]))
+        cut = lo[nodes, axis] + fraction * (hi[nodes, axis] - lo[nodes, axis])
+        for child in (2 * nodes + 1, 2 * nodes + 2):
+            lo[child], hi[child] = lo[nodes], hi[nodes]
+        hi[2 * nodes + 1, axis] = cut
+        lo[2 * nodes + 2, axis] = cut
+    return lo, hi
+
+
+def _descend(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, depth: int, tree: int,
+             stop: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each row's node at every depth 0..depth (a list of index arrays), going left when
+    the row lies below the cut; with ``stop`` (bool per node) a row stays at the first
+    node flagged."""
+    node = np.zeros(len(rows), dtype=np.int64)
+    path = [node]
+    for level in range(depth):
+        axis = _axis(level, tree, rows.shape[1])
+        cut = hi[2 * node + 1, axis]
+        step = 2 * node + 1 + (rows[:, axis] >= cut)
+        node = step if stop is None else np.where(stop[node], node, step)
+        path.append(node)
+    return path
+
+
+def node_counts(rows: np.ndarray, box: tuple[np.ndarray, np.ndarray], depth: int,
+                tree: int) -> np.ndarray:
+    """A site's record count in every node of the complete tree (int64, heap order).
+
+    ``rows``: the site's complete records, scaled and clamped to ``box``."""
+    lo, hi = complete_tree_boxes(box, depth, tree)
+    visited = np.concatenate(_descend(rows, lo, hi, depth, tree)) if len(rows) else (
+        np.zeros(0, np.int64))
+    return np.bincount(visited, minlength=n_nodes(depth)).astype(np.int64)
+
+
+def prune_tree(counts: np.ndarray, depth: int, *, split_threshold: float,
+               min_records: float) -> np.ndarray:
+    """The leaves (sorted heap indices) of the tree the noisy ``counts`` call for.
+
+    Top-down, a node is split when its noisy count reaches ``split_threshold``, unless one
+    child's noisy count is below ``min_records`` while the other's is below the threshold
+    (the cut would only shave off a sliver); otherwise, or at ``depth``, it is a leaf. A
+    sliver cut off beside a large child becomes a leaf that the bank drops if its noisy
+    count stays below ``min_records``: the public cuts cannot be moved to follow the
+    data, as one site's tree can (:mod:`~fediim.federated.partition`).
+    """
+    if counts.shape != (n_nodes(depth),):
+        raise ValueError(f"expected {n_nodes(depth)} counts for depth {depth}, got "
+                         f"{counts.shape}")
+    leaves, frontier = [], [0]
+    for level in range(depth + 1):
+        upcoming = []
+        for node in frontier:
+            if level == depth or counts[node] < split_threshold:
+                leaves.append(node)
+                continue
+            children = counts[2 * node + 1], counts[2 * node + 2]
+            if min(children) < min_records and max(children) < split_threshold:
+                leaves.append(node)
+            else:
+                upcoming += [2 * node + 1, 2 * node + 2]
+        frontier = upcoming
+    return np.array(sorted(leaves), dtype=np.int64)
+
+
+def leaf_of_rows(rows: np.ndarray, tree: GlobalTree) -> np.ndarray:
+    """Each row's position in ``tree.leaves`` (rows scaled and clamped to the box)."""
+    lo, hi = complete_tree_boxes(tree.box, tree.depth, tree.tree)
+    stop = np.zeros(n_nodes(tree.depth), dtype=bool)
+    stop[tree.leaves] = True
+    node = _descend(rows, lo, hi, tree.depth, tree.tree, stop)[-1]
+    return np.searchsorted(tree.leaves, node)

@@ -1,0 +1,375 @@
+"""The federation's release under secure aggregation: every statistic a sum over sites.
+
+Three secure sums, each of integer vectors of a public length (:class:`SecureSteps`):
+
+1. **histograms** — per clipped column, the site's record count in each of
+   :data:`HISTOGRAM_BINS` public bins of [-1/2, 1/2]; the coordinator reads the
+   federation's clipping box off the summed noisy histograms (:func:`box_from_histograms`);
+2. **counts** — every node of the complete public tree inside that box
+   (:mod:`~fediim.federated.global_partition`); the coordinator prunes it
+   (:func:`trees_from_counts`);
+3. **grams** — each leaf's Gram matrix in the leaf's own coordinates, quantised
+   (:data:`QUANT_SCALE`); the coordinator maps the sums back into one bank whose every cell
+   is a sum over sites (:func:`bank_from_grams`).
+
+Each site adds its share of distributed discrete Gaussian noise
+(:func:`~fediim.privacy.distributed.release_distributed`): the *sum* is ρ-zCDP as long as
+it holds the noise of at least ``threshold`` sites, the assumption every ledger entry
+records. The masking that hides each site's share from the coordinator is the protocol
+layer's (:mod:`fediim.protocol`); in one process the shares are simply added
+(:func:`plain_sum`), which is what the unmasked secure sum returns exactly.
+
+A site that never measures an attribute contributes zero vectors (its rows are not
+released), but its noise still counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fediim.federated.bank import ModelBank
+from fediim.federated.clipping import CLIP_QUANTILES, clamp_to_box, widen_box
+from fediim.federated.global_partition import (
+    GlobalTree,
+    leaf_of_rows,
+    n_nodes,
+    node_counts,
+    prune_tree,
+)
+from fediim.federated.gram import (
+    affine_map,
+    from_upper_triangle,
+    project_psd,
+    transform_gram,
+)
+from fediim.federated.plan import PrivacyPlan, scale_to_bounds
+from fediim.federated.release import cell_coordinates
+from fediim.privacy import BudgetExceeded, PrivacyLedger, gram_sensitivity
+from fediim.privacy.distributed import (
+    ddg_sigma,
+    quantise,
+    quantised_sensitivity,
+    release_distributed,
+)
+
+__all__ = ["AGGREGATIONS", "HISTOGRAM_BINS", "MAX_SITE_RECORDS", "MIN_SECURE_SITES",
+           "QUANT_SCALE", "SECURE_SITE", "SecureSettings", "SecureSteps", "SiteShares",
+           "bank_from_grams", "box_from_histograms", "default_threshold", "plain_sum",
+           "secure_bank", "trees_from_counts"]
+
+#: The bank's site id for every cell of a securely summed bank: no cell is one site's.
+SECURE_SITE = "federation"
+#: Public bins per column of the clipping histograms.
+HISTOGRAM_BINS = 64
+#: Gram entries are sent as round(value * QUANT_SCALE); rounding moves each by at most
+#: 1 / (2 * QUANT_SCALE), far below any noise, and adds sqrt(#entries) to the integer
+#: sensitivity (:func:`~fediim.privacy.distributed.quantised_sensitivity`).
+QUANT_SCALE = 2.0**16
+#: The public cap on one site's records under secure aggregation: with it, no sum of
+#: quantised entries can leave the protocol's headroom.
+MAX_SITE_RECORDS = 2**32
+#: Deepest complete tree whose counts are released (2**(D+1) - 1 counts per tree).
+MAX_SECURE_DEPTH = 18
+#: A clipping box pays when each tail quantile's rank is this many times the noise of a
+#: cumulative count over the bins.
+HISTOGRAM_MIN_RATIO = 4.0
+
+
+#: How sites combine their statistics: each releases its own cells (``per-site``), or
+#: all sum them securely (``secure``); ``auto`` sums securely from
+#: :data:`MIN_SECURE_SITES` sites on.
+AGGREGATIONS = ("per-site", "secure", "auto")
+MIN_SECURE_SITES = 3
+
+
+def default_threshold(n_sites: int) -> int:
+    """Sites whose noise every sum must hold: two thirds of them (at least 2), so a third
+    may drop out or collude."""
+    return max(2, math.ceil(2 * n_sites / 3))
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """Who sums (public): ``n_sites`` sites, every sum recovered from at least
+    ``threshold`` of them, so it holds at least ``threshold`` sites' noise."""
+
+    n_sites: int
+    threshold: int
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.threshold <= self.n_sites:
+            raise ValueError(f"secure aggregation needs 2 <= threshold <= sites, got "
+                             f"threshold {self.threshold} of {self.n_sites} sites")
+
+    @property
+    def assumption(self) -> str:
+        """The trust assumption a ledger entry records for a distributed release."""
+        return (f"secure aggregation over {self.n_sites} sites, threshold {self.threshold}:"
+                " honest-but-curious coordinator; every released sum holds the noise of at "
+                f"least {self.threshold} sites (at most {self.n_sites - self.threshold} "
+                "colluding or dropped)")
+
+
+@dataclass(frozen=True)
+class SecureSteps:
+    """The public shape of the three sums: their order and their privacy budgets."""
+
+    rho_histograms: float
+    rho_counts: float
+    rho_grams: float
+
+    @classmethod
+    def from_plan(cls, plan: PrivacyPlan) -> SecureSteps:
+        if not math.isfinite(plan.rho_total):  # exact statistics are never clipped
+            return cls(0.0, math.inf, math.inf)
+        return cls(plan.rho_clip, plan.rho_total - plan.rho_gram - plan.rho_clip,
+                   plan.rho_gram)
+
+    def clips(self, clip_columns: np.ndarray) -> bool:
+        """Whether the first sum (the clipping histograms) takes place at all."""
+        return self.rho_histograms > 0 and bool(np.any(clip_columns))
+
+
+def _sum_sigma(sensitivity: float, rho: float, settings: SecureSettings, dimension: int,
+               n_summands: int) -> float:
+    """Noise std of a sum of ``n_summands`` shares (0 for exact statistics)."""
+    if not math.isfinite(rho):
+        return 0.0
+    site = ddg_sigma(sensitivity, rho, settings.threshold, dimension)
+    return site * math.sqrt(n_summands)
+
+
+def histogram_sensitivity(n_columns: int) -> float:
+    """A record adds one to one bin of each clipped column."""
+    return math.sqrt(n_columns)
+
+
+def count_sensitivity(depth: int, n_trees: int) -> float:
+    """A record adds one to one node per depth per tree."""
+    return math.sqrt(n_trees * (depth + 1))
+
+
+def gram_share_sensitivity(n_features: int, n_trees: int) -> float:
+    """A record's Gram upper triangle, once per tree, quantised (the integer vector's L2
+    sensitivity; the rounding of each of its entries moves it by at most 1/2, counted as 1
+    by :func:`~fediim.privacy.distributed.quantised_sensitivity`)."""
+    entries = (n_features + 1) * (n_features + 2) // 2
+    return quantised_sensitivity(math.sqrt(n_trees) * gram_sensitivity(n_features),
+                                 QUANT_SCALE, n_trees * entries)
+
+
+@dataclass
+class SiteShares:
+    """One site's side: its records as released, and its noised share of each sum."""
+
+    rows: np.ndarray  # complete records, scaled into the public bounds (clamped later)
+    plan: PrivacyPlan
+    settings: SecureSettings
+    clip_columns: np.ndarray
+    site_id: str
+    ledger: PrivacyLedger | None
+    noise: object | None = None
+
+    @classmethod
+    def from_table(cls, x: np.ndarray, bounds: np.ndarray, plan: PrivacyPlan,
+                   settings: SecureSettings, *, site_id: str, ledger: PrivacyLedger | None,
+                   noise: object | None = None,
+                   clip_columns: np.ndarray | None = None) -> SiteShares:
+        """The site's complete rows (none if it never measures some attribute), after
+        refusing up front a plan its budget cannot pay in full."""
+        x = np.asarray(x, dtype=np.float64)
+        if math.isfinite(plan.rho_total):
+            if ledger is None:
+                raise ValueError("a private release needs a ledger to charge")
+            if not ledger.can_afford(plan.rho_total):
+                raise BudgetExceeded(
+                    f"site {site_id!r}: this release needs rho={plan.rho_total:.6g} but "
+                    f"only {ledger.remaining_rho:.6g} of {ledger.rho_budget:.6g} remains; "
+                    "nothing was released")
+        if len(x) > MAX_SITE_RECORDS:
+            raise ValueError(f"site {site_id!r}: more than {MAX_SITE_RECORDS} records")
+        complete = x[~np.isnan(x).any(axis=1)]
+        rows, _ = scale_to_bounds(complete, bounds)
+        clip = (np.ones(x.shape[1], bool) if clip_columns is None
+                else np.asarray(clip_columns, bool))
+        return cls(rows, plan, settings, clip, site_id, ledger, noise)
+
+    def _release(self, values: np.ndarray, sensitivity: float, rho: float,
+                 purpose: str) -> np.ndarray:
+        values = np.asarray(values, dtype=np.int64)
+        if not math.isfinite(rho):
+            return values
+        if self.ledger is None:
+            raise ValueError("a private release needs a ledger to charge")
+        return release_distributed(values, sensitivity_l2=sensitivity, rho=rho,
+                                   n_summands=self.settings.threshold, ledger=self.ledger,
+                                   purpose=purpose, assumption=self.settings.assumption,
+                                   noise=self.noise)
+
+    def histograms(self, steps: SecureSteps) -> np.ndarray:
+        """Sum 1: per clipped column, counts in the public bins (flat, int64)."""
+        columns = np.flatnonzero(self.clip_columns)
+        edges = np.linspace(-0.5, 0.5, HISTOGRAM_BINS + 1)
+        counts = [np.histogram(self.rows[:, column], bins=edges)[0] for column in columns]
+        flat = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        return self._release(flat, histogram_sensitivity(len(columns)), steps.rho_histograms,
+                             f"secure sum 1: column histograms ({len(columns)} columns)")
+
+    def counts(self, steps: SecureSteps, box: tuple[np.ndarray, np.ndarray],
+               depth: int) -> np.ndarray:
+        """Sum 2: counts in every node of each tree's complete tree inside ``box``."""
+        rows = clamp_to_box(self.rows, *box)[0]
+        vector = np.concatenate([node_counts(rows, box, depth, tree)
+                                 for tree in range(self.plan.n_trees)])
+        return self._release(vector, count_sensitivity(depth, self.plan.n_trees),
+                             steps.rho_counts,
+                             f"secure sum 2: partition counts (depth {depth}, "
+                             f"{self.plan.n_trees} tree(s))")
+
+    def grams(self, steps: SecureSteps, trees: Sequence[GlobalTree]) -> np.ndarray:
+        """Sum 3: every leaf's Gram upper triangle in its own coordinates, quantised."""
+        n_features = self.rows.shape[1]
+        vector = np.concatenate([
+            _leaf_grams(clamp_to_box(self.rows, *tree.box)[0], tree).ravel()
+            for tree in trees])
+        n_leaves = sum(len(tree.leaves) for tree in trees)
+        return self._release(vector, gram_share_sensitivity(n_features, len(trees)),
+                             steps.rho_grams,
+                             f"secure sum 3: leaf Gram matrices ({n_leaves} cells, "
+                             f"{n_features} attributes)")
+
+
+def _leaf_grams(rows: np.ndarray, tree: GlobalTree) -> np.ndarray:
+    """Each leaf's augmented Gram upper triangle of ``rows`` in the leaf's own
+    coordinates, quantised record by record and summed in integers, shape (n_leaves, k):
+    a record then moves its leaf's sum by exactly its own quantised Gram."""
+    lo, hi = tree.boxes()
+    n_leaves, n_features = lo.shape
+    upper = np.triu_indices(n_features + 1)
+    sums = np.zeros((n_leaves, len(upper[0])), dtype=np.int64)
+    if len(rows):
+        leaf = leaf_of_rows(rows, tree)
+        local = cell_coordinates(rows, 0.5 * (lo[leaf] + hi[leaf]), hi[leaf] - lo[leaf])
+        z = np.column_stack([np.ones(len(rows)), local])
+        np.add.at(sums, leaf, quantise(z[:, upper[0]] * z[:, upper[1]], QUANT_SCALE))
+    return sums
+
+
+# ---- the coordinator's post-processing of the sums ---------------------------------------
+
+def box_from_histograms(total: np.ndarray, n_features: int, clip_columns: np.ndarray,
+                        noise_sigma: float) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """The federation's clipping box and its noisy record count from summed histograms.
+
+    Each clipped column's quantiles :data:`CLIP_QUANTILES` are read off the noisy
+    cumulative histogram (linear within a bin) and widened
+    (:func:`~fediim.federated.clipping.widen_box`). The box is the public one when the
+    noisy total says the tail ranks would drown in the cumulative noise
+    (:data:`HISTOGRAM_MIN_RATIO`). Returns ((lo, hi), noisy count; NaN if no column is
+    clipped)."""
+    lo, hi = np.full(n_features, -0.5), np.full(n_features, 0.5)
+    columns = np.flatnonzero(clip_columns)
+    if not columns.size:
+        return (lo, hi), math.nan
+    hist = np.maximum(np.asarray(total, np.float64).reshape(len(columns), HISTOGRAM_BINS), 0)
+    n_noisy = float(np.median(hist.sum(axis=1)))
+    tail = min(min(q, 1 - q) for q in CLIP_QUANTILES)
+    if tail * n_noisy < HISTOGRAM_MIN_RATIO * noise_sigma * math.sqrt(HISTOGRAM_BINS):
+        return (lo, hi), n_noisy
+    edges = np.linspace(-0.5, 0.5, HISTOGRAM_BINS + 1)
+    for row, column in zip(hist, columns, strict=True):
+        cumulative = np.concatenate([[0.0], np.cumsum(row)])
+        q_lo, q_hi = (np.interp(q * cumulative[-1], cumulative, edges)
+                      for q in CLIP_QUANTILES)
+        lo[column], hi[column] = widen_box(np.array([q_lo]), np.array([q_hi]))
+    return (lo, hi), n_noisy
+
+
+def tree_depth(plan: PrivacyPlan, n_noisy: float) -> int:
+    """The complete tree's depth: enough halvings to bring the federation's (noisy)
+    record count below the split threshold, with room for uneven data, capped by the plan
+    and :data:`MAX_SECURE_DEPTH`."""
+    cap = min(plan.partition.max_depth, MAX_SECURE_DEPTH)
+    if not math.isfinite(n_noisy) or n_noisy <= 0:
+        return cap
+    halvings = math.log2(max(n_noisy, 2.0) / max(plan.partition.split_threshold, 1.0))
+    return int(min(cap, max(1, math.ceil(halvings) + 4)))
+
+
+def trees_from_counts(total: np.ndarray, plan: PrivacyPlan, box: tuple[np.ndarray, np.ndarray],
+                      depth: int) -> list[GlobalTree]:
+    """The pruned trees the summed noisy counts call for."""
+    counts = np.asarray(total, np.float64).reshape(plan.n_trees, n_nodes(depth))
+    return [GlobalTree(box, depth, tree, prune_tree(
+        counts[tree], depth, split_threshold=plan.partition.split_threshold,
+        min_records=plan.partition.min_records)) for tree in range(plan.n_trees)]
+
+
+def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: PrivacyPlan,
+                    noise_sigma: float, meta: dict) -> ModelBank:
+    """The bank: each leaf's summed Gram, de-quantised, projected PSD, mapped back to the
+    federation's coordinates; cells whose noisy count is below ``min_records`` dropped.
+    ``noise_sigma``: the sum's noise std in integer units."""
+    n_features = len(trees[0].box[0])
+    size = (n_features + 1) * (n_features + 2) // 2
+    values = np.asarray(total, np.float64).reshape(-1, size) / QUANT_SCALE
+    grams = project_psd(from_upper_triangle(values, n_features + 1))
+    boxes = [tree.boxes() for tree in trees]
+    lo, hi = np.vstack([b[0] for b in boxes]), np.vstack([b[1] for b in boxes])
+    grams = transform_gram(grams, affine_map(-(lo + hi) / 2 / (hi - lo), 1.0 / (hi - lo)))
+    tree_of = np.concatenate([np.full(len(t.leaves), t.tree) for t in trees])
+    leaf_ids = np.concatenate([t.leaves for t in trees])
+    keep = grams[:, 0, 0] >= plan.min_records
+    n_kept = int(keep.sum())
+    box_lo, box_hi = trees[0].box
+    return ModelBank(
+        n_features=n_features, site=np.full(n_kept, SECURE_SITE).astype(str),
+        cell=np.array([f"{SECURE_SITE}:t{t}:{leaf}" for t, leaf in
+                       zip(tree_of[keep], leaf_ids[keep], strict=True)], dtype=str),
+        lo=lo[keep], hi=hi[keep], gram=grams[keep],
+        sigma=np.full(n_kept, noise_sigma / QUANT_SCALE), min_records=plan.min_records,
+        meta=dict(meta), tree=tree_of[keep].astype(np.int64),
+        clip_lo=np.tile(box_lo, (n_kept, 1)), clip_hi=np.tile(box_hi, (n_kept, 1)))
+
+
+# ---- in one process ----------------------------------------------------------------------
+
+#: Adds the sites' shares of one sum: (step name, {site id: share}) -> (sum, survivors).
+Aggregate = Callable[[str, Mapping[str, np.ndarray]], tuple[np.ndarray, list[str]]]
+
+
+def plain_sum(step: str, shares: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """The sum the secure protocol unmasks, computed directly (one process, no coordinator
+    to hide shares from)."""
+    del step
+    vectors = list(shares.values())
+    return np.sum(np.stack(vectors), axis=0, dtype=np.int64), list(shares)
+
+
+def secure_bank(sites: Mapping[str, SiteShares], plan: PrivacyPlan,
+                settings: SecureSettings, *, aggregate: Aggregate = plain_sum) -> ModelBank:
+    """Run the three sums over ``sites`` and build the federation's bank."""
+    steps = SecureSteps.from_plan(plan)
+    first = next(iter(sites.values()))
+    n_features, clip = first.rows.shape[1], first.clip_columns
+    alive = list(sites)
+    box, n_noisy = (np.full(n_features, -0.5), np.full(n_features, 0.5)), math.nan
+    if steps.clips(clip):
+        total, alive = aggregate("histograms", {s: sites[s].histograms(steps) for s in alive})
+        sigma = _sum_sigma(histogram_sensitivity(int(clip.sum())), steps.rho_histograms,
+                           settings, int(clip.sum()) * HISTOGRAM_BINS, len(alive))
+        box, n_noisy = box_from_histograms(total, n_features, clip, sigma)
+    depth = tree_depth(plan, n_noisy)
+    total, alive = aggregate("counts", {s: sites[s].counts(steps, box, depth) for s in alive})
+    trees = trees_from_counts(total, plan, box, depth)
+    total, alive = aggregate("grams", {s: sites[s].grams(steps, trees) for s in alive})
+    size = sum(len(t.leaves) for t in trees) * (n_features + 1) * (n_features + 2) // 2
+    sigma = _sum_sigma(gram_share_sensitivity(n_features, plan.n_trees), steps.rho_grams,
+                       settings, size, len(alive))
+    meta = {"aggregation": "secure", "sites": settings.n_sites,
+            "threshold": settings.threshold, "survivors": sorted(alive)}
+    return bank_from_grams(total, trees, plan, sigma, meta)
