@@ -21,7 +21,8 @@ import numpy as np
 
 from fediim.federated.partition import split_fraction
 
-__all__ = ["GlobalTree", "complete_tree_boxes", "node_counts", "prune_tree", "leaf_of_rows"]
+__all__ = ["MAX_TREE_DEPTH", "GlobalTree", "complete_tree_boxes", "leaf_of_rows",
+           "n_nodes", "node_counts", "prune_tree", "tree_problem"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,49 @@ class GlobalTree:
     tree: int
     leaves: np.ndarray
 
+    def __post_init__(self) -> None:
+        problem = tree_problem(self.box, self.depth, self.tree, self.leaves)
+        if problem:
+            raise ValueError(f"not a partition a site may release over: {problem}")
+
     def boxes(self) -> tuple[np.ndarray, np.ndarray]:
         """The leaves' boxes (lo, hi), each (n_leaves, m)."""
         lo, hi = complete_tree_boxes(self.box, self.depth, self.tree)
         return lo[self.leaves], hi[self.leaves]
+
+
+def tree_problem(box: tuple[np.ndarray, np.ndarray], depth: int, tree: int,
+                 leaves: np.ndarray) -> str | None:
+    """Why (box, depth, tree, leaves) is not a partition of the box, or None.
+
+    A site checks the tree the coordinator sends before it releases anything over it: each
+    record must fall in exactly one leaf (the sensitivity of the Gram sum rests on it), so
+    the leaves must be distinct nodes none of which lies below another, covering every
+    node at the deepest level."""
+    lo, hi = (np.asarray(side, dtype=np.float64) for side in box)
+    if lo.ndim != 1 or lo.shape != hi.shape or not np.all(np.isfinite(lo) & np.isfinite(hi)):
+        return "the box must be two finite vectors of one length"
+    if np.any(lo < -0.5) or np.any(hi > 0.5) or np.any(lo >= hi):
+        return "the box must lie inside [-1/2, 1/2] with lo < hi"
+    if not 0 <= depth <= MAX_TREE_DEPTH or tree < 0:
+        return f"depth must lie in [0, {MAX_TREE_DEPTH}] and the tree index be >= 0"
+    leaves = np.asarray(leaves)
+    if leaves.ndim != 1 or leaves.dtype.kind not in "iu" or not leaves.size:
+        return "leaves must be a non-empty vector of node indices"
+    if np.any(np.diff(leaves) <= 0) or leaves[0] < 0 or leaves[-1] >= n_nodes(depth):
+        return "leaves must be sorted, distinct nodes of the complete tree"
+    level = np.floor(np.log2(leaves + 1)).astype(np.int64)
+    span = 2 ** (depth - level)  # deepest-level nodes under each leaf
+    first = (leaves + 1) * span - 1 - (2**depth - 1)  # their first position at that level
+    order = np.argsort(first)
+    if first[order[0]] != 0 or np.any(first[order][1:] != (first + span)[order][:-1]) or (
+            (first + span)[order[-1]] != 2**depth):
+        return "leaves must cover every record exactly once (no overlap, no gap)"
+    return None
+
+
+#: Deepest complete tree a site builds counts for (2**(D+1) - 1 nodes).
+MAX_TREE_DEPTH = 20
 
 
 def n_nodes(depth: int) -> int:
