@@ -318,6 +318,9 @@ def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: Privac
     size = (n_features + 1) * (n_features + 2) // 2
     values = np.asarray(total, np.float64).reshape(-1, size) / QUANT_SCALE
     grams = project_psd(from_upper_triangle(values, n_features + 1))
+    # The projection may nudge a count down by rounding; raising a diagonal entry keeps
+    # the matrix PSD, and the released count is what decides which cells stay.
+    grams[:, 0, 0] = np.maximum(grams[:, 0, 0], values[:, 0])
     boxes = [tree.boxes() for tree in trees]
     lo, hi = np.vstack([b[0] for b in boxes]), np.vstack([b[1] for b in boxes])
     grams = transform_gram(grams, affine_map(-(lo + hi) / 2 / (hi - lo), 1.0 / (hi - lo)))
