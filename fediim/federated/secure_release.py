@@ -64,7 +64,7 @@ __all__ = ["AGGREGATIONS", "HISTOGRAM_BINS", "MAX_SITE_RECORDS", "MIN_SECURE_SIT
 #: The bank's site id for every cell of a securely summed bank: no cell is one site's.
 SECURE_SITE = "federation"
 #: Public bins per column of the clipping histograms.
-HISTOGRAM_BINS = 64
+HISTOGRAM_BINS = 32
 #: Gram entries are sent as round(value * QUANT_SCALE); rounding moves each by at most
 #: 1 / (2 * QUANT_SCALE), far below any noise, and adds sqrt(#entries) to the integer
 #: sensitivity (:func:`~fediim.privacy.distributed.quantised_sensitivity`).
@@ -76,7 +76,7 @@ MAX_SITE_RECORDS = 2**32
 MAX_SECURE_DEPTH = 18
 #: A clipping box pays when each tail quantile's rank is this many times the noise of a
 #: cumulative count over the bins.
-HISTOGRAM_MIN_RATIO = 4.0
+HISTOGRAM_MIN_RATIO = 1.0
 
 
 #: How sites combine their statistics: each releases its own cells (``per-site``), or
@@ -285,19 +285,17 @@ def box_from_histograms(total: np.ndarray, n_features: int, clip_columns: np.nda
         cumulative = np.concatenate([[0.0], np.cumsum(row)])
         q_lo, q_hi = (np.interp(q * cumulative[-1], cumulative, edges)
                       for q in CLIP_QUANTILES)
-        lo[column], hi[column] = widen_box(np.array([q_lo]), np.array([q_hi]))
+        wide_lo, wide_hi = widen_box(np.array([q_lo]), np.array([q_hi]))
+        lo[column], hi[column] = wide_lo[0], wide_hi[0]
     return (lo, hi), n_noisy
 
 
-def tree_depth(plan: PrivacyPlan, n_noisy: float) -> int:
-    """The complete tree's depth: enough halvings to bring the federation's (noisy)
-    record count below the split threshold, with room for uneven data, capped by the plan
-    and :data:`MAX_SECURE_DEPTH`."""
-    cap = min(plan.partition.max_depth, MAX_SECURE_DEPTH)
-    if not math.isfinite(n_noisy) or n_noisy <= 0:
-        return cap
-    halvings = math.log2(max(n_noisy, 2.0) / max(plan.partition.split_threshold, 1.0))
-    return int(min(cap, max(1, math.ceil(halvings) + 4)))
+def tree_depth(plan: PrivacyPlan) -> int:
+    """The complete tree's depth: the plan's cap, at most :data:`MAX_SECURE_DEPTH`.
+
+    Public cuts halve empty space as readily as data, so a cell around concentrated
+    records sits many halvings down; the noisy counts, not the depth, stop the splits."""
+    return int(min(plan.partition.max_depth, MAX_SECURE_DEPTH))
 
 
 def trees_from_counts(total: np.ndarray, plan: PrivacyPlan, box: tuple[np.ndarray, np.ndarray],
@@ -366,7 +364,7 @@ def secure_bank(sites: Mapping[str, SiteShares], plan: PrivacyPlan,
         sigma = _sum_sigma(histogram_sensitivity(int(clip.sum())), steps.rho_histograms,
                            settings, int(clip.sum()) * HISTOGRAM_BINS, len(alive))
         box, n_noisy = box_from_histograms(total, n_features, clip, sigma)
-    depth = tree_depth(plan, n_noisy)
+    depth = tree_depth(plan)
     total, alive = aggregate("counts", {s: sites[s].counts(steps, box, depth) for s in alive})
     trees = trees_from_counts(total, plan, box, depth)
     total, alive = aggregate("grams", {s: sites[s].grams(steps, trees) for s in alive})
