@@ -115,6 +115,8 @@ class StudySection(_Model):
     delta: float = Field(1e-6, gt=0, lt=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     k: int = Field(10, ge=1)
+    #: how the private methods' sites release: see FederatedIIM's ``aggregation``
+    aggregation: Literal["auto", "secure", "per-site"] = "auto"
     report_epsilon: float | None = None
     base_dir: str | None = None
 

@@ -210,14 +210,15 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
     t0 = time.perf_counter()
     clip_columns = [column not in p.fed.code_columns for column in p.fed.columns]
     f = FederatedIIM(n_neighbors=s.k, epsilon=task.epsilon, delta=s.delta, bounds=p.fed.bounds,
-                     mode="federated", seed=task.seed, clip_columns=clip_columns
-                     ).fit(p.masked, site_ids=p.fed.site_names)
+                     mode="federated", seed=task.seed, clip_columns=clip_columns,
+                     aggregation=s.aggregation).fit(p.masked, site_ids=p.fed.site_names)
     fit_s = time.perf_counter() - t0
     privacy = {sid: None if led is None else {
         "rho_spent": float(led.spent_rho), "epsilon_spent": float(led.epsilon(s.delta)),
         "rho_budget": float(led.rho_budget)}
         for sid, led in zip(p.fed.site_names, f.ledgers_, strict=True)}
     bank_cells = {sid: int(np.sum(f.bank_.site == sid)) for sid in p.fed.site_names}
+    aggregation = f.bank_.meta.get("aggregation", "per-site")
     recs: TaskResult = []
     for method in task.methods:
         t1 = time.perf_counter()
@@ -228,5 +229,6 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
         recs.append({**base, "method": method, "epsilon": eps_key(task.epsilon),
                      "private": True, **score(out, p), "time_s": fit_s + imp_s,
                      "fit_s": fit_s, "impute_s": imp_s, "privacy_site": privacy,
-                     "bank_cells_site": bank_cells})
+                     "bank_cells_site": bank_cells, "aggregation": aggregation,
+                     "bank_cells": int(f.bank_.n_cells)})
     return recs
