@@ -70,6 +70,15 @@ class FederatedIIM(BaseEstimator):
     clip_fraction : float, default=0.1
         Share of each site's budget spent on its private clipping box (per-column
         quantiles inside ``bounds``); 0 clamps to ``bounds`` only.
+    aggregation : {"auto", "secure", "per-site"}, default="auto"
+        How the sites release: ``"secure"`` sums their statistics across sites (secure
+        aggregation: every cell of the bank is a sum over the sites, each site adding a
+        share of the noise; :mod:`~fediim.federated.secure_release`), ``"per-site"``
+        has each site release its own cells, ``"auto"`` sums securely from 3 sites on.
+    threshold : int or None, default=None
+        Secure aggregation only: every sum must hold the noise of at least this many sites
+        (so ``n_sites - threshold`` may drop out or collude); ``None`` is two thirds of the
+        sites, at least 2.
     clip_columns : array-like of bool of shape (n_features,), default=None
         Which columns the box may narrow (default: all). Leave out columns holding codes
         (binary or categorical values): a noisy quantile between two codes would clamp
@@ -139,7 +148,7 @@ class FederatedIIM(BaseEstimator):
         n_trees: int | None = PLAN_DEFAULTS.n_trees,
         clip_fraction: float = PLAN_DEFAULTS.clip_fraction,
         clip_columns: np.ndarray | None = None,
-        aggregation: str = "per-site",
+        aggregation: str = "auto",
         threshold: int | None = None,
         seed: int | None = None,
         random_state: int | None = 0,

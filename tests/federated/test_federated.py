@@ -630,10 +630,11 @@ def test_exact_plan_uses_several_deep_trees_noisy_plan_one() -> None:
 # --------------------------------------------------------------------------- hybrid
 
 
-@pytest.fixture(scope="module")
-def small_shifted_site() -> dict[str, Any]:
+@pytest.fixture(scope="module", params=["per-site", "secure"])
+def small_shifted_site(request: pytest.FixtureRequest) -> dict[str, Any]:
     """A site whose target sits 3 sd above the others' (same slopes), too small for a good
-    local model, with the fitted exact federation of it and two large sites."""
+    local model, with the fitted exact federation of it and two large sites (per-site
+    cells, or cells summed over the sites)."""
     rng = np.random.default_rng(5)
 
     coef = np.array([1.0, -1.0, 0.5, 0.8, -0.6, 0.3])
@@ -649,9 +650,11 @@ def small_shifted_site() -> dict[str, Any]:
     rows = np.arange(0, 12, 3)
     small[rows, 6] = np.nan
     bounds = np.array([[-5, 5]] * 6 + [[-10, 12]], dtype=float)
-    model = FederatedIIM(epsilon=np.inf, bounds=bounds, mode="federated").fit(
-        [*big, small], site_ids=["a", "b", "small"])
-    return {"model": model, "small": small, "truth": truth, "rows": rows, "bounds": bounds}
+    model = FederatedIIM(epsilon=np.inf, bounds=bounds, mode="federated",
+                         aggregation=request.param).fit([*big, small],
+                                                        site_ids=["a", "b", "small"])
+    return {"model": model, "small": small, "truth": truth, "rows": rows, "bounds": bounds,
+            "aggregation": request.param}
 
 
 def _small_site_rmse(case: dict[str, Any], **kwargs: Any) -> float:
@@ -668,7 +671,10 @@ def test_hybrid_recentres_the_federation_for_a_site_with_its_own_level(
     err = {mode: _small_site_rmse(small_shifted_site, mode=mode)
            for mode in ("local", "federated", "hybrid")}
 
-    assert err["hybrid"] < 0.85 * err["local"]
+    # Measured: per-site 15%+ below local; summed cells (one shared tree, the site's rows
+    # inside them) 14% below.
+    gain = 0.85 if small_shifted_site["aggregation"] == "per-site" else 0.9
+    assert err["hybrid"] < gain * err["local"]
     assert err["hybrid"] < 0.25 * err["federated"]
 
 
