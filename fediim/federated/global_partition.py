@@ -16,6 +16,7 @@ secure sum instead of ``D + 1``. The coordinator prunes the summed noisy counts 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -47,8 +48,11 @@ class GlobalTree:
 
     def boxes(self) -> tuple[np.ndarray, np.ndarray]:
         """The leaves' boxes (lo, hi), each (n_leaves, m)."""
-        lo, hi = complete_tree_boxes(self.box, self.depth, self.tree)
-        return lo[self.leaves], hi[self.leaves]
+        return self._boxes
+
+    @cached_property
+    def _boxes(self) -> tuple[np.ndarray, np.ndarray]:
+        return leaf_boxes(self.box, self.tree, self.leaves)
 
 
 def tree_problem(box: tuple[np.ndarray, np.ndarray], depth: int, tree: int,
@@ -121,20 +125,70 @@ def complete_tree_boxes(box: tuple[np.ndarray, np.ndarray], depth: int, tree: in
     return lo, hi
 
 
-def _descend(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, depth: int, tree: int,
+def _fractions(nodes: np.ndarray, level: int, tree: int, n_features: int) -> np.ndarray:
+    """Where each of ``nodes`` (all at ``level``) is cut along its axis."""
+    if tree == 0:
+        return np.full(len(nodes), 0.5)
+    axis = _axis(level, tree, n_features)
+    unique, inverse = np.unique(nodes, return_inverse=True)
+    values = np.array([split_fraction(tree, _path(int(node)), axis) for node in unique])
+    return values[inverse]
+
+
+def _step(node: np.ndarray, lo: np.ndarray, hi: np.ndarray, level: int, tree: int,
+          right: np.ndarray | None = None, rows: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """One level down for each entry (a row, or a path): cut its box ``lo``/``hi`` (updated
+    in place) and return (child node, went right). The side is ``right`` if given, else
+    whether the row lies at or above the cut. The same float operations in every caller
+    make a row's box and its leaf's box bit-identical."""
+    axis = _axis(level, tree, lo.shape[1])
+    cut = lo[:, axis] + _fractions(node, level, tree, lo.shape[1]) * (hi[:, axis] - lo[:, axis])
+    if right is None:
+        assert rows is not None
+        right = rows[:, axis] >= cut
+    lo[:, axis] = np.where(right, cut, lo[:, axis])
+    hi[:, axis] = np.where(right, hi[:, axis], cut)
+    return 2 * node + 1 + right, right
+
+
+def _descend(rows: np.ndarray, box: tuple[np.ndarray, np.ndarray], depth: int, tree: int,
              stop: np.ndarray | None = None) -> list[np.ndarray]:
-    """Each row's node at every depth 0..depth (a list of index arrays), going left when
-    the row lies below the cut; with ``stop`` (bool per node) a row stays at the first
-    node flagged."""
-    node = np.zeros(len(rows), dtype=np.int64)
+    """Each row's node at every depth 0..depth (a list of index arrays), going right when
+    the row lies at or above the cut; with ``stop`` (sorted leaf indices) a row stays at
+    the first leaf on its path."""
+    n_rows = len(rows)
+    lo, hi = (np.tile(np.asarray(side, np.float64), (n_rows, 1)) for side in box)
+    node = np.zeros(n_rows, dtype=np.int64)
     path = [node]
     for level in range(depth):
-        axis = _axis(level, tree, rows.shape[1])
-        cut = hi[2 * node + 1, axis]
-        step = 2 * node + 1 + (rows[:, axis] >= cut)
-        node = step if stop is None else np.where(stop[node], node, step)
+        moving = np.ones(n_rows, bool) if stop is None else ~np.isin(node, stop)
+        if not moving.any():
+            break
+        sub_lo, sub_hi = lo[moving], hi[moving]
+        child, _ = _step(node[moving], sub_lo, sub_hi, level, tree, rows=rows[moving])
+        lo[moving], hi[moving] = sub_lo, sub_hi
+        node = node.copy()
+        node[moving] = child
         path.append(node)
     return path
+
+
+def leaf_boxes(box: tuple[np.ndarray, np.ndarray], tree: int, leaves: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes (lo, hi) of ``leaves``, each (n_leaves, m), walked down their paths."""
+    leaves = np.asarray(leaves, dtype=np.int64)
+    level_of = np.floor(np.log2(leaves + 1)).astype(np.int64)
+    lo, hi = (np.tile(np.asarray(side, np.float64), (len(leaves), 1)) for side in box)
+    for level in range(int(level_of.max()) if len(leaves) else 0):
+        deeper = level_of > level
+        below = level_of[deeper] - level  # steps from this level's node to the leaf
+        node = ((leaves[deeper] + 1) >> below) - 1
+        right = (((leaves[deeper] + 1) >> (below - 1)) & 1).astype(bool)
+        sub_lo, sub_hi = lo[deeper], hi[deeper]
+        _step(node, sub_lo, sub_hi, level, tree, right=right)
+        lo[deeper], hi[deeper] = sub_lo, sub_hi
+    return lo, hi
 
 
 def node_counts(rows: np.ndarray, box: tuple[np.ndarray, np.ndarray], depth: int,
@@ -142,8 +196,7 @@ def node_counts(rows: np.ndarray, box: tuple[np.ndarray, np.ndarray], depth: int
     """A site's record count in every node of the complete tree (int64, heap order).
 
     ``rows``: the site's complete records, scaled and clamped to ``box``."""
-    lo, hi = complete_tree_boxes(box, depth, tree)
-    visited = np.concatenate(_descend(rows, lo, hi, depth, tree)) if len(rows) else (
+    visited = np.concatenate(_descend(rows, box, depth, tree)) if len(rows) else (
         np.zeros(0, np.int64))
     return np.bincount(visited, minlength=n_nodes(depth)).astype(np.int64)
 
@@ -180,8 +233,5 @@ def prune_tree(counts: np.ndarray, depth: int, *, split_threshold: float,
 
 def leaf_of_rows(rows: np.ndarray, tree: GlobalTree) -> np.ndarray:
     """Each row's position in ``tree.leaves`` (rows scaled and clamped to the box)."""
-    lo, hi = complete_tree_boxes(tree.box, tree.depth, tree.tree)
-    stop = np.zeros(n_nodes(tree.depth), dtype=bool)
-    stop[tree.leaves] = True
-    node = _descend(rows, lo, hi, tree.depth, tree.tree, stop)[-1]
+    node = _descend(rows, tree.box, tree.depth, tree.tree, tree.leaves)[-1]
     return np.searchsorted(tree.leaves, node)
