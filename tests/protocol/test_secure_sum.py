@@ -133,3 +133,47 @@ def test_the_4_site_3_session_deployment_shape_runs() -> None:
     for k, total in enumerate(result.sums):
         expected = sum(inputs[s][k] for s in result.survivors[k])  # no wrap: 3 * 2^40
         assert np.array_equal(total, expected)
+
+
+def test_lengths_announced_with_each_request_sum_exactly() -> None:
+    """A later sum's length may follow from an earlier sum: None in the configuration, the
+    coordinator announces it with the session's request (and must announce one)."""
+    cfg = config(4, 3, (None, None, 3), max_abs=50)
+    rng = np.random.default_rng(3)
+    inputs = {site: [rng.integers(-50, 51, n) for n in (7, 2, 3)] for site in cfg.sites}
+    sums = secure_sums(cfg, inputs).sums
+    assert [s.tolist() for s in sums] == [_exact(inputs, cfg.sites, k) for k in range(3)]
+    run = shared(cfg)
+    with pytest.raises(SecureAggregationError, match="announced"):
+        run.coordinator.masked_input_request()
+    request = run.coordinator.masked_input_request(5)
+    with pytest.raises(SecureAggregationError, match="length 5"):
+        run.sites["site-0"].masked_input(request, np.zeros(4, np.int64))
+    declared = shared(config(3, 2, (4,)))
+    with pytest.raises(SecureAggregationError, match="declared of length 4"):
+        declared.coordinator.masked_input_request(5)
+
+
+def test_a_site_state_restored_from_bytes_between_every_round_sums_exactly() -> None:
+    """A ClientApp answers each message in a new process: each site's state goes through
+    ``to_bytes`` / ``from_bytes`` between rounds, and the sums are still exact."""
+    cfg = config(4, 3, (6, 5), max_abs=1000)
+    run = shared(cfg)
+    keys = {site: agg._identity for site, agg in run.sites.items()}  # noqa: SLF001
+    registry = {site: key.public_key() for site, key in keys.items()}
+
+    def reload() -> None:
+        for site, agg in run.sites.items():
+            run.sites[site] = type(agg).from_bytes(agg.to_bytes(), keys[site], registry)
+
+    inputs = _inputs(cfg, 7)
+    for k in range(cfg.n_sessions):
+        reload()
+        request = run.coordinator.masked_input_request()
+        masked = [run.sites[s].masked_input(request, inputs[s][k]) for s in cfg.sites]
+        reload()
+        unmask = run.coordinator.unmask_request(masked)
+        total = run.coordinator.unmasked_sum([run.sites[s].unmask(unmask) for s in cfg.sites])
+        assert total.tolist() == _exact(inputs, cfg.sites, k)
+    with pytest.raises(SecureAggregationError, match="unreadable"):
+        type(run.sites["site-0"]).from_bytes(b"{}", keys["site-0"], registry)
