@@ -68,13 +68,16 @@ __all__ = [
     "ReleaseReply",
     "ReleaseRequest",
     "ReplyCode",
+    "SECURE_STEPS",
+    "SecureReply",
+    "SecureRequest",
     "parse_request",
     "reply_type",
     "request_stage",
 ]
 
 PROTOCOL = "fediim-flower/1"
-STAGES = ("handshake", "release", "impute")
+STAGES = ("handshake", "release", "secure", "impute")
 #: Flower message type of every fediim message (handled by the ClientApp's ``@app.query()``).
 MESSAGE_TYPE = "query"
 CONFIG_RECORD = "fediim.config"
@@ -102,6 +105,7 @@ class ReplyCode(StrEnum):
     BAD_BANK = "bad_bank"
     SEEDED_NOISE_REFUSED = "seeded_noise_refused"
     BAD_REQUEST = "bad_request"
+    SECURE_REFUSED = "secure_refused"
     ERROR = "error"
 
 
@@ -133,6 +137,10 @@ REPLY_REASONS: dict[ReplyCode, str] = {
     ReplyCode.SEEDED_NOISE_REFUSED: "the coordinator asks for seeded (insecure, simulation "
                                     "only) noise, which this site does not allow",
     ReplyCode.BAD_REQUEST: "the request is malformed or invalid",
+    ReplyCode.SECURE_REFUSED: "the secure-aggregation request is inconsistent (a tree that "
+                              "is not a partition, a session out of order, another plan or "
+                              "site set than the handshake's, a bad key or share); refused "
+                              "before releasing anything",
     ReplyCode.ERROR: "the site could not complete the stage; see the site's log",
 }
 
@@ -268,6 +276,30 @@ class ReleaseRequest(PrivacyRequest):
     seed_index: int = Field(default=-1, ge=-1)
 
 
+#: The secure rounds' steps, in order (see :mod:`fediim.protocol.secure_sum`).
+SECURE_STEPS = ("advertise", "share_keys", "masked_input", "unmask")
+
+
+class SecureRequest(PrivacyRequest):
+    """A secure-aggregation round (secure runs, between handshake and impute): the plan of
+    the handshake again (the site refuses another), the run's secure-sum shape (``sites``
+    sorted, ``threshold``, ``n_sessions``) and this step's protocol message ``secagg``
+    (:mod:`fediim.protocol.secure_sum` bytes). A masked-input step also carries the public
+    state its statistic is computed over (``public_state``: box, depth, trees; see
+    :mod:`fediim.protocol.secure_run`) and, in the first session, the site's encrypted
+    shares (``delivery``). ``seed_index`` picks this site's seeded noise stream."""
+
+    STAGE: ClassVar[str] = "secure"
+    step: Literal["advertise", "share_keys", "masked_input", "unmask"]
+    sites: list[str] = Field(min_length=2)
+    threshold: int = Field(ge=2)
+    n_sessions: int = Field(ge=1, le=3)
+    seed_index: int = Field(default=-1, ge=-1)
+    secagg: bytes | None = None
+    delivery: bytes | None = None
+    public_state: bytes | None = None
+
+
 class ImputeRequest(_Message):
     """Stage 3: the signed federation bank; impute your own records locally."""
 
@@ -324,6 +356,15 @@ class ReleaseReply(_Reply):
     n_cells: int = Field(default=0, ge=0)
 
 
+class SecureReply(_Reply):
+    """The site's protocol message for the step (``secagg``): its signed keys, its
+    encrypted shares, its masked input (charged to its ledger first, reported in
+    ``ledger``) or its unmasking shares."""
+
+    STAGE: ClassVar[str] = "secure"
+    secagg: bytes | None = None
+
+
 class ImputeReply(_Reply):
     """A status only (code and ledger summary): no count or value computed from the site's
     records, which would leave the site uncharged, as often as a coordinator asks. The
@@ -333,10 +374,12 @@ class ImputeReply(_Reply):
 
 
 _REQUESTS: dict[str, type[_Message]] = {
-    "handshake": HandshakeRequest, "release": ReleaseRequest, "impute": ImputeRequest,
+    "handshake": HandshakeRequest, "release": ReleaseRequest, "secure": SecureRequest,
+    "impute": ImputeRequest,
 }
 _REPLIES: dict[str, type[_Reply]] = {
-    "handshake": HandshakeReply, "release": ReleaseReply, "impute": ImputeReply,
+    "handshake": HandshakeReply, "release": ReleaseReply, "secure": SecureReply,
+    "impute": ImputeReply,
 }
 
 
@@ -348,7 +391,8 @@ def request_stage(record: RecordDict) -> str:
     return str(stage)
 
 
-def parse_request(record: RecordDict) -> HandshakeRequest | ReleaseRequest | ImputeRequest:
+def parse_request(record: RecordDict
+                  ) -> HandshakeRequest | ReleaseRequest | SecureRequest | ImputeRequest:
     """The request in ``record``, dispatched on its ``stage`` field."""
     return _REQUESTS[request_stage(record)].from_record(record)  # type: ignore[return-value]
 

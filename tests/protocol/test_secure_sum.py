@@ -159,7 +159,7 @@ def test_a_site_state_restored_from_bytes_between_every_round_sums_exactly() -> 
     ``to_bytes`` / ``from_bytes`` between rounds, and the sums are still exact."""
     cfg = config(4, 3, (6, 5), max_abs=1000)
     run = shared(cfg)
-    keys = {site: agg._identity for site, agg in run.sites.items()}  # noqa: SLF001
+    keys = {site: agg._identity for site, agg in run.sites.items()}
     registry = {site: key.public_key() for site, key in keys.items()}
 
     def reload() -> None:
