@@ -115,6 +115,7 @@ def deploy(data: list[Path], schema: Path, out: Path, aggregation: str,
             "error": view.get("error"), "run_seconds": record.get("phase_seconds", {}).get("run"),
             "total_seconds": record.get("seconds"), "phase_seconds": record.get("phase_seconds"),
             "killed": kill, "killed_pids": killer.pids if killer else [],
+            "marker": record.get("marker"),
             "dropped": record.get("dropped"),
             "secure": view.get("secure"), "bank_cells": (view.get("bank") or {}).get("n_cells"),
             "imputed": sorted(s for s, v in (view.get("sites") or {}).items()

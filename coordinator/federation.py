@@ -1,6 +1,7 @@
 """The coordinator's side of a fediim run, driven through a Flower ``Grid``.
 
-Three rounds, each one request per site and one reply per site:
+Three stages, each one request per site and one reply per site (a secure run replaces the
+release by the secure rounds of :mod:`coordinator.secure`; run config ``aggregation``):
 
 1. **handshake** — every connected SuperNode gets the schema hash, the coordinator's
    signing-key id, the requested spend and a fresh nonce; sites accept or refuse with a
@@ -40,7 +41,6 @@ from flwr.serverapp import Grid
 
 from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
-from coordinator.secure import secure_bank
 from coordinator.spend import SpendRecord, spend_went_down
 from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated import assemble_bank
@@ -49,7 +49,7 @@ from fediim.federated.vetting import ReleaseLimits, release_problems
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
 from fediim.privacy import epsilon_to_rho
-from fediim.protocol.clock import SYSTEM_CLOCK, Clock
+from fediim.protocol.clock import Clock
 from fediim.protocol.identity import load_site_registry
 from fediim.protocol.messages import (
     MESSAGE_TYPE,
@@ -68,7 +68,7 @@ from fediim.protocol.run_config import privacy_plan
 from fediim.protocol.secure_run import use_secure
 from fediim.protocol.signing import key_id, load_private_key, sign_bank, signature_json
 
-__all__ = ["FEDERATION_FORMAT", "PULL_INTERVAL", "QuorumNotMet", "run_federation"]
+__all__ = ["FEDERATION_FORMAT", "PULL_INTERVAL", "QuorumNotMet"]
 
 log = logging.getLogger("flwr.fediim.coordinator")
 
@@ -446,28 +446,3 @@ class _Federation:
             site.stages["impute"] = {"code": "ok", "reason": ""}
         self.write_view("running")
         self.check_quorum("impute")
-
-
-def run_federation(grid: Grid, cfg: CoordinatorConfig, run_id: int, *,
-                   clock: Clock = SYSTEM_CLOCK) -> dict[str, Any]:
-    """Run the three stages; return the federation view (also in ``out-dir``).
-
-    Raises :class:`QuorumNotMet` when too few sites remain after a stage, and
-    configuration errors (schema, signing key) before anything is sent. Every wait (for
-    SuperNodes, for replies) is measured and spent on ``clock``.
-    """
-    fed = _Federation(grid, cfg, run_id, clock)
-    log.info("fediim run %d: epsilon=%g delta=%g (rho=%.6g per site), min-sites %d%s",
-             fed.run_id, cfg.epsilon, cfg.delta, fed.rho, cfg.min_sites,
-             ", SEEDED NOISE (simulation only)" if cfg.seed >= 0 else "")
-    try:
-        fed.handshake()
-        fed.impute(secure_bank(fed) if fed.choose_aggregation() else fed.per_site_bank())
-    except QuorumNotMet:
-        raise
-    except Exception as exc:
-        fed.write_view("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    fed.write_view("completed")
-    log.info("fediim run %d completed: %d site(s) imputed", fed.run_id, len(fed.active()))
-    return json.loads((fed.out / "federation.json").read_text(encoding="utf-8"))

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
+from coordinator.federation import _Federation
 from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated.bank import ModelBank
 from fediim.federated.secure_release import (
@@ -57,9 +58,6 @@ from fediim.protocol.secure_sum import (
     ShareDelivery,
     UnmaskReply,
 )
-
-if TYPE_CHECKING:
-    from coordinator.federation import _Federation
 
 __all__ = ["secure_bank"]
 

@@ -126,3 +126,23 @@ def test_a_crafted_tree_is_refused_by_the_site_before_it_pays_for_it(tmp_path: P
     assert [e.purpose.split(":")[0] for e in _entries(layout, first)] == [
         "secure sum 1", "secure sum 2"]  # nothing charged for the Gram sum
     assert view["status"] == "completed"  # the other three sum without it (t = 3)
+
+
+def _other_spend(node: int, group: str, content: RecordDict) -> RecordDict:
+    """The coordinator asks node 101 for another epsilon than at the handshake."""
+    if node == 101 and group == "secure:advertise":
+        content.config_records["fediim.config"]["epsilon"] = 3.0
+    return content
+
+
+def test_a_secure_round_with_another_spend_than_the_handshake_is_refused(
+        tmp_path: Path) -> None:
+    layout = _federation(tmp_path, sizes=SIZES, aggregation="secure")
+    _run(layout, tamper=_other_spend)
+    view = _view(layout)
+    first = sorted(s.site_id for s in layout.sites)[0]
+    assert view["sites"][first]["stages"]["secure:advertise"]["code"] == "secure_refused"
+    assert _entries(layout, first) == ()
+    assert view["status"] == "completed"
+    assert view["secure"]["rounds"][0]["survivors"] == sorted(
+        s.site_id for s in layout.sites)[1:]
