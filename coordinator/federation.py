@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -45,6 +46,7 @@ from coordinator.spend import SpendRecord, spend_went_down
 from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated import assemble_bank
 from fediim.federated.bank import ModelBank
+from fediim.federated.secure_release import default_threshold
 from fediim.federated.vetting import ReleaseLimits, release_problems
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
@@ -65,7 +67,7 @@ from fediim.protocol.messages import (
 )
 from fediim.protocol.receipts import SignedReceipt, issue_receipt
 from fediim.protocol.run_config import privacy_plan
-from fediim.protocol.secure_run import use_secure
+from fediim.protocol.secure_run import session_statistics, use_secure
 from fediim.protocol.signing import key_id, load_private_key, sign_bank, signature_json
 
 __all__ = ["FEDERATION_FORMAT", "PULL_INTERVAL", "QuorumNotMet"]
@@ -164,6 +166,9 @@ class _Federation:
         #: "secure" or "per-site", decided after the handshake; the secure rounds' record.
         self.aggregation: str | None = None
         self.secure_info: dict[str, Any] | None = None
+        #: The threshold the handshake asked keys for (0: none), and each node's keys.
+        self.handshake_threshold = 0
+        self.handshake_adverts: dict[int, bytes] = {}
         self.started = clock.monotonic()
 
     def privacy_fields(self) -> dict[str, Any]:
@@ -283,8 +288,8 @@ class _Federation:
         log.info("%d SuperNode(s) connected: %s", len(nodes), nodes)
         for node in nodes:
             self.sites[node] = _Site(node_id=node, site_id=f"node-{node}")
-        request = HandshakeRequest(**self.privacy_fields(),
-                                   nonce=self.admission.nonce).to_record()
+        request = HandshakeRequest(**self.privacy_fields(), nonce=self.admission.nonce,
+                                   **self._secure_keys_asked(len(nodes))).to_record()
         replies: dict[int, HandshakeReply] = self.exchange(
             "handshake", {node: request for node in nodes}, self.cfg.handshake_timeout)
         for node, reply in replies.items():  # in the order the replies arrived
@@ -292,6 +297,8 @@ class _Federation:
             site.site_id = reply.site_id
             site.ledger = site.ledger_before = (
                 reply.ledger.model_dump() if reply.ledger is not None else None)
+            if reply.secagg is not None:
+                self.handshake_adverts[node] = reply.secagg
             problem = self.admission.judge(node, reply)
             if problem is None:
                 site.stages["handshake"] = {"code": "ok", "reason": ""}
@@ -299,6 +306,17 @@ class _Federation:
                 site.exclude("handshake", *problem)
         self.write_view("running")
         self.check_quorum("handshake")
+
+    def _secure_keys_asked(self, n_nodes: int) -> dict[str, int]:
+        """The handshake's request for secure-aggregation keys, when the run may sum
+        securely: the threshold the sites would have if all ``n_nodes`` are admitted."""
+        threshold = self.cfg.secure_threshold or default_threshold(n_nodes)
+        if not use_secure(self.cfg.aggregation, n_nodes) or threshold > n_nodes:
+            return {}
+        self.handshake_threshold = threshold
+        clip = np.ones(self.n_features, dtype=bool)
+        return {"secure_threshold": threshold,
+                "secure_sessions": len(session_statistics(self.plan, clip))}
 
     def choose_aggregation(self) -> bool:
         """Whether this run sums securely (run config ``aggregation``, on the sites admitted

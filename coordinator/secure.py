@@ -155,12 +155,30 @@ class _SecureRounds:
         return messages
 
     # -- the run --------------------------------------------------------------------------
+    def handshake_adverts(self) -> dict[str, bytes] | None:
+        """Every admitted site's keys from its handshake reply, if they were asked for this
+        run's threshold and every site sent them (else None: an advertise round)."""
+        fed = self.fed
+        adverts = {site.site_id: fed.handshake_adverts.get(site.node_id)
+                   for site in fed.active()}
+        if fed.handshake_threshold != self.config.threshold or None in adverts.values():
+            return None
+        fed.secure_info["rounds"].append({"round": "advertise", "in_handshake": True,
+                                          "survivors": sorted(adverts)})
+        return adverts  # type: ignore[return-value]
+
     def set_up(self) -> dict[str, ShareDelivery]:
-        """Advertise keys and share keys; the shares to deliver, by recipient."""
+        """Advertise keys (unless the handshake did) and share keys; the shares to
+        deliver, by recipient."""
         timeout, no_extra = self.fed.cfg.key_timeout, (lambda site_id: {})
-        adverts = self.decoded(
-            self.round("advertise", "advertise", self.config.sites, no_extra, timeout),
-            KeyAdvertisement, "site_id", "advertise")
+        payloads = self.handshake_adverts()
+        if payloads is None:
+            payloads = self.round("advertise", "advertise", self.config.sites, no_extra,
+                                  timeout)
+        adverts = self.decoded(payloads, KeyAdvertisement, "site_id", "advertise",
+                               lambda m: (m.run_id, m.n_sessions, m.threshold) == (
+                                   self.config.run_id, self.config.n_sessions,
+                                   self.config.threshold))
         broadcast = self.protocol.broadcast_advertisements(adverts.values()).encode()
         bundles = self.decoded(
             self.round("share_keys", "share_keys", adverts,

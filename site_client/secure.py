@@ -18,6 +18,7 @@ simulations) and the public state of the counts.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +39,7 @@ from fediim.io.table import Table
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
 from fediim.protocol.identity import load_site_private_key, load_site_registry
 from fediim.protocol.messages import (
+    HandshakeRequest,
     LedgerView,
     PrivacyRequest,
     ReplyCode,
@@ -65,8 +67,10 @@ from fediim.protocol.secure_sum.messages import AdvertisementBroadcast
 from fediim.protocol.site_config import SiteConfig
 from site_client.refusal import Refusal
 
-__all__ = ["HANDSHAKE_RECORD", "SECURE_RECORD", "answer_secure", "handshake_record",
-           "secure_bank_problems"]
+__all__ = ["HANDSHAKE_RECORD", "SECURE_RECORD", "answer_secure", "handshake_keys",
+           "handshake_record", "secure_bank_problems"]
+
+log = logging.getLogger("flwr.fediim.site")
 
 #: ``context.state`` record of the run's handshake request (what a secure round must match).
 HANDSHAKE_RECORD = "fediim.handshake"
@@ -138,7 +142,7 @@ def _step(site: SecureSite, request: SecureRequest, run_id: int, state: RecordDi
         record = state.config_records.get(SECURE_RECORD)
         if record is None or int(record["run_id"]) != int(run_id):
             raise SecureAggregationError("a secure round before this site advertised keys")
-        aggregator = _aggregator(site, record)
+        aggregator = _aggregator(site, record, tuple(request.sites))
         _check_shape(aggregator.config, request)
         if request.step == "share_keys":
             message = aggregator.share_keys(
@@ -183,10 +187,43 @@ def _new_aggregator(site: SecureSite, request: SecureRequest, run_id: int,
     return SiteSecureAggregator(config, site.site_id, key, registry)
 
 
-def _aggregator(site: SecureSite, record: ConfigRecord) -> SiteSecureAggregator:
+def _aggregator(site: SecureSite, record: ConfigRecord,
+                sites: tuple[str, ...]) -> SiteSecureAggregator:
+    """The site's protocol state, for the run's ``sites`` (keys advertised with the
+    handshake were for every registered site)."""
     config = json.loads(bytes(record["aggregator"]))["config"]
     key, registry = _identity(site, config["sites"])
-    return SiteSecureAggregator.from_bytes(record["aggregator"], key, registry)
+    return SiteSecureAggregator.from_bytes(record["aggregator"], key, registry, sites)
+
+
+def handshake_keys(site: SecureSite, request: HandshakeRequest, run_id: int,
+                   plan: PrivacyPlan, state: RecordDict) -> bytes | None:
+    """The site's signed key advertisement for a handshake that asks for keys (for every
+    site of its registry: the run's sites are not known yet), or None when it asks none or
+    the site cannot (no site key or registry, another number of sums); the state is kept
+    for the secure rounds."""
+    if request.secure_threshold < 2 or site.cfg.site_key is None or (
+            site.cfg.site_registry is None):
+        return None
+    try:
+        n_sessions = len(session_statistics(plan, _clip(site)))
+        sites = tuple(sorted(load_site_registry(site.cfg.site_registry).keys))
+        if n_sessions != request.secure_sessions or site.site_id not in sites:
+            return None
+        key, registry = _identity(site, list(sites))
+        aggregator = SiteSecureAggregator(
+            SecureSumConfig(run_id=int(run_id), sites=sites,
+                            threshold=request.secure_threshold,
+                            vector_lengths=(None,) * n_sessions,
+                            max_abs_per_site=MAX_ABS_PER_SITE), site.site_id, key, registry)
+    except (SecureAggregationError, Refusal, ValueError) as exc:
+        log.warning("site %s: no secure-aggregation keys at the handshake: %s", site.site_id,
+                    exc)
+        return None
+    state[SECURE_RECORD] = ConfigRecord({"run_id": int(run_id), "noise_state": "",
+                                         "counts_state": b"",
+                                         "aggregator": aggregator.to_bytes()})
+    return aggregator.advertise().encode()
 
 
 def _check_shape(config: SecureSumConfig, request: SecureRequest) -> None:

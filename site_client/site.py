@@ -85,6 +85,7 @@ from site_client.secure import (
     HANDSHAKE_RECORD,
     RELEASE_RECORD,
     answer_secure,
+    handshake_keys,
     handshake_record,
     secure_bank_problems,
 )
@@ -267,7 +268,8 @@ def _handshake(site: _Site, request: HandshakeRequest, run_id: int,
              plan.rho_total, site.ledger.remaining_rho)
     return HandshakeReply(site_id=site.site_id, rho_requested=plan.rho_total,
                           ledger=site.ledger_view(),
-                          site_signature=_handshake_signature(site, request, run_id))
+                          site_signature=_handshake_signature(site, request, run_id),
+                          secagg=handshake_keys(site, request, run_id, plan, state))
 
 
 # -- site identity and spend receipts (fediim.protocol.identity, fediim.protocol.receipts) --

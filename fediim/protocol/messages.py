@@ -267,6 +267,11 @@ class HandshakeRequest(PrivacyRequest):
     # -- site identity (fediim.protocol.identity): a fresh random nonce per run, which the
     # site signs with the run id, its site id and its node id.
     nonce: str = Field(default="", pattern=r"^(?:[0-9a-f]{32,128})?$")
+    # -- secure aggregation (fediim.protocol.secure_run): when the run may sum securely,
+    # the threshold and number of sums the site may advertise keys for in its reply (saves
+    # a round); 0: no keys asked.
+    secure_threshold: int = Field(default=0, ge=0)
+    secure_sessions: int = Field(default=0, ge=0, le=3)
 
 
 class ReleaseRequest(PrivacyRequest):
@@ -346,6 +351,9 @@ class HandshakeReply(_Reply):
     # -- site identity (fediim.protocol.identity): the site's signature over the request's
     # nonce, the run id, its site id and its node id; None if the site holds no site key.
     site_signature: bytes | None = None
+    # -- secure aggregation: the site's signed key advertisement for every registered site
+    # (fediim.protocol.secure_sum.KeyAdvertisement bytes), if the request asked for keys.
+    secagg: bytes | None = None
 
 
 class ReleaseReply(_Reply):

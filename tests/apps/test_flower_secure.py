@@ -54,8 +54,10 @@ def test_secure_bank_equals_federated_iim_with_the_same_seeds(tmp_path: Path) ->
     secure = view["secure"]
     assert (secure["sites"], secure["threshold"]) == (4, 3)
     assert [r["round"] for r in secure["rounds"]] == ROUNDS
+    assert secure["rounds"][0]["in_handshake"]  # the keys came with the handshake replies
     assert all(r["survivors"] == ids for r in secure["rounds"])
-    assert [g for _, g in grid.delivered][4::4] == [f"secure:{r}" for r in ROUNDS] + ["impute"]
+    assert [g for _, g in grid.delivered][4::4] == [f"secure:{r}" for r in ROUNDS[1:]] + [
+        "impute"]
     for s, mem in zip(sites, fed.ledgers_, strict=True):
         disk = _entries(layout, s.site_id)
         assert [e.rho for e in disk] == pytest.approx([e.rho for e in mem.entries])
@@ -130,7 +132,7 @@ def test_a_crafted_tree_is_refused_by_the_site_before_it_pays_for_it(tmp_path: P
 
 def _other_spend(node: int, group: str, content: RecordDict) -> RecordDict:
     """The coordinator asks node 101 for another epsilon than at the handshake."""
-    if node == 101 and group == "secure:advertise":
+    if node == 101 and group == "secure:share_keys":
         content.config_records["fediim.config"]["epsilon"] = 3.0
     return content
 
@@ -141,8 +143,23 @@ def test_a_secure_round_with_another_spend_than_the_handshake_is_refused(
     _run(layout, tamper=_other_spend)
     view = _view(layout)
     first = sorted(s.site_id for s in layout.sites)[0]
-    assert view["sites"][first]["stages"]["secure:advertise"]["code"] == "secure_refused"
+    assert view["sites"][first]["stages"]["secure:share_keys"]["code"] == "secure_refused"
     assert _entries(layout, first) == ()
     assert view["status"] == "completed"
-    assert view["secure"]["rounds"][0]["survivors"] == sorted(
+    assert view["secure"]["rounds"][1]["survivors"] == sorted(
         s.site_id for s in layout.sites)[1:]
+
+
+def test_keys_for_another_threshold_than_the_handshakes_take_an_advertise_round(
+        tmp_path: Path) -> None:
+    """Four nodes connect, so the handshake asks keys for t = 3; one stays silent, so the
+    three admitted sites sum with t = 2 and advertise fresh keys in a round of their own."""
+    layout = _federation(tmp_path, sizes=SIZES, aggregation="secure")
+    grid = _run(layout, drop=lambda node, group: node == 104 and group == "handshake")
+    view = _view(layout)
+    assert view["status"] == "completed", view["error"]
+    assert view["secure"]["threshold"] == 2
+    assert view["secure"]["rounds"][0] == {"round": "advertise",
+                                           "survivors": ["sitea", "siteb", "sitec"]}
+    assert {n for n, g in grid.delivered if g == "secure:advertise"} == {101, 102, 103}
+    assert all("threshold 2" in e.assumption for e in _entries(layout, "sitea"))

@@ -177,3 +177,38 @@ def test_a_site_state_restored_from_bytes_between_every_round_sums_exactly() -> 
         assert total.tolist() == _exact(inputs, cfg.sites, k)
     with pytest.raises(SecureAggregationError, match="unreadable"):
         type(run.sites["site-0"]).from_bytes(b"{}", keys["site-0"], registry)
+
+
+def test_keys_advertised_for_every_registered_site_narrow_to_the_runs_sites() -> None:
+    """Keys advertised before the run's sites are known (with the handshake, for every
+    registered site) serve a run of some of them; narrowing after key sharing, to a set
+    without the site, or beyond the advertised sites is refused."""
+    from fediim.protocol.secure_sum import CoordinatorSecureAggregator, SiteSecureAggregator
+    from tests.protocol.secure_sum_parties import parties
+
+    wide = config(5, 3, (4,))
+    run = parties(wide)
+    keys = {site: agg._identity for site, agg in run.sites.items()}
+    registry = {site: key.public_key() for site, key in keys.items()}
+    narrow = config(4, 3, (4,))
+    sites = {s: SiteSecureAggregator.from_bytes(run.sites[s].to_bytes(), keys[s], registry,
+                                                narrow.sites) for s in narrow.sites}
+    coordinator = CoordinatorSecureAggregator(narrow)
+    broadcast = coordinator.broadcast_advertisements(
+        [a for a in run.broadcast.advertisements if a.site_id in narrow.sites])
+    deliveries = coordinator.route_shares([sites[s].share_keys(broadcast) for s in sites])
+    for site, delivery in deliveries.items():
+        sites[site].receive_shares(delivery)
+    inputs = {s: np.arange(4) * (i + 1) for i, s in enumerate(narrow.sites)}
+    request = coordinator.masked_input_request()
+    unmask = coordinator.unmask_request([sites[s].masked_input(request, inputs[s])
+                                         for s in sites])
+    total = coordinator.unmasked_sum([sites[s].unmask(unmask) for s in sites])
+    assert total.tolist() == (np.arange(4) * 10).tolist()
+    for bad in (("site-1", "site-2", "site-3"), ("site-0", "site-1", "site-9")):
+        with pytest.raises(SecureAggregationError, match="narrow"):
+            SiteSecureAggregator.from_bytes(run.sites["site-0"].to_bytes(), keys["site-0"],
+                                            registry, bad)
+    with pytest.raises(SecureAggregationError, match="narrow"):
+        SiteSecureAggregator.from_bytes(sites["site-0"].to_bytes(), keys["site-0"], registry,
+                                        ("site-0", "site-1", "site-2"))

@@ -117,14 +117,27 @@ class SiteSecureAggregator:
 
     @classmethod
     def from_bytes(cls, data: bytes, identity_key: SitePrivateKey,
-                   registry: Mapping[str, SitePublicKey]) -> SiteSecureAggregator:
+                   registry: Mapping[str, SitePublicKey],
+                   sites: tuple[str, ...] | None = None) -> SiteSecureAggregator:
         """The site state :meth:`to_bytes` wrote (the identity key and registry are the
-        site's own, loaded again); :class:`SecureAggregationError` if it is not one."""
+        site's own, loaded again); :class:`SecureAggregationError` if it is not one.
+
+        ``sites``: the run's sites, when the keys were advertised before they were known
+        (e.g. with the handshake, for every registered site): a subset of the state's
+        sites that includes this one, accepted only before keys are shared (the Shamir
+        x-coordinates follow from it)."""
         try:
             doc = json.loads(bytes(data).decode("utf-8"))
             if doc.get("format") != STATE_FORMAT:
                 raise ValueError(f"not a {STATE_FORMAT} document")
             raw = doc["config"]
+            if sites is not None and tuple(sites) != tuple(raw["sites"]):
+                if doc["peers"] or not set(sites) <= set(raw["sites"]) or (
+                        doc["site_id"] not in sites):
+                    raise SecureAggregationError(
+                        "the run's sites may only narrow the advertised ones, to a set "
+                        "holding this site, before keys are shared")
+                raw = {**raw, "sites": list(sites)}
             config = SecureSumConfig(run_id=raw["run_id"], sites=tuple(raw["sites"]),
                                      threshold=raw["threshold"],
                                      vector_lengths=tuple(raw["vector_lengths"]),
