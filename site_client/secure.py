@@ -132,10 +132,13 @@ def answer_secure(site: SecureSite, request: SecureRequest, run_id: int,
 
 def _step(site: SecureSite, request: SecureRequest, run_id: int, state: RecordDict,
           plan: PrivacyPlan | None) -> SecureReply:
-    """Dispatch on the step; the protocol state is saved back after every step."""
-    plan = plan or site.plan(request.epsilon, request)
+    """Dispatch on the step; the protocol state is saved back after every step. Only
+    the steps that may spend (advertise checks the budget, masked input charges) read the
+    plan and report the ledger: the key-sharing and unmask replies leave it out."""
+    ledger = request.step in ("advertise", "masked_input")
     if request.step == "advertise":
-        aggregator = _new_aggregator(site, request, run_id, plan)
+        aggregator = _new_aggregator(site, request, run_id, plan or site.plan(
+            request.epsilon, request))
         record = ConfigRecord({"run_id": int(run_id), "noise_state": "", "counts_state": b""})
         message = aggregator.advertise().encode()
     else:
@@ -148,12 +151,14 @@ def _step(site: SecureSite, request: SecureRequest, run_id: int, state: RecordDi
             message = aggregator.share_keys(
                 AdvertisementBroadcast.decode(request.secagg or b"")).encode()
         elif request.step == "masked_input":
-            message = _masked_input(site, request, run_id, plan, aggregator, record, state)
+            message = _masked_input(site, request, run_id, site.plan(request.epsilon, request),
+                                    aggregator, record, state)
         else:
-            message = _unmask(request, plan, aggregator, state)
+            message = _unmask(request, aggregator, state)
     record["aggregator"] = aggregator.to_bytes()
     state[SECURE_RECORD] = record
-    return SecureReply(site_id=site.site_id, secagg=message, ledger=site.ledger_view())
+    return SecureReply(site_id=site.site_id, secagg=message,
+                       ledger=site.ledger_view() if ledger else None)
 
 
 def _identity(site: SecureSite, sites: list[str]) -> tuple[Any, dict[str, Any]]:
@@ -315,7 +320,7 @@ def _release_record(site: SecureSite, request: SecureRequest, run_id: int,
         **request.plan_fields()})
 
 
-def _unmask(request: SecureRequest, plan: PrivacyPlan, aggregator: SiteSecureAggregator,
+def _unmask(request: SecureRequest, aggregator: SiteSecureAggregator,
             state: RecordDict) -> bytes:
     unmask = UnmaskRequest.decode(request.secagg or b"")
     reply = aggregator.unmask(unmask).encode()
