@@ -2,11 +2,12 @@
 
 After the handshake of a secure run (run config ``aggregation``; see
 :mod:`fediim.protocol.secure_run`) the coordinator drives the secure-sum protocol
-(:mod:`fediim.protocol.secure_sum`) through the Grid: advertise keys, share keys, then per
-statistic (clipping histograms if the plan clips, tree counts, leaf Grams) one
-masked-input round, where each site computes its noised share (charged to its ledger, and
-acknowledged with a spend receipt) and masks it, and one unmask round. Between sums it
-post-processes the sum into the public state of the next
+(:mod:`fediim.protocol.secure_sum`) through the Grid: advertise keys (taken from the
+handshake replies when the sites signed them for this run's threshold, else a round of
+their own), share keys, then per statistic (clipping histograms if the plan clips, tree
+counts, leaf Grams) one masked-input round, where each site computes its noised share
+(charged to its ledger, and acknowledged with a spend receipt) and masks it, and one
+unmask round. Between sums it post-processes the sum into the public state of the next
 (:mod:`fediim.federated.secure_release`); the last sum becomes the bank, whose every cell
 is a sum over sites.
 

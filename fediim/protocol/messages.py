@@ -23,6 +23,10 @@ A run has three stages, each one request from the coordinator and one reply per 
    privacy plan, imputes its own records locally, writes its outputs and replies with a
    status only.
 
+In a secure run (``aggregation``) the release is replaced by ``secure`` rounds
+(:class:`SecureRequest`, :class:`SecureReply`; :mod:`fediim.protocol.secure_run`): the
+handshake may ask the site for its secure-sum keys, which it advertises in its reply.
+
 What a reply may carry besides the accounted release (a release's cells and the ledger
 summary, both public once charged): a :class:`ReplyCode` and the fixed reason text of that
 code (:data:`REPLY_REASONS`). Nothing computed from the site's records (no counts, no line
