@@ -1,5 +1,5 @@
-"""The coordinator's Flower ServerApp (``coordinator.app:app``): three rounds — handshake,
-release, impute — see :mod:`coordinator.federation`; configuration in
+"""The coordinator's Flower ServerApp (``coordinator.app:app``): handshake, release (per
+site, or the secure rounds), impute — see :mod:`coordinator.run`; configuration in
 :mod:`coordinator.config`."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.config import CoordinatorConfig
-from coordinator.federation import run_federation
+from coordinator.run import run_federation
 from fediim.protocol.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["app", "make_server_app"]

@@ -1,6 +1,7 @@
 """The coordinator's side of a fediim run, driven through a Flower ``Grid``.
 
-Three rounds, each one request per site and one reply per site:
+Three stages, each one request per site and one reply per site (a secure run replaces the
+release by the secure rounds of :mod:`coordinator.secure`; run config ``aggregation``):
 
 1. **handshake** — every connected SuperNode gets the schema hash, the coordinator's
    signing-key id, the requested spend and a fresh nonce; sites accept or refuse with a
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -44,11 +46,12 @@ from coordinator.spend import SpendRecord, spend_went_down
 from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated import assemble_bank
 from fediim.federated.bank import ModelBank
+from fediim.federated.secure_release import default_threshold
 from fediim.federated.vetting import ReleaseLimits, release_problems
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
 from fediim.privacy import epsilon_to_rho
-from fediim.protocol.clock import SYSTEM_CLOCK, Clock
+from fediim.protocol.clock import Clock
 from fediim.protocol.identity import load_site_registry
 from fediim.protocol.messages import (
     MESSAGE_TYPE,
@@ -59,13 +62,15 @@ from fediim.protocol.messages import (
     ReleaseReply,
     ReleaseRequest,
     ReplyCode,
+    SecureReply,
     reply_type,
 )
 from fediim.protocol.receipts import SignedReceipt, issue_receipt
 from fediim.protocol.run_config import privacy_plan
+from fediim.protocol.secure_run import session_statistics, use_secure
 from fediim.protocol.signing import key_id, load_private_key, sign_bank, signature_json
 
-__all__ = ["FEDERATION_FORMAT", "PULL_INTERVAL", "QuorumNotMet", "run_federation"]
+__all__ = ["FEDERATION_FORMAT", "PULL_INTERVAL", "QuorumNotMet"]
 
 log = logging.getLogger("flwr.fediim.coordinator")
 
@@ -145,6 +150,7 @@ class _Federation:
         self.key_id = key_id(self.key)
         self.n_features = len(self.schema.columns)
         plan = privacy_plan(cfg.epsilon, cfg.delta, self.n_features, cfg.plan_params())
+        self.plan = plan
         self.rho = plan.rho_total
         self.limits = ReleaseLimits.from_plan(plan, self.n_features)
         self.spend = SpendRecord.beside_key(cfg.signing_key)
@@ -157,9 +163,15 @@ class _Federation:
         self.out.mkdir(parents=True, exist_ok=True)
         self.sites: dict[int, _Site] = {}
         self.bank_info: dict[str, Any] | None = None
+        #: "secure" or "per-site", decided after the handshake; the secure rounds' record.
+        self.aggregation: str | None = None
+        self.secure_info: dict[str, Any] | None = None
+        #: The threshold the handshake asked keys for (0: none), and each node's keys.
+        self.handshake_threshold = 0
+        self.handshake_adverts: dict[int, bytes] = {}
         self.started = clock.monotonic()
 
-    def _privacy_fields(self) -> dict[str, Any]:
+    def privacy_fields(self) -> dict[str, Any]:
         """The fields of a handshake or release request (the same in both)."""
         return {"schema_hash": self.schema_hash, "coordinator_key_id": self.key_id,
                 "epsilon": self.cfg.epsilon, "delta": self.cfg.delta, "seed": self.cfg.seed,
@@ -201,6 +213,8 @@ class _Federation:
             "site_registry": cfg.site_registry or None,
             "spend_record": str(self.spend.path),
             "sites": {names[site.node_id]: site.view() for site in self._by_site_id()},
+            "aggregation": self.aggregation,
+            "secure": self.secure_info,
             "bank": self.bank_info,
         }
         atomic_write_text(self.out / "federation.json",
@@ -224,8 +238,10 @@ class _Federation:
         raise QuorumNotMet(message)
 
     # -- one stage ------------------------------------------------------------------------
-    def exchange(self, stage: str, requests: dict[int, RecordDict], timeout: float) -> dict:
-        """Send one request per node, collect the replies; exclude failing/silent sites."""
+    def exchange(self, stage: str, requests: dict[int, RecordDict], timeout: float,
+                 kind: str | None = None) -> dict:
+        """Send one request per node, collect the replies; exclude failing/silent sites.
+        ``kind``: the message stage of the replies when ``stage`` names a secure round."""
         messages = [Message(content, node, MESSAGE_TYPE, ttl=timeout, group_id=stage)
                     for node, content in requests.items()]
         log.info("%s: sending to %d site(s), timeout %.0f s", stage, len(messages), timeout)
@@ -237,21 +253,21 @@ class _Federation:
         for reply in replies:
             node = int(reply.metadata.src_node_id)
             if node in requests and node not in parsed:
-                parsed[node] = self._parse_reply(stage, reply)
+                parsed[node] = self._parse_reply(stage, reply, kind or stage)
         for node in requests:
             if node not in parsed:
                 self.sites[node].exclude(stage, "silent",
                                          f"no reply within the {stage} timeout ({timeout:g} s)")
         return {node: reply for node, reply in parsed.items() if reply is not None}
 
-    def _parse_reply(self, stage: str, reply: Message) -> Any:
-        """The reply's content as ``stage``'s reply model, or None (the site is excluded)."""
+    def _parse_reply(self, stage: str, reply: Message, kind: str) -> Any:
+        """The reply's content as ``kind``'s reply model, or None (the site is excluded)."""
         site = self.sites[int(reply.metadata.src_node_id)]
         if reply.has_error():
             site.exclude(stage, "error", f"the site's ClientApp failed: {reply.error.reason}")
             return None
         try:
-            return reply_type(stage).from_record(reply.content)
+            return reply_type(kind).from_record(reply.content)
         except MessageError as exc:
             site.exclude(stage, "malformed_reply", str(exc))
             return None
@@ -272,8 +288,8 @@ class _Federation:
         log.info("%d SuperNode(s) connected: %s", len(nodes), nodes)
         for node in nodes:
             self.sites[node] = _Site(node_id=node, site_id=f"node-{node}")
-        request = HandshakeRequest(**self._privacy_fields(),
-                                   nonce=self.admission.nonce).to_record()
+        request = HandshakeRequest(**self.privacy_fields(), nonce=self.admission.nonce,
+                                   **self._secure_keys_asked(len(nodes))).to_record()
         replies: dict[int, HandshakeReply] = self.exchange(
             "handshake", {node: request for node in nodes}, self.cfg.handshake_timeout)
         for node, reply in replies.items():  # in the order the replies arrived
@@ -281,6 +297,8 @@ class _Federation:
             site.site_id = reply.site_id
             site.ledger = site.ledger_before = (
                 reply.ledger.model_dump() if reply.ledger is not None else None)
+            if reply.secagg is not None:
+                self.handshake_adverts[node] = reply.secagg
             problem = self.admission.judge(node, reply)
             if problem is None:
                 site.stages["handshake"] = {"code": "ok", "reason": ""}
@@ -289,11 +307,37 @@ class _Federation:
         self.write_view("running")
         self.check_quorum("handshake")
 
+    def _secure_keys_asked(self, n_nodes: int) -> dict[str, int]:
+        """The handshake's request for secure-aggregation keys, when the run may sum
+        securely: the threshold the sites would have if all ``n_nodes`` are admitted."""
+        threshold = self.cfg.secure_threshold or default_threshold(n_nodes)
+        if not use_secure(self.cfg.aggregation, n_nodes) or threshold > n_nodes:
+            return {}
+        self.handshake_threshold = threshold
+        clip = np.ones(self.n_features, dtype=bool)
+        return {"secure_threshold": threshold,
+                "secure_sessions": len(session_statistics(self.plan, clip))}
+
+    def choose_aggregation(self) -> bool:
+        """Whether this run sums securely (run config ``aggregation``, on the sites admitted
+        at the handshake); a threshold above them fails the run (:class:`QuorumNotMet`)."""
+        n_admitted = len(self.active())
+        secure = use_secure(self.cfg.aggregation, n_admitted)
+        self.aggregation = "secure" if secure else "per-site"
+        log.info("aggregation: %s (%s, %d site(s) admitted)", self.aggregation,
+                 self.cfg.aggregation, n_admitted)
+        if secure and self.cfg.secure_threshold > n_admitted:
+            message = (f"secure-threshold {self.cfg.secure_threshold} is above the "
+                       f"{n_admitted} site(s) admitted at the handshake")
+            self.write_view("failed", message)
+            raise QuorumNotMet(message)
+        return secure
+
     def release(self) -> list[ModelBank]:
         """Stage 2: the active sites' noised cells, one bank per site that released."""
         requests = {
             site.node_id: ReleaseRequest(
-                **self._privacy_fields(),
+                **self.privacy_fields(),
                 seed_index=index if self.cfg.seed >= 0 else -1).to_record()
             for index, site in enumerate(self.active())
         }
@@ -354,7 +398,8 @@ class _Federation:
         """Why a site's release does not fit the plan (see :mod:`fediim.federated.vetting`)."""
         return release_problems(bank, self.limits)
 
-    def _issue_receipts(self, replies: dict[int, ReleaseReply]) -> None:
+    def _issue_receipts(self, replies: dict[int, ReleaseReply] | dict[int, SecureReply],
+                        stage: str = "release") -> None:
         """Sign a spend receipt for every site that reported its ledger after releasing (as
         the site it claimed at the handshake), file them in the spend record and save it. A
         site whose reported spend went down since the handshake is excluded instead."""
@@ -364,7 +409,7 @@ class _Federation:
                     or reply.site_id != site.site_id):
                 continue
             if spend_went_down(reply.ledger.rho_spent, site.ledger_before["rho_spent"]):
-                site.exclude("release", "ledger_rewound",
+                site.exclude(stage, "ledger_rewound",
                              f"the site reports rho={reply.ledger.rho_spent:.6g} spent, less "
                              f"than the rho={site.ledger_before['rho_spent']:.6g} it reported "
                              "at the handshake")
@@ -376,10 +421,13 @@ class _Federation:
             self.spend.file(site.receipt)
         self.spend.save()
 
-    def _sign_and_store(self, releases: list[ModelBank]) -> tuple[bytes, bytes]:
-        """Assemble the federation bank, sign it, write both to ``out-dir``; (bank, sig)."""
-        bank = assemble_bank(releases, meta={"epsilon": self.cfg.epsilon,
-                                             "delta": self.cfg.delta})
+    def per_site_bank(self) -> ModelBank:
+        """The federation bank assembled from every active site's released cells."""
+        return assemble_bank(self.release(), meta={"epsilon": self.cfg.epsilon,
+                                                   "delta": self.cfg.delta})
+
+    def _sign_and_store(self, bank: ModelBank) -> tuple[bytes, bytes]:
+        """Sign the federation bank, write both to ``out-dir``; (bank, sig)."""
         data = bank.to_bytes()
         signature = sign_bank(self.key, data, self.schema_hash, self.run_id)
         atomic_write_bytes(self.out / "bank.npz", data)
@@ -389,13 +437,12 @@ class _Federation:
         self.bank_info = {"n_cells": bank.n_cells, "sha256": hashlib.sha256(data).hexdigest(),
                           "sites": sorted(set(bank.site.tolist())), "file": "bank.npz",
                           "signature_file": "bank.sig.json"}
-        log.info("bank: %d cells from %d site(s), signed with %s", bank.n_cells,
-                 len(releases), self.key_id)
+        log.info("bank: %d cells, signed with %s", bank.n_cells, self.key_id)
         return data, signature
 
-    def impute(self, releases: list[ModelBank]) -> None:
+    def impute(self, bank: ModelBank) -> None:
         """Stage 3: send the signed bank; every active site imputes its own records."""
-        data, signature = self._sign_and_store(releases)
+        data, signature = self._sign_and_store(bank)
         requests = {
             site.node_id: ImputeRequest(
                 schema_hash=self.schema_hash, coordinator_key_id=self.key_id, bank=data,
@@ -417,28 +464,3 @@ class _Federation:
             site.stages["impute"] = {"code": "ok", "reason": ""}
         self.write_view("running")
         self.check_quorum("impute")
-
-
-def run_federation(grid: Grid, cfg: CoordinatorConfig, run_id: int, *,
-                   clock: Clock = SYSTEM_CLOCK) -> dict[str, Any]:
-    """Run the three stages; return the federation view (also in ``out-dir``).
-
-    Raises :class:`QuorumNotMet` when too few sites remain after a stage, and
-    configuration errors (schema, signing key) before anything is sent. Every wait (for
-    SuperNodes, for replies) is measured and spent on ``clock``.
-    """
-    fed = _Federation(grid, cfg, run_id, clock)
-    log.info("fediim run %d: epsilon=%g delta=%g (rho=%.6g per site), min-sites %d%s",
-             fed.run_id, cfg.epsilon, cfg.delta, fed.rho, cfg.min_sites,
-             ", SEEDED NOISE (simulation only)" if cfg.seed >= 0 else "")
-    try:
-        fed.handshake()
-        fed.impute(fed.release())
-    except QuorumNotMet:
-        raise
-    except Exception as exc:
-        fed.write_view("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    fed.write_view("completed")
-    log.info("fediim run %d completed: %d site(s) imputed", fed.run_id, len(fed.active()))
-    return json.loads((fed.out / "federation.json").read_text(encoding="utf-8"))

@@ -39,7 +39,6 @@ from flwr.app import ConfigRecord, RecordDict
 from fediim.errors import (
     BudgetExceeded,
     DataError,
-    FediimError,
     LedgerError,
     MessageError,
     SchemaError,
@@ -71,6 +70,8 @@ from fediim.protocol.messages import (
     ReleaseReply,
     ReleaseRequest,
     ReplyCode,
+    SecureReply,
+    SecureRequest,
     parse_request,
     reply_type,
     request_stage,
@@ -79,6 +80,15 @@ from fediim.protocol.receipts import SignedReceipt, append_receipt, receipts_pat
 from fediim.protocol.run_config import PlanFields, privacy_plan
 from fediim.protocol.signing import key_id, load_public_key, signature_json, verify_bank
 from fediim.protocol.site_config import SiteConfig, load_site_config
+from site_client.refusal import Refusal as _Refusal
+from site_client.secure import (
+    HANDSHAKE_RECORD,
+    RELEASE_RECORD,
+    answer_secure,
+    handshake_keys,
+    handshake_record,
+    secure_bank_problems,
+)
 
 __all__ = ["NODE_CONFIG_KEY", "STATE_RECORD", "OUTPUT_FILES", "handle", "site_config_path"]
 
@@ -89,7 +99,7 @@ NODE_CONFIG_KEY = "site-config"
 #: The clock a reply waits on (tests substitute a fake one).
 REPLY_CLOCK: Clock = SYSTEM_CLOCK
 #: ``context.state`` record holding what this site released in the current run.
-STATE_RECORD = "fediim.site"
+STATE_RECORD = RELEASE_RECORD
 OUTPUT_FILES = ("imputed.csv", "flags.csv", "audit.jsonl", "bank.npz", "bank.sig.json")
 
 
@@ -97,15 +107,6 @@ OUTPUT_FILES = ("imputed.csv", "flags.csv", "audit.jsonl", "bank.npz", "bank.sig
 # each distinct one once per process. Both functions are pure; PrivacyPlan is frozen.
 _epsilon = lru_cache(maxsize=256)(rho_to_epsilon)
 _plan = lru_cache(maxsize=32)(privacy_plan)
-
-
-class _Refusal(FediimError):
-    """Internal to this module: an expected reason to refuse a stage. :func:`handle` logs
-    ``detail`` at the site and answers with ``code`` alone; it never leaves this module."""
-
-    def __init__(self, code: ReplyCode, detail: str, ledger: LedgerView | None = None) -> None:
-        super().__init__(detail)
-        self.code, self.detail, self.ledger = code, detail, ledger
 
 
 class _Site:
@@ -259,13 +260,16 @@ class _Site:
 # -- stages ---------------------------------------------------------------------------------
 
 
-def _handshake(site: _Site, request: HandshakeRequest, run_id: int) -> HandshakeReply:
+def _handshake(site: _Site, request: HandshakeRequest, run_id: int,
+               state: RecordDict) -> HandshakeReply:
     _, plan = site.check_request(request)
+    state[HANDSHAKE_RECORD] = handshake_record(request, run_id)
     log.info("site %s: handshake accepted (rho %.6g of remaining %.6g)", site.site_id,
              plan.rho_total, site.ledger.remaining_rho)
     return HandshakeReply(site_id=site.site_id, rho_requested=plan.rho_total,
                           ledger=site.ledger_view(),
-                          site_signature=_handshake_signature(site, request, run_id))
+                          site_signature=_handshake_signature(site, request, run_id),
+                          secagg=handshake_keys(site, request, run_id, plan, state))
 
 
 # -- site identity and spend receipts (fediim.protocol.identity, fediim.protocol.receipts) --
@@ -397,8 +401,12 @@ def _verified_bank(site: _Site, request: ImputeRequest, run_id: int,
     limits = ReleaseLimits.from_plan(plan, len(site.schema.columns))
     try:
         bank = ModelBank.from_bytes(request.bank, source="the federation bank")
-        problems = bank_problems(bank, limits)
-        if not problems and _cells_digest(bank, site.site_id) != released["cells_sha256"]:
+        if "aggregation" in released:  # a secure run: the sum this site took part in
+            problems = secure_bank_problems(bank, released, plan, len(site.schema.columns))
+        else:
+            problems = bank_problems(bank, limits)
+        if not problems and "aggregation" not in released and _cells_digest(
+                bank, site.site_id) != released["cells_sha256"]:
             problems = ["it does not carry this site's cells as the site released them"]
     except Exception as exc:  # noqa: BLE001 - whatever a crafted bank provokes is a bad bank
         problems = [f"{type(exc).__name__}: {exc}"]
@@ -465,13 +473,17 @@ def site_config_path(node_config: dict[str, Any], run_config: dict[str, Any]) ->
     return None
 
 
-def _answer(site: _Site, request: HandshakeRequest | ReleaseRequest | ImputeRequest,
-            run_id: int, state: RecordDict) -> HandshakeReply | ReleaseReply | ImputeReply:
+def _answer(site: _Site,
+            request: HandshakeRequest | ReleaseRequest | SecureRequest | ImputeRequest,
+            run_id: int, state: RecordDict
+            ) -> HandshakeReply | ReleaseReply | SecureReply | ImputeReply:
     """The stage function of ``request``'s stage."""
     if isinstance(request, HandshakeRequest):
-        return _handshake(site, request, run_id)
+        return _handshake(site, request, run_id, state)
     if isinstance(request, ReleaseRequest):
         return _release(site, request, run_id, state)
+    if isinstance(request, SecureRequest):
+        return answer_secure(site, request, run_id, state)
     return _impute(site, request, run_id, state)
 
 

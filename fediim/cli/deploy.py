@@ -28,7 +28,9 @@ one SuperNode per --data file, each SuperNode acting as a hospital with its own 
 privacy ledger and outputs. The coordinator asks every site for a handshake, a private
 release of its noised cells (charged to the site's ledger first) and, with the signed
 model bank, a local imputation of its own records. Nothing but noised statistics and
-counts leaves a site.
+counts leaves a site. With --aggregation secure (the default from 3 sites on) the sites
+sum every statistic by secure aggregation, each adding a share of the noise: the
+coordinator sees only sums over sites (S sites, threshold T; see SECURITY.md).
 
 Layout of OUT:
   OUT/<site>/site.toml          the site's configuration (data, schema, ledger, budget,
@@ -60,6 +62,8 @@ examples:
 
   fediim local-deploy --data a.csv --data b.csv --data c.csv --schema s.toml --out fed \\
       --min-sites 2 --run-config handshake-timeout=30 --run-config release-timeout=60
+  fediim local-deploy --data a.csv --data b.csv --data c.csv --data d.csv --schema s.toml \\
+      --out fed --aggregation secure --secure-threshold 3
 
 exit codes: 0 the run completed, 1 the run failed (e.g. quorum not met; see the reasons
 printed and OUT/coordinator/federation.json), 2 bad usage or input"""
@@ -67,7 +71,8 @@ printed and OUT/coordinator/federation.json), 2 bad usage or input"""
 
 #: Run-configuration keys that an option of their own or the deployment sets.
 _SET_ELSEWHERE = frozenset({"schema", "signing-key", "out-dir", "min-sites", "expected-sites",
-                            "epsilon", "delta", "mode", "k", "seed", "site-configs"})
+                            "epsilon", "delta", "mode", "k", "seed", "site-configs",
+                            "aggregation", "secure-threshold"})
 _RUN_CONFIG_KEYS = sorted(set(RUN_CONFIG_DEFAULTS) - _SET_ELSEWHERE)
 
 
@@ -109,6 +114,16 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="how sites impute (default: %(default)s)")
     p.add_argument("--k", type=positive_int, default=defaults["k"],
                    help="neighbours (default: %(default)s)")
+    p.add_argument("--aggregation", choices=("auto", "secure", "per-site"),
+                   default=defaults["aggregation"],
+                   help="secure: every statistic is summed over sites by secure aggregation "
+                        "with distributed noise, so the coordinator sees only sums; per-site: "
+                        "each site releases its own noised cells; auto: secure from 3 "
+                        "admitted sites on (default: %(default)s)")
+    p.add_argument("--secure-threshold", type=int, default=defaults["secure-threshold"],
+                   metavar="T", help="secure sums: every sum holds the noise of at least T "
+                   "sites, and at most S - T may drop or collude (0: two thirds of the "
+                   "admitted sites; default: %(default)s)")
     p.add_argument("--timeout", type=positive_float, default=DEFAULT_RUN_TIMEOUT,
                    metavar="SECONDS", help="give up on the run after this long "
                    "(default: %(default)g)")
@@ -155,6 +170,10 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return f"data file(s) not found: {', '.join(missing)}"
     if args.delta >= 1:
         return "--delta must be < 1"
+    if args.secure_threshold == 1 or args.secure_threshold < 0:
+        return "--secure-threshold must be 0 (two thirds of the sites) or at least 2"
+    if args.secure_threshold > len(args.data):
+        return f"--secure-threshold {args.secure_threshold} exceeds the {len(args.data)} site(s)"
     if args.min_sites is not None and args.min_sites > len(args.data):
         return f"--min-sites {args.min_sites} exceeds the {len(args.data)} site(s)"
     return None
@@ -165,7 +184,10 @@ def _run_local_deploy(args: argparse.Namespace) -> int:
     if problem:
         error(problem)
         return ExitCode.USAGE
-    run_config: dict[str, Any] = {"mode": args.mode, "k": args.k, **dict(args.run_config)}
+    run_config: dict[str, Any] = {"mode": args.mode, "k": args.k,
+                                  "aggregation": args.aggregation,
+                                  "secure-threshold": args.secure_threshold,
+                                  **dict(args.run_config)}
     if args.seed is not None:
         run_config["seed"] = int(args.seed)
         warn(f"--seed {args.seed}: every site draws INSECURE seeded noise, which whoever "

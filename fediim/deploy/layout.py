@@ -19,6 +19,8 @@ from fediim.protocol.site_config import SITE_ID_PATTERN
 __all__ = ["APP_DIR_NAME", "FederationLayout", "SiteLayout", "app_pyproject", "prepare_federation"]
 
 APP_DIR_NAME = "fediim-app"
+#: The site registry's file name in the coordinator's directory.
+REGISTRY_NAME = "site-registry.toml"
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,13 @@ def _site_key(site_dir: Path) -> Path:
     return key
 
 
-def _write_site_registry(coordinator_dir: Path, sites: Sequence[SiteLayout]) -> Path:
-    """The coordinator's site registry: every site's id -> its ``site.pub``."""
+def _write_site_registry(registry: Path, sites: Sequence[SiteLayout]) -> None:
+    """The site registry: every site's id -> its ``site.pub`` (the coordinator's, which the
+    sites also read to verify each other's secure-aggregation keys)."""
     from fediim.protocol.identity import site_registry_toml
 
-    registry = coordinator_dir / "site-registry.toml"
     atomic_write_text(registry, site_registry_toml(
         {site.site_id: site.directory / "site.pub" for site in sites}))
-    return registry
 
 
 def prepare_federation(
@@ -142,10 +143,11 @@ def prepare_federation(
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the owner only
     coordinator_dir = out_dir / "coordinator"
     key, public_key = _coordinator_keys(coordinator_dir)
+    registry = coordinator_dir / REGISTRY_NAME
     sites = [_prepare_site(out_dir / site_id, site_id, data_file, schema_path, public_key,
-                           budget, insecure_seeded_noise)
+                           budget, insecure_seeded_noise, registry)
              for site_id, data_file in zip(ids, files, strict=True)]
-    registry = _write_site_registry(coordinator_dir, sites)
+    _write_site_registry(registry, sites)
     run = {
         "schema": str(schema_path), "signing-key": str(key), "out-dir": str(coordinator_dir),
         "site-registry": str(registry),
@@ -171,7 +173,8 @@ def _coordinator_keys(coordinator_dir: Path) -> tuple[Path, Path]:
 
 
 def _prepare_site(site_dir: Path, site_id: str, data_file: Path, schema_path: Path,
-                  public_key: Path, budget: Any, insecure_seeded_noise: bool) -> SiteLayout:
+                  public_key: Path, budget: Any, insecure_seeded_noise: bool,
+                  registry: Path) -> SiteLayout:
     """One site's directory: its ledger (created once), identity key and site TOML."""
     from fediim.privacy import PrivacyLedger
     from fediim.protocol.site_config import SiteConfig, site_config_toml
@@ -183,7 +186,7 @@ def _prepare_site(site_dir: Path, site_id: str, data_file: Path, schema_path: Pa
     config = SiteConfig(site_id=site_id, data=data_file, schema=schema_path, ledger=ledger,
                         output_dir=site_dir, coordinator_public_key=public_key, budget=budget,
                         insecure_seeded_noise=insecure_seeded_noise,
-                        site_key=_site_key(site_dir))
+                        site_key=_site_key(site_dir), site_registry=registry)
     atomic_write_text(site_dir / "site.toml", site_config_toml(config))
     return SiteLayout(site_id, data_file, site_dir, site_dir / "site.toml", ledger)
 

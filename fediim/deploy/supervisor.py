@@ -38,7 +38,8 @@ from fediim.deploy.layout import APP_DIR_NAME, FederationLayout, app_pyproject
 from fediim.errors import DeployError
 
 __all__ = ["CONNECTION", "DEFAULT_RUN_TIMEOUT", "MARKER_ENV", "DroppedSite", "LocalDeployment",
-           "ProcessGroup", "free_ports", "stray_processes", "supernode_name"]
+           "ProcessGroup", "free_ports", "kill_supernode", "stray_processes",
+           "supernode_name"]
 
 #: The ``flwr`` connection (``[superlink.local-deploy]``) in the temporary ``FLWR_HOME``.
 CONNECTION = "local-deploy"
@@ -64,6 +65,24 @@ def free_ports(count: int) -> list[int]:
         for sock in sockets:
             sock.close()
     return ports
+
+
+def kill_supernode(site_config: str | os.PathLike[str]) -> list[int]:
+    """SIGKILL the ``flower-supernode`` process whose ``--node-config`` names
+    ``site_config`` (a site dropping out, for tests and benchmarks); the PIDs killed."""
+    killed = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a.endswith("flower-supernode") for a in args) and any(
+                os.fspath(site_config) in a for a in args):
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+    return killed
 
 
 def stray_processes(marker: str) -> list[int]:

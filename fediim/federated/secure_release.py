@@ -58,8 +58,9 @@ from fediim.privacy.distributed import (
 
 __all__ = ["AGGREGATIONS", "HISTOGRAM_BINS", "MAX_SITE_RECORDS", "MIN_SECURE_SITES",
            "QUANT_SCALE", "SECURE_SITE", "SecureSettings", "SecureSteps", "SiteShares",
-           "bank_from_grams", "box_from_histograms", "default_threshold", "plain_sum",
-           "secure_bank", "trees_from_counts"]
+           "bank_from_grams", "box_from_histograms", "default_threshold", "gram_sum_sigma",
+           "histogram_sum_sigma", "plain_sum", "secure_bank", "tree_depth",
+           "trees_from_counts"]
 
 #: The bank's site id for every cell of a securely summed bank: no cell is one site's.
 SECURE_SITE = "federation"
@@ -141,6 +142,24 @@ def _sum_sigma(sensitivity: float, rho: float, settings: SecureSettings, dimensi
         return 0.0
     site = ddg_sigma(sensitivity, rho, settings.threshold, dimension)
     return site * math.sqrt(n_summands)
+
+
+def histogram_sum_sigma(steps: SecureSteps, settings: SecureSettings,
+                        clip_columns: np.ndarray, n_summands: int) -> float:
+    """Noise std of the summed histograms (sum 1) over ``n_summands`` sites."""
+    n_clipped = int(np.sum(clip_columns))
+    return _sum_sigma(histogram_sensitivity(n_clipped), steps.rho_histograms, settings,
+                      n_clipped * HISTOGRAM_BINS, n_summands)
+
+
+def gram_sum_sigma(steps: SecureSteps, settings: SecureSettings,
+                   trees: Sequence[GlobalTree], n_summands: int) -> float:
+    """Noise std (integer units) of the summed leaf Grams (sum 3) over ``n_summands``
+    sites: the bank's σ is this over :data:`QUANT_SCALE`."""
+    n_features = len(trees[0].box[0])
+    size = sum(len(t.leaves) for t in trees) * (n_features + 1) * (n_features + 2) // 2
+    return _sum_sigma(gram_share_sensitivity(n_features, len(trees)), steps.rho_grams,
+                      settings, size, n_summands)
 
 
 def histogram_sensitivity(n_columns: int) -> float:
@@ -361,16 +380,13 @@ def secure_bank(sites: Mapping[str, SiteShares], plan: PrivacyPlan,
     box, n_noisy = (np.full(n_features, -0.5), np.full(n_features, 0.5)), math.nan
     if steps.clips(clip):
         total, alive = aggregate("histograms", {s: sites[s].histograms(steps) for s in alive})
-        sigma = _sum_sigma(histogram_sensitivity(int(clip.sum())), steps.rho_histograms,
-                           settings, int(clip.sum()) * HISTOGRAM_BINS, len(alive))
+        sigma = histogram_sum_sigma(steps, settings, clip, len(alive))
         box, n_noisy = box_from_histograms(total, n_features, clip, sigma)
     depth = tree_depth(plan)
     total, alive = aggregate("counts", {s: sites[s].counts(steps, box, depth) for s in alive})
     trees = trees_from_counts(total, plan, box, depth)
     total, alive = aggregate("grams", {s: sites[s].grams(steps, trees) for s in alive})
-    size = sum(len(t.leaves) for t in trees) * (n_features + 1) * (n_features + 2) // 2
-    sigma = _sum_sigma(gram_share_sensitivity(n_features, plan.n_trees), steps.rho_grams,
-                       settings, size, len(alive))
+    sigma = gram_sum_sigma(steps, settings, trees, len(alive))
     meta = {"aggregation": "secure", "sites": settings.n_sites,
             "threshold": settings.threshold, "survivors": sorted(alive)}
     return bank_from_grams(total, trees, plan, sigma, meta)

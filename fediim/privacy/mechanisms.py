@@ -367,6 +367,15 @@ class SeededGaussianNoise:
         s = finite_float("sigma", sigma, strict=True)
         return self._rng.normal(0.0, s, size=shape)
 
+    @property
+    def state(self) -> dict:
+        """The generator's state (JSON-able), to continue the stream in another process."""
+        return self._rng.bit_generator.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self._rng.bit_generator.state = value
+
     def sample_integer(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
         """int64 discrete Gaussian N_Z(0, σ²) noise (Canonne-Kamath-Steinke rejection from a
         discrete Laplace on the seeded generator), truncated at ``noise_bound(σ)``."""

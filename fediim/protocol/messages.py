@@ -23,6 +23,10 @@ A run has three stages, each one request from the coordinator and one reply per 
    privacy plan, imputes its own records locally, writes its outputs and replies with a
    status only.
 
+In a secure run (``aggregation``) the release is replaced by ``secure`` rounds
+(:class:`SecureRequest`, :class:`SecureReply`; :mod:`fediim.protocol.secure_run`): the
+handshake may ask the site for its secure-sum keys, which it advertises in its reply.
+
 What a reply may carry besides the accounted release (a release's cells and the ledger
 summary, both public once charged): a :class:`ReplyCode` and the fixed reason text of that
 code (:data:`REPLY_REASONS`). Nothing computed from the site's records (no counts, no line
@@ -68,13 +72,16 @@ __all__ = [
     "ReleaseReply",
     "ReleaseRequest",
     "ReplyCode",
+    "SECURE_STEPS",
+    "SecureReply",
+    "SecureRequest",
     "parse_request",
     "reply_type",
     "request_stage",
 ]
 
 PROTOCOL = "fediim-flower/1"
-STAGES = ("handshake", "release", "impute")
+STAGES = ("handshake", "release", "secure", "impute")
 #: Flower message type of every fediim message (handled by the ClientApp's ``@app.query()``).
 MESSAGE_TYPE = "query"
 CONFIG_RECORD = "fediim.config"
@@ -102,6 +109,7 @@ class ReplyCode(StrEnum):
     BAD_BANK = "bad_bank"
     SEEDED_NOISE_REFUSED = "seeded_noise_refused"
     BAD_REQUEST = "bad_request"
+    SECURE_REFUSED = "secure_refused"
     ERROR = "error"
 
 
@@ -133,6 +141,10 @@ REPLY_REASONS: dict[ReplyCode, str] = {
     ReplyCode.SEEDED_NOISE_REFUSED: "the coordinator asks for seeded (insecure, simulation "
                                     "only) noise, which this site does not allow",
     ReplyCode.BAD_REQUEST: "the request is malformed or invalid",
+    ReplyCode.SECURE_REFUSED: "the secure-aggregation request is inconsistent (a tree that "
+                              "is not a partition, a session out of order, another plan or "
+                              "site set than the handshake's, a bad key or share); refused "
+                              "before releasing anything",
     ReplyCode.ERROR: "the site could not complete the stage; see the site's log",
 }
 
@@ -259,6 +271,11 @@ class HandshakeRequest(PrivacyRequest):
     # -- site identity (fediim.protocol.identity): a fresh random nonce per run, which the
     # site signs with the run id, its site id and its node id.
     nonce: str = Field(default="", pattern=r"^(?:[0-9a-f]{32,128})?$")
+    # -- secure aggregation (fediim.protocol.secure_run): when the run may sum securely,
+    # the threshold and number of sums the site may advertise keys for in its reply (saves
+    # a round); 0: no keys asked.
+    secure_threshold: int = Field(default=0, ge=0)
+    secure_sessions: int = Field(default=0, ge=0, le=3)
 
 
 class ReleaseRequest(PrivacyRequest):
@@ -266,6 +283,30 @@ class ReleaseRequest(PrivacyRequest):
 
     STAGE: ClassVar[str] = "release"
     seed_index: int = Field(default=-1, ge=-1)
+
+
+#: The secure rounds' steps, in order (see :mod:`fediim.protocol.secure_sum`).
+SECURE_STEPS = ("advertise", "share_keys", "masked_input", "unmask")
+
+
+class SecureRequest(PrivacyRequest):
+    """A secure-aggregation round (secure runs, between handshake and impute): the plan of
+    the handshake again (the site refuses another), the run's secure-sum shape (``sites``
+    sorted, ``threshold``, ``n_sessions``) and this step's protocol message ``secagg``
+    (:mod:`fediim.protocol.secure_sum` bytes). A masked-input step also carries the public
+    state its statistic is computed over (``public_state``: box, depth, trees; see
+    :mod:`fediim.protocol.secure_run`) and, in the first session, the site's encrypted
+    shares (``delivery``). ``seed_index`` picks this site's seeded noise stream."""
+
+    STAGE: ClassVar[str] = "secure"
+    step: Literal["advertise", "share_keys", "masked_input", "unmask"]
+    sites: list[str] = Field(min_length=2)
+    threshold: int = Field(ge=2)
+    n_sessions: int = Field(ge=1, le=3)
+    seed_index: int = Field(default=-1, ge=-1)
+    secagg: bytes | None = None
+    delivery: bytes | None = None
+    public_state: bytes | None = None
 
 
 class ImputeRequest(_Message):
@@ -314,6 +355,9 @@ class HandshakeReply(_Reply):
     # -- site identity (fediim.protocol.identity): the site's signature over the request's
     # nonce, the run id, its site id and its node id; None if the site holds no site key.
     site_signature: bytes | None = None
+    # -- secure aggregation: the site's signed key advertisement for every registered site
+    # (fediim.protocol.secure_sum.KeyAdvertisement bytes), if the request asked for keys.
+    secagg: bytes | None = None
 
 
 class ReleaseReply(_Reply):
@@ -322,6 +366,15 @@ class ReleaseReply(_Reply):
     STAGE: ClassVar[str] = "release"
     bank: bytes | None = None
     n_cells: int = Field(default=0, ge=0)
+
+
+class SecureReply(_Reply):
+    """The site's protocol message for the step (``secagg``): its signed keys, its
+    encrypted shares, its masked input (charged to its ledger first, reported in
+    ``ledger``) or its unmasking shares."""
+
+    STAGE: ClassVar[str] = "secure"
+    secagg: bytes | None = None
 
 
 class ImputeReply(_Reply):
@@ -333,10 +386,12 @@ class ImputeReply(_Reply):
 
 
 _REQUESTS: dict[str, type[_Message]] = {
-    "handshake": HandshakeRequest, "release": ReleaseRequest, "impute": ImputeRequest,
+    "handshake": HandshakeRequest, "release": ReleaseRequest, "secure": SecureRequest,
+    "impute": ImputeRequest,
 }
 _REPLIES: dict[str, type[_Reply]] = {
-    "handshake": HandshakeReply, "release": ReleaseReply, "impute": ImputeReply,
+    "handshake": HandshakeReply, "release": ReleaseReply, "secure": SecureReply,
+    "impute": ImputeReply,
 }
 
 
@@ -348,7 +403,8 @@ def request_stage(record: RecordDict) -> str:
     return str(stage)
 
 
-def parse_request(record: RecordDict) -> HandshakeRequest | ReleaseRequest | ImputeRequest:
+def parse_request(record: RecordDict
+                  ) -> HandshakeRequest | ReleaseRequest | SecureRequest | ImputeRequest:
     """The request in ``record``, dispatched on its ``stage`` field."""
     return _REQUESTS[request_stage(record)].from_record(record)  # type: ignore[return-value]
 

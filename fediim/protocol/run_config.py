@@ -19,9 +19,9 @@ This module loads neither flwr nor cryptography: the command line reads its defa
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fediim.federated.plan import PLAN_DEFAULTS, Mode, PlanParams, PrivacyPlan, plan_privacy
 from fediim.io.validation import FiniteFloat
@@ -101,9 +101,27 @@ class RunConfig(PlanFields):
     handshake_timeout: float = Field(default=60.0, gt=0)
     release_timeout: float = Field(default=300.0, gt=0)
     impute_timeout: float = Field(default=300.0, gt=0)
+    # How the sites combine their statistics (fediim.federated.secure_release): "secure"
+    # sums every statistic over sites (the coordinator sees sums only), "per-site" releases
+    # each site's cells, "auto" is secure from 3 admitted sites on.
+    aggregation: Literal["auto", "secure", "per-site"] = "auto"
+    # Secure sums: the sites whose noise every sum must hold (Shamir threshold t); 0: two
+    # thirds of the admitted sites (at least 2). Refused at the handshake if above them.
+    secure_threshold: int = Field(default=0, ge=0)
+    # Seconds for the secure key rounds (advertise keys, share keys); the sums' rounds
+    # take release-timeout.
+    key_timeout: float = Field(default=60.0, gt=0)
     # Simulation Engine only: a JSON list of site TOMLs, picked by each simulated node's
     # partition-id. Deployed SuperNodes name their own TOML in --node-config and ignore it.
     site_configs: str = ""
+
+    @field_validator("secure_threshold")
+    @classmethod
+    def _threshold(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("a threshold of 1 would let one share reveal a site's masks; "
+                             "use 0 (two thirds) or at least 2")
+        return value
 
     @property
     def wanted_sites(self) -> int:

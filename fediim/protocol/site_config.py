@@ -38,7 +38,10 @@ run (``bank``/``bank_signature``, by default ``bank.npz``/``bank.sig.json`` in
 ``max_bank_age_days`` (:mod:`fediim.protocol.signed_bank`).
 ``site_key`` (Ed25519 or ECDSA, PEM or OpenSSH; the SuperNode's node-authentication key will
 do) signs the site's handshake, so that a coordinator with a site registry knows that the
-node claiming this site id holds the key registered for it (:mod:`fediim.protocol.identity`).
+node claiming this site id holds the key registered for it (:mod:`fediim.protocol.identity`),
+and the site's secure-aggregation keys. ``site_registry`` (every site's registered public
+key, the coordinator's registry copied out of band) lets the site verify the other sites'
+secure-aggregation keys, so that the coordinator cannot substitute them.
 """
 
 from __future__ import annotations
@@ -104,6 +107,9 @@ class SiteConfig(BaseModel):
     #: so the coordinator cannot time the work (it grows with the records); 0 disables.
     reply_time_quantum: FiniteFloat = Field(default=2.0, ge=0, le=600)
     site_key: Path | None = None  # signs the handshake (fediim.protocol.identity)
+    #: Every site's registered public identity key (a site registry TOML, as the
+    #: coordinator's): a secure run's key advertisements are verified against it.
+    site_registry: Path | None = None
     bank: Path | None = None  # the signed bank to impute from; default output_dir/bank.npz
     bank_signature: Path | None = None  # its signature; default output_dir/bank.sig.json
     #: Days: ``fediim impute --site-config`` refuses an older bank (join a new run).
@@ -133,7 +139,7 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
             "rename it to turn seeded noise on deliberately")
     base = Path(source).resolve().parent
     for key in ("data", "schema", "ledger", "output_dir", "coordinator_public_key", "site_key",
-                "bank", "bank_signature"):
+                "site_registry", "bank", "bank_signature"):
         if isinstance(raw.get(key), str):
             raw[key] = base / Path(raw[key]).expanduser()
     try:
@@ -158,6 +164,8 @@ def site_config_toml(config: SiteConfig) -> str:
         "insecure_seeded_noise": config.insecure_seeded_noise,
         "reply_time_quantum": config.reply_time_quantum,
         "site_key": str(config.site_key) if config.site_key is not None else None,
+        "site_registry": (str(config.site_registry)
+                          if config.site_registry is not None else None),
         "bank": str(config.bank) if config.bank is not None else None,
         "bank_signature": (str(config.bank_signature)
                            if config.bank_signature is not None else None),

@@ -64,7 +64,8 @@ def _layout(tmp_path: Path, sites: dict[str, int], *, min_sites: int = 2,
         data.append(path)
     return prepare_federation(data, _schema(tmp_path / "schema.toml"), tmp_path / "out",
                               epsilon=4.0, delta=1e-6, min_sites=min_sites,
-                              budget_epsilon=budget_epsilon, run_config=run)
+                              budget_epsilon=budget_epsilon,
+                              run_config={"aggregation": "per-site", **run})
 
 
 def _nodes(layout: FederationLayout) -> dict[int, dict[str, Any]]:

@@ -76,7 +76,7 @@ def _federation(tmp_path: Path, sizes: tuple[int, ...] = (160, 120, 100), *,
         data, schema, tmp_path / "out", epsilon=epsilon, delta=1e-6, min_sites=min_sites,
         budget_epsilon=budget_epsilon, insecure_seeded_noise=seed >= 0,
         # the default timeouts: waiting them out costs only FakeClock time
-        run_config={"seed": seed, **run})
+        run_config={"seed": seed, "aggregation": "per-site", **run})
 
 
 def _serve(grid: InProcessGrid, clock: FakeClock | None = None) -> FakeClock:

@@ -361,6 +361,34 @@ def test_local_deploy_exit_codes_follow_the_error_type(
         assert "a: EXCLUDED (handshake: schema_mismatch: hash differs)" in err
 
 
+def test_local_deploy_passes_the_aggregation_and_checks_the_threshold(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fediim.cli.deploy
+
+    seen: dict[str, object] = {}
+
+    def _record(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise DeployError("stop here")
+
+    monkeypatch.setattr(fediim.cli.deploy, "local_deploy", _record)
+    data = tmp_path / "a.csv"
+    data.write_text("x\n1\n")
+    base = ["local-deploy", "--data", str(data), "--data", str(data), "--data", str(data),
+            "--schema", "s", "--out", str(tmp_path / "out")]
+    assert main([*base, "--aggregation", "secure", "--secure-threshold", "3"]) == 1
+    assert seen["run_config"]["aggregation"] == "secure"  # type: ignore[index]
+    assert seen["run_config"]["secure-threshold"] == 3  # type: ignore[index]
+    for bad, says in (("1", "0 (two thirds"), ("4", "exceeds the 3 site")):
+        assert main([*base, "--secure-threshold", bad]) == ExitCode.USAGE
+        assert says in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="threshold of 1"):
+        CoordinatorConfig.from_run_config({**RUN_CONFIG_DEFAULTS, "schema": "s",
+                                           "signing-key": "k", "out-dir": "o",
+                                           "secure-threshold": 1})
+
+
 def test_ledger_untouched_by_handshake_refusal_is_byte_identical(tmp_path: Path) -> None:
     # PrivacyLedger.open on an existing file does not rewrite it (the site relies on this)
     led = PrivacyLedger.create(tmp_path / "l.json", 0.5, "a")

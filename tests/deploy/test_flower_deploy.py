@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -37,7 +36,7 @@ import numpy as np
 import pytest
 
 from fediim.cli import main
-from fediim.deploy.supervisor import stray_processes
+from fediim.deploy.supervisor import kill_supernode, stray_processes
 from fediim.federated.bank import ModelBank
 from fediim.io.table import read_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
@@ -96,24 +95,6 @@ def _prepare(tmp_path: Path) -> tuple[list[Path], Path]:
     return data, schema
 
 
-def _kill_supernode(site_config: Path) -> list[int]:
-    """SIGKILL the ``flower-supernode`` process whose ``--node-config`` names
-    ``site_config``; return the PIDs killed."""
-    killed = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if any(a.endswith("flower-supernode") for a in args) and any(
-                str(site_config) in a for a in args):
-            os.kill(int(entry.name), signal.SIGKILL)
-            killed.append(int(entry.name))
-    return killed
-
-
 class _KillAtStage(threading.Thread):
     """Watches ``run_log`` and kills the SuperNode serving ``site_config`` as soon as the
     line ``marker`` appears (an event of the run, not a sleep that races it)."""
@@ -133,7 +114,7 @@ class _KillAtStage(threading.Thread):
                 continue
             if seen:
                 self.killed_at = time.time()
-                self.pids = _kill_supernode(self.site_config)
+                self.pids = kill_supernode(self.site_config)
                 return
 
 

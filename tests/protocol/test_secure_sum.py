@@ -133,3 +133,82 @@ def test_the_4_site_3_session_deployment_shape_runs() -> None:
     for k, total in enumerate(result.sums):
         expected = sum(inputs[s][k] for s in result.survivors[k])  # no wrap: 3 * 2^40
         assert np.array_equal(total, expected)
+
+
+def test_lengths_announced_with_each_request_sum_exactly() -> None:
+    """A later sum's length may follow from an earlier sum: None in the configuration, the
+    coordinator announces it with the session's request (and must announce one)."""
+    cfg = config(4, 3, (None, None, 3), max_abs=50)
+    rng = np.random.default_rng(3)
+    inputs = {site: [rng.integers(-50, 51, n) for n in (7, 2, 3)] for site in cfg.sites}
+    sums = secure_sums(cfg, inputs).sums
+    assert [s.tolist() for s in sums] == [_exact(inputs, cfg.sites, k) for k in range(3)]
+    run = shared(cfg)
+    with pytest.raises(SecureAggregationError, match="announced"):
+        run.coordinator.masked_input_request()
+    request = run.coordinator.masked_input_request(5)
+    with pytest.raises(SecureAggregationError, match="length 5"):
+        run.sites["site-0"].masked_input(request, np.zeros(4, np.int64))
+    declared = shared(config(3, 2, (4,)))
+    with pytest.raises(SecureAggregationError, match="declared of length 4"):
+        declared.coordinator.masked_input_request(5)
+
+
+def test_a_site_state_restored_from_bytes_between_every_round_sums_exactly() -> None:
+    """A ClientApp answers each message in a new process: each site's state goes through
+    ``to_bytes`` / ``from_bytes`` between rounds, and the sums are still exact."""
+    cfg = config(4, 3, (6, 5), max_abs=1000)
+    run = shared(cfg)
+    keys = {site: agg._identity for site, agg in run.sites.items()}
+    registry = {site: key.public_key() for site, key in keys.items()}
+
+    def reload() -> None:
+        for site, agg in run.sites.items():
+            run.sites[site] = type(agg).from_bytes(agg.to_bytes(), keys[site], registry)
+
+    inputs = _inputs(cfg, 7)
+    for k in range(cfg.n_sessions):
+        reload()
+        request = run.coordinator.masked_input_request()
+        masked = [run.sites[s].masked_input(request, inputs[s][k]) for s in cfg.sites]
+        reload()
+        unmask = run.coordinator.unmask_request(masked)
+        total = run.coordinator.unmasked_sum([run.sites[s].unmask(unmask) for s in cfg.sites])
+        assert total.tolist() == _exact(inputs, cfg.sites, k)
+    with pytest.raises(SecureAggregationError, match="unreadable"):
+        type(run.sites["site-0"]).from_bytes(b"{}", keys["site-0"], registry)
+
+
+def test_keys_advertised_for_every_registered_site_narrow_to_the_runs_sites() -> None:
+    """Keys advertised before the run's sites are known (with the handshake, for every
+    registered site) serve a run of some of them; narrowing after key sharing, to a set
+    without the site, or beyond the advertised sites is refused."""
+    from fediim.protocol.secure_sum import CoordinatorSecureAggregator, SiteSecureAggregator
+    from tests.protocol.secure_sum_parties import parties
+
+    wide = config(5, 3, (4,))
+    run = parties(wide)
+    keys = {site: agg._identity for site, agg in run.sites.items()}
+    registry = {site: key.public_key() for site, key in keys.items()}
+    narrow = config(4, 3, (4,))
+    sites = {s: SiteSecureAggregator.from_bytes(run.sites[s].to_bytes(), keys[s], registry,
+                                                narrow.sites) for s in narrow.sites}
+    coordinator = CoordinatorSecureAggregator(narrow)
+    broadcast = coordinator.broadcast_advertisements(
+        [a for a in run.broadcast.advertisements if a.site_id in narrow.sites])
+    deliveries = coordinator.route_shares([sites[s].share_keys(broadcast) for s in sites])
+    for site, delivery in deliveries.items():
+        sites[site].receive_shares(delivery)
+    inputs = {s: np.arange(4) * (i + 1) for i, s in enumerate(narrow.sites)}
+    request = coordinator.masked_input_request()
+    unmask = coordinator.unmask_request([sites[s].masked_input(request, inputs[s])
+                                         for s in sites])
+    total = coordinator.unmasked_sum([sites[s].unmask(unmask) for s in sites])
+    assert total.tolist() == (np.arange(4) * 10).tolist()
+    for bad in (("site-1", "site-2", "site-3"), ("site-0", "site-1", "site-9")):
+        with pytest.raises(SecureAggregationError, match="narrow"):
+            SiteSecureAggregator.from_bytes(run.sites["site-0"].to_bytes(), keys["site-0"],
+                                            registry, bad)
+    with pytest.raises(SecureAggregationError, match="narrow"):
+        SiteSecureAggregator.from_bytes(sites["site-0"].to_bytes(), keys["site-0"], registry,
+                                        ("site-0", "site-1", "site-2"))

@@ -96,7 +96,8 @@ def test_a_site_named_dropped_takes_no_part_in_later_sessions() -> None:
     request = run.coordinator.masked_input_request()
     masked = [run.sites[s].masked_input(request, np.zeros(2, np.int64))
               for s in ("site-0", "site-1", "site-2")]
-    early = MaskedInputRequest(run_id=42, session=1, participants=request.participants)
+    early = MaskedInputRequest(run_id=42, session=1, participants=request.participants,
+                               length=2)
     with pytest.raises(SecureAggregationError, match="before this site's last session"):
         run.sites["site-0"].masked_input(early, np.zeros(2, np.int64))
     unmask = run.coordinator.unmask_request(masked)
@@ -146,7 +147,7 @@ def test_every_message_round_trips_through_its_bytes() -> None:
                 observe=lambda kind, data: seen.append((kind, data)))
     run, deliveries = _deliveries()
     sent = [run.broadcast, *deliveries.values(),
-            MaskedInputRequest(run_id=1, session=0, participants=("a", "b"))]
+            MaskedInputRequest(run_id=1, session=0, participants=("a", "b"), length=3)]
     kinds = {cls.kind: cls for cls in (KeyAdvertisement, ShareBundle, MaskedInput,
                                        UnmaskReply, UnmaskRequest, AdvertisementBroadcast,
                                        ShareDelivery, MaskedInputRequest)}

@@ -53,6 +53,7 @@ class CoordinatorSecureAggregator:
         self._adverts: dict[str, KeyAdvertisement] = {}
         self._active: tuple[str, ...] = ()  # who takes part in the next session
         self._session = 0
+        self._length = 0  # the current session's vector length
         self._masked: dict[str, np.ndarray] = {}
         self._request: UnmaskRequest | None = None
         #: Each finished session's survivors, whose inputs its sum holds.
@@ -91,18 +92,20 @@ class CoordinatorSecureAggregator:
                                                   recipient=recipient, ciphertexts=ciphertexts)
         return deliveries
 
-    def masked_input_request(self) -> MaskedInputRequest:
-        """Round 3: the next session's request to its participants."""
+    def masked_input_request(self, length: int | None = None) -> MaskedInputRequest:
+        """Round 3: the next session's request to its participants, with its vector
+        ``length`` (needed unless the configuration declares it)."""
         if not self._active or self._session >= self.config.n_sessions or self._request:
             raise SecureAggregationError("no session to start: keys not shared, the last "
                                          "session not unmasked, or every session done")
+        self._length = self.config.session_length(self._session, length)
         return MaskedInputRequest(run_id=self.config.run_id, session=self._session,
-                                  participants=self._active)
+                                  participants=self._active, length=self._length)
 
     def unmask_request(self, masked_inputs: Iterable[MaskedInput]) -> UnmaskRequest:
         """Round 4: name the survivors (who sent a masked input) and the dropped sites."""
         received = _by_site(masked_inputs, "site_id", self._active, "a masked input")
-        length = self.config.vector_lengths[self._session]
+        length = self._length
         for site, message in received.items():
             if (message.run_id, message.session, message.length) != (
                     self.config.run_id, self._session, length):
@@ -122,7 +125,7 @@ class CoordinatorSecureAggregator:
             raise SecureAggregationError("no unmask request is pending")
         received = _by_site(replies, "site_id", request.survivors, "an unmask reply")
         self._quorum(received, f"unmask replies in session {request.session}")
-        total = np.zeros(self.config.vector_lengths[request.session], dtype=np.uint64)
+        total = np.zeros(self._length, dtype=np.uint64)
         for site in request.survivors:
             total += self._masked[site]
             seed = recover_secret(self._shares(received, site, "self_mask_shares"),
@@ -158,7 +161,7 @@ class CoordinatorSecureAggregator:
                    for site in request.survivors}
         return pair_mask_sum(dropped, key, publics, run_id=self.config.run_id,
                              session=request.session,
-                             length=self.config.vector_lengths[request.session])
+                             length=self._length)
 
     def _check_range(self, result: np.ndarray, n_survivors: int) -> None:
         """Refuse a sum outside the bounds every in-bound input keeps (a wrong share)."""

@@ -92,7 +92,9 @@ class _Run:
 
     def session(self, session: int, inputs: Mapping[str, Sequence[np.ndarray]]) -> np.ndarray:
         """Rounds 3 and 4 of one session: masked inputs, then unmasking."""
-        request = _wire(self.coordinator.masked_input_request())
+        announced = len(inputs[self.config.sites[0]][session])
+        request = _wire(self.coordinator.masked_input_request(
+            None if self.config.vector_lengths[session] else announced))
         masked = [_wire(self.sites[s].masked_input(request, inputs[s][session]), self.observe)
                   for s in self.answering(Phase.MASKED_INPUT, session)
                   if s in request.participants]

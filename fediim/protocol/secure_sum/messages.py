@@ -139,12 +139,14 @@ class ShareDelivery(SecureSumMessage):
 
 
 class MaskedInputRequest(SecureSumMessage):
-    """Round 3, coordinator -> sites: session ``session``'s participants (sorted)."""
+    """Round 3, coordinator -> sites: session ``session``'s participants (sorted) and its
+    vector length (declared at setup, or announced here)."""
 
     kind: ClassVar[str] = "masked_input_request"
     run_id: RunId
     session: Session
     participants: tuple[SiteId, ...]
+    length: Annotated[int, Field(ge=1)]
 
 
 class MaskedInput(SecureSumMessage):

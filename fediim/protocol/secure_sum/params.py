@@ -1,8 +1,10 @@
 """A secure-sum run's public parameters, its error, and the bounds that keep a sum exact.
 
 Every number here is public and announced at setup, before any site holds a key: the
-sites of the run, the Shamir threshold ``t``, one vector length per session (secure sum)
-and the largest absolute entry a site may feed into a sum. The group is Z_{2^64}; inputs
+sites of the run, the Shamir threshold ``t``, the number of sessions (secure sums), each
+session's vector length or ``None`` when the length is announced with the session's
+masked-input request (a later sum's length may follow from an earlier sum), and the
+largest absolute entry a site may feed into a sum. The group is Z_{2^64}; inputs
 are int64, and :func:`check_headroom` keeps every possible sum inside [-2^62, 2^62), so a
 sum of in-bound inputs can never wrap around the group.
 """
@@ -72,13 +74,14 @@ class SecureSumConfig:
     """A run's public secure-sum parameters, fixed at setup.
 
     ``sites`` is every site of the run in sorted order (a site's Shamir x-coordinate is its
-    position plus one); ``vector_lengths`` holds one length per session, so
-    ``len(vector_lengths)`` is the run's public number of sessions."""
+    position plus one); ``vector_lengths`` holds one entry per session, so
+    ``len(vector_lengths)`` is the run's public number of sessions: the session's length,
+    or ``None`` when the coordinator announces it with the session's request."""
 
     run_id: int
     sites: tuple[str, ...]
     threshold: int
-    vector_lengths: tuple[int, ...]
+    vector_lengths: tuple[int | None, ...]
     max_abs_per_site: int
 
     def __post_init__(self) -> None:
@@ -93,10 +96,10 @@ class SecureSumConfig:
                                          f"ids in sorted order, got {sites!r}")
         check_threshold(self.threshold, len(sites))
         lengths = tuple(self.vector_lengths)
-        if not lengths or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                                  for n in lengths):
-            raise SecureAggregationError(f"vector_lengths must be one int >= 1 per session, "
-                                         f"got {lengths!r}")
+        if not lengths or not all(n is None or (isinstance(n, int) and not isinstance(n, bool)
+                                                and n >= 1) for n in lengths):
+            raise SecureAggregationError(f"vector_lengths must be one int >= 1 (or None) per "
+                                         f"session, got {lengths!r}")
         check_headroom(self.max_abs_per_site, len(sites))
         object.__setattr__(self, "sites", sites)
         object.__setattr__(self, "vector_lengths", lengths)
@@ -105,6 +108,19 @@ class SecureSumConfig:
     def n_sessions(self) -> int:
         """The run's number of secure sums."""
         return len(self.vector_lengths)
+
+    def session_length(self, session: int, announced: int | None) -> int:
+        """Session ``session``'s vector length: the declared one, which an announced length
+        must equal, else the announced one; :class:`SecureAggregationError` if neither is
+        known or they disagree."""
+        declared = self.vector_lengths[session]
+        if announced is None and declared is None:
+            raise SecureAggregationError(f"session {session}'s vector length is announced "
+                                         "with its request, and none was")
+        if declared is not None and announced is not None and announced != declared:
+            raise SecureAggregationError(f"session {session} was declared of length "
+                                         f"{declared}, not {announced}; refused")
+        return int(declared if declared is not None else announced)  # type: ignore[arg-type]
 
     def share_x(self, site_id: str) -> int:
         """``site_id``'s Shamir x-coordinate: its 1-based position in :attr:`sites`."""

@@ -23,15 +23,23 @@ its self-mask seed may have been revealed.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fediim.protocol.identity import SitePrivateKey, SitePublicKey, sign_payload
 from fediim.protocol.secure_sum.advertising import advertisement_payload, verify_advertisements
-from fediim.protocol.secure_sum.keys import KEY_BYTES, decrypt_for, encrypt_for, public_bytes
+from fediim.protocol.secure_sum.keys import (
+    KEY_BYTES,
+    canonical_json,
+    decrypt_for,
+    encrypt_for,
+    public_bytes,
+)
 from fediim.protocol.secure_sum.masking import SELF_DOMAIN, pair_mask_sum, prg, to_group
 from fediim.protocol.secure_sum.messages import (
     AdvertisementBroadcast,
@@ -51,7 +59,10 @@ from fediim.protocol.secure_sum.shamir import (
     split_secret,
 )
 
-__all__ = ["SiteSecureAggregator"]
+__all__ = ["STATE_FORMAT", "SiteSecureAggregator"]
+
+#: Tag of a site's serialised state (:meth:`SiteSecureAggregator.to_bytes`).
+STATE_FORMAT = "fediim-secagg-site-state/1"
 
 
 class SiteSecureAggregator:
@@ -82,6 +93,78 @@ class SiteSecureAggregator:
         self._allowed: tuple[str, ...] = ()  # who may be a participant of the next session
         self._participants: dict[int, tuple[str, ...]] = {}
         self._answered: set[int] = set()
+
+    def to_bytes(self) -> bytes:
+        """This site's whole state, secrets included, for an app that answers each message
+        in a new process (a Flower ClientApp keeps it in the run's in-memory
+        ``context.state``). Keep it in memory: it must never be written to disk or logs."""
+        cfg = self.config
+        doc = {"format": STATE_FORMAT, "site_id": self.site_id,
+               "config": {"run_id": cfg.run_id, "sites": list(cfg.sites),
+                          "threshold": cfg.threshold,
+                          "vector_lengths": list(cfg.vector_lengths),
+                          "max_abs_per_site": cfg.max_abs_per_site},
+               "c_key": self._c_key.private_bytes_raw().hex(),
+               "s_keys": [key.private_bytes_raw().hex() for key in self._s_keys],
+               "self_seeds": [seed.hex() for seed in self._self_seeds],
+               "peers": {site: advert.encode().hex() for site, advert in self._peers.items()},
+               "shares": {owner: [[share_to_bytes(s).hex(), share_to_bytes(b).hex()]
+                                  for s, b in pairs] for owner, pairs in self._shares.items()},
+               "allowed": list(self._allowed),
+               "participants": {str(k): list(v) for k, v in self._participants.items()},
+               "answered": sorted(self._answered)}
+        return canonical_json(doc)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, identity_key: SitePrivateKey,
+                   registry: Mapping[str, SitePublicKey],
+                   sites: tuple[str, ...] | None = None) -> SiteSecureAggregator:
+        """The site state :meth:`to_bytes` wrote (the identity key and registry are the
+        site's own, loaded again); :class:`SecureAggregationError` if it is not one.
+
+        ``sites``: the run's sites, when the keys were advertised before they were known
+        (e.g. with the handshake, for every registered site): a subset of the state's
+        sites that includes this one, accepted only before keys are shared (the Shamir
+        x-coordinates follow from it)."""
+        try:
+            doc = json.loads(bytes(data).decode("utf-8"))
+            if doc.get("format") != STATE_FORMAT:
+                raise ValueError(f"not a {STATE_FORMAT} document")
+            raw = doc["config"]
+            if sites is not None and tuple(sites) != tuple(raw["sites"]):
+                if doc["peers"] or not set(sites) <= set(raw["sites"]) or (
+                        doc["site_id"] not in sites):
+                    raise SecureAggregationError(
+                        "the run's sites may only narrow the advertised ones, to a set "
+                        "holding this site, before keys are shared")
+                raw = {**raw, "sites": list(sites)}
+            config = SecureSumConfig(run_id=raw["run_id"], sites=tuple(raw["sites"]),
+                                     threshold=raw["threshold"],
+                                     vector_lengths=tuple(raw["vector_lengths"]),
+                                     max_abs_per_site=raw["max_abs_per_site"])
+            site = cls.__new__(cls)
+            site._restore(doc, config, identity_key, registry)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SecureAggregationError(f"an unreadable secure-sum site state: {exc}") from None
+        return site
+
+    def _restore(self, doc: dict[str, Any], config: SecureSumConfig,
+                 identity_key: SitePrivateKey, registry: Mapping[str, SitePublicKey]) -> None:
+        """Set every attribute from a :meth:`to_bytes` document."""
+        key = X25519PrivateKey.from_private_bytes
+        self.config, self.site_id = config, doc["site_id"]
+        self._identity, self._registry = identity_key, dict(registry)
+        self._c_key = key(bytes.fromhex(doc["c_key"]))
+        self._s_keys = [key(bytes.fromhex(k)) for k in doc["s_keys"]]
+        self._self_seeds = [bytes.fromhex(seed) for seed in doc["self_seeds"]]
+        self._peers = {site: KeyAdvertisement.decode(bytes.fromhex(advert))
+                       for site, advert in doc["peers"].items()}
+        self._shares = {owner: [(share_from_bytes(bytes.fromhex(s)),
+                                 share_from_bytes(bytes.fromhex(b))) for s, b in pairs]
+                        for owner, pairs in doc["shares"].items()}
+        self._allowed = tuple(doc["allowed"])
+        self._participants = {int(k): tuple(v) for k, v in doc["participants"].items()}
+        self._answered = set(doc["answered"])
 
     def advertise(self) -> KeyAdvertisement:
         """Round 1: this site's public keys, signed with its identity key."""
@@ -163,8 +246,8 @@ class SiteSecureAggregator:
     def masked_input(self, request: MaskedInputRequest, values: np.ndarray) -> MaskedInput:
         """Round 3: this session's input, masked by the self mask and the pairwise masks
         with every other participant."""
-        session = self._check_session_request(request)
-        vector = self._checked_input(values, session)
+        session = self.check_masked_input_request(request)
+        vector = self._checked_input(values, session, request.length)
         participants = request.participants
         masked = to_group(vector) + prg(self._self_seeds[session], session, vector.size,
                                         SELF_DOMAIN)
@@ -176,12 +259,14 @@ class SiteSecureAggregator:
         return MaskedInput(run_id=self.config.run_id, session=session, site_id=self.site_id,
                            length=vector.size, masked=masked.astype("<u8").tobytes())
 
-    def _check_session_request(self, request: MaskedInputRequest) -> int:
-        """The session of a valid masked-input request (see module docstring)."""
+    def check_masked_input_request(self, request: MaskedInputRequest) -> int:
+        """The session of a valid masked-input request (see module docstring); an app
+        calls it before it computes (and pays for) its input."""
         session = request.session
         if request.run_id != self.config.run_id or session >= self.config.n_sessions:
             raise SecureAggregationError(f"a masked-input request for another run or for "
                                          f"session {session} of {self.config.n_sessions}")
+        self.config.session_length(session, request.length)
         last = max(self._participants, default=-1)
         if not self._allowed or session <= last or (last >= 0 and last not in self._answered):
             raise SecureAggregationError(f"session {session} asked out of order, before the "
@@ -199,10 +284,9 @@ class SiteSecureAggregator:
         self._require_quorum(participants, f"participants in session {session}")
         return session
 
-    def _checked_input(self, values: np.ndarray, session: int) -> np.ndarray:
+    def _checked_input(self, values: np.ndarray, session: int, length: int) -> np.ndarray:
         """The site's input as int64, refused if of the wrong shape, type or magnitude."""
         array = np.asarray(values)
-        length = self.config.vector_lengths[session]
         if array.shape != (length,) or not np.issubdtype(array.dtype, np.integer):
             raise SecureAggregationError(f"session {session} takes an integer vector of "
                                          f"length {length}, got {array.dtype} {array.shape}")

@@ -1,0 +1,253 @@
+"""The coordinator's secure rounds: every statistic a sum over the admitted sites.
+
+After the handshake of a secure run (run config ``aggregation``; see
+:mod:`fediim.protocol.secure_run`) the coordinator drives the secure-sum protocol
+(:mod:`fediim.protocol.secure_sum`) through the Grid: advertise keys (taken from the
+handshake replies when the sites signed them for this run's threshold, else a round of
+their own), share keys, then per statistic (clipping histograms if the plan clips, tree
+counts, leaf Grams) one masked-input round, where each site computes its noised share
+(charged to its ledger, and acknowledged with a spend receipt) and masks it, and one
+unmask round. Between sums it post-processes the sum into the public state of the next
+(:mod:`fediim.federated.secure_release`); the last sum becomes the bank, whose every cell
+is a sum over sites.
+
+A site that refuses, fails, answers malformed or stays silent in any secure round is
+dropped for the rest of the run (recorded with its stage and reason); the run goes on
+while at least ``t`` sites (and ``min-sites``) survive, else :class:`QuorumNotMet`. Each
+round's survivors and each sum's survivors and dropped sites go to ``federation.json``
+(``secure``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from coordinator.federation import _Federation
+from fediim.errors import BankError, MessageError, QuorumNotMet
+from fediim.federated.bank import ModelBank
+from fediim.federated.secure_release import (
+    SecureSettings,
+    SecureSteps,
+    bank_from_grams,
+    box_from_histograms,
+    default_threshold,
+    gram_sum_sigma,
+    histogram_sum_sigma,
+    tree_depth,
+    trees_from_counts,
+)
+from fediim.federated.vetting import release_problems
+from fediim.protocol.messages import SecureReply, SecureRequest
+from fediim.protocol.secure_run import (
+    MAX_ABS_PER_SITE,
+    PublicState,
+    secure_limits,
+    session_statistics,
+)
+from fediim.protocol.secure_sum import (
+    CoordinatorSecureAggregator,
+    KeyAdvertisement,
+    MaskedInput,
+    SecureAggregationError,
+    SecureSumConfig,
+    SecureSumMessage,
+    ShareBundle,
+    ShareDelivery,
+    UnmaskReply,
+)
+
+__all__ = ["secure_bank"]
+
+M = TypeVar("M", bound=SecureSumMessage)
+#: A round's per-site extra request fields, by site id.
+Extra = Callable[[str], dict[str, Any]]
+
+
+class _SecureRounds:
+    """One secure run's protocol state and the federation it drives."""
+
+    def __init__(self, fed: _Federation) -> None:
+        self.fed, self.plan = fed, fed.plan
+        self.clip = np.ones(fed.n_features, dtype=bool)  # a Flower run clips every column
+        self.statistics = session_statistics(self.plan, self.clip)
+        sites = fed.active()
+        ids = tuple(sorted(site.site_id for site in sites))
+        threshold = fed.cfg.secure_threshold or default_threshold(len(ids))
+        self.settings = SecureSettings(len(ids), threshold)
+        self.steps = SecureSteps.from_plan(self.plan)
+        self.config = SecureSumConfig(run_id=fed.run_id, sites=ids, threshold=threshold,
+                                      vector_lengths=(None,) * len(self.statistics),
+                                      max_abs_per_site=MAX_ABS_PER_SITE)
+        self.protocol = CoordinatorSecureAggregator(self.config)
+        self.node_of = {site.site_id: site.node_id for site in sites}
+        fed.secure_info = {"sites": len(ids), "threshold": threshold, "site_ids": list(ids),
+                           "statistics": list(self.statistics), "rounds": [],
+                           "sessions": []}
+
+    # -- one round ------------------------------------------------------------------------
+    def _request(self, site_id: str, step: str, extra: dict[str, Any]) -> Any:
+        seed_index = self.config.sites.index(site_id) if self.fed.cfg.seed >= 0 else -1
+        return SecureRequest(**self.fed.privacy_fields(), step=step,
+                             sites=list(self.config.sites), threshold=self.config.threshold,
+                             n_sessions=self.config.n_sessions, seed_index=seed_index,
+                             **extra).to_record()
+
+    def round(self, name: str, step: str, site_ids: Iterable[str], extra: Extra,
+              timeout: float) -> dict[str, bytes]:
+        """One secure round to the still active ``site_ids``: their protocol messages by
+        site id; every other site is dropped, and quorum (t and min-sites) checked."""
+        fed, stage = self.fed, f"secure:{name}"
+        active = {site.site_id for site in fed.active()}
+        requests = {self.node_of[s]: self._request(s, step, extra(s))
+                    for s in site_ids if s in active}
+        replies: dict[int, SecureReply] = fed.exchange(stage, requests, timeout, "secure")
+        payloads: dict[str, bytes] = {}
+        for node, reply in replies.items():
+            site = fed.sites[node]
+            if reply.ledger is not None:
+                site.ledger = reply.ledger.model_dump()
+            if reply.site_id != site.site_id:
+                site.exclude(stage, "site_id_changed", f"replied as {reply.site_id!r}")
+            elif not reply.ok:
+                site.exclude(stage, str(reply.code), reply.reason)
+            elif reply.secagg is None:
+                site.exclude(stage, "malformed_reply", "no protocol message in the reply")
+            else:
+                site.stages[stage] = {"code": "ok", "reason": ""}
+                payloads[site.site_id] = reply.secagg
+        if step == "masked_input":
+            fed._issue_receipts(replies, stage)
+        payloads = {s: data for s, data in payloads.items() if fed.sites[self.node_of[s]].active}
+        fed.secure_info["rounds"].append({"round": name, "survivors": sorted(payloads)})
+        fed.write_view("running")
+        fed.check_quorum(stage)
+        self.require_threshold(len(payloads), stage)
+        return payloads
+
+    def require_threshold(self, n_sites: int, stage: str) -> None:
+        """Raise :class:`QuorumNotMet` (after writing the view) below the threshold t."""
+        if n_sites >= self.config.threshold:
+            return
+        message = (f"quorum not met after {stage}: {n_sites} site(s) remain, fewer than the "
+                   f"secure-sum threshold t = {self.config.threshold}")
+        self.fed.write_view("failed", message)
+        raise QuorumNotMet(message)
+
+    def decoded(self, payloads: dict[str, bytes], kind: type[M], sender: str,
+                stage: str, check: Callable[[M], bool] = lambda message: True) -> dict[str, M]:
+        """Each payload as a ``kind`` message sent by its site (field ``sender``) that
+        passes ``check``; any other site is dropped as malformed."""
+        messages: dict[str, M] = {}
+        for site_id, data in payloads.items():
+            try:
+                message = kind.decode(data)
+                if getattr(message, sender) != site_id or not check(message):
+                    raise MessageError(f"not this site's {kind.kind} for this run and step")
+            except MessageError as exc:
+                self.fed.sites[self.node_of[site_id]].exclude(
+                    f"secure:{stage}", "malformed_reply", str(exc))
+                continue
+            messages[site_id] = message
+        self.require_threshold(len(messages), f"secure:{stage}")
+        return messages
+
+    # -- the run --------------------------------------------------------------------------
+    def handshake_adverts(self) -> dict[str, bytes] | None:
+        """Every admitted site's keys from its handshake reply, if they were asked for this
+        run's threshold and every site sent them (else None: an advertise round)."""
+        fed = self.fed
+        adverts = {site.site_id: fed.handshake_adverts.get(site.node_id)
+                   for site in fed.active()}
+        if fed.handshake_threshold != self.config.threshold or None in adverts.values():
+            return None
+        fed.secure_info["rounds"].append({"round": "advertise", "in_handshake": True,
+                                          "survivors": sorted(adverts)})
+        return adverts  # type: ignore[return-value]
+
+    def set_up(self) -> dict[str, ShareDelivery]:
+        """Advertise keys (unless the handshake did) and share keys; the shares to
+        deliver, by recipient."""
+        timeout, no_extra = self.fed.cfg.key_timeout, (lambda site_id: {})
+        payloads = self.handshake_adverts()
+        if payloads is None:
+            payloads = self.round("advertise", "advertise", self.config.sites, no_extra,
+                                  timeout)
+        adverts = self.decoded(payloads, KeyAdvertisement, "site_id", "advertise",
+                               lambda m: (m.run_id, m.n_sessions, m.threshold) == (
+                                   self.config.run_id, self.config.n_sessions,
+                                   self.config.threshold))
+        broadcast = self.protocol.broadcast_advertisements(adverts.values()).encode()
+        bundles = self.decoded(
+            self.round("share_keys", "share_keys", adverts,
+                       lambda site_id: {"secagg": broadcast}, timeout),
+            ShareBundle, "sender", "share_keys")
+        return self.protocol.route_shares(bundles.values())
+
+    def secure_sum(self, statistic: str, state: PublicState,
+                   deliveries: dict[str, ShareDelivery]) -> tuple[np.ndarray, tuple[str, ...]]:
+        """One session: masked inputs over ``state``, unmasking; (sum, its survivors)."""
+        length = state.vector_length(statistic, self.fed.n_features, self.plan.n_trees)
+        request = self.protocol.masked_input_request(length)
+        shared = {"secagg": request.encode(), "public_state": state.encode()}
+        timeout = self.fed.cfg.release_timeout
+        masked = self.decoded(
+            self.round(f"{statistic}:masked_input", "masked_input", request.participants,
+                       lambda site_id: {**shared, **({"delivery": deliveries[site_id].encode()}
+                                                     if site_id in deliveries else {})},
+                       timeout),
+            MaskedInput, "site_id", f"{statistic}:masked_input",
+            lambda m: (m.run_id, m.session, m.length) == (request.run_id, request.session,
+                                                          length))
+        unmask = self.protocol.unmask_request(masked.values())
+        replies = self.decoded(
+            self.round(f"{statistic}:unmask", "unmask", unmask.survivors,
+                       lambda site_id: {"secagg": unmask.encode()}, timeout),
+            UnmaskReply, "site_id", f"{statistic}:unmask",
+            lambda m: (m.run_id, m.session) == (request.run_id, request.session))
+        total = self.protocol.unmasked_sum(replies.values())
+        self.fed.secure_info["sessions"].append(
+            {"statistic": statistic, "survivors": list(unmask.survivors),
+             "dropped": list(unmask.dropped)})
+        return total, unmask.survivors
+
+    def run(self) -> ModelBank:
+        """Every round; the federation's bank, vetted against the plan's limits for a sum."""
+        deliveries = self.set_up()
+        n_features = self.fed.n_features
+        box, n_noisy = (np.full(n_features, -0.5), np.full(n_features, 0.5)), math.nan
+        if "histograms" in self.statistics:
+            total, survivors = self.secure_sum("histograms", PublicState(), deliveries)
+            deliveries = {}
+            sigma = histogram_sum_sigma(self.steps, self.settings, self.clip, len(survivors))
+            box, n_noisy = box_from_histograms(total, n_features, self.clip, sigma)
+        depth = tree_depth(self.plan, n_noisy)
+        total, _ = self.secure_sum("counts", PublicState(box, depth), deliveries)
+        trees = trees_from_counts(total, self.plan, box, depth)
+        total, survivors = self.secure_sum("grams", PublicState(box, depth, trees), {})
+        sigma = gram_sum_sigma(self.steps, self.settings, trees, len(survivors))
+        cfg = self.fed.cfg
+        meta = {"aggregation": "secure", "sites": self.settings.n_sites,
+                "threshold": self.settings.threshold, "survivors": sorted(survivors),
+                "session_survivors": [s["survivors"] for s in self.fed.secure_info["sessions"]],
+                "epsilon": cfg.epsilon, "delta": cfg.delta}
+        bank = bank_from_grams(total, trees, self.plan, sigma, meta)
+        problems = release_problems(bank, secure_limits(self.plan, n_features, sigma,
+                                                        self.settings.n_sites))
+        if problems:
+            raise BankError("the summed bank does not fit the plan: " + "; ".join(problems))
+        return bank
+
+
+def secure_bank(fed: _Federation) -> ModelBank:
+    """Run the secure rounds over ``fed``'s admitted sites; the bank (see module)."""
+    try:
+        return _SecureRounds(fed).run()
+    except SecureAggregationError as exc:
+        if "threshold" in str(exc):
+            fed.write_view("failed", str(exc))
+            raise QuorumNotMet(f"secure aggregation: {exc}") from exc
+        raise
