@@ -20,7 +20,6 @@ round's survivors and each sum's survivors and dropped sites go to ``federation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -218,13 +217,13 @@ class _SecureRounds:
         """Every round; the federation's bank, vetted against the plan's limits for a sum."""
         deliveries = self.set_up()
         n_features = self.fed.n_features
-        box, n_noisy = (np.full(n_features, -0.5), np.full(n_features, 0.5)), math.nan
+        box = (np.full(n_features, -0.5), np.full(n_features, 0.5))
         if "histograms" in self.statistics:
             total, survivors = self.secure_sum("histograms", PublicState(), deliveries)
             deliveries = {}
             sigma = histogram_sum_sigma(self.steps, self.settings, self.clip, len(survivors))
-            box, n_noisy = box_from_histograms(total, n_features, self.clip, sigma)
-        depth = tree_depth(self.plan, n_noisy)
+            box, _ = box_from_histograms(total, n_features, self.clip, sigma)
+        depth = tree_depth(self.plan)
         total, _ = self.secure_sum("counts", PublicState(box, depth), deliveries)
         trees = trees_from_counts(total, self.plan, box, depth)
         total, survivors = self.secure_sum("grams", PublicState(box, depth, trees), {})

@@ -155,7 +155,8 @@ def test_flower_path_and_in_process_federated_iim_give_the_same_bank(tmp_path: P
     flower_bank = (layout.coordinator_dir / "bank.npz").read_bytes()
     schema_bounds = np.array(BOUNDS)
     sites = sorted(layout.sites, key=lambda s: s.site_id)
-    fed = FederatedIIM(epsilon=4.0, delta=1e-6, bounds=schema_bounds, seed=1234).fit(
+    fed = FederatedIIM(epsilon=4.0, delta=1e-6, bounds=schema_bounds, seed=1234,
+                       aggregation="per-site").fit(
         [read_csv(s.data).values for s in sites], site_ids=[s.site_id for s in sites])
     got = ModelBank.from_bytes(flower_bank)
     want = fed.bank_
