@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 SIM    := $(VENV)/.installed-sim
 
-.PHONY: test demo lint bench clean
+.PHONY: test-slow test demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(SIM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+
+# The slow tests (a real TLS deployment with secure aggregation and a killed SuperNode,
+# ~3 min): CI runs them after `make test`.
+test-slow: $(SIM)
+	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(PY) -m fediim.cli.demo
