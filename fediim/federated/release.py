@@ -36,7 +36,7 @@ from fediim.privacy import (
     release_gaussian,
 )
 
-__all__ = ["assemble_bank", "cell_coordinates", "site_release"]
+__all__ = ["assemble_bank", "cell_coordinates", "refuse_unaffordable", "site_release"]
 
 def site_release(
     x: np.ndarray,
@@ -59,16 +59,7 @@ def site_release(
     contributes to every pattern within them. With fewer than two measured attributes it
     releases nothing and spends nothing."""
     x = np.asarray(x, dtype=np.float64)
-    if np.isfinite(plan.rho_total):
-        # Refuse the whole plan up front: a release that could not be finished must not
-        # spend anything (the tree may stop early and spend less, never more).
-        if ledger is None:
-            raise ValueError("a private release needs a ledger to charge")
-        if not ledger.can_afford(plan.rho_total):
-            raise BudgetExceeded(
-                f"site {site_id!r}: this release needs rho={plan.rho_total:.6g} but only "
-                f"{ledger.remaining_rho:.6g} of {ledger.rho_budget:.6g} remains; nothing "
-                "was released")
+    refuse_unaffordable(plan, ledger, site_id)
     n_features = x.shape[1]
     measured = ~np.isnan(x).all(axis=0)
     if measured.sum() < 2:  # nothing to relate: release nothing, spend nothing
@@ -83,6 +74,20 @@ def site_release(
              for tree in range(plan.n_trees)]
     part = ModelBank.concat(parts) if len(parts) > 1 else parts[0]
     return part if measured.all() else embed_columns(part, measured)
+
+
+def refuse_unaffordable(plan: PrivacyPlan, ledger: PrivacyLedger | None, site_id: str) -> None:
+    """Refuse the whole plan up front: a release that could not be finished must not spend
+    anything (a release may stop early and spend less, never more)."""
+    if not np.isfinite(plan.rho_total):
+        return
+    if ledger is None:
+        raise ValueError("a private release needs a ledger to charge")
+    if not ledger.can_afford(plan.rho_total):
+        raise BudgetExceeded(
+            f"site {site_id!r}: this release needs rho={plan.rho_total:.6g} but only "
+            f"{ledger.remaining_rho:.6g} of {ledger.rho_budget:.6g} remains; nothing "
+            "was released")
 
 
 def _empty_release(n_features: int, plan: PrivacyPlan) -> ModelBank:

@@ -47,8 +47,8 @@ from fediim.federated.gram import (
     transform_gram,
 )
 from fediim.federated.plan import PrivacyPlan, scale_to_bounds
-from fediim.federated.release import cell_coordinates
-from fediim.privacy import BudgetExceeded, PrivacyLedger, gram_sensitivity
+from fediim.federated.release import cell_coordinates, refuse_unaffordable
+from fediim.privacy import PrivacyLedger, gram_sensitivity
 from fediim.privacy.distributed import (
     ddg_sigma,
     quantise,
@@ -201,14 +201,7 @@ class SiteShares:
         """The site's complete rows (none if it never measures some attribute), after
         refusing up front a plan its budget cannot pay in full."""
         x = np.asarray(x, dtype=np.float64)
-        if math.isfinite(plan.rho_total):
-            if ledger is None:
-                raise ValueError("a private release needs a ledger to charge")
-            if not ledger.can_afford(plan.rho_total):
-                raise BudgetExceeded(
-                    f"site {site_id!r}: this release needs rho={plan.rho_total:.6g} but "
-                    f"only {ledger.remaining_rho:.6g} of {ledger.rho_budget:.6g} remains; "
-                    "nothing was released")
+        refuse_unaffordable(plan, ledger, site_id)
         if len(x) > MAX_SITE_RECORDS:
             raise ValueError(f"site {site_id!r}: more than {MAX_SITE_RECORDS} records")
         complete = x[~np.isnan(x).any(axis=1)]
