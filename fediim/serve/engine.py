@@ -300,6 +300,11 @@ class ServingEngine:
                     _learn_all(models)
             return len(self._plans)
 
+    @property
+    def n_plans(self) -> int:
+        """How many plans the engine holds."""
+        return len(self._plans)
+
     def baseline_rmse(self, target: int) -> float | None:
         """The cross-fitted RMSE (bank coordinates) of the plan for ``target`` from every
         other column, where known: what monitoring compares the live error with."""
