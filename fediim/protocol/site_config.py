@@ -34,7 +34,7 @@ directory of the TOML file::
     # max_body_bytes = 8388608                  # per request (413 above)
     # monitor_fraction = 0.1                    # share of complete rows with one cell
                                                 #   masked, imputed and scored
-    # drift_mean_shift = 0.5                    # drift: |mean - bank mean| / bank sd
+    # drift_mean_shift = 0.5                    # drift: |mean - site's mean| / site's sd
     # drift_error_ratio = 2.0                   # drift: monitored RMSE / validated RMSE
 
 The coordinator's public key is pinned here, out of band: the site never learns it from the
@@ -113,8 +113,9 @@ class ServeSettings(BaseModel):
     only. Monitoring: ``monitor_fraction`` of the incoming complete rows get one random
     cell masked, imputed and scored (a rolling window of ``monitor_window`` cells per
     column). Drift: over the last ``drift_window`` rows, a column whose observed mean
-    moved more than ``drift_mean_shift`` of the bank's standard deviations from the
-    bank's mean (after ``drift_min_rows`` values), or whose monitored RMSE exceeds
+    moved more than ``drift_mean_shift`` standard deviations from the site's own mean (the
+    bank's where the site does not measure the column; the bank's noised moments are
+    too rough a yardstick) after ``drift_min_rows`` values, or whose monitored RMSE exceeds
     ``drift_error_ratio`` times its cross-validated RMSE (after ``drift_min_cells``
     cells).
     """

@@ -109,12 +109,12 @@ class StateCollector(Collector):
         rmse, counts = state.monitored()
         yield _per_column("fediim_monitored_rmse", "Rolling RMSE of masked-and-imputed "
                           "cells (raw units; NaN before any)", columns, rmse)
-        yield _per_column("fediim_monitored_nrmse", "Rolling RMSE over the bank's standard "
-                          "deviation", columns, rmse / state.drift.bank_sd)
+        yield _per_column("fediim_monitored_nrmse", "Rolling RMSE over the column's standard "
+                          "deviation (the site's own)", columns, rmse / state.drift.scale)
         yield _per_column("fediim_monitored_cells", "Masked cells in the rolling window",
                           columns, counts)
         drift = state.drift_state()
-        yield _per_column("fediim_drift_mean_shift", "|window mean - bank mean| / bank sd "
+        yield _per_column("fediim_drift_mean_shift", "|window mean - reference mean| / sd "
                           "(NaN before drift_min_rows values)", columns, drift.mean_shift)
         yield _per_column("fediim_drift_error_ratio", "Monitored RMSE / validated RMSE",
                           columns, drift.error_ratio)

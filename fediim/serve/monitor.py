@@ -3,8 +3,9 @@
 :class:`QualityMonitor` masks one random cell of a share of the incoming *complete* rows,
 imputes it like any other cell and keeps the squared errors of the last ``window`` such
 cells per column. :class:`DriftMonitor` keeps the last ``window`` observed values per
-column and compares their mean with the bank's (federation-wide) mean, in the bank's
-standard deviations. Either past its threshold is drift: the rows no longer look like
+column and compares their mean with the reference mean, in standard deviations: the
+site's own rows where it measures the column, the bank's moments where it does not (see
+:meth:`~fediim.serve.site.Site.drift_reference`). Either past its threshold is drift: the rows no longer look like
 the federation the bank was built on, and the site should join a new run. Nothing here
 logs a value.
 """
@@ -86,7 +87,7 @@ class QualityMonitor:
 class DriftState:
     """Where the service stands against the bank, per column and overall.
 
-    mean_shift : |window mean - bank mean| / bank sd (NaN before ``min_rows`` values).
+    mean_shift : |window mean - reference mean| / scale (NaN before ``min_rows`` values).
     error_ratio : monitored RMSE / validated RMSE (NaN where either is not known yet).
     drifted : the columns past either threshold, with the reason.
     """
@@ -102,20 +103,22 @@ class DriftState:
 
 
 class DriftMonitor:
-    """The standardised mean shift of incoming rows against the bank's column moments,
-    and the monitored error against the validated one.
+    """The standardised mean shift of incoming rows against the reference means, and the
+    monitored error against the validated one.
 
-    ``bank_mean``, ``bank_sd``: the bank's per-column moments (raw units);
+    ``reference_mean``: per-column means; ``scale``: the standard deviation the shift is
+    measured in (raw units);
     ``baseline_rmse``: the site's cross-validated RMSE per column (raw units, NaN where
     unknown); the thresholds as in :class:`~fediim.protocol.site_config.ServeSettings`.
     """
 
-    def __init__(self, bank_mean: np.ndarray, bank_sd: np.ndarray, baseline_rmse: np.ndarray,
+    def __init__(self, reference_mean: np.ndarray, scale: np.ndarray,
+                 baseline_rmse: np.ndarray,
                  *, window: int, min_rows: int, mean_shift: float, min_cells: int,
                  error_ratio: float) -> None:
-        self.bank_mean, self.bank_sd = bank_mean, np.maximum(bank_sd, 1e-12)
+        self.reference_mean, self.scale = reference_mean, np.maximum(scale, 1e-12)
         self.baseline_rmse = baseline_rmse
-        self._values = RollingWindow(len(bank_mean), window)
+        self._values = RollingWindow(len(reference_mean), window)
         self.min_rows, self.mean_shift = min_rows, mean_shift
         self.min_cells, self.error_ratio = min_cells, error_ratio
 
@@ -128,14 +131,14 @@ class DriftMonitor:
     def state(self, monitor: QualityMonitor) -> DriftState:
         """The drift state now, with the quality monitor's rolling errors."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            shift = np.abs(self._values.means() - self.bank_mean) / self.bank_sd
+            shift = np.abs(self._values.means() - self.reference_mean) / self.scale
             ratio = monitor.rmse() / self.baseline_rmse
         shift = np.where(self._values.counts() >= self.min_rows, shift, np.nan)
         ratio = np.where(monitor.counts() >= self.min_cells, ratio, np.nan)
         drifted: dict[int, str] = {}
         for column in range(len(shift)):
             if shift[column] > self.mean_shift:
-                drifted[column] = (f"mean moved {shift[column]:.2f} bank sd from the bank's "
+                drifted[column] = (f"mean moved {shift[column]:.2f} sd from the reference "
                                    f"(threshold {self.mean_shift:g})")
             elif ratio[column] > self.error_ratio:
                 drifted[column] = (f"monitored error {ratio[column]:.2f}x the validated one "

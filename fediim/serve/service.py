@@ -88,8 +88,8 @@ class ServiceState:
         span = site.engine.bounds[:, 1] - site.engine.bounds[:, 0]
         baseline = np.array([np.nan if (b := site.engine.baseline_rmse(t)) is None else b
                              for t in range(n_columns)]) * span
-        bank_mean, bank_sd = site.bank_moments()
-        self.drift = DriftMonitor(bank_mean, bank_sd, baseline, window=settings.drift_window,
+        reference_mean, reference_sd = site.drift_reference()
+        self.drift = DriftMonitor(reference_mean, reference_sd, baseline, window=settings.drift_window,
                                   min_rows=settings.drift_min_rows,
                                   mean_shift=settings.drift_mean_shift,
                                   min_cells=settings.drift_min_cells,

@@ -74,6 +74,23 @@ class Site:
         return (unscale(mean, bounds, columns),
                 np.sqrt(np.maximum(variance, 0.0)) * (bounds[:, 1] - bounds[:, 0]))
 
+    def drift_reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per column, the mean drift is measured from and the spread it is measured in
+        (raw units): the site's own rows where it measures the column (exact: they never
+        left; they are what the local side and every choice were fitted on), else the
+        bank's moments. The bank's moments carry the noise of its released sums (at
+        eps = 4 a mean can sit half a standard deviation off and a variance be several
+        times the data's): as a yardstick they would flag drift on the bank's own rows."""
+        site, span = self.engine.site, self.engine.bounds[:, 1] - self.engine.bounds[:, 0]
+        lo = self.engine.bounds[:, 0]
+        with np.errstate(invalid="ignore"):
+            counts = (~site.missing).sum(axis=0)
+        bank_mean, bank_sd = self.bank_moments()
+        own_mean = (site.center + 0.5) * span + lo
+        own_sd = np.where(counts >= 2, site.scale * span, np.nan)
+        measured = (counts >= 2) & (own_sd > 0)
+        return (np.where(measured, own_mean, bank_mean), np.where(measured, own_sd, bank_sd))
+
     def bank_age_days(self, now: datetime) -> float:
         """Days since the bank was stored."""
         return (now - self.signed.saved_at).total_seconds() / 86400.0

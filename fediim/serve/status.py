@@ -93,13 +93,13 @@ def _traffic(state: ServiceState) -> str:
 
 def _quality(state: ServiceState) -> str:
     rmse, counts = state.monitored()
-    sd, baseline = state.drift.bank_sd, state.drift.baseline_rmse
+    sd, baseline = state.drift.scale, state.drift.baseline_rmse
     rows = [(name, _number(rmse[j]), _number(rmse[j] / sd[j]), _number(baseline[j]),
              str(int(counts[j]))) for j, name in enumerate(state.site.columns)]
     fraction = state.quality.fraction
     return (f"<p class=\"muted\">{fraction:.0%} of incoming complete rows get one cell "
             "masked, imputed and scored.</p>"
-            + _table(["Column", "RMSE", "RMSE / bank sd", "Validated RMSE", "Cells"], rows))
+            + _table(["Column", "RMSE", "RMSE / sd", "Validated RMSE", "Cells"], rows))
 
 
 def _drift(state: ServiceState) -> str:
@@ -109,7 +109,7 @@ def _drift(state: ServiceState) -> str:
     verdict = _flag(not drift.drift, "no drift",
                     "DRIFT: the rows no longer look like the bank's; join a new run")
     return (f"<p>{verdict}</p><p class=\"muted\">mean shift threshold "
-            f"{settings.drift_mean_shift:g} bank sd over the last {settings.drift_window} "
+            f"{settings.drift_mean_shift:g} sd over the last {settings.drift_window} "
             f"rows (after {settings.drift_min_rows}); error threshold "
             f"{settings.drift_error_ratio:g}x the validated RMSE (after "
             f"{settings.drift_min_cells} cells)</p>"
