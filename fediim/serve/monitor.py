@@ -5,9 +5,9 @@ imputes it like any other cell and keeps the squared errors of the last ``window
 cells per column. :class:`DriftMonitor` keeps the last ``window`` observed values per
 column and compares their mean with the reference mean, in standard deviations: the
 site's own rows where it measures the column, the bank's moments where it does not (see
-:meth:`~fediim.serve.site.Site.drift_reference`). Either past its threshold is drift: the rows no longer look like
-the federation the bank was built on, and the site should join a new run. Nothing here
-logs a value.
+:meth:`~fediim.serve.site.Site.drift_reference`). Either past its threshold is drift:
+the rows no longer look like those the service was prepared on, and the site should join
+a new run. Nothing here logs a value.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ class ServiceState:
         baseline = np.array([np.nan if (b := site.engine.baseline_rmse(t)) is None else b
                              for t in range(n_columns)]) * span
         reference_mean, reference_sd = site.drift_reference()
-        self.drift = DriftMonitor(reference_mean, reference_sd, baseline, window=settings.drift_window,
-                                  min_rows=settings.drift_min_rows,
+        self.drift = DriftMonitor(reference_mean, reference_sd, baseline,
+                                  window=settings.drift_window, min_rows=settings.drift_min_rows,
                                   mean_shift=settings.drift_mean_shift,
                                   min_cells=settings.drift_min_cells,
                                   error_ratio=settings.drift_error_ratio)
