@@ -162,6 +162,17 @@ def _imputed(args: argparse.Namespace, table: Table, site: Site | None) -> Imput
     return site.engine.impute(table.values)
 
 
+def _summary(table: Table, result: ImputationResult, site: Site | None, seconds: float,
+             n_cells: int, written: str) -> str:
+    """The one-line summary: sizes, cells imputed, the bank used, the fallback rate."""
+    origin = "" if site is None else (
+        f" from the bank of run {site.signed.run_id} (saved {site.signed.saved_at:%Y-%m-%d})")
+    counts = count_methods(result)
+    return (f"fediim impute: {table.n_rows} rows x {table.n_cols} columns, {n_cells} cells "
+            f"imputed{origin}, {counts.get(METHOD_FALLBACK, 0)} by fallback (fallback rate "
+            f"{fallback_rate(counts):.2%}) in {seconds:.2f} s -> {written}")
+
+
 def _run_impute(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = args.output
@@ -212,15 +223,6 @@ def _run_impute(args: argparse.Namespace) -> int:
         error(f"cannot write the outputs ({exc}); none of them was written")
         return ExitCode.FAILED
 
-    seconds = time.perf_counter() - start
-    origin = "" if site is None else (
-        f" from the bank of run {site.signed.run_id} (saved {site.signed.saved_at:%Y-%m-%d})")
-    counts = count_methods(result)
-    print(
-        f"fediim impute: {table.n_rows} rows x {table.n_cols} columns, {n_cells} cells imputed"
-        f"{origin}, {counts.get(METHOD_FALLBACK, 0)} by fallback "
-        f"(fallback rate {fallback_rate(counts):.2%}) in {seconds:.2f} s -> {out} "
-        f"(flags: {flags}, audit: {audit})",
-        file=sys.stderr,
-    )
+    print(_summary(table, result, site, time.perf_counter() - start, n_cells,
+                   f"{out} (flags: {flags}, audit: {audit})"), file=sys.stderr)
     return ExitCode.OK
