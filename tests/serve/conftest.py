@@ -22,9 +22,10 @@ from tests.apps.test_flower_apps import COLUMNS, _federation, _run, _table, _wri
 TOKEN = "serve-test-token-0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deployed_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The TOML of a site whose output_dir holds the bank of a real (in-process) run."""
+    """The TOML of a site whose output_dir holds the bank of a real (in-process) run (one
+    per test session: no test changes its files; those that spoil a bank spoil copies)."""
     layout = _federation(tmp_path_factory.mktemp("federation"))
     _run(layout)
     return layout.sites[0].config
@@ -65,11 +66,18 @@ def json_rows(x: np.ndarray) -> dict[str, Any]:
                      for row in x]}
 
 
+@pytest.fixture(scope="session")
+def serving_site(deployed_site: Path, tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """The site prepared for serving, monitoring every complete row (its engine's plans,
+    made by the first service, are read only after that: services may share it)."""
+    return Site.open(serving_toml(deployed_site, tmp_path_factory.mktemp("serving"),
+                                  monitor_fraction=1.0))
+
+
 @pytest.fixture
-def service(deployed_site: Path, tmp_path: Path) -> Iterator[tuple[ServiceState, TestClient]]:
-    """A live service (monitoring every complete row) and a client holding the token."""
-    config = serving_toml(deployed_site, tmp_path / "serving", monitor_fraction=1.0)
-    site = Site.open(config)
+def service(serving_site: Site) -> Iterator[tuple[ServiceState, TestClient]]:
+    """A fresh live service (counters, monitors) and a client holding the token."""
+    site = serving_site
     state = ServiceState(site, rng=np.random.default_rng(0))
     client = TestClient(create_app(state, load_token(site.config.serve)))
     client.headers["Authorization"] = f"Bearer {TOKEN}"
