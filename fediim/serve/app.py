@@ -61,6 +61,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (send null for a missing cell)")
+
+
 def _parse(state: ServiceState, body: bytes, content_type: str) -> np.ndarray:
     """The request's rows (JSON records or CSV), or a :class:`DataError`."""
     schema, max_rows = state.site.schema, state.site.config.serve.max_rows
@@ -71,7 +75,7 @@ def _parse(state: ServiceState, body: bytes, content_type: str) -> np.ndarray:
     if content_type == "text/csv":
         return rows_from_csv(text, schema, max_rows)
     try:
-        document = json.loads(text, parse_constant=lambda _: None)
+        document = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise DataError(SOURCE, f"not valid JSON (line {getattr(exc, 'lineno', '?')})") \
             from None

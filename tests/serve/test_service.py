@@ -160,8 +160,9 @@ def test_requests_are_bounded(deployed_site: Path, tmp_path: Path) -> None:
     assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]
     assert client.post("/v1/impute", content="x",
                        headers={"Content-Type": "text/plain"}).status_code == 415
-    assert client.post("/v1/impute", content="{", headers={
-        "Content-Type": "application/json"}).status_code == 422
+    for not_json in ("{", '{"rows": [{"age": NaN}]}', '{"rows": [{"age": Infinity}]}'):
+        assert client.post("/v1/impute", content=not_json, headers={
+            "Content-Type": "application/json"}).status_code == 422
 
 
 def test_every_endpoint_but_healthz_needs_the_token(service: Service) -> None:
