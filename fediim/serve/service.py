@@ -62,6 +62,7 @@ class ImputeOutcome:
 @dataclass
 class _Totals:
     requests: int = 0
+    refused: int = 0
     rows: int = 0
     methods: dict[str, int] = field(default_factory=dict)
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=_RECENT))
@@ -131,6 +132,7 @@ class ServiceState:
         with self._lock:
             totals = self._totals
             totals.requests += 1
+            totals.refused += outcome is None
             totals.rows += n_rows
             totals.recent.append((time.monotonic(), seconds))
             for method, count in (outcome.methods if outcome else {}).items():
@@ -160,10 +162,12 @@ class ServiceState:
             return self.quality.rmse(), self.quality.counts()
 
     def totals(self) -> dict[str, Any]:
-        """Requests, rows, cells by method and the fallback rate since start-up."""
+        """Requests (and how many were refused), rows, cells by method and the fallback
+        rate since start-up."""
         with self._lock:
             methods = dict(self._totals.methods)
-            return {"requests": self._totals.requests, "rows": self._totals.rows,
+            return {"requests": self._totals.requests, "refused": self._totals.refused,
+                    "rows": self._totals.rows,
                     "cells": methods, "cells_imputed": sum(methods.values()),
                     "fallback_cells": methods.get(METHOD_FALLBACK, 0),
                     "fallback_rate": fallback_rate(methods)}

@@ -80,6 +80,7 @@ def _traffic(state: ServiceState) -> str:
     totals, recent = state.totals(), state.recent_traffic()
     return _table(["", ""], [
         ("Requests", str(totals["requests"])),
+        ("Refused", f"{totals['refused']} (bad rows, too large, stale bank)"),
         ("Rows", str(totals["rows"])),
         ("Cells imputed", str(totals["cells_imputed"])),
         ("Request rate", f"{recent['requests_per_second']:.2f}/s over the last minute"),

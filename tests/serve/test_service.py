@@ -95,6 +95,7 @@ def test_metrics_carry_everything_the_site_watches(service: Service) -> None:
     assert metrics["fediim_requests_total"] == {(("status", "200"),): 5.0,
                                                 (("status", "422"),): 1.0}
     assert metrics["fediim_rows_total"][()] == 150
+    assert state.totals()["requests"] == 6 and state.totals()["refused"] == 1
     assert metrics["fediim_request_seconds_count"][()] == 6
     assert metrics["fediim_request_seconds_bucket"][(("le", "+Inf"),)] == 6
     info = dict(next(iter(metrics["fediim_bank_info"])))
