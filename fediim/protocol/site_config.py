@@ -139,6 +139,8 @@ class ServeSettings(BaseModel):
     drift_error_ratio: FiniteFloat = Field(default=2.0, gt=1)
     #: Plans made at start-up: every (observed features, target) key when there are at
     #: most this many, else those with one missing cell and those of the site's own rows.
+    #: A key not made at start-up is made at its first request (about a second on ccpp),
+    #: holding up the requests behind it.
     warm_keys: int = Field(default=256, ge=0)
 
     @model_validator(mode="after")
