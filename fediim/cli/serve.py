@@ -82,8 +82,14 @@ def _run_serve(args: argparse.Namespace) -> int:
           f"{site.engine.settings.mode}, {state.n_plans} plans prepared in "
           f"{state.startup_seconds:.1f} s; listening on http://{host}:{port} "
           f"({'token required' if token else 'loopback only, no token'})", file=sys.stderr)
+    import gc
+
     import uvicorn
 
+    # The prepared models live as long as the process: the collector need not walk them
+    # again (its full passes would land in the latency of whichever request triggers one).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(create_app(state, token), host=host, port=port, log_level="info",
                 access_log=True)
     return ExitCode.OK

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 _RECENT = 2048
 #: The status page's request rate is over this many seconds.
 RATE_WINDOW_SECONDS = 60.0
+#: Drift changes are looked for (and logged) at most this often.
+DRIFT_CHECK_SECONDS = 1.0
 
 
 def startup_keys(site: Site) -> list[Key]:
@@ -99,6 +101,7 @@ class ServiceState:
         self._lock = threading.Lock()
         self._monitor_lock = threading.Lock()
         self._drifted: set[int] = set()
+        self._drift_checked = -float("inf")
 
     # -- requests ------------------------------------------------------------------
     def impute(self, x: np.ndarray) -> ImputeOutcome:
@@ -140,6 +143,13 @@ class ServiceState:
         self._log_drift_changes()
 
     def _log_drift_changes(self) -> None:
+        """Log a column that starts or stops drifting (checked at most every
+        :data:`DRIFT_CHECK_SECONDS`: the check reads every window)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._drift_checked < DRIFT_CHECK_SECONDS:
+                return
+            self._drift_checked = now
         state = self.drift_state()
         drifted = set(state.drifted)
         with self._lock:

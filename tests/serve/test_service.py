@@ -196,8 +196,10 @@ def _logged_text(records: list[logging.LogRecord]) -> str:
 
 
 def test_no_input_row_and_no_imputed_value_reaches_a_log(
-        service: Service, caplog: pytest.LogCaptureFixture) -> None:
+        service: Service, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     state, client = service
+    monkeypatch.setattr("fediim.serve.service.DRIFT_CHECK_SECONDS", 0.0)  # after each request
     x = new_rows(33, 25) + 0.123456789  # distinctive digits
     x[0] = np.nan
     caplog.set_level(logging.DEBUG)
