@@ -7,7 +7,8 @@ import sys
 
 from tests.paths import REPO
 
-HEAVY = ("flwr", "cryptography", "grpc", "simulations", "coordinator", "site_client")
+HEAVY = ("flwr", "cryptography", "grpc", "simulations", "coordinator", "site_client",
+         "fastapi", "uvicorn", "starlette", "prometheus_client")
 
 
 def test_public_api_loads_neither_flower_nor_cryptography() -> None:
@@ -27,3 +28,13 @@ def test_import_contracts_hold() -> None:
             " sys.exit(lint_imports_command())"]
     out = subprocess.run(lint, capture_output=True, text=True, check=False, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_only_fediim_serve_loads_the_web_stack() -> None:
+    """Every other command starts without FastAPI, uvicorn or prometheus-client."""
+    web = ("fastapi", "uvicorn", "starlette", "prometheus_client")
+    code = ("import sys, fediim.cli, fediim.serve.site\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({web!r})))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"

@@ -20,6 +20,7 @@ from fediim.cli.deploy import register_local_deploy, register_simulate
 from fediim.cli.impute import IIM_PARAGRAPH, register_impute
 from fediim.cli.ledger import register_ledger
 from fediim.cli.schema import register_schema
+from fediim.cli.serve import register_serve
 from fediim.cli.study import register_study
 from fediim.errors import ExitCode
 
@@ -30,6 +31,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 #: Every subcommand, registered in this order (also the order shown by ``fediim --help``).
 SUBCOMMANDS: tuple[Registrar, ...] = (
     register_impute,
+    register_serve,
     register_schema,
     register_local_deploy,
     register_simulate,

@@ -13,16 +13,15 @@ import numpy as np
 from fediim.cli.argtypes import positive_int
 from fediim.cli.common import Subparsers, add_parser, check_distinct, error, warn
 from fediim.errors import ExitCode, FediimError
-from fediim.federated import site_impute
 from fediim.federated.plan import MODES
 from fediim.impute.estimator import IIMImputer, ImputationResult
 from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
+from fediim.io.result import METHOD_FALLBACK
 from fediim.io.schema import DEFAULT_MISSING, TableSchema, load_schema
 from fediim.io.table import Table, read_csv
-from fediim.protocol.signed_bank import SignedBank, load_signed_bank
-from fediim.protocol.site_config import SiteConfig, load_site_config
+from fediim.serve.site import Site, count_methods, fallback_rate
 
 __all__ = ["default_sidecar_paths", "register_impute"]
 
@@ -67,8 +66,9 @@ Outputs (committed together: all three are written, or none is and any previous
 versions stay as they were):
   OUT                 the imputed table
   OUT.flags.csv       per row, for every column <col>: <col>_imputed (1 if filled in,
-                      else 0) and <col>_uncertainty (spread of the candidates; empty if
-                      the cell was observed)
+                      else 0), <col>_uncertainty (spread of the candidates) and
+                      <col>_method (iim, hybrid, bank, mean or fallback); the last two
+                      empty if the cell was observed
   OUT.audit.jsonl     one JSON line per imputed cell: row (1 = first data row), column,
                       method, k, ell, n_candidates, uncertainty, value
 (for OUT = X.csv the side files are X.flags.csv and X.audit.jsonl)""",
@@ -87,8 +87,12 @@ With --site-config, a site that took part in a federation run imputes from the b
 run left in its output_dir (bank.npz, bank.sig.json; the TOML keys bank, bank_signature
 override): the bank's signature must verify under the pinned coordinator key for the
 site's schema, and the bank be at most max_bank_age_days old, or nothing is written. The
-rows of IN are the site's own rows (mode hybrid blends them with the bank). The site's
-schema applies; no budget is spent (the privacy ledger is not touched).""",
+site's own rows (its data file) are the local side and the validation rows of every
+choice (mode hybrid blends them with the bank; --mode, else [serve] mode, else hybrid):
+each row of IN is imputed as fediim serve would impute it. A cell the bank cannot impute
+(its row observes nothing, or the bank's models fail) gets the site's mean, else the
+bank's, marked fallback; the summary line states the fallback rate. The site's schema
+applies; no budget is spent (the privacy ledger is not touched).""",
     )
     p.add_argument("input", metavar="IN.csv", help="table with missing cells")
     p.add_argument("-o", "--output", metavar="OUT.csv", required=True,
@@ -136,39 +140,37 @@ def _option_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _site_bank(path: str) -> tuple[SiteConfig, TableSchema, SignedBank]:
-    """The site's configuration, schema and verified bank (a FediimError if any is bad)."""
-    cfg = load_site_config(path)
-    schema = load_schema(cfg.schema_path)
-    signed = load_signed_bank(cfg.bank_path, cfg.bank_signature_path,
-                              cfg.coordinator_public_key, schema.schema_hash(),
-                              max_age_days=cfg.max_bank_age_days)
-    return cfg, schema, signed
-
-
-def _read_inputs(args: argparse.Namespace
-                 ) -> tuple[Table, TableSchema | None, SiteConfig | None, SignedBank | None]:
-    """The table, its schema and, with --site-config, the site and its verified bank."""
-    cfg = signed = None
+def _read_inputs(args: argparse.Namespace) -> tuple[Table, TableSchema | None, Site | None]:
+    """The table, its schema and, with --site-config, the site with its verified bank
+    (read before IN: a bank it cannot trust stops everything)."""
     if args.site_config is not None:
-        cfg, schema, signed = _site_bank(args.site_config)
+        site = Site.open(args.site_config, mode=args.mode, n_neighbors=args.k)
         # A column this hospital never measures is what the federation's bank is for.
-        table = read_csv(args.input, schema=schema, missing_markers=args.missing,
+        table = read_csv(args.input, schema=site.schema, missing_markers=args.missing,
                          allow_empty_columns=True)
-        return table, schema, cfg, signed
+        return table, site.schema, site
     schema = load_schema(args.schema) if args.schema else None
-    return read_csv(args.input, schema=schema, missing_markers=args.missing), schema, None, None
+    return read_csv(args.input, schema=schema, missing_markers=args.missing), schema, None
 
 
-def _imputed(args: argparse.Namespace, table: Table, schema: TableSchema | None,
-             cfg: SiteConfig | None, signed: SignedBank | None) -> ImputationResult:
+def _imputed(args: argparse.Namespace, table: Table, site: Site | None) -> ImputationResult:
     """IIM on the table alone, or, with the site's bank, the site's imputation from it
-    (the table's rows being the site's own rows)."""
-    if cfg is None or signed is None or schema is None:
+    (prepared on the site's own rows, its ``data``)."""
+    if site is None:
         imputer = IIMImputer(n_neighbors=args.k, scale=args.scale)
         return imputer.fit(table.values).impute(table.values)
-    return site_impute(table.values, signed.bank, schema.bounds_array(),
-                       mode=args.mode or "hybrid", n_neighbors=args.k, site_id=cfg.site_id)
+    return site.engine.impute(table.values)
+
+
+def _summary(table: Table, result: ImputationResult, site: Site | None, seconds: float,
+             n_cells: int, written: str) -> str:
+    """The one-line summary: sizes, cells imputed, the bank used, the fallback rate."""
+    origin = "" if site is None else (
+        f" from the bank of run {site.signed.run_id} (saved {site.signed.saved_at:%Y-%m-%d})")
+    counts = count_methods(result)
+    return (f"fediim impute: {table.n_rows} rows x {table.n_cols} columns, {n_cells} cells "
+            f"imputed{origin}, {counts.get(METHOD_FALLBACK, 0)} by fallback (fallback rate "
+            f"{fallback_rate(counts):.2%}) in {seconds:.2f} s -> {written}")
 
 
 def _run_impute(args: argparse.Namespace) -> int:
@@ -184,7 +186,7 @@ def _run_impute(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
 
     try:
-        table, schema, cfg, signed = _read_inputs(args)
+        table, schema, site = _read_inputs(args)
     except FediimError as exc:
         error(str(exc))
         return exc.exit_code
@@ -197,7 +199,7 @@ def _run_impute(args: argparse.Namespace) -> int:
                   f"(written back unchanged)")
 
     try:
-        result = _imputed(args, table, schema, cfg, signed)
+        result = _imputed(args, table, site)
     except ValueError as exc:
         error(f"{table.source}: cannot impute: {exc}")
         return ExitCode.USAGE
@@ -221,12 +223,6 @@ def _run_impute(args: argparse.Namespace) -> int:
         error(f"cannot write the outputs ({exc}); none of them was written")
         return ExitCode.FAILED
 
-    seconds = time.perf_counter() - start
-    origin = "" if signed is None else (
-        f" from the bank of run {signed.run_id} (saved {signed.saved_at:%Y-%m-%d})")
-    print(
-        f"fediim impute: {table.n_rows} rows x {table.n_cols} columns, {n_cells} cells imputed"
-        f"{origin} in {seconds:.2f} s -> {out} (flags: {flags}, audit: {audit})",
-        file=sys.stderr,
-    )
+    print(_summary(table, result, site, time.perf_counter() - start, n_cells,
+                   f"{out} (flags: {flags}, audit: {audit})"), file=sys.stderr)
     return ExitCode.OK

@@ -155,7 +155,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         names = getattr(self, "feature_names_in_", None)
         return [str(names[column]) if names is not None else f"x{column}" for column in cols]
 
-    def _pattern(self, target: int, features: tuple[int, ...]) -> PatternModels | None:
+    def pattern(self, target: int, features: tuple[int, ...]) -> PatternModels | None:
+        """The models of (target, features), made on first use and kept (None: no
+        training row observes them all)."""
         key = (target, features)
         if key not in self._patterns:
             cols = list(features) + [target]
@@ -183,7 +185,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
                        target: int, features: tuple[int, ...]) -> None:
         """Fill ``target`` in ``rows`` (observed on ``features``; ``queries`` standardized),
         from the pattern's models, or with the column mean when no training row has both."""
-        model = self._pattern(target, features) if features else None
+        model = self.pattern(target, features) if features else None
         if model is None:
             result.values[rows, target] = self.statistics_[target]
             result.uncertainty[rows, target] = 0.0

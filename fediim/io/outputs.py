@@ -54,12 +54,16 @@ def write_table(fh: IO[str], values: np.ndarray, columns: list[str]) -> None:
 
 
 def write_flags(fh: IO[str], result: ImputationResult, columns: list[str]) -> None:
-    """Per cell: ``<col>_imputed`` (0/1) and ``<col>_uncertainty`` (candidate spread)."""
+    """Per cell: ``<col>_imputed`` (0/1), ``<col>_uncertainty`` (candidate spread) and
+    ``<col>_method`` (how it was imputed; the fallback rate is read off it)."""
     writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow([f"{c}{s}" for c in columns for s in ("_imputed", "_uncertainty")])
-    for imp, unc in zip(result.imputed, result.uncertainty, strict=True):
+    writer.writerow([f"{c}{s}" for c in columns
+                     for s in ("_imputed", "_uncertainty", "_method")])
+    for imp, unc, method in zip(result.imputed, result.uncertainty, result.method,
+                                strict=True):
         fields: list[str] = []
-        for flag, u in zip(imp, unc, strict=True):
+        for flag, u, how in zip(imp, unc, method, strict=True):
             fields.append("1" if flag else "0")
             fields.append(f"{u:.6g}" if flag and np.isfinite(u) else "")
+            fields.append(str(how) if flag else "")
         writer.writerow(fields)

@@ -10,13 +10,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["METHOD_FALLBACK", "METHOD_IIM", "METHOD_MEAN", "ImputationResult"]
+__all__ = ["METHOD_BANK", "METHOD_FALLBACK", "METHOD_HYBRID", "METHOD_IIM", "METHOD_MEAN",
+           "ImputationResult"]
 
 #: Method codes recorded per imputed cell.
 METHOD_IIM = "iim"
 METHOD_MEAN = "mean"
-#: The bank's models failed numerically for this cell; the site's own IIM filled it.
+#: The bank's models failed numerically for this cell; the site's own IIM filled it (in
+#: ``fediim serve`` and ``fediim impute --site-config``: the site's mean, else the bank's).
 METHOD_FALLBACK = "fallback"
+#: Served imputations (:mod:`fediim.serve`): the hybrid blend, or the bank's models alone.
+METHOD_HYBRID = "hybrid"
+METHOD_BANK = "bank"
 
 
 @dataclass

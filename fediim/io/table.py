@@ -25,8 +25,8 @@ from fediim.errors import DataError
 from fediim.io.atomic import atomic_open
 from fediim.io.schema import DEFAULT_MISSING, TableSchema
 
-__all__ = ["DataError", "Table", "as_matrix", "check_representable", "read_csv",
-           "write_csv"]
+__all__ = ["DataError", "Table", "as_matrix", "check_representable", "parse_csv_text",
+           "read_csv", "write_csv"]
 
 ARRAY_SOURCE = "<array>"
 
@@ -86,7 +86,21 @@ def read_csv(
     federation that never measures an attribute can still have it imputed from the bank).
     """
     source = os.fspath(path)
-    reader = csv.reader(io.StringIO(_read_text(path, source), newline=""), strict=True)
+    return parse_csv_text(_read_text(path, source), source, schema=schema,
+                          missing_markers=missing_markers,
+                          allow_empty_columns=allow_empty_columns)
+
+
+def parse_csv_text(
+    text: str,
+    source: str,
+    schema: TableSchema | None = None,
+    missing_markers: Iterable[str] | None = None,
+    allow_empty_columns: bool = False,
+) -> Table:
+    """:func:`read_csv` on CSV ``text`` already in memory (e.g. a request body), errors
+    naming ``source``."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     names = _read_header(reader, source)
     if schema is not None:
         _check_against_schema(names, schema, source)

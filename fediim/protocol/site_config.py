@@ -24,6 +24,19 @@ directory of the TOML file::
     # reply_time_quantum = 2.0                  # replies leave at multiples of this (s)
     # insecure_seeded_noise = true              # simulations only; never in a deployment
 
+    [serve]                                     # optional: `fediim serve` (all keys optional)
+    token_file = "serve.token"                  # bearer token (file readable by its owner
+                                                #   only); or token_env = "FEDIIM_TOKEN"
+    # host = "127.0.0.1"                        # a non-loopback host needs a token
+    # port = 8787
+    # mode = "hybrid"                           # how the bank is used (see fediim impute)
+    # max_rows = 10000                          # per request (413 above)
+    # max_body_bytes = 8388608                  # per request (413 above)
+    # monitor_fraction = 0.1                    # share of complete rows with one cell
+                                                #   masked, imputed and scored
+    # drift_mean_shift = 0.5                    # drift: |mean - site's mean| / site's sd
+    # drift_error_ratio = 2.0                   # drift: monitored RMSE / validated RMSE
+
 The coordinator's public key is pinned here, out of band: the site never learns it from the
 coordinator itself (no trust on first use), and refuses any bank not signed with it. The
 site converts every request at its own ``delta`` (a request at another delta is refused, so
@@ -36,6 +49,8 @@ seed can subtract; the ledger marks every such release. The former key
 run (``bank``/``bank_signature``, by default ``bank.npz``/``bank.sig.json`` in
 ``output_dir``), without spending budget; it refuses a bank older than
 ``max_bank_age_days`` (:mod:`fediim.protocol.signed_bank`).
+``fediim serve --site-config`` serves the same imputation over HTTP (:mod:`fediim.serve`);
+its optional ``[serve]`` table is :class:`ServeSettings`.
 ``site_key`` (Ed25519 or ECDSA, PEM or OpenSSH; the SuperNode's node-authentication key will
 do) signs the site's handshake, so that a coordinator with a site registry knows that the
 node claiming this site id holds the key registered for it (:mod:`fediim.protocol.identity`),
@@ -53,11 +68,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from fediim.errors import SiteConfigError
+from fediim.federated.plan import Mode
 from fediim.io.toml import read_toml, toml_document
 from fediim.io.validation import FiniteFloat, format_validation_error
 from fediim.privacy import epsilon_to_rho
 
-__all__ = ["Budget", "SiteConfig", "SiteConfigError", "load_site_config", "site_config_toml"]
+__all__ = ["Budget", "ServeSettings", "SiteConfig", "SiteConfigError", "load_site_config",
+           "site_config_toml"]
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -90,6 +107,52 @@ def _rho(epsilon: float, delta: float) -> float:
     return epsilon_to_rho(epsilon, delta)
 
 
+class ServeSettings(BaseModel):
+    """The site's imputation service (``fediim serve``): where it listens, who may call it,
+    how much one request may carry, and how it watches its own quality.
+
+    ``token_file`` (or the environment variable ``token_env``) holds the bearer token
+    every caller must present; without one the service listens on a loopback address
+    only. Monitoring: ``monitor_fraction`` of the incoming complete rows get one random
+    cell masked, imputed and scored (a rolling window of ``monitor_window`` cells per
+    column). Drift: over the last ``drift_window`` rows, a column whose observed mean
+    moved more than ``drift_mean_shift`` standard deviations from the site's own mean (the
+    bank's where the site does not measure the column; the bank's noised moments are
+    too rough a yardstick) after ``drift_min_rows`` values, or whose monitored RMSE exceeds
+    ``drift_error_ratio`` times its cross-validated RMSE (after ``drift_min_cells``
+    cells).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8787, ge=0, le=65535)
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    mode: Mode = "hybrid"
+    n_neighbors: int = Field(default=10, ge=1)
+    max_rows: int = Field(default=10_000, ge=1)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    monitor_fraction: FiniteFloat = Field(default=0.1, ge=0, le=1)
+    monitor_window: int = Field(default=500, ge=10)
+    drift_window: int = Field(default=500, ge=10)
+    drift_min_rows: int = Field(default=50, ge=1)
+    drift_mean_shift: FiniteFloat = Field(default=0.5, gt=0)
+    drift_min_cells: int = Field(default=30, ge=1)
+    drift_error_ratio: FiniteFloat = Field(default=2.0, gt=1)
+    #: Plans made at start-up: every (observed features, target) key when there are at
+    #: most this many, else those with one missing cell and those of the site's own rows.
+    #: A key not made at start-up is made at its first request (about a second on ccpp),
+    #: holding up the requests behind it.
+    warm_keys: int = Field(default=256, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ServeSettings:
+        if self.token_file is not None and self.token_env is not None:
+            raise ValueError("give token_file or token_env, not both")
+        return self
+
+
 class SiteConfig(BaseModel):
     """A validated site configuration (paths absolute)."""
 
@@ -114,6 +177,7 @@ class SiteConfig(BaseModel):
     bank_signature: Path | None = None  # its signature; default output_dir/bank.sig.json
     #: Days: ``fediim impute --site-config`` refuses an older bank (join a new run).
     max_bank_age_days: FiniteFloat = Field(default=365.0, gt=0)
+    serve: ServeSettings = ServeSettings()
 
     @property
     def bank_path(self) -> Path:
@@ -142,6 +206,9 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
                 "site_registry", "bank", "bank_signature"):
         if isinstance(raw.get(key), str):
             raw[key] = base / Path(raw[key]).expanduser()
+    serve = raw.get("serve")
+    if isinstance(serve, dict) and isinstance(serve.get("token_file"), str):
+        raw["serve"] = {**serve, "token_file": base / Path(serve["token_file"]).expanduser()}
     try:
         return SiteConfig.model_validate(raw)
     except ValidationError as exc:
@@ -173,5 +240,8 @@ def site_config_toml(config: SiteConfig) -> str:
     }
     budget = {"epsilon": config.budget.epsilon, "delta": config.budget.delta,
               "max_epsilon_per_run": config.budget.max_epsilon_per_run}
-    return toml_document({"": top, "budget": budget},
+    serve = {name: str(value) if isinstance(value, Path) else value
+             for name, value in config.serve.model_dump(exclude_defaults=True).items()}
+    tables = {"": top, "budget": budget, **({"serve": serve} if serve else {})}
+    return toml_document(tables,
                          header="fediim site configuration: stays at the site")

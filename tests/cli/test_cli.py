@@ -93,18 +93,19 @@ def test_impute_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
     # Flags: one row per data row, flagged cells == missing cells, uncertainty iff imputed.
     fheader, frows = _read(flags)
-    assert fheader == [f"{c}{s}" for c in COLUMNS for s in ("_imputed", "_uncertainty")]
+    assert fheader == [f"{c}{s}" for c in COLUMNS
+                       for s in ("_imputed", "_uncertainty", "_method")]
     assert len(frows) == len(written)
     flagged = set()
     for i, frow in enumerate(frows):
         for j in range(len(COLUMNS)):
-            flag, unc = frow[2 * j], frow[2 * j + 1]
+            flag, unc, method = frow[3 * j:3 * j + 3]
             assert flag in ("0", "1")
             if flag == "1":
                 flagged.add((i, j))
-                assert float(unc) >= 0
+                assert float(unc) >= 0 and method in ("iim", "mean")
             else:
-                assert unc == ""
+                assert unc == "" and method == ""
     assert flagged == missing
 
     # Audit: one JSON line per imputed cell, values agree with the table.

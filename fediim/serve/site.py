@@ -1,0 +1,139 @@
+"""A site's imputation between runs, shared by ``fediim impute --site-config`` and
+``fediim serve``: its configuration, its verified bank, its prepared engine and what it
+has spent of its budget (read only: imputing never writes the ledger)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from fediim.errors import LedgerError
+from fediim.federated.plan import Mode, unscale
+from fediim.io.outputs import apply_schema
+from fediim.io.result import METHOD_FALLBACK, ImputationResult
+from fediim.io.schema import TableSchema, load_schema
+from fediim.io.table import read_csv
+from fediim.privacy import PrivacyLedger, rho_to_epsilon
+from fediim.protocol.signed_bank import SignedBank, load_signed_bank
+from fediim.protocol.site_config import SiteConfig, load_site_config
+from fediim.serve.engine import EngineSettings, ServingEngine
+
+__all__ = ["BudgetView", "Site", "count_methods", "fallback_rate", "read_budget"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """A site's configuration, schema, verified bank and prepared engine."""
+
+    config: SiteConfig
+    schema: TableSchema
+    signed: SignedBank
+    engine: ServingEngine
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, mode: Mode | None = None,
+             n_neighbors: int | None = None) -> Site:
+        """Read the site TOML at ``path``, verify its bank (signature before a byte of it
+        is parsed; age) and prepare the engine on the site's own rows (its ``data``).
+
+        Any problem is a :class:`~fediim.errors.FediimError` naming the file."""
+        config = load_site_config(path)
+        schema = load_schema(config.schema_path)
+        signed = load_signed_bank(config.bank_path, config.bank_signature_path,
+                                  config.coordinator_public_key, schema.schema_hash(),
+                                  max_age_days=config.max_bank_age_days)
+        # A column this hospital never measures is what the federation's bank is for.
+        reference = read_csv(config.data, schema=schema, allow_empty_columns=True)
+        settings = EngineSettings(mode=mode or config.serve.mode,
+                                  n_neighbors=n_neighbors or config.serve.n_neighbors,
+                                  site_id=config.site_id)
+        engine = ServingEngine(reference.values, signed.bank, schema.bounds_array(), settings)
+        return cls(config=config, schema=schema, signed=signed, engine=engine)
+
+    @property
+    def columns(self) -> list[str]:
+        """The schema's column names, in order."""
+        return self.schema.column_names
+
+    def impute(self, x: np.ndarray) -> ImputationResult:
+        """The rows of ``x`` (schema columns, NaN missing) imputed, the schema applied
+        (columns with ``impute = false`` keep their gaps; values within bounds)."""
+        result = self.engine.impute(x)
+        apply_schema(result, self.schema, self.columns)
+        return result
+
+    def bank_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bank's mean and standard deviation per column, raw units."""
+        bounds = self.engine.bounds
+        mean, variance = self.signed.bank.column_moments()
+        columns = np.arange(len(mean))
+        return (unscale(mean, bounds, columns),
+                np.sqrt(np.maximum(variance, 0.0)) * (bounds[:, 1] - bounds[:, 0]))
+
+    def drift_reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per column, the mean drift is measured from and the spread it is measured in
+        (raw units): the site's own rows where it measures the column (exact: they never
+        left; they are what the local side and every choice were fitted on), else the
+        bank's moments. The bank's moments carry the noise of its released sums (at
+        eps = 4 a mean can sit half a standard deviation off and a variance be several
+        times the data's): as a yardstick they would flag drift on the bank's own rows."""
+        site, span = self.engine.site, self.engine.bounds[:, 1] - self.engine.bounds[:, 0]
+        lo = self.engine.bounds[:, 0]
+        with np.errstate(invalid="ignore"):
+            counts = (~site.missing).sum(axis=0)
+        bank_mean, bank_sd = self.bank_moments()
+        own_mean = (site.center + 0.5) * span + lo
+        own_sd = np.where(counts >= 2, site.scale * span, np.nan)
+        measured = (counts >= 2) & (own_sd > 0)
+        return (np.where(measured, own_mean, bank_mean), np.where(measured, own_sd, bank_sd))
+
+    def bank_age_days(self, now: datetime) -> float:
+        """Days since the bank was stored."""
+        return (now - self.signed.saved_at).total_seconds() / 86400.0
+
+    def bank_is_stale(self, now: datetime) -> bool:
+        """Whether the bank is older than the site allows (``max_bank_age_days``)."""
+        return self.bank_age_days(now) > self.config.max_bank_age_days
+
+
+def count_methods(result: ImputationResult) -> dict[str, int]:
+    """Imputed cells per method."""
+    methods, counts = np.unique(result.method[result.imputed].astype(str), return_counts=True)
+    return {str(m): int(c) for m, c in zip(methods, counts, strict=True)}
+
+
+def fallback_rate(counts: dict[str, int]) -> float:
+    """Share of the imputed cells that got the fallback (0 when none was imputed)."""
+    total = sum(counts.values())
+    return counts.get(METHOD_FALLBACK, 0) / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """The site's privacy budget as its ledger states it (read only), or why not."""
+
+    summary: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    error: str | None = None
+
+
+def read_budget(config: SiteConfig) -> BudgetView:
+    """The site's spend, remaining budget and release history from its ledger; a ledger
+    that cannot be read is reported, not raised (the service keeps imputing)."""
+    delta = config.budget.delta
+    try:
+        ledger = PrivacyLedger.open(config.ledger, config.budget.rho, config.site_id)
+    except LedgerError as exc:
+        return BudgetView(summary=None, history=[], error=str(exc))
+    summary = ledger.summary(delta)
+    summary["epsilon_remaining"] = summary["epsilon_budget"] - summary["epsilon_spent"]
+    history, spent = [], 0.0
+    for entry in ledger.entries:
+        spent += entry.rho
+        history.append({"time": entry.time, "purpose": entry.purpose, "rho": entry.rho,
+                        "epsilon_spent_after": rho_to_epsilon(spent, delta)})
+    return BudgetView(summary=summary, history=history)
