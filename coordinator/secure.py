@@ -20,7 +20,7 @@ round's survivors and each sum's survivors and dropped sites go to ``federation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,16 +28,11 @@ import numpy as np
 from coordinator.federation import _Federation
 from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated.bank import ModelBank
+from fediim.federated.global_partition import GlobalTree
 from fediim.federated.secure_release import (
     SecureSettings,
-    SecureSteps,
-    bank_from_grams,
-    box_from_histograms,
     default_threshold,
-    gram_sum_sigma,
-    histogram_sum_sigma,
-    tree_depth,
-    trees_from_counts,
+    summed_release,
 )
 from fediim.federated.vetting import release_problems
 from fediim.protocol.messages import SecureReply, SecureRequest
@@ -77,7 +72,6 @@ class _SecureRounds:
         ids = tuple(sorted(site.site_id for site in sites))
         threshold = fed.cfg.secure_threshold or default_threshold(len(ids))
         self.settings = SecureSettings(len(ids), threshold)
-        self.steps = SecureSteps.from_plan(self.plan)
         self.config = SecureSumConfig(run_id=fed.run_id, sites=ids, threshold=threshold,
                                       vector_lengths=(None,) * len(self.statistics),
                                       max_abs_per_site=MAX_ABS_PER_SITE)
@@ -216,26 +210,23 @@ class _SecureRounds:
     def run(self) -> ModelBank:
         """Every round; the federation's bank, vetted against the plan's limits for a sum."""
         deliveries = self.set_up()
-        n_features = self.fed.n_features
-        box = (np.full(n_features, -0.5), np.full(n_features, 0.5))
-        if "histograms" in self.statistics:
-            total, survivors = self.secure_sum("histograms", PublicState(), deliveries)
-            deliveries = {}
-            sigma = histogram_sum_sigma(self.steps, self.settings, self.clip, len(survivors))
-            box, _ = box_from_histograms(total, n_features, self.clip, sigma)
-        depth = tree_depth(self.plan)
-        total, _ = self.secure_sum("counts", PublicState(box, depth), deliveries)
-        trees = trees_from_counts(total, self.plan, box, depth)
-        total, survivors = self.secure_sum("grams", PublicState(box, depth, trees), {})
-        sigma = gram_sum_sigma(self.steps, self.settings, trees, len(survivors))
+
+        def sum_of(statistic: str, box: tuple[np.ndarray, np.ndarray] | None,
+                   depth: int | None, trees: Sequence[GlobalTree]
+                   ) -> tuple[np.ndarray, tuple[str, ...]]:
+            # the share deliveries ride with the first masked-input round
+            first = statistic == self.statistics[0]
+            return self.secure_sum(statistic, PublicState(box, depth, list(trees)),
+                                   deliveries if first else {})
+
+        summed = summed_release(self.plan, self.settings, self.clip, sum_of)
         cfg = self.fed.cfg
-        meta = {"aggregation": "secure", "sites": self.settings.n_sites,
-                "threshold": self.settings.threshold, "survivors": sorted(survivors),
-                "session_survivors": [s["survivors"] for s in self.fed.secure_info["sessions"]],
-                "epsilon": cfg.epsilon, "delta": cfg.delta}
-        bank = bank_from_grams(total, trees, self.plan, sigma, meta)
-        problems = release_problems(bank, secure_limits(self.plan, n_features, sigma,
-                                                        self.settings.n_sites))
+        bank = summed.bank(self.plan, self.settings, {
+            "session_survivors": [s["survivors"] for s in self.fed.secure_info["sessions"]],
+            "epsilon": cfg.epsilon, "delta": cfg.delta})
+        limits = secure_limits(self.plan, self.fed.n_features, summed.noise_sigma,
+                               self.settings.n_sites)
+        problems = release_problems(bank, limits)
         if problems:
             raise BankError("the summed bank does not fit the plan: " + "; ".join(problems))
         return bank

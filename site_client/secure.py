@@ -296,14 +296,11 @@ def _masked_input(site: SecureSite, request: SecureRequest, run_id: int, plan: P
     public = _public_state(site, request, plan, statistic, record)
     noise = _noise(request, record)
     shares = _shares(site, request, plan, session, noise)
-    steps = SecureSteps.from_plan(plan)
-    if statistic == "histograms":
-        vector = shares.histograms(steps)
-    elif statistic == "counts":
-        vector = shares.counts(steps, public.box, int(public.depth))
+    vector = shares.share(statistic, SecureSteps.from_plan(plan), public.box, public.depth,
+                          public.trees)
+    if statistic == "counts":
         record["counts_state"] = public.encode()
-    else:
-        vector = shares.grams(steps, public.trees)
+    elif statistic == "grams":
         state[RELEASE_RECORD] = _release_record(site, request, run_id, public)
     if noise is not None:
         record["noise_state"] = json.dumps(noise.state)

@@ -209,9 +209,6 @@ class FederatedIIM(BaseEstimator):
 
     def _secure(self, n_sites: int) -> bool:
         """Whether the sites sum their statistics securely (``auto``: from 3 sites)."""
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got "
-                             f"{self.aggregation!r}")
         return self.aggregation == "secure" or (
             self.aggregation == "auto" and n_sites >= MIN_SECURE_SITES)
 
@@ -241,6 +238,9 @@ class FederatedIIM(BaseEstimator):
             raise ValueError(f"delta must lie in (0, 1), got {self.delta!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got "
+                             f"{self.aggregation!r}")
         for name in ("seed", "random_state"):
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and value >= 0):

@@ -22,8 +22,8 @@ import numpy as np
 
 from fediim.federated.partition import split_fraction
 
-__all__ = ["MAX_TREE_DEPTH", "GlobalTree", "complete_tree_boxes", "leaf_of_rows",
-           "n_nodes", "node_counts", "prune_tree", "tree_problem"]
+__all__ = ["MAX_TREE_DEPTH", "GlobalTree", "leaf_boxes", "leaf_of_rows", "n_nodes",
+           "node_counts", "prune_tree", "tree_problem"]
 
 
 @dataclass(frozen=True)
@@ -102,27 +102,6 @@ def _path(node: int) -> str:
     """The node's path as :mod:`~fediim.federated.partition` names it ("r" + 0/1 per cut)."""
     bits = bin(node + 1)[3:]
     return "r" + bits
-
-
-def complete_tree_boxes(box: tuple[np.ndarray, np.ndarray], depth: int, tree: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Every node's box (lo, hi), each (n_nodes(depth), m), in heap order."""
-    low, high = (np.asarray(side, dtype=np.float64) for side in box)
-    n_features = len(low)
-    lo = np.empty((n_nodes(depth), n_features))
-    hi = np.empty_like(lo)
-    lo[0], hi[0] = low, high
-    for level in range(depth):
-        nodes = np.arange(2 ** level - 1, 2 ** (level + 1) - 1)
-        axis = _axis(level, tree, n_features)
-        fraction = (np.full(len(nodes), 0.5) if tree == 0 else
-                    np.array([split_fraction(tree, _path(node), axis) for node in nodes]))
-        cut = lo[nodes, axis] + fraction * (hi[nodes, axis] - lo[nodes, axis])
-        for child in (2 * nodes + 1, 2 * nodes + 2):
-            lo[child], hi[child] = lo[nodes], hi[nodes]
-        hi[2 * nodes + 1, axis] = cut
-        lo[2 * nodes + 2, axis] = cut
-    return lo, hi
 
 
 def _fractions(nodes: np.ndarray, level: int, tree: int, n_features: int) -> np.ndarray:

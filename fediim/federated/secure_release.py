@@ -58,9 +58,9 @@ from fediim.privacy.distributed import (
 
 __all__ = ["AGGREGATIONS", "HISTOGRAM_BINS", "MAX_SITE_RECORDS", "MIN_SECURE_SITES",
            "QUANT_SCALE", "SECURE_SITE", "SecureSettings", "SecureSteps", "SiteShares",
-           "bank_from_grams", "box_from_histograms", "default_threshold", "gram_sum_sigma",
-           "histogram_sum_sigma", "plain_sum", "secure_bank", "tree_depth",
-           "trees_from_counts"]
+           "SumOf", "SummedRelease", "bank_from_grams", "box_from_histograms",
+           "default_threshold", "gram_sum_sigma", "histogram_sum_sigma", "plain_sum",
+           "secure_bank", "summed_release", "tree_depth", "trees_from_counts"]
 
 #: The bank's site id for every cell of a securely summed bank: no cell is one site's.
 SECURE_SITE = "federation"
@@ -222,6 +222,21 @@ class SiteShares:
                                    purpose=purpose, assumption=self.settings.assumption,
                                    noise=self.noise)
 
+    def share(self, statistic: str, steps: SecureSteps,
+              box: tuple[np.ndarray, np.ndarray] | None, depth: int | None,
+              trees: Sequence[GlobalTree]) -> np.ndarray:
+        """The site's noised share of ``statistic`` ("histograms", "counts" or "grams")
+        over the public state the coordinator sent (box and depth for the counts, the
+        trees for the Grams)."""
+        if statistic == "histograms":
+            return self.histograms(steps)
+        if statistic == "counts":
+            assert box is not None and depth is not None
+            return self.counts(steps, box, int(depth))
+        if statistic == "grams":
+            return self.grams(steps, trees)
+        raise ValueError(f"unknown secure statistic {statistic!r}")
+
     def histograms(self, steps: SecureSteps) -> np.ndarray:
         """Sum 1: per clipped column, counts in the public bins (flat, int64)."""
         columns = np.flatnonzero(self.clip_columns)
@@ -274,24 +289,23 @@ def _leaf_grams(rows: np.ndarray, tree: GlobalTree) -> np.ndarray:
 # ---- the coordinator's post-processing of the sums ---------------------------------------
 
 def box_from_histograms(total: np.ndarray, n_features: int, clip_columns: np.ndarray,
-                        noise_sigma: float) -> tuple[tuple[np.ndarray, np.ndarray], float]:
-    """The federation's clipping box and its noisy record count from summed histograms.
+                        noise_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The federation's clipping box from summed histograms.
 
     Each clipped column's quantiles :data:`CLIP_QUANTILES` are read off the noisy
     cumulative histogram (linear within a bin) and widened
     (:func:`~fediim.federated.clipping.widen_box`). The box is the public one when the
     noisy total says the tail ranks would drown in the cumulative noise
-    (:data:`HISTOGRAM_MIN_RATIO`). Returns ((lo, hi), noisy count; NaN if no column is
-    clipped)."""
+    (:data:`HISTOGRAM_MIN_RATIO`)."""
     lo, hi = np.full(n_features, -0.5), np.full(n_features, 0.5)
     columns = np.flatnonzero(clip_columns)
     if not columns.size:
-        return (lo, hi), math.nan
+        return lo, hi
     hist = np.maximum(np.asarray(total, np.float64).reshape(len(columns), HISTOGRAM_BINS), 0)
     n_noisy = float(np.median(hist.sum(axis=1)))
     tail = min(min(q, 1 - q) for q in CLIP_QUANTILES)
     if tail * n_noisy < HISTOGRAM_MIN_RATIO * noise_sigma * math.sqrt(HISTOGRAM_BINS):
-        return (lo, hi), n_noisy
+        return lo, hi
     edges = np.linspace(-0.5, 0.5, HISTOGRAM_BINS + 1)
     for row, column in zip(hist, columns, strict=True):
         cumulative = np.concatenate([[0.0], np.cumsum(row)])
@@ -299,7 +313,7 @@ def box_from_histograms(total: np.ndarray, n_features: int, clip_columns: np.nda
                       for q in CLIP_QUANTILES)
         wide_lo, wide_hi = widen_box(np.array([q_lo]), np.array([q_hi]))
         lo[column], hi[column] = wide_lo[0], wide_hi[0]
-    return (lo, hi), n_noisy
+    return lo, hi
 
 
 def tree_depth(plan: PrivacyPlan) -> int:
@@ -349,6 +363,52 @@ def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: Privac
         clip_lo=np.tile(box_lo, (n_kept, 1)), clip_hi=np.tile(box_hi, (n_kept, 1)))
 
 
+# ---- the three sums in order --------------------------------------------------------------
+
+#: One secure sum as the coordinator runs it: (statistic, box, depth, trees) -> (sum, its
+#: survivors). Box and depth are None for the histograms; trees are empty but for the Grams.
+SumOf = Callable[[str, tuple[np.ndarray, np.ndarray] | None, int | None,
+                  Sequence[GlobalTree]], tuple[np.ndarray, Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class SummedRelease:
+    """What the three sums leave the coordinator: the trees, the summed leaf Grams (integer
+    units), the sites in that last sum and its noise std (integer units)."""
+
+    trees: list[GlobalTree]
+    grams: np.ndarray
+    survivors: list[str]
+    noise_sigma: float
+
+    def bank(self, plan: PrivacyPlan, settings: SecureSettings, meta: dict) -> ModelBank:
+        """The federation's bank (:func:`bank_from_grams`); ``meta`` adds to S, t and the
+        survivors."""
+        return bank_from_grams(self.grams, self.trees, plan, self.noise_sigma, {
+            "aggregation": "secure", "sites": settings.n_sites,
+            "threshold": settings.threshold, "survivors": sorted(self.survivors), **meta})
+
+
+def summed_release(plan: PrivacyPlan, settings: SecureSettings, clip_columns: np.ndarray,
+                   sum_of: SumOf) -> SummedRelease:
+    """The coordinator's side of the three sums, in order, each over the public state the
+    previous one left: the clipping box (if the plan clips), the pruned trees, the Grams.
+    ``sum_of`` runs one sum (in one process, or through the secure-sum protocol)."""
+    steps = SecureSteps.from_plan(plan)
+    n_features = len(clip_columns)
+    box = (np.full(n_features, -0.5), np.full(n_features, 0.5))
+    if steps.clips(clip_columns):
+        total, survivors = sum_of("histograms", None, None, ())
+        box = box_from_histograms(total, n_features, clip_columns, histogram_sum_sigma(
+            steps, settings, clip_columns, len(survivors)))
+    depth = tree_depth(plan)
+    total, _ = sum_of("counts", box, depth, ())
+    trees = trees_from_counts(total, plan, box, depth)
+    total, survivors = sum_of("grams", box, depth, trees)
+    return SummedRelease(trees, total, list(survivors),
+                         gram_sum_sigma(steps, settings, trees, len(survivors)))
+
+
 # ---- in one process ----------------------------------------------------------------------
 
 #: Adds the sites' shares of one sum: (step name, {site id: share}) -> (sum, survivors).
@@ -367,19 +427,14 @@ def secure_bank(sites: Mapping[str, SiteShares], plan: PrivacyPlan,
                 settings: SecureSettings, *, aggregate: Aggregate = plain_sum) -> ModelBank:
     """Run the three sums over ``sites`` and build the federation's bank."""
     steps = SecureSteps.from_plan(plan)
-    first = next(iter(sites.values()))
-    n_features, clip = first.rows.shape[1], first.clip_columns
     alive = list(sites)
-    box, n_noisy = (np.full(n_features, -0.5), np.full(n_features, 0.5)), math.nan
-    if steps.clips(clip):
-        total, alive = aggregate("histograms", {s: sites[s].histograms(steps) for s in alive})
-        sigma = histogram_sum_sigma(steps, settings, clip, len(alive))
-        box, n_noisy = box_from_histograms(total, n_features, clip, sigma)
-    depth = tree_depth(plan)
-    total, alive = aggregate("counts", {s: sites[s].counts(steps, box, depth) for s in alive})
-    trees = trees_from_counts(total, plan, box, depth)
-    total, alive = aggregate("grams", {s: sites[s].grams(steps, trees) for s in alive})
-    sigma = gram_sum_sigma(steps, settings, trees, len(alive))
-    meta = {"aggregation": "secure", "sites": settings.n_sites,
-            "threshold": settings.threshold, "survivors": sorted(alive)}
-    return bank_from_grams(total, trees, plan, sigma, meta)
+
+    def sum_of(statistic: str, box: tuple[np.ndarray, np.ndarray] | None, depth: int | None,
+               trees: Sequence[GlobalTree]) -> tuple[np.ndarray, list[str]]:
+        nonlocal alive
+        total, alive = aggregate(statistic, {
+            site: sites[site].share(statistic, steps, box, depth, trees) for site in alive})
+        return total, alive
+
+    clip = next(iter(sites.values())).clip_columns
+    return summed_release(plan, settings, clip, sum_of).bank(plan, settings, {})

@@ -12,7 +12,7 @@ import pytest
 from fediim import FederatedIIM
 from fediim.federated.global_partition import (
     GlobalTree,
-    complete_tree_boxes,
+    leaf_boxes,
     leaf_of_rows,
     n_nodes,
     node_counts,
@@ -88,7 +88,7 @@ def test_node_counts_add_up_per_depth() -> None:
     counts = node_counts(rows, BOX, 6, 0)
     for depth in range(7):
         assert counts[2**depth - 1: 2 ** (depth + 1) - 1].sum() == 500
-    lo, hi = complete_tree_boxes(BOX, 6, 0)
+    lo, hi = leaf_boxes(BOX, 0, np.arange(n_nodes(6)))  # every node's box
     assert np.allclose(lo[0], -0.5) and np.allclose(hi[0], 0.5)
     assert np.all(lo[1:] < hi[1:])
 
