@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fediim.federated.gram import affine_map, transform_gram
+
 __all__ = ["FUSION_STRENGTHS", "choose_blend", "fusion_predictions", "site_coefficients"]
 
 #: The fusion's prior strengths per training row: ``lambda = strength * n_train``, so the
@@ -45,11 +47,9 @@ def fusion_predictions(train: np.ndarray, queries: np.ndarray, prior: np.ndarray
     """
     n_rows, width = train.shape
     size = width - 1
-    gram = train.T @ train
-    # The Gram in coordinates centred at each query: z' = A z with x' = x - q.
-    shift = np.broadcast_to(np.eye(width), (len(queries), width, width)).copy()
-    shift[:, 1:size, 0] = -queries
-    centred = shift @ gram @ np.swapaxes(shift, 1, 2)
+    # The Gram in coordinates centred at each query (features shifted, target kept).
+    origin = np.column_stack([queries, np.zeros(len(queries))])
+    centred = transform_gram(train.T @ train, affine_map(origin, np.ones(width - 1)))
     prior_at_query = prior.copy()
     prior_at_query[:, 0] += np.einsum("qf,qf->q", prior[:, 1:], queries)
     estimates = np.empty((len(strengths), len(queries)))
