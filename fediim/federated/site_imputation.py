@@ -14,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -254,9 +255,9 @@ class SiteView:
         (the site's data never leave, so nothing here is private).
     missing : where the site's table is NaN.
     bounds : the public bounds per attribute.
-    bank, others : the whole bank, and the other sites' cells (the whole bank when the
-        site has no id), on which federated mode chooses its configuration for an exact
-        bank.
+    bank, others : the whole bank, and (made on first use) the bank without the site's
+        records (the whole bank when the site has no id), on which federated mode chooses
+        its configuration for an exact bank.
     config, choices : the bank configuration asked for, and those the site chooses
         between on its own rows (see :func:`bank_choices`).
     choose_config : whether there is a choice, and cells to make it on.
@@ -277,10 +278,8 @@ class SiteView:
     missing: np.ndarray
     bounds: np.ndarray
     bank: ModelBank
-    others: ModelBank
     config: BankConfig
     choices: list[BankConfig]
-    choose_config: bool
     shrink: bool
     federation_mean: np.ndarray
     local_config: IIMConfig
@@ -300,18 +299,27 @@ class SiteView:
             mean = np.nanmean(scaled, axis=0)
         spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
         mean = np.where(np.isfinite(mean), mean, 0.0)
-        others = other_sites_bank(bank, site_id, scaled)
         choices = bank_choices(config, exact=bool(np.all(bank.sigma == 0)))
         return cls(
             scaled=scaled, standardized=(scaled - mean) / spread, center=mean, scale=spread,
-            missing=np.isnan(x), bounds=bounds, bank=bank, others=others, config=config,
-            choices=choices,
-            choose_config=len(choices) > 1 and others.n_cells > 0,
+            missing=np.isnan(x), bounds=bounds, bank=bank, config=config, choices=choices,
             shrink=(mode != "hybrid" and site_id is not None and bank.n_trees == 1
                     and bool(np.any(bank.sigma > 0))),
             federation_mean=bank.column_moments()[0],
             local_config=IIMConfig(n_neighbors=n_neighbors), blend_weights=blend_weights,
             site_id=site_id, random_state=random_state)
+
+    @cached_property
+    def others(self) -> ModelBank:
+        """The bank without the site's own records (:func:`other_sites_bank`): only
+        federated mode's configuration choice reads it, so it is made on first use."""
+        return other_sites_bank(self.bank, self.site_id, self.scaled)
+
+    @cached_property
+    def choose_config(self) -> bool:
+        """Whether there is a configuration to choose, and other sites' cells to choose it
+        on."""
+        return len(self.choices) > 1 and self.others.n_cells > 0
 
     def queries(self, job: ImputationJob) -> np.ndarray:
         """The job's rows on its features, in the bank's coordinates."""
