@@ -46,15 +46,13 @@ from fediim.errors import (
     SigningKeyError,
     SiteConfigError,
 )
-from fediim.federated import PrivacyPlan, site_impute, site_release
+from fediim.federated import PrivacyPlan, site_release
 from fediim.federated.bank import ModelBank
-from fediim.federated.site_imputation import local_fallback
 from fediim.federated.vetting import ReleaseLimits, bank_problems
-from fediim.impute.estimator import ImputationResult
 from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
-from fediim.io.result import METHOD_FALLBACK
+from fediim.io.result import METHOD_FALLBACK, ImputationResult
 from fediim.io.schema import TableSchema, load_schema
 from fediim.io.table import Table, read_csv
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise, rho_to_epsilon
@@ -420,6 +418,10 @@ def _imputed_from_bank(site: _Site, table: Table, bank: ModelBank,
     """The site's records imputed from a vetted bank; on ANY failure from the bank (or a
     non-finite value), the site's own IIM for every cell, marked ``fallback``: a crafted
     bank must not turn the reply into a signal about the records."""
+    # Imported here, in the one round that imputes: the engine loads scikit-learn and scipy,
+    # and the ClientApp starts a new process for every message.
+    from fediim.federated.site_imputation import local_fallback, site_impute
+
     bounds = site.schema.bounds_array()
     try:
         result = site_impute(table.values, bank, bounds, mode=request.mode,

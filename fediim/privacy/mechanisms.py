@@ -12,11 +12,9 @@ from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import opendp.prelude as dp
 
+import fediim.privacy.opendp_api as dp
 from fediim.privacy.discrete_gaussian import opendp_discrete_gaussian, seeded_discrete_gaussian
-
-dp.enable_features("contrib")
 
 __all__ = [
     "IntegerNoiseSource",
