@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from fediim.impute.encoding import MixedEncoding, codings_from, level_codes
 from fediim.impute.iim import IIMConfig, PatternModels
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
@@ -47,6 +48,14 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         How adaptive ell scores a model on a validation tuple that is one of its own
         learning neighbours: the exact leave-one-out ridge residual, or the paper's
         in-sample residual (Alg. 3 as published).
+    column_kinds : mapping, optional
+        Coded columns, ``{column: kind}`` or ``{column: (kind, levels)}`` with ``column`` a
+        name or position and ``kind`` one of "numeric", "binary", "categorical",
+        "ordinal"; a coded kind without levels takes the labels seen by ``fit``. Pandas
+        ``category`` columns are categorical (ordered: ordinal) unless listed. Labels may
+        be numbers or strings; they are encoded as described in
+        :mod:`fediim.impute.encoding`, every imputed coded cell is a declared level, and
+        :meth:`impute` gives the winning level's probability.
 
     Attributes
     ----------
@@ -55,9 +64,13 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     feature_names_in_ : ndarray of str
         Column names seen in ``fit`` (only for DataFrame input).
     mean_, scale_ : ndarray of shape (n_features,)
-        The scaling applied before neighbour search and learning.
+        The scaling applied before neighbour search and learning (over the encoded columns
+        when some column is coded).
     statistics_ : ndarray of shape (n_features,)
-        Column means, the last resort for a cell no training row can impute.
+        Column means, the last resort for a cell no training row can impute (encoded
+        columns likewise).
+    encoding_ : MixedEncoding or None
+        The columns' encoding, None when every column is numeric.
 
     See Also
     --------
@@ -89,6 +102,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         include_global: bool = True,
         scale: bool = True,
         validation: Literal["loo", "paper"] = "loo",
+        column_kinds: dict[Any, Any] | None = None,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -98,6 +112,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.include_global = include_global
         self.scale = scale
         self.validation = validation
+        self.column_kinds = column_kinds
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -132,7 +147,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> IIMImputer:
         """Store the (scaled) training rows; individual models are learned on demand."""
         self._config_ = self._config()
-        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan")
+        self.encoding_ = _encoding(X, self.column_kinds)
+        X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan")
+        X = self._encoded(X)
         observed = ~np.isnan(X)
         empty = np.flatnonzero(~observed.any(axis=0))
         if empty.size:
@@ -143,6 +160,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             self.mean_ = self.statistics_.copy()
             sd = np.nanstd(X, axis=0)
             self.scale_ = np.where(sd > 0, sd, 1.0)
+            if self.encoding_ is not None:  # indicators: a fixed scale (see encoding)
+                fixed = self.encoding_.fixed_scale()
+                self.scale_ = np.where(np.isnan(fixed), self.scale_, fixed)
         else:
             self.mean_ = np.zeros(X.shape[1])
             self.scale_ = np.ones(X.shape[1])
@@ -150,6 +170,16 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self._fit_observed = observed
         self._patterns: dict[tuple[int, tuple[int, ...]], PatternModels | None] = {}
         return self
+
+    def _codes(self, X: Any) -> Any:
+        """``X`` with every coded column's labels as level codes (unchanged if none)."""
+        if self.encoding_ is None:
+            return X
+        return _with_codes(X, self.encoding_)
+
+    def _encoded(self, X: np.ndarray) -> np.ndarray:
+        """The engine matrix of a validated ``X`` (codes expanded; see encoding)."""
+        return X if self.encoding_ is None else self.encoding_.encode(X)
 
     def _column_names(self, cols: np.ndarray) -> list[str]:
         names = getattr(self, "feature_names_in_", None)
@@ -172,7 +202,14 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def impute(self, X: Any) -> ImputationResult:
         """Impute ``X`` and return the values with per-cell provenance and uncertainty."""
         check_is_fitted(self, "_fit_X")
-        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
+        X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan",
+                          reset=False)
+        if self.encoding_ is None:
+            return self._impute_encoded(X)
+        return self.encoding_.decode(self._impute_encoded(self.encoding_.encode(X)), X)
+
+    def _impute_encoded(self, X: np.ndarray) -> ImputationResult:
+        """:meth:`impute` on the engine's (encoded, unscaled) matrix."""
         result = empty_result(X)
         for rows, features, targets in missing_patterns(result.imputed):
             standardized = (X[rows] - self.mean_) / self.scale_
@@ -199,8 +236,11 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         result.n_candidates[rows, target] = found.neighbors.shape[1]
 
     def transform(self, X: Any) -> Any:
-        """Impute missing values of ``X`` (DataFrame in, DataFrame out)."""
+        """Impute missing values of ``X`` (DataFrame in, DataFrame out; coded columns as
+        their labels)."""
         values = self.impute(X).values
+        if self.encoding_ is not None:
+            values = self.encoding_.labels(values)
         return _like_input(X, values)
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
@@ -215,6 +255,50 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             names = np.array([f"x{column}" for column in range(self.n_features_in_)],
                              dtype=object)
         return np.asarray(names, dtype=object)
+
+
+def _encoding(X: Any, column_kinds: dict[Any, Any] | None) -> MixedEncoding | None:
+    """The encoding of ``X``'s columns, or None when every column is numeric."""
+    categories = _pandas_categories(X)
+    if not column_kinds and not categories:
+        return None
+    names, columns = _named_columns(X)
+    encoding = MixedEncoding(codings_from(column_kinds, names, columns, categories))
+    return encoding if encoding.any_coded else None
+
+
+def _named_columns(X: Any) -> tuple[list[str], list[list[Any]]]:
+    """Column names (a DataFrame's, else x0, x1, ...) and each column's cells."""
+    if hasattr(X, "iloc") and hasattr(X, "columns"):
+        return ([str(name) for name in X.columns],
+                [list(X.iloc[:, j]) for j in range(X.shape[1])])
+    array = np.asarray(X, dtype=object)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D table, got shape {array.shape}")
+    return [f"x{j}" for j in range(array.shape[1])], [list(col) for col in array.T]
+
+
+def _pandas_categories(X: Any) -> dict[str, tuple[list[Any], bool]]:
+    """A DataFrame's ``category`` columns: {name: (categories, ordered)}."""
+    dtypes = getattr(X, "dtypes", None)
+    if dtypes is None or not hasattr(X, "columns"):
+        return {}
+    return {str(name): (list(dtype.categories), bool(dtype.ordered))
+            for name, dtype in zip(X.columns, dtypes, strict=True)
+            if getattr(dtype, "name", "") == "category"}
+
+
+def _with_codes(X: Any, encoding: MixedEncoding) -> Any:
+    """``X`` (array or DataFrame) as floats, coded columns' labels replaced by codes."""
+    names, columns = _named_columns(X)
+    if len(columns) != len(encoding.codings):
+        raise ValueError(f"X has {len(columns)} columns, but the imputer was fitted with "
+                         f"{len(encoding.codings)}")
+    codes = np.empty((len(columns[0]) if columns else 0, len(columns)))
+    for j, (coding, cells) in enumerate(zip(encoding.codings, columns, strict=True)):
+        codes[:, j] = (np.asarray(cells, dtype=np.float64) if coding.kind == "numeric"
+                       else level_codes(cells, coding.levels, names[j]))
+    return _like_input(X, codes)
 
 
 def empty_result(x: np.ndarray) -> ImputationResult:
