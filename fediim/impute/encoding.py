@@ -40,7 +40,7 @@ from fediim.io.result import ImputationResult
 from fediim.io.schema import CODED_KINDS, KINDS
 
 __all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "MixedEncoding",
-           "codings_from", "level_codes"]
+           "codings_from", "fit_encoding", "level_codes", "table_codes"]
 
 #: Fixed divisors of the indicator columns (see module): a level mismatch adds 2 to the
 #: squared distance, the expected squared distance of a z-scored numeric attribute.
@@ -107,6 +107,45 @@ class MixedEncoding:
         return [block for coding, block in zip(self.codings, self.blocks, strict=True)
                 if coding.kind == "categorical"]
 
+    def onehot_blocks(self) -> list[list[int]]:
+        """The encoded columns of each binary or categorical column (for the federated
+        release these stay in public coordinates; see
+        :func:`~fediim.federated.release.coded_gram_sensitivity`)."""
+        return [[int(c) for c in block] for coding, block in
+                zip(self.codings, self.blocks, strict=True) if coding.voted]
+
+    def code_bounds(self, bounds: np.ndarray) -> np.ndarray:
+        """Bounds (m, 2) with every coded column's row replaced by its codes' range."""
+        out = np.array(bounds, dtype=np.float64)
+        for j, coding in enumerate(self.codings):
+            if coding.kind != "numeric":
+                out[j] = (0.0, float(len(coding.levels) - 1))
+        return out
+
+    def encoded_bounds(self, bounds: np.ndarray) -> np.ndarray:
+        """Public bounds (m, 2) of the table's columns as bounds of the encoded columns:
+        a numeric column keeps its own, an ordinal one its ranks [0, L - 1], and a binary
+        code or an indicator [-1, 1], so that the federation's scaling into [-1/2, 1/2]
+        keeps 0 at 0 and puts 1 at 1/2 (one non-zero entry per one-hot block)."""
+        bounds = np.asarray(bounds, dtype=np.float64)
+        out = np.empty((self.n_encoded, 2))
+        for j, (coding, block) in enumerate(zip(self.codings, self.blocks, strict=True)):
+            if coding.kind == "numeric":
+                out[block] = bounds[j]
+            elif coding.kind == "ordinal":
+                out[block] = (0.0, float(len(coding.levels) - 1))
+            else:
+                out[block] = (-1.0, 1.0)
+        return out
+
+    def encoded_flags(self, flags: np.ndarray | None) -> np.ndarray:
+        """Per-column flags (e.g. which columns a clipping box may narrow; default all)
+        over the encoded columns, False for every coded column (its range is its codes)."""
+        flags = np.ones(len(self.codings), bool) if flags is None else np.asarray(flags, bool)
+        return np.concatenate([np.full(len(block), bool(flag) and coding.kind == "numeric")
+                               for flag, coding, block in
+                               zip(flags, self.codings, self.blocks, strict=True)])
+
     def encode(self, codes: np.ndarray) -> np.ndarray:
         """(n, m) numbers and codes (NaN = missing) to the (n, n_encoded) engine matrix."""
         codes = np.asarray(codes, dtype=np.float64)
@@ -165,6 +204,56 @@ class MixedEncoding:
             table = np.array(coding.levels, dtype=out.dtype)
             out[observed, j] = table[column[observed].astype(np.intp)]
         return out
+
+
+def fit_encoding(X: Any, column_kinds: dict[Any, Any] | None) -> MixedEncoding | None:
+    """The encoding of ``X``'s columns (``column_kinds`` as in
+    :class:`~fediim.IIMImputer`, else pandas categories), or None when every column is
+    numeric."""
+    categories = _pandas_categories(X)
+    if not column_kinds and not categories:
+        return None
+    names, columns = _named_columns(X)
+    encoding = MixedEncoding(codings_from(column_kinds, names, columns, categories))
+    return encoding if encoding.any_coded else None
+
+
+def _named_columns(X: Any) -> tuple[list[str], list[list[Any]]]:
+    """Column names (a DataFrame's, else x0, x1, ...) and each column's cells."""
+    if hasattr(X, "iloc") and hasattr(X, "columns"):
+        return ([str(name) for name in X.columns],
+                [list(X.iloc[:, j]) for j in range(X.shape[1])])
+    array = np.asarray(X, dtype=object)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D table, got shape {array.shape}")
+    return [f"x{j}" for j in range(array.shape[1])], [list(col) for col in array.T]
+
+
+def _pandas_categories(X: Any) -> dict[str, tuple[list[Any], bool]]:
+    """A DataFrame's ``category`` columns: {name: (categories, ordered)}."""
+    dtypes = getattr(X, "dtypes", None)
+    if dtypes is None or not hasattr(X, "columns"):
+        return {}
+    return {str(name): (list(dtype.categories), bool(dtype.ordered))
+            for name, dtype in zip(X.columns, dtypes, strict=True)
+            if getattr(dtype, "name", "") == "category"}
+
+
+def table_codes(X: Any, encoding: MixedEncoding) -> Any:
+    """``X`` (array or DataFrame) as floats, coded columns' labels replaced by codes."""
+    names, columns = _named_columns(X)
+    if len(columns) != len(encoding.codings):
+        raise ValueError(f"X has {len(columns)} columns, but the imputer was fitted with "
+                         f"{len(encoding.codings)}")
+    codes = np.empty((len(columns[0]) if columns else 0, len(columns)))
+    for j, (coding, cells) in enumerate(zip(encoding.codings, columns, strict=True)):
+        codes[:, j] = (np.asarray(cells, dtype=np.float64) if coding.kind == "numeric"
+                       else level_codes(cells, coding.levels, names[j]))
+    if hasattr(X, "iloc") and hasattr(X, "columns"):
+        import pandas as pd
+
+        return pd.DataFrame(codes, columns=X.columns, index=X.index)
+    return codes
 
 
 def level_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fediim.impute.encoding import MixedEncoding, codings_from, level_codes
+from fediim.impute.encoding import fit_encoding, table_codes
 from fediim.impute.iim import IIMConfig, PatternModels
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
@@ -147,7 +147,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> IIMImputer:
         """Store the (scaled) training rows; individual models are learned on demand."""
         self._config_ = self._config()
-        self.encoding_ = _encoding(X, self.column_kinds)
+        self.encoding_ = fit_encoding(X, self.column_kinds)
         X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan")
         X = self._encoded(X)
         observed = ~np.isnan(X)
@@ -175,7 +175,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         """``X`` with every coded column's labels as level codes (unchanged if none)."""
         if self.encoding_ is None:
             return X
-        return _with_codes(X, self.encoding_)
+        return table_codes(X, self.encoding_)
 
     def _encoded(self, X: np.ndarray) -> np.ndarray:
         """The engine matrix of a validated ``X`` (codes expanded; see encoding)."""
@@ -255,50 +255,6 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             names = np.array([f"x{column}" for column in range(self.n_features_in_)],
                              dtype=object)
         return np.asarray(names, dtype=object)
-
-
-def _encoding(X: Any, column_kinds: dict[Any, Any] | None) -> MixedEncoding | None:
-    """The encoding of ``X``'s columns, or None when every column is numeric."""
-    categories = _pandas_categories(X)
-    if not column_kinds and not categories:
-        return None
-    names, columns = _named_columns(X)
-    encoding = MixedEncoding(codings_from(column_kinds, names, columns, categories))
-    return encoding if encoding.any_coded else None
-
-
-def _named_columns(X: Any) -> tuple[list[str], list[list[Any]]]:
-    """Column names (a DataFrame's, else x0, x1, ...) and each column's cells."""
-    if hasattr(X, "iloc") and hasattr(X, "columns"):
-        return ([str(name) for name in X.columns],
-                [list(X.iloc[:, j]) for j in range(X.shape[1])])
-    array = np.asarray(X, dtype=object)
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2-D table, got shape {array.shape}")
-    return [f"x{j}" for j in range(array.shape[1])], [list(col) for col in array.T]
-
-
-def _pandas_categories(X: Any) -> dict[str, tuple[list[Any], bool]]:
-    """A DataFrame's ``category`` columns: {name: (categories, ordered)}."""
-    dtypes = getattr(X, "dtypes", None)
-    if dtypes is None or not hasattr(X, "columns"):
-        return {}
-    return {str(name): (list(dtype.categories), bool(dtype.ordered))
-            for name, dtype in zip(X.columns, dtypes, strict=True)
-            if getattr(dtype, "name", "") == "category"}
-
-
-def _with_codes(X: Any, encoding: MixedEncoding) -> Any:
-    """``X`` (array or DataFrame) as floats, coded columns' labels replaced by codes."""
-    names, columns = _named_columns(X)
-    if len(columns) != len(encoding.codings):
-        raise ValueError(f"X has {len(columns)} columns, but the imputer was fitted with "
-                         f"{len(encoding.codings)}")
-    codes = np.empty((len(columns[0]) if columns else 0, len(columns)))
-    for j, (coding, cells) in enumerate(zip(encoding.codings, columns, strict=True)):
-        codes[:, j] = (np.asarray(cells, dtype=np.float64) if coding.kind == "numeric"
-                       else level_codes(cells, coding.levels, names[j]))
-    return _like_input(X, codes)
 
 
 def empty_result(x: np.ndarray) -> ImputationResult:
