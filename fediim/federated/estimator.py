@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from fediim.errors import DataError
 from fediim.federated.bank import ModelBank
-from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, plan_privacy
+from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, PrivacyPlan, plan_privacy
 from fediim.federated.release import assemble_bank, site_release
 from fediim.federated.secure_release import (
     AGGREGATIONS,
@@ -207,11 +207,7 @@ class FederatedIIM(BaseEstimator):
             return self._fit_encoded(sites, site_ids, ledgers)
         self.site_ids_ = (list(site_ids) if site_ids
                           else [f"site{number}" for number in range(len(sites))])
-        self.plan_ = plan_privacy(
-            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
-            count_fraction=self.count_fraction, max_depth=self.max_depth,
-            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
-            clip_fraction=self.clip_fraction)
+        self.plan_ = self._plan()
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
         if self._secure(len(sites)):
             self.bank_ = self._secure_bank(sites)
@@ -265,11 +261,7 @@ class FederatedIIM(BaseEstimator):
         self.site_ids_ = (list(site_ids) if site_ids
                           else [f"site{number}" for number in range(len(sites))])
         # One-hot blocks count as one column each: the plan's noise is the m columns'.
-        self.plan_ = plan_privacy(
-            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
-            count_fraction=self.count_fraction, max_depth=self.max_depth,
-            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
-            clip_fraction=self.clip_fraction)
+        self.plan_ = self._plan()
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
         releases = [
             site_release(encoding.encode(table), bounds, self.plan_, site_id=site_id,
@@ -281,6 +273,14 @@ class FederatedIIM(BaseEstimator):
         self.bounds_ = bounds
         self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
         return self
+
+    def _plan(self) -> PrivacyPlan:
+        """Each site's budget split for the table's ``n_features_in_`` columns."""
+        return plan_privacy(
+            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
+            count_fraction=self.count_fraction, max_depth=self.max_depth,
+            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
+            clip_fraction=self.clip_fraction)
 
     def _secure(self, n_sites: int) -> bool:
         """Whether the sites sum their statistics securely (``auto``: from 3 sites)."""

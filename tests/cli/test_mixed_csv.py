@@ -15,19 +15,12 @@ from fediim.cli import main
 from fediim.io.schema import load_schema
 
 SCHEMA = """\
-[columns."age"]
-bounds = [0, 120]
-[columns."sex"]
-kind = "binary"
-levels = ["female", "male"]
-[columns."cp"]
-kind = "categorical"
-levels = [1, 2, 3, 4]
-[columns."pressure"]
-bounds = [50, 250]
-[columns."grade"]
-kind = "ordinal"
-levels = ["low", "mid", "high"]
+[columns]
+age = { bounds = [0, 120] }
+sex = { kind = "binary", levels = ["female", "male"] }
+cp = { kind = "categorical", levels = [1, 2, 3, 4] }
+pressure = { bounds = [50, 250] }
+grade = { kind = "ordinal", levels = ["low", "mid", "high"] }
 """
 
 
