@@ -81,7 +81,11 @@ examples:
 
 With --schema, the header must match the schema's columns, its missing markers apply,
 columns with impute = false are left with their gaps, and imputed values are clipped
-into the column bounds. Make a starting schema with: fediim schema infer
+into the column bounds. A column the schema declares binary, categorical or ordinal
+(with its levels) holds labels (numbers or text): each gap gets one of the declared
+levels, and OUT.flags.csv adds <col>_probability (the level's voted probability; its
+uncertainty is 1 - probability) for binary and categorical columns.
+Make a starting schema with: fediim schema infer
 
 With --site-config, a site that took part in a federation run imputes from the bank the
 run left in its output_dir (bank.npz, bank.sig.json; the TOML keys bank, bank_signature

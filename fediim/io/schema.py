@@ -364,7 +364,8 @@ def propose_kinds(names: Sequence[str], cells: Sequence[Sequence[str]]
     """Columns that look coded, as ``{name: (kind, levels)}``, from each column's observed
     (stripped, non-missing) cell texts: a column holding any non-number is categorical
     over its labels; one of at most :data:`MAX_PROPOSED_LEVELS` distinct whole numbers
-    is categorical over them. Two levels make it binary. The levels are read from the
+    that repeat (at least twice as many cells as values) is categorical over them. Two
+    levels make it binary; a column with a single label is left alone. The levels are read from the
     data, so a caller must say so and have them confirmed (or replaced by the full
     public list of levels) before any federated run."""
     import re
@@ -373,11 +374,12 @@ def propose_kinds(names: Sequence[str], cells: Sequence[Sequence[str]]
     proposed: dict[str, tuple[str, tuple[str | float, ...]]] = {}
     for name, column in zip(names, cells, strict=True):
         distinct = set(column)
-        if not distinct:
+        if len(distinct) < 2:
             continue
         if all(number.fullmatch(text) for text in distinct):
             values = sorted({float(text) for text in distinct})
-            if len(values) > MAX_PROPOSED_LEVELS or not all(v.is_integer() for v in values):
+            if (len(values) > MAX_PROPOSED_LEVELS or not all(v.is_integer() for v in values)
+                    or len(column) < 2 * len(values)):
                 continue
             levels: tuple[str | float, ...] = tuple(values)
         else:

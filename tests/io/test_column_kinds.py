@@ -133,8 +133,10 @@ def test_flags_and_audit_carry_the_level_and_its_probability(tmp_path: Path) -> 
 def test_propose_kinds_few_whole_numbers_or_text() -> None:
     proposed = propose_kinds(
         ["age", "sex", "cp", "smoker", "dose"],
-        [["63", "41.5", "50"], ["0", "1", "1.0"], ["1", "2", "3", "4"], ["yes", "no"],
-         [str(v) for v in range(12)]])
+        [["63", "41.5", "50"], ["0", "1", "1.0", "0"], ["1", "2", "3", "4"] * 2,
+         ["yes", "no"], [str(v) for v in range(12)] * 3])
+    # Whole numbers that do not repeat, or a single label, stay as they are.
+    assert propose_kinds(["a", "b"], [["0", "10"], ["x", "x"]]) == {}
     assert proposed == {"sex": ("binary", (0.0, 1.0)),
                         "cp": ("categorical", (1.0, 2.0, 3.0, 4.0)),
                         "smoker": ("binary", ("no", "yes"))}
