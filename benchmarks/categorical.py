@@ -19,15 +19,20 @@ Federated at ε = 4 (each site its own budget, sites release one by one):
     fed_numeric    FederatedIIM with every column numeric, rounded to the nearest level
     site_mode      each site's own column mode (numeric: its mean)
 
+``--scales`` instead compares the indicator scale (a level mismatch adding 1, 2 or 4 to the
+squared distance) on the centralized ``iim_kinds`` only.
+
 Usage::
 
     .venv/bin/python benchmarks/categorical.py              # seeds 0-2 -> results/categorical.json
     .venv/bin/python benchmarks/categorical.py --seeds 1 --out /tmp/categorical.json
+    .venv/bin/python benchmarks/categorical.py --scales --out results/categorical_scale.json
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +41,7 @@ from typing import Any
 import numpy as np
 from sklearn.impute import KNNImputer
 
+import fediim.impute.encoding as encoding
 from fediim import FederatedIIM, IIMImputer
 from fediim.io.json_results import write_results
 from fediim.io.table import read_csv
@@ -188,19 +194,52 @@ def run_seed(sites: list[np.ndarray], seed: int, sd: np.ndarray) -> dict[str, An
     return results
 
 
+#: Indicator scales compared by ``--scales``: what a level mismatch adds to the squared
+#: distance -> (INDICATOR_SCALE, BINARY_SCALE).
+SCALES = {"1": (math.sqrt(2.0), 1.0), "2": (1.0, 1 / math.sqrt(2.0)), "4": (1 / math.sqrt(2.0),
+                                                                          0.5)}
+
+
+def compare_scales(sites: list[np.ndarray], seeds: int, sd: np.ndarray) -> dict[str, Any]:
+    """``iim_kinds`` (centralized) per seed for each mismatch distance of :data:`SCALES`."""
+    kept = encoding.INDICATOR_SCALE, encoding.BINARY_SCALE
+    out: dict[str, Any] = {}
+    try:
+        for mismatch, (indicator, binary) in SCALES.items():
+            encoding.INDICATOR_SCALE, encoding.BINARY_SCALE = indicator, binary
+            out[mismatch] = {}
+            for seed in range(seeds):
+                hidden = hide(sites, seed)
+                masked = [np.where(m, np.nan, x) for x, m in zip(sites, hidden, strict=True)]
+                pooled = np.vstack(masked)
+                imputed = np.split(IIMImputer(column_kinds=KINDS).fit_transform(pooled),
+                                   np.cumsum([len(x) for x in masked])[:-1])
+                out[mismatch][str(seed)] = scores(imputed, sites, hidden, sd)
+    finally:
+        encoding.INDICATOR_SCALE, encoding.BINARY_SCALE = kept
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "categorical.json")
+    parser.add_argument("--scales", action="store_true",
+                        help="compare indicator scales (centralized iim_kinds only)")
     args = parser.parse_args(argv)
     sites = load_sites()
-    allx = np.vstack(sites)
-    sd = np.nanstd(allx, axis=0)
+    sd = np.nanstd(np.vstack(sites), axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
     start = time.perf_counter()
+    if args.scales:
+        write_results(args.out, {"protocol": __doc__, "scales": compare_scales(
+            sites, args.seeds, sd), "wall_s": time.perf_counter() - start})
+        print(f"-> {args.out}", file=sys.stderr)
+        return 0
     per_seed = {}
     for seed in range(args.seeds):
-        per_seed[str(seed)] = run_seed(sites, seed, np.where(sd > 0, sd, 1.0))
+        per_seed[str(seed)] = run_seed(sites, seed, sd)
         print(f"seed {seed}: " + ", ".join(
             f"{name} acc {r['accuracy']:.3f} nrmse {r['nrmse']:.3f}"
             for name, r in per_seed[str(seed)].items()), file=sys.stderr)

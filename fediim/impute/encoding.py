@@ -9,13 +9,12 @@ and *decoded* after imputation:
 * binary: one column, the code 0 or 1;
 * categorical with L levels: L indicator columns (one-hot, exactly one is 1).
 
-**Scaling.** Distances compare rows on every observed column at once. A z-scored numeric
-column contributes on average 2 to the squared distance between two random rows (twice
-its variance). Indicator columns are therefore given a *fixed* scale so that two rows with
-different levels are 2 apart in squared distance, like a numeric attribute that differs by
-its typical amount, whatever the level frequencies: the one-hot indicators keep unit
-entries (a mismatch moves two of them by 1) and the binary code is stretched by √2.
-Their centre is the level frequency, which moves no distance.
+**Scaling.** Distances compare rows on every observed column at once, numeric columns
+z-scored. Indicator columns get a *fixed* scale, whatever the level frequencies: two rows
+with different levels are 1 apart in squared distance, as two rows one standard deviation
+apart on a numeric attribute. So each one-hot indicator is 1/√2 (a mismatch moves two of
+them) and the binary code 1. Their centre is the level frequency, which moves no
+distance. (Measured against a mismatch of 2 and of 4 in benchmarks/README.md.)
 
 **Decoding a target.** Each indicator of a categorical target is one numeric target of the
 engine: its individual models give per-level scores that candidate-distance voting
@@ -42,10 +41,10 @@ from fediim.io.schema import CODED_KINDS, KINDS
 __all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "MixedEncoding",
            "codings_from", "fit_encoding", "level_codes", "table_codes"]
 
-#: Fixed divisors of the indicator columns (see module): a level mismatch adds 2 to the
-#: squared distance, the expected squared distance of a z-scored numeric attribute.
-INDICATOR_SCALE: float = 1.0
-BINARY_SCALE: float = 1.0 / math.sqrt(2.0)
+#: Fixed divisors of the indicator columns (see module): a level mismatch adds 1 to the
+#: squared distance, as one standard deviation of a z-scored numeric attribute.
+INDICATOR_SCALE: float = math.sqrt(2.0)
+BINARY_SCALE: float = 1.0
 
 
 @dataclass(frozen=True)

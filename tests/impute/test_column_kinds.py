@@ -30,7 +30,7 @@ KINDS = {2: ("categorical", (1.0, 2.0, 3.0)), 3: ("binary", (0.0, 1.0))}
 
 
 def test_encoding_one_hot_block_and_mismatch_distance() -> None:
-    """A level mismatch adds 2 to the squared distance (see the module), for a
+    """A level mismatch adds 1 to the squared distance (see the module), for a
     categorical and for a binary column."""
     encoding = MixedEncoding([ColumnCoding(), ColumnCoding("categorical", ("a", "b", "c")),
                               ColumnCoding("binary", (0, 1)), ColumnCoding("ordinal", (1, 2))])
@@ -41,8 +41,8 @@ def test_encoding_one_hot_block_and_mismatch_distance() -> None:
     assert np.isnan(encoded[2, 1:4]).all() and encoded[2, 4] == 1.0
     scale = encoding.fixed_scale()
     scaled = (encoded[:2, 1:5]) / scale[1:5]
-    assert np.sum((scaled[0, :3] - scaled[1, :3]) ** 2) == pytest.approx(2.0)
-    assert (scaled[0, 3] - scaled[1, 3]) ** 2 == pytest.approx(2.0)
+    assert np.sum((scaled[0, :3] - scaled[1, :3]) ** 2) == pytest.approx(1.0)
+    assert (scaled[0, 3] - scaled[1, 3]) ** 2 == pytest.approx(1.0)
     assert encoding.onehot_blocks() == [[1, 2, 3], [4]]
     assert encoding.encoded_bounds(np.array([[0, 1]] * 4)).tolist() == [
         [0, 1], [-1, 1], [-1, 1], [-1, 1], [-1, 1], [0, 1]]
