@@ -23,19 +23,12 @@ import pytest
 
 from fediim.cli import main
 from fediim.deploy.supervisor import stray_processes
+from tests.cli.test_mixed_csv import SCHEMA as MIXED_SCHEMA
 from tests.paths import missing
 
 SITES = ("north", "south", "east")
 BIN = Path(sys.executable).parent
-SCHEMA = """\
-missing = [""]
-[columns]
-age = { bounds = [0, 120] }
-sex = { kind = "binary", levels = ["female", "male"] }
-cp = { kind = "categorical", levels = [1, 2, 3, 4] }
-pressure = { bounds = [50, 250] }
-grade = { kind = "ordinal", levels = ["low", "mid", "high"] }
-"""
+SCHEMA = 'missing = [""]\n' + MIXED_SCHEMA
 LEVELS = {"sex": {"female", "male"}, "cp": {"1", "2", "3", "4"},
           "grade": {"low", "mid", "high"}}
 
