@@ -48,6 +48,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from fediim.errors import StudyConfigError
@@ -195,6 +196,22 @@ class PartitionConfig(_Model):
         return v
 
 
+class ColumnLevels(_Model):
+    """``[datasets.levels] name = {kind = ..., levels = [...]}``: a coded column, imputed
+    as one of its declared (public) levels."""
+
+    kind: Literal["binary", "categorical", "ordinal"]
+    levels: list[float] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> ColumnLevels:
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"expected distinct levels, got {self.levels}")
+        if self.kind == "binary" and len(self.levels) != 2:
+            raise ValueError(f"a binary column has exactly 2 levels, got {self.levels}")
+        return self
+
+
 class DatasetConfig(_Model):
     """``[[datasets]]``: one federation (its data, its split into sites)."""
 
@@ -212,6 +229,10 @@ class DatasetConfig(_Model):
     #: Columns holding codes (binary or categorical values): private clipping never
     #: narrows them (a noisy quantile between two codes would clamp half the records).
     code_columns: list[str] = Field(default_factory=list)
+    #: Coded columns with their kind and declared levels: every method imputes them as
+    #: levels (fediim's engines natively, the baselines rounded to the nearest level, the
+    #: mean as the mode) and the study reports their accuracy.
+    levels: dict[str, ColumnLevels] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod

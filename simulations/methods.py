@@ -12,6 +12,10 @@ they are post-processing of the same bank, so each site spends its budget once f
 Baselines (``simulations.baselines``: knn, mean, mice, missforest); ``<name>`` pools all
 sites (not private), ``<name>_local`` runs on each site alone.
 
+Coded columns (``[datasets.levels]``) are imputed as declared levels by every method and
+also scored by accuracy (share of hidden cells given their true level; binary and
+categorical columns), pooled and per site.
+
 Scoring: NRMSE over the hidden cells, each error divided by its attribute's std (ddof=0)
 over the federation's complete rows (:func:`pooled_std`), pooled over all sites, per site
 and per (site, column). Cells of a column a site never measures (``[datasets.absent]``)
@@ -133,7 +137,33 @@ def score(out: Sequence[np.ndarray], p: Prepared) -> dict[str, Any]:
     return {"nrmse": float(np.sqrt(np.mean(allerr**2))), "nrmse_site": per_site,
             "n_masked": int(allerr.size), "n_masked_site": n_site,
             "nrmse_site_column": per_column, "n_masked_site_column": n_column,
-            **_score_never(out, p)}
+            **_score_never(out, p), **_score_levels(out, p)}
+
+
+def _score_levels(out: Sequence[np.ndarray], p: Prepared) -> dict[str, Any]:
+    """Accuracy on the hidden cells of binary and categorical columns, pooled and per
+    site, and whether every imputed coded cell is a declared level (nothing without
+    ``[datasets.levels]``)."""
+    voted = [j for j, (kind, _) in p.fed.kinds.items() if kind != "ordinal"]
+    if not p.fed.kinds:
+        return {}
+    hits, per_site, n_site = [], {}, {}
+    for y, x, mk, xm, sid in zip(out, p.fed.sites, p.masks, p.masked, p.fed.site_names,
+                                 strict=True):
+        for j, (_, levels) in p.fed.kinds.items():
+            filled = np.isnan(xm[:, j]) & np.isfinite(y[:, j])
+            if not np.isin(y[filled, j], levels).all():
+                raise RuntimeError(f"site {sid}: column {p.fed.columns[j]} got a value that "
+                                   "is no declared level")
+        r, c = np.nonzero(mk[:, voted])
+        columns = np.asarray(voted, dtype=np.intp)[c]
+        hit = y[r, columns] == x[r, columns]
+        hits.append(hit)
+        per_site[sid] = float(hit.mean()) if hit.size else None
+        n_site[sid] = int(hit.size)
+    pooled = np.concatenate(hits)
+    return {"accuracy": float(pooled.mean()) if pooled.size else None,
+            "accuracy_site": per_site, "n_coded_masked_site": n_site}
 
 
 def _rms(e: np.ndarray) -> float | None:
@@ -171,10 +201,28 @@ def _run_public(method: str, p: Prepared, k: int, seed: int) -> list[np.ndarray]
         base, local = method.removesuffix("_local"), True
     else:
         base, local = method, False
+    kinds = p.fed.kinds or None
     if local:
-        return [impute_table(base, x, k=k, seed=seed).values for x in p.masked]
-    pooled = impute_table(base, np.vstack(p.masked), k=k, seed=seed).values
+        return [impute_table(base, x, k=k, seed=seed, kinds=kinds).values for x in p.masked]
+    pooled = impute_table(base, np.vstack(p.masked), k=k, seed=seed, kinds=kinds).values
     return np.split(pooled, np.cumsum([len(x) for x in p.masked])[:-1])
+
+
+def _aggregation(aggregation: str, p: Prepared) -> str:
+    """The study's aggregation; with coded columns the sites release one by one (secure
+    sums do not take coded columns yet)."""
+    return "per-site" if p.fed.kinds and aggregation == "auto" else aggregation
+
+
+def _private_imputation(f: FederatedIIM, p: Prepared, method: str, k: int
+                        ) -> list[np.ndarray]:
+    """Every site imputed from the fitted bank in ``method``'s mode (coded columns decoded
+    into their levels by the estimator)."""
+    if p.fed.kinds:
+        return f.set_params(mode=_SITE_MODE[method]).transform(p.masked)
+    return [site_impute(x, f.bank_, f.bounds_, mode=_SITE_MODE[method], n_neighbors=k,
+                        site_id=sid).values
+            for x, sid in zip(p.masked, p.fed.site_names, strict=True)]
 
 
 # -- one task -----------------------------------------------------------------------------
@@ -211,7 +259,8 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
     clip_columns = [column not in p.fed.code_columns for column in p.fed.columns]
     f = FederatedIIM(n_neighbors=s.k, epsilon=task.epsilon, delta=s.delta, bounds=p.fed.bounds,
                      mode="federated", seed=task.seed, clip_columns=clip_columns,
-                     aggregation=s.aggregation).fit(p.masked, site_ids=p.fed.site_names)
+                     aggregation=_aggregation(s.aggregation, p),
+                     column_kinds=p.fed.kinds or None).fit(p.masked, site_ids=p.fed.site_names)
     fit_s = time.perf_counter() - t0
     privacy = {sid: None if led is None else {
         "rho_spent": float(led.spent_rho), "epsilon_spent": float(led.epsilon(s.delta)),
@@ -222,9 +271,7 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
     recs: TaskResult = []
     for method in task.methods:
         t1 = time.perf_counter()
-        out = [site_impute(x, f.bank_, f.bounds_, mode=_SITE_MODE[method], n_neighbors=s.k,
-                           site_id=sid).values
-               for x, sid in zip(p.masked, p.fed.site_names, strict=True)]
+        out = _private_imputation(f, p, method, s.k)
         imp_s = time.perf_counter() - t1
         recs.append({**base, "method": method, "epsilon": eps_key(task.epsilon),
                      "private": True, **score(out, p), "time_s": fit_s + imp_s,

@@ -363,6 +363,44 @@ def _files(run: StudyRun) -> list[str]:
             f"`{run.code_fp[:12]}`; a code change invalidates the cache).", ""]
 
 
+def _categorical(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Accuracy on the hidden cells of binary and categorical columns (studies declaring
+    ``[datasets.levels]``), pooled over seeds (each seed weighted by its hidden cells)
+    and per site; nothing for a study without coded columns."""
+    hits: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for rec in records:
+        if rec.get("accuracy_site") is None:
+            continue
+        label = rec["method"] + ("" if rec["epsilon"] is None else
+                                 f" (ε = {eps_label(rec['epsilon'])})")
+        tally = hits.setdefault((rec["dataset"], label), {})
+        for site, accuracy in rec["accuracy_site"].items():
+            n = rec["n_coded_masked_site"][site]
+            pair = tally.setdefault(site, [0.0, 0.0])
+            pair[0] += (accuracy or 0.0) * n
+            pair[1] += n
+    if not hits:
+        return []
+    lines = ["## Categorical accuracy", "",
+             "Share of the hidden binary and categorical cells imputed with their true "
+             "level, over all seeds (cells in brackets).", ""]
+    for ds in dict.fromkeys(ds for ds, _ in hits):
+        rows, sites = [], None
+        for (name, label), tally in hits.items():
+            if name != ds:
+                continue
+            sites = list(tally)
+            correct, total = (sum(pair[i] for pair in tally.values()) for i in (0, 1))
+            rows.append([label, _share(correct, total)] + [_share(*tally[x]) for x in sites])
+        lines += [f"**{ds}**:", "", markdown_table(["method", "pooled", *(sites or [])], rows),
+                  ""]
+    return lines
+
+
+def _share(correct: float, total: float) -> str:
+    return f"{correct / total:.3f} ({total:.0f})" if total else "—"
+
+
 def render_markdown(run: StudyRun, summary: dict[str, Any], plots: dict[str, str | None],
                     paired: dict[str, Any] | None = None,
                     small: dict[str, Any] | None = None) -> str:
@@ -374,7 +412,8 @@ def render_markdown(run: StudyRun, summary: dict[str, Any], plots: dict[str, str
     sections = [_intro(run), _what_was_run(run), _HOW_TO_READ,
                 _results(summary, paired, study), _small_site(small, study),
                 _plots(plots, study),
-                _privacy_spent(summary, study), _per_site(summary, study), _gains(run),
+                _privacy_spent(summary, study), _per_site(summary, study),
+                _categorical(run.records), _gains(run),
                 _failures(run),
                 _files(run)]
     return "\n".join(line for section in sections for line in section)

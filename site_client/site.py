@@ -352,7 +352,7 @@ def _release(site: _Site, request: ReleaseRequest, run_id: int,
                         ledger=site.ledger_view())
 
 
-def _write_outputs(out: Path, result: ImputationResult, columns: list[str],
+def _write_outputs(out: Path, result: ImputationResult, schema: TableSchema,
                    request: ImputeRequest, run_id: int) -> None:
     """All outputs staged and committed together: every file is written, or none is."""
     with atomic_outputs() as outputs:
@@ -361,12 +361,14 @@ def _write_outputs(out: Path, result: ImputationResult, columns: list[str],
         with outputs.open(out / "bank.sig.json", newline="") as fh:
             fh.write(signature_json(request.signature, request.bank, request.schema_hash,
                                     run_id, request.coordinator_key_id))
+        columns = schema.column_names
         with outputs.open(out / "flags.csv", newline="") as fh:
-            write_flags(fh, result, columns)
+            write_flags(fh, result, columns, schema)
         with outputs.open(out / "audit.jsonl", newline="") as fh:
-            dump_audit_jsonl(fh, audit_records(result, columns, k=request.k))
+            dump_audit_jsonl(fh, audit_records(result, columns, k=request.k,
+                                               levels=schema.column_levels()))
         with outputs.open(out / "imputed.csv", newline="") as fh:
-            write_table(fh, result.values, columns)
+            write_table(fh, result.values, columns, schema)
 
 
 def _claim_run(site: _Site, run_id: int, state: RecordDict) -> ConfigRecord:
@@ -448,7 +450,7 @@ def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict)
         raise _Refusal(ReplyCode.ERROR, "imputation produced a non-finite value; nothing was "
                        "written")
     try:
-        _write_outputs(site.cfg.output_dir, result, table.columns, request, run_id)
+        _write_outputs(site.cfg.output_dir, result, site.schema, request, run_id)
     except OSError as exc:
         raise _Refusal(ReplyCode.ERROR, f"cannot write the outputs ({exc}); nothing was "
                        "written") from None

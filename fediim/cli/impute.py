@@ -81,7 +81,11 @@ examples:
 
 With --schema, the header must match the schema's columns, its missing markers apply,
 columns with impute = false are left with their gaps, and imputed values are clipped
-into the column bounds. Make a starting schema with: fediim schema infer
+into the column bounds. A column the schema declares binary, categorical or ordinal
+(with its levels) holds labels (numbers or text): each gap gets one of the declared
+levels, and OUT.flags.csv adds <col>_probability (the level's voted probability; its
+uncertainty is 1 - probability) for binary and categorical columns.
+Make a starting schema with: fediim schema infer
 
 With --site-config, a site that took part in a federation run imputes from the bank the
 run left in its output_dir (bank.npz, bank.sig.json; the TOML keys bank, bank_signature
@@ -153,11 +157,14 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Table, TableSchema | None, S
     return read_csv(args.input, schema=schema, missing_markers=args.missing), schema, None
 
 
-def _imputed(args: argparse.Namespace, table: Table, site: Site | None) -> ImputationResult:
+def _imputed(args: argparse.Namespace, table: Table, site: Site | None,
+             schema: TableSchema | None) -> ImputationResult:
     """IIM on the table alone, or, with the site's bank, the site's imputation from it
-    (prepared on the site's own rows, its ``data``)."""
+    (prepared on the site's own rows, its ``data``). The schema's coded columns hold codes,
+    imputed as levels (see :mod:`fediim.impute.encoding`)."""
     if site is None:
-        imputer = IIMImputer(n_neighbors=args.k, scale=args.scale)
+        kinds = schema.code_kinds() if schema is not None else None
+        imputer = IIMImputer(n_neighbors=args.k, scale=args.scale, column_kinds=kinds or None)
         return imputer.fit(table.values).impute(table.values)
     return site.engine.impute(table.values)
 
@@ -199,7 +206,7 @@ def _run_impute(args: argparse.Namespace) -> int:
                   f"(written back unchanged)")
 
     try:
-        result = _imputed(args, table, site)
+        result = _imputed(args, table, site, schema)
     except ValueError as exc:
         error(f"{table.source}: cannot impute: {exc}")
         return ExitCode.USAGE
@@ -214,11 +221,13 @@ def _run_impute(args: argparse.Namespace) -> int:
     try:
         with atomic_outputs() as outputs:
             with outputs.open(flags, newline="") as fh_flags:
-                write_flags(fh_flags, result, columns)
+                write_flags(fh_flags, result, columns, schema)
             with outputs.open(audit, newline="") as fh_audit:
-                n_cells = dump_audit_jsonl(fh_audit, audit_records(result, columns, k=args.k))
+                levels = None if schema is None else schema.column_levels()
+                n_cells = dump_audit_jsonl(fh_audit, audit_records(result, columns, k=args.k,
+                                                                   levels=levels))
             with outputs.open(out, newline="") as fh_table:
-                write_table(fh_table, result.values, columns)
+                write_table(fh_table, result.values, columns, schema)
     except OSError as exc:
         error(f"cannot write the outputs ({exc}); none of them was written")
         return ExitCode.FAILED

@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from fediim.errors import DataError
 from fediim.federated.bank import ModelBank
-from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, plan_privacy
+from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, PrivacyPlan, plan_privacy
 from fediim.federated.release import assemble_bank, site_release
 from fediim.federated.secure_release import (
     AGGREGATIONS,
@@ -25,6 +25,7 @@ from fediim.federated.secure_release import (
     secure_bank,
 )
 from fediim.federated.site_imputation import site_impute
+from fediim.impute.encoding import MixedEncoding, fit_encoding, table_codes
 from fediim.io.result import ImputationResult
 from fediim.io.table import as_matrix
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
@@ -92,6 +93,15 @@ class FederatedIIM(BaseEstimator):
     k : int or None, default=None
         Deprecated alias of ``n_neighbors``; if given it overrides it, with a
         ``FutureWarning``.
+    column_kinds : mapping, optional
+        Coded columns, ``{column: (kind, levels)}`` as in :class:`~fediim.IIMImputer`;
+        the levels must be declared (they are public, like ``bounds``) unless
+        ``epsilon`` is inf. Every site encodes with them (:mod:`fediim.impute.encoding`),
+        the bank is released over the encoded columns with the one-hot sensitivity of
+        :func:`~fediim.federated.release.coded_gram_sensitivity`, and each site decodes
+        its own imputations into declared levels. Their rows of ``bounds`` are ignored and
+        they are never clipped. Sites then release one by one (``aggregation="secure"`` is
+        refused, ``"auto"`` releases per site).
 
     Attributes
     ----------
@@ -107,6 +117,9 @@ class FederatedIIM(BaseEstimator):
         The sites' ids in the bank.
     n_features_in_ : int
         Number of columns of every site's table.
+    encoding_ : MixedEncoding or None
+        The columns' encoding (None: every column numeric); ``bounds_`` and the bank are
+        then over its encoded columns.
 
     See Also
     --------
@@ -153,6 +166,7 @@ class FederatedIIM(BaseEstimator):
         seed: int | None = None,
         random_state: int | None = 0,
         k: int | None = None,
+        column_kinds: dict[Any, Any] | None = None,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.epsilon = epsilon
@@ -171,6 +185,7 @@ class FederatedIIM(BaseEstimator):
         self.seed = seed
         self.random_state = random_state
         self.k = k
+        self.column_kinds = column_kinds
 
     # -- fitting ------------------------------------------------------------------------
     def fit(self, sites: Sequence[np.ndarray], site_ids: Sequence[str] | None = None,
@@ -182,18 +197,17 @@ class FederatedIIM(BaseEstimator):
         exactly this fit's budget.
         """
         self._validate_params()
-        sites = _site_tables(sites)
+        self.encoding_ = self._fit_encoding(sites)
+        sites = self._tables(sites)
         if not sites or len({table.shape[1] for table in sites}) != 1:
             raise ValueError("sites must be a non-empty list of arrays with the same columns")
         self.n_features_in_ = sites[0].shape[1]
         self.bounds_ = self._bounds(sites)
+        if self.encoding_ is not None:
+            return self._fit_encoded(sites, site_ids, ledgers)
         self.site_ids_ = (list(site_ids) if site_ids
                           else [f"site{number}" for number in range(len(sites))])
-        self.plan_ = plan_privacy(
-            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
-            count_fraction=self.count_fraction, max_depth=self.max_depth,
-            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
-            clip_fraction=self.clip_fraction)
+        self.plan_ = self._plan()
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
         if self._secure(len(sites)):
             self.bank_ = self._secure_bank(sites)
@@ -206,6 +220,67 @@ class FederatedIIM(BaseEstimator):
                 strict=True)]
         self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
         return self
+
+    def _fit_encoding(self, sites: Sequence[Any]) -> MixedEncoding | None:
+        """The columns' encoding from ``column_kinds`` (None: every column numeric); a
+        private fit needs every coded column's levels declared."""
+        if not self.column_kinds or not len(sites):
+            return None
+        lacking = [key for key, spec in self.column_kinds.items()
+                   if isinstance(spec, str) and spec != "numeric"]
+        if lacking and np.isfinite(self.epsilon):
+            raise ValueError(f"column_kinds: columns {lacking} need declared levels, (kind, "
+                             "levels), for a private fit: levels read from the data are "
+                             "not private")
+        # Undeclared levels (exact statistics only) are the first site's labels.
+        return fit_encoding(sites[0], self.column_kinds)
+
+    def _tables(self, sites: Sequence[Any]) -> list[np.ndarray]:
+        """Each site's table as floats, coded columns as level codes."""
+        if self.encoding_ is None:
+            return _site_tables(sites)
+        coded = []
+        for number, table in enumerate(sites):
+            try:
+                coded.append(table_codes(table, self.encoding_))
+            except ValueError as exc:
+                raise ValueError(f"site {number}: {exc}") from None
+        return _site_tables(coded)
+
+    def _fit_encoded(self, sites: list[np.ndarray], site_ids: Sequence[str] | None,
+                     ledgers: Sequence[PrivacyLedger | None] | None) -> FederatedIIM:
+        """:meth:`fit` with coded columns: every site releases its encoded table, the
+        one-hot blocks in public coordinates (sensitivity of the m table columns)."""
+        encoding = self.encoding_
+        assert encoding is not None
+        if self.aggregation == "secure":
+            raise ValueError("aggregation='secure' does not support coded columns yet; use "
+                             "'per-site' (or 'auto')")
+        bounds = encoding.encoded_bounds(self.bounds_)
+        clip = encoding.encoded_flags(self.clip_columns)
+        self.site_ids_ = (list(site_ids) if site_ids
+                          else [f"site{number}" for number in range(len(sites))])
+        # One-hot blocks count as one column each: the plan's noise is the m columns'.
+        self.plan_ = self._plan()
+        self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
+        releases = [
+            site_release(encoding.encode(table), bounds, self.plan_, site_id=site_id,
+                         ledger=ledger, noise=noise, clip_columns=clip,
+                         onehot_blocks=encoding.onehot_blocks())
+            for table, site_id, ledger, noise in zip(
+                sites, self.site_ids_, self.ledgers_, self._noise_sources(len(sites)),
+                strict=True)]
+        self.bounds_ = bounds
+        self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
+        return self
+
+    def _plan(self) -> PrivacyPlan:
+        """Each site's budget split for the table's ``n_features_in_`` columns."""
+        return plan_privacy(
+            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
+            count_fraction=self.count_fraction, max_depth=self.max_depth,
+            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
+            clip_fraction=self.clip_fraction)
 
     def _secure(self, n_sites: int) -> bool:
         """Whether the sites sum their statistics securely (``auto``: from 3 sites)."""
@@ -263,6 +338,8 @@ class FederatedIIM(BaseEstimator):
         n_features = sites[0].shape[1]
         if self.bounds is not None:
             bounds = np.asarray(self.bounds, dtype=np.float64)
+            if self.encoding_ is not None and bounds.shape == (n_features, 2):
+                bounds = self.encoding_.code_bounds(bounds)
             if bounds.shape != (n_features, 2) or np.any(bounds[:, 0] >= bounds[:, 1]):
                 raise ValueError(f"bounds must be an (m, 2) array with lo < hi for m = "
                                  f"{n_features}, got shape {bounds.shape}")
@@ -291,16 +368,24 @@ class FederatedIIM(BaseEstimator):
 
     # -- imputation ---------------------------------------------------------------------
     def transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Impute every site's table from the bank (no further privacy cost)."""
-        return [result.values for result in self.impute(sites)]
+        """Impute every site's table from the bank (no further privacy cost); coded columns
+        as their labels."""
+        encoding = getattr(self, "encoding_", None)
+        return [result.values if encoding is None else encoding.labels(result.values)
+                for result in self.impute(sites)]
 
     def impute(self, sites: Sequence[np.ndarray]) -> list[ImputationResult]:
         """Like :meth:`transform`, with per-cell provenance and uncertainty."""
         check_is_fitted(self, "bank_")
-        return [site_impute(table, self.bank_, self.bounds_,
-                            mode=self.mode, n_neighbors=self._n_neighbors, site_id=site_id,
-                            random_state=self.random_state)
-                for table, site_id in zip(_site_tables(sites), self.site_ids_, strict=True)]
+        encoding = getattr(self, "encoding_", None)
+        results = []
+        for table, site_id in zip(self._tables(sites), self.site_ids_, strict=True):
+            encoded = table if encoding is None else encoding.encode(table)
+            result = site_impute(encoded, self.bank_, self.bounds_, mode=self.mode,
+                                 n_neighbors=self._n_neighbors, site_id=site_id,
+                                 random_state=self.random_state)
+            results.append(result if encoding is None else encoding.decode(result, table))
+        return results
 
     def fit_transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Fit on the sites and impute them."""

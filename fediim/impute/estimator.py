@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from fediim.impute.encoding import fit_encoding, table_codes
 from fediim.impute.iim import IIMConfig, PatternModels
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
@@ -47,6 +48,14 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         How adaptive ell scores a model on a validation tuple that is one of its own
         learning neighbours: the exact leave-one-out ridge residual, or the paper's
         in-sample residual (Alg. 3 as published).
+    column_kinds : mapping, optional
+        Coded columns, ``{column: kind}`` or ``{column: (kind, levels)}`` with ``column`` a
+        name or position and ``kind`` one of "numeric", "binary", "categorical",
+        "ordinal"; a coded kind without levels takes the labels seen by ``fit``. Pandas
+        ``category`` columns are categorical (ordered: ordinal) unless listed. Labels may
+        be numbers or strings; they are encoded as described in
+        :mod:`fediim.impute.encoding`, every imputed coded cell is a declared level, and
+        :meth:`impute` gives the winning level's probability.
 
     Attributes
     ----------
@@ -55,9 +64,13 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     feature_names_in_ : ndarray of str
         Column names seen in ``fit`` (only for DataFrame input).
     mean_, scale_ : ndarray of shape (n_features,)
-        The scaling applied before neighbour search and learning.
+        The scaling applied before neighbour search and learning (over the encoded columns
+        when some column is coded).
     statistics_ : ndarray of shape (n_features,)
-        Column means, the last resort for a cell no training row can impute.
+        Column means, the last resort for a cell no training row can impute (encoded
+        columns likewise).
+    encoding_ : MixedEncoding or None
+        The columns' encoding, None when every column is numeric.
 
     See Also
     --------
@@ -89,6 +102,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         include_global: bool = True,
         scale: bool = True,
         validation: Literal["loo", "paper"] = "loo",
+        column_kinds: dict[Any, Any] | None = None,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -98,6 +112,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.include_global = include_global
         self.scale = scale
         self.validation = validation
+        self.column_kinds = column_kinds
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -132,7 +147,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> IIMImputer:
         """Store the (scaled) training rows; individual models are learned on demand."""
         self._config_ = self._config()
-        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan")
+        self.encoding_ = fit_encoding(X, self.column_kinds)
+        X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan")
+        X = self._encoded(X)
         observed = ~np.isnan(X)
         empty = np.flatnonzero(~observed.any(axis=0))
         if empty.size:
@@ -143,6 +160,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             self.mean_ = self.statistics_.copy()
             sd = np.nanstd(X, axis=0)
             self.scale_ = np.where(sd > 0, sd, 1.0)
+            if self.encoding_ is not None:  # indicators: a fixed scale (see encoding)
+                fixed = self.encoding_.fixed_scale()
+                self.scale_ = np.where(np.isnan(fixed), self.scale_, fixed)
         else:
             self.mean_ = np.zeros(X.shape[1])
             self.scale_ = np.ones(X.shape[1])
@@ -150,6 +170,16 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self._fit_observed = observed
         self._patterns: dict[tuple[int, tuple[int, ...]], PatternModels | None] = {}
         return self
+
+    def _codes(self, X: Any) -> Any:
+        """``X`` with every coded column's labels as level codes (unchanged if none)."""
+        if self.encoding_ is None:
+            return X
+        return table_codes(X, self.encoding_)
+
+    def _encoded(self, X: np.ndarray) -> np.ndarray:
+        """The engine matrix of a validated ``X`` (codes expanded; see encoding)."""
+        return X if self.encoding_ is None else self.encoding_.encode(X)
 
     def _column_names(self, cols: np.ndarray) -> list[str]:
         names = getattr(self, "feature_names_in_", None)
@@ -172,7 +202,14 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def impute(self, X: Any) -> ImputationResult:
         """Impute ``X`` and return the values with per-cell provenance and uncertainty."""
         check_is_fitted(self, "_fit_X")
-        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
+        X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan",
+                          reset=False)
+        if self.encoding_ is None:
+            return self._impute_encoded(X)
+        return self.encoding_.decode(self._impute_encoded(self.encoding_.encode(X)), X)
+
+    def _impute_encoded(self, X: np.ndarray) -> ImputationResult:
+        """:meth:`impute` on the engine's (encoded, unscaled) matrix."""
         result = empty_result(X)
         for rows, features, targets in missing_patterns(result.imputed):
             standardized = (X[rows] - self.mean_) / self.scale_
@@ -199,8 +236,11 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         result.n_candidates[rows, target] = found.neighbors.shape[1]
 
     def transform(self, X: Any) -> Any:
-        """Impute missing values of ``X`` (DataFrame in, DataFrame out)."""
+        """Impute missing values of ``X`` (DataFrame in, DataFrame out; coded columns as
+        their labels)."""
         values = self.impute(X).values
+        if self.encoding_ is not None:
+            values = self.encoding_.labels(values)
         return _like_input(X, values)
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
