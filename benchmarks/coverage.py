@@ -24,6 +24,12 @@ Usage::
 
     nice -n 10 .venv/bin/python benchmarks/coverage.py              # 200 + 200 replicates
     nice -n 10 .venv/bin/python benchmarks/coverage.py --replicates 20 --posterior half
+    nice -n 10 .venv/bin/python benchmarks/coverage.py --federated 4   # + FederatedIIM arm
+
+The federated arm (``--federated EPS``, first ``--federated-replicates`` replicates): the
+replicate's 500 rows dealt into two sites of 250, one private bank at ε per site (hybrid
+mode), ``federated_single`` (its single imputation) and ``federated_multiple`` (M draws,
+each from a re-noised bank plus the sites' residual noise).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from fediim import IIMImputer
+from fediim import FederatedIIM, IIMImputer
 from fediim.impute.estimator import missing_patterns
 from fediim.impute.multiple import POSTERIORS, draw_imputations
 from fediim.io.json_results import write_results
@@ -49,7 +55,6 @@ ROOT = Path(__file__).resolve().parent
 CCPP = ROOT.parents[1] / "shared" / "datasets" / "ccpp.csv"
 N_ROWS = 500
 MISSING_FRACTION = 0.3
-METHODS = ("complete_data", "complete_case", "single", "multiple")
 #: A replicate: (complete table, table with the hidden cells as NaN), target, coefficient.
 Replicate = tuple[np.ndarray, np.ndarray]
 
@@ -108,10 +113,32 @@ def intervals(table: np.ndarray, masked: np.ndarray, target: int, coefficient: i
     }
 
 
+#: Public bounds of the federated arm (domain ranges, not read off the data).
+SYNTHETIC_BOUNDS = np.array([[-6.0, 6.0], [-6.0, 6.0], [-6.0, 6.0], [-12.0, 14.0]])
+CCPP_BOUNDS = np.array([[-10.0, 50.0], [20.0, 90.0], [980.0, 1040.0], [20.0, 110.0],
+                        [400.0, 500.0]])
+
+
+def federated_intervals(table: np.ndarray, masked: np.ndarray, target: int, coefficient: int,
+                        n_imputations: int, epsilon: float, bounds: np.ndarray,
+                        rng: np.random.Generator) -> dict[str, Interval]:
+    """The federated arm: the replicate's rows dealt into two sites of equal size, one
+    private bank (hybrid mode, seeded noise), single and multiple imputation from it."""
+    sites = np.array_split(masked, 2)
+    seed = int(rng.integers(2**31))
+    model = FederatedIIM(epsilon=epsilon, bounds=bounds, mode="hybrid", seed=seed,
+                         random_state=seed, n_imputations=n_imputations).fit(sites)
+    single = np.vstack(model.transform(sites))
+    fits = [fit_coefficient(np.vstack(federation), target, coefficient)
+            for federation in model.multiple_imputations(sites)]
+    return {"federated_single": single_interval(fit_coefficient(single, target, coefficient)),
+            "federated_multiple": pooled_interval(fits)}
+
+
 def summarise(found: list[dict[str, Interval]], truth: float) -> dict[str, Any]:
     """Coverage, bias, RMSE and mean interval width per method over the replicates."""
     out: dict[str, Any] = {}
-    for method in METHODS:
+    for method in found[0]:
         estimates = np.array([f[method].estimate for f in found])
         covered = np.array([f[method].covers(truth) for f in found])
         widths = np.array([f[method].high - f[method].low for f in found])
@@ -125,8 +152,8 @@ def summarise(found: list[dict[str, Interval]], truth: float) -> dict[str, Any]:
 
 
 def run_source(name: str, replicate: Callable[[np.ndarray, np.random.Generator], Replicate],
-               truth: float, target: int, coefficient: int, args: argparse.Namespace
-               ) -> dict[str, Any]:
+               truth: float, target: int, coefficient: int, bounds: np.ndarray,
+               args: argparse.Namespace) -> dict[str, Any]:
     """Every replicate of one source; its summary with the settings."""
     start = time.perf_counter()
     found = []
@@ -135,12 +162,20 @@ def run_source(name: str, replicate: Callable[[np.ndarray, np.random.Generator],
         table, masked = replicate(np.empty(0), rng)
         found.append(intervals(table, masked, target, coefficient, args.multiple,
                                args.posterior, rng))
+        if args.federated is not None and number < args.federated_replicates:
+            found[-1].update(federated_intervals(table, masked, target, coefficient,
+                                                 args.multiple, args.federated, bounds, rng))
         if (number + 1) % 20 == 0:
             partial = summarise(found, truth)
             print(f"{name} {number + 1}: " + ", ".join(
-                f"{m} {partial[m]['coverage']:.3f}" for m in METHODS), file=sys.stderr)
+                f"{m} {partial[m]['coverage']:.3f}" for m in partial), file=sys.stderr)
+    summary = summarise(found, truth)
+    if args.federated is not None:
+        federated = [f for f in found if "federated_multiple" in f]
+        summary.update({m: v for m, v in summarise(federated, truth).items()
+                        if m.startswith("federated")})
     return {"truth": truth, "replicates": args.replicates, "seconds":
-            time.perf_counter() - start, "methods": summarise(found, truth)}
+            time.perf_counter() - start, "methods": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,18 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", nargs="+", default=["synthetic", "ccpp"],
                         choices=["synthetic", "ccpp"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--federated", type=float, metavar="EPS",
+                        help="also FederatedIIM at this ε (two sites, hybrid mode)")
+    parser.add_argument("--federated-replicates", type=int, default=100,
+                        help="replicates of the (slower) federated arm (default: 100)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "coverage.json")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"settings": {
         "n_rows": N_ROWS, "missing_fraction": MISSING_FRACTION, "n_imputations":
         args.multiple, "posterior": args.posterior, "imputer": "IIMImputer() defaults",
-        "seed": args.seed}, "machine": machine_info()}
+        "seed": args.seed, "federated_epsilon": args.federated,
+        "federated_replicates": args.federated_replicates}, "machine": machine_info()}
     if "synthetic" in args.sources:
         results["synthetic"] = run_source("synthetic", lambda _, rng: synthetic_replicate(rng),
-                                          1.0, 3, 0, args)
+                                          1.0, 3, 0, SYNTHETIC_BOUNDS, args)
     if "ccpp" in args.sources:
         replicate, truth = ccpp_source()
-        results["ccpp"] = run_source("ccpp", replicate, truth, 4, 0, args)
+        results["ccpp"] = run_source("ccpp", replicate, truth, 4, 0, CCPP_BOUNDS, args)
     write_results(args.out, results)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
