@@ -134,16 +134,21 @@ applies; no budget is spent (the privacy ledger is not touched).""",
     p.add_argument("--missing", metavar="MARKER", nargs="+", action="extend",
                    help="text meaning 'missing' (repeatable); replaces the default markers "
                         "and the schema's global ones, e.g. --missing NA --missing ''")
-    p.add_argument("--multiple", type=at_least_two, metavar="M",
-                   help="also write M completed tables drawn for multiple imputation "
-                        "(OUT.imp1.csv ... OUT.impM.csv)")
-    p.add_argument("--seed", type=int, metavar="SEED",
-                   help="with --multiple: seed of the draws (default: fresh entropy)")
+    _add_multiple_arguments(p)
     p.add_argument("--site-config", metavar="SITE.toml",
                    help="impute from this site's signed federation bank (see below)")
     p.add_argument("--mode", choices=MODES,
                    help="with --site-config: how the bank is used (default: hybrid)")
     p.set_defaults(func=_run_impute)
+
+
+def _add_multiple_arguments(p: argparse.ArgumentParser) -> None:
+    """--multiple M and its --seed."""
+    p.add_argument("--multiple", type=at_least_two, metavar="M",
+                   help="also write M completed tables drawn for multiple imputation "
+                        "(OUT.imp1.csv ... OUT.impM.csv)")
+    p.add_argument("--seed", type=int, metavar="SEED",
+                   help="with --multiple: seed of the draws (default: fresh entropy)")
 
 
 def _count_out_of_bounds(values: np.ndarray, schema: TableSchema, columns: list[str]) -> int:

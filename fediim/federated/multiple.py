@@ -15,6 +15,9 @@ were exact. Each of the M draws here instead:
    its own complete rows (:func:`site_residual_variance`: each loses one attribute, in
    folds, and is imputed from the released bank).
 
+Step 3 is :func:`_add_residual_noise`, the place where a categorical column would draw
+its level from the per-level probabilities instead.
+
 ``local`` mode reads no bank: its draws are :class:`~fediim.impute.IIMImputer`'s
 (:mod:`fediim.impute.multiple`). The site's data never leave it.
 """
@@ -106,9 +109,16 @@ def site_draws(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, n_imputations
     draws = []
     for _ in range(n_imputations):
         result = site_impute(x, renoised_bank(bank, rng), bounds, **settings)
-        rows, columns = np.nonzero(result.imputed)
-        noise = rng.standard_normal(len(rows)) * np.sqrt(variance[columns])
-        result.values[rows, columns] = np.clip(result.values[rows, columns] + noise,
-                                               bounds[columns, 0], bounds[columns, 1])
+        _add_residual_noise(result, variance, bounds, rng)
         draws.append(result)
     return draws
+
+
+def _add_residual_noise(result: ImputationResult, variance: np.ndarray, bounds: np.ndarray,
+                        rng: np.random.Generator) -> None:
+    """Every imputed cell plus Gaussian noise of its column's residual variance, clipped
+    into the public bounds."""
+    rows, columns = np.nonzero(result.imputed)
+    noise = rng.standard_normal(len(rows)) * np.sqrt(variance[columns])
+    result.values[rows, columns] = np.clip(result.values[rows, columns] + noise,
+                                           bounds[columns, 0], bounds[columns, 1])
