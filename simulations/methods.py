@@ -16,6 +16,10 @@ Coded columns (``[datasets.levels]``) are imputed as declared levels by every me
 also scored by accuracy (share of hidden cells given their true level; binary and
 categorical columns), pooled and per site.
 
+Downstream (``[downstream]``): a regression fitted on each imputed federation, and with
+``local``, ``centralized`` and the private methods also on M drawn federations
+(multiple imputation, pooled with Rubin's rules); see :mod:`simulations.downstream`.
+
 Scoring: NRMSE over the hidden cells, each error divided by its attribute's std (ddof=0)
 over the federation's complete rows (:func:`pooled_std`), pooled over all sites, per site
 and per (site, column). Cells of a column a site never measures (``[datasets.absent]``)
@@ -32,10 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from fediim import IIMImputer
 from fediim.federated import FederatedIIM, site_impute
+from fediim.federated.multiple import site_draws
 from simulations.baselines import impute_table
 from simulations.config import PRIVATE_METHODS, Study, eps_key
 from simulations.data import Federation, cached_raw, make_federation
+from simulations.downstream import downstream_record
 from simulations.missingness import hide_cells
 
 __all__ = ["Prepared", "Task", "TaskResult", "compute_task", "pooled_std", "prepare", "score"]
@@ -244,8 +251,32 @@ def _public_record(task: Task, method: str, p: Prepared, base: dict[str, Any]
     t0 = time.perf_counter()
     out = _run_public(method, p, task.study.config.study.k, task.seed)
     secs = time.perf_counter() - t0
-    return {**base, "method": method, "epsilon": None, "private": False, **score(out, p),
-            "time_s": secs, "privacy_site": None}
+    record = {**base, "method": method, "epsilon": None, "private": False, **score(out, p),
+              "time_s": secs, "privacy_site": None}
+    down = task.study.config.downstream
+    if down is not None:
+        drawn = _public_draws(method, p, task.study.config.study.k, task.seed,
+                              down.n_imputations)
+        record["downstream"] = downstream_record(down, p.fed.columns, p.fed.sites, out, drawn)
+    return record
+
+
+def _public_draws(method: str, p: Prepared, k: int, seed: int, n_imputations: int
+                  ) -> list[list[np.ndarray]] | None:
+    """IIM's multiple imputation as ``[imputation][site]`` for ``local`` (each site alone)
+    and ``centralized`` (all sites pooled); None for the baselines (they draw none)."""
+    if method not in ("local", "centralized"):
+        return None
+
+    def draws(x: np.ndarray) -> list[np.ndarray]:
+        return IIMImputer(n_neighbors=k, n_imputations=n_imputations,
+                          random_state=seed).fit(x).multiple_imputations(x)
+
+    if method == "local":
+        per_site = [draws(x) for x in p.masked]
+        return [list(federation) for federation in zip(*per_site, strict=True)]
+    cuts = np.cumsum([len(x) for x in p.masked])[:-1]
+    return [np.split(table, cuts) for table in draws(np.vstack(p.masked))]
 
 
 def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResult:
@@ -278,4 +309,21 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
                      "fit_s": fit_s, "impute_s": imp_s, "privacy_site": privacy,
                      "bank_cells_site": bank_cells, "aggregation": aggregation,
                      "bank_cells": int(f.bank_.n_cells)})
+        down = task.study.config.downstream
+        if down is not None:
+            drawn = _private_draws(f, p, _SITE_MODE[method], s.k, task.seed,
+                                   down.n_imputations)
+            recs[-1]["downstream"] = downstream_record(down, p.fed.columns, p.fed.sites, out,
+                                                       drawn)
     return recs
+
+
+def _private_draws(f: FederatedIIM, p: Prepared, mode: str, k: int, seed: int,
+                   n_imputations: int) -> list[list[np.ndarray]]:
+    """Multiple imputation from the bank (:func:`~fediim.federated.multiple.site_draws`),
+    as ``[imputation][site]``, each site's draws seeded by the seed and its position."""
+    per_site = [[result.values for result in site_draws(
+        x, f.bank_, f.bounds_, n_imputations, mode=mode, n_neighbors=k,  # type: ignore[arg-type]
+        site_id=sid, random_state=0, rng=np.random.default_rng([seed, number]))]
+        for number, (x, sid) in enumerate(zip(p.masked, p.fed.site_names, strict=True))]
+    return [list(federation) for federation in zip(*per_site, strict=True)]

@@ -18,7 +18,8 @@ import numpy as np
 
 from fediim.io.atomic import atomic_write_text
 from fediim.io.json_results import write_results
-from simulations.config import PRIVATE_METHODS, Study, eps_key
+from simulations.config import PRIVATE_METHODS, MissingnessConfig, Study, eps_key
+from simulations.downstream import downstream_markdown, summarise_downstream
 from simulations.plots import plot_nrmse, plot_privacy, plot_sites, pyplot
 from simulations.provenance import StudyRun, machine_info
 from simulations.small_site import (
@@ -82,8 +83,15 @@ _PLOT_CAPTIONS = {
 
 # -- text ---------------------------------------------------------------------------------
 def _describe_missingness(study: Study) -> str:
-    """The missingness mechanism in words."""
+    """The missingness mechanism in words, and each site's own where it has one."""
     m = study.config.missingness
+    own = "".join(f"; at site `{site}`, its own: {_describe_mechanism(cfg)}"
+                  for site, cfg in m.sites.items())
+    return _describe_mechanism(m) + own
+
+
+def _describe_mechanism(m: MissingnessConfig) -> str:
+    """One missingness section's mechanism in words."""
     cols = f" in columns {', '.join(m.columns)}" if m.columns else ""
     if m.mechanism == "one_attribute":
         per_site = "".join(f"; at site `{s}`, {r:.0%}" for s, r in m.site_rates.items())
@@ -412,6 +420,7 @@ def render_markdown(run: StudyRun, summary: dict[str, Any], plots: dict[str, str
     sections = [_intro(run), _what_was_run(run), _HOW_TO_READ,
                 _results(summary, paired, study), _small_site(small, study),
                 _plots(plots, study),
+                downstream_markdown(summarise_downstream(run.records), study),
                 _privacy_spent(summary, study), _per_site(summary, study),
                 _categorical(run.records), _gains(run),
                 _failures(run),
@@ -486,6 +495,8 @@ def write_outputs(run: StudyRun) -> dict[str, Path]:
         "wall_s": run.wall_s, "summary": summary, "paired_vs_local": paired,
         "small_site": small, "records": run.records, "failures": run.failures,
     }
+    if run.study.config.downstream is not None:
+        payload["downstream"] = summarise_downstream(run.records)
     files = {"json": out / "results.json", "csv": out / "results.csv"}
     write_results(files["json"], payload)
     atomic_write_text(files["csv"], _csv(run.records))

@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from fediim.errors import DataError
 from fediim.federated.bank import ModelBank
+from fediim.federated.multiple import site_draws
 from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, PrivacyPlan, plan_privacy
 from fediim.federated.release import assemble_bank, site_release
 from fediim.federated.secure_release import (
@@ -89,7 +90,13 @@ class FederatedIIM(BaseEstimator):
         privacy noise with OpenDP's exact sampler, as a deployment must.
     random_state : int or None, default=0
         Seeds the sites' random choices while imputing (which rows validate, how they are
-        split into folds); it never touches the privacy noise (see ``seed``).
+        split into folds) and the draws of :meth:`multiple_imputations`; it never touches
+        the privacy noise (see ``seed``).
+    n_imputations : int, default=1
+        M, the completed tables per site :meth:`multiple_imputations` draws: each from a
+        bank re-noised at the release's noise scale, plus the residual noise the site
+        measures on its own rows (see :mod:`fediim.federated.multiple`; post-processing,
+        no privacy cost). ``transform`` always gives the single imputation.
     k : int or None, default=None
         Deprecated alias of ``n_neighbors``; if given it overrides it, with a
         ``FutureWarning``.
@@ -144,6 +151,12 @@ class FederatedIIM(BaseEstimator):
     [0, 0]
     >>> model.site_ids_, model.plan_.n_trees
     (['site0', 'site1'], 1)
+
+    Multiple imputation (M completed federations, each from a re-noised bank):
+
+    >>> drawn = model.set_params(n_imputations=2).multiple_imputations(sites)
+    >>> len(drawn), [int(np.isnan(table).sum()) for table in drawn[1]]
+    (2, [0, 0])
     """
 
     def __init__(
@@ -165,6 +178,7 @@ class FederatedIIM(BaseEstimator):
         threshold: int | None = None,
         seed: int | None = None,
         random_state: int | None = 0,
+        n_imputations: int = 1,
         k: int | None = None,
         column_kinds: dict[Any, Any] | None = None,
     ) -> None:
@@ -184,6 +198,7 @@ class FederatedIIM(BaseEstimator):
         self.threshold = threshold
         self.seed = seed
         self.random_state = random_state
+        self.n_imputations = n_imputations
         self.k = k
         self.column_kinds = column_kinds
 
@@ -320,6 +335,7 @@ class FederatedIIM(BaseEstimator):
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+        _check_n_imputations(self.n_imputations)
 
     def _resolve_n_neighbors(self) -> int:
         """``n_neighbors``, or the deprecated ``k`` when that was given."""
@@ -387,9 +403,39 @@ class FederatedIIM(BaseEstimator):
             results.append(result if encoding is None else encoding.decode(result, table))
         return results
 
+    def impute_multiple(self, sites: Sequence[np.ndarray]) -> list[list[ImputationResult]]:
+        """``n_imputations`` draws of every site's completed table, as
+        ``draws[imputation][site]`` (see :mod:`fediim.federated.multiple`)."""
+        check_is_fitted(self, "bank_")
+        _check_n_imputations(self.n_imputations)
+        if getattr(self, "encoding_", None) is not None:
+            raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
+                             "columns is not available yet: impute them singly, with their "
+                             "level probabilities")
+        tables = _site_tables(sites)
+        streams = np.random.SeedSequence(self.random_state).spawn(len(tables))
+        per_site = [site_draws(table, self.bank_, self.bounds_, int(self.n_imputations),
+                               mode=self.mode, n_neighbors=self._n_neighbors,
+                               site_id=site_id, random_state=self.random_state,
+                               rng=np.random.default_rng(stream))
+                    for table, site_id, stream in zip(tables, self.site_ids_, streams,
+                                                      strict=True)]
+        return [list(draws) for draws in zip(*per_site, strict=True)]
+
+    def multiple_imputations(self, sites: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        """Like :meth:`impute_multiple`, the completed tables only: ``[imputation][site]``,
+        M completed federations to analyse one by one and pool (:func:`fediim.mi.pool`)."""
+        return [[result.values for result in federation]
+                for federation in self.impute_multiple(sites)]
+
     def fit_transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Fit on the sites and impute them."""
         return self.fit(sites).transform(sites)
+
+
+def _check_n_imputations(value: object) -> None:
+    if not (_is_int(value) and value >= 1):  # type: ignore[operator]
+        raise ValueError(f"n_imputations must be an int >= 1, got {value!r}")
 
 
 def _is_int(value: object) -> bool:

@@ -11,6 +11,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fediim.impute.encoding import fit_encoding, table_codes
 from fediim.impute.iim import IIMConfig, PatternModels
+from fediim.impute.multiple import draw_imputations
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["IIMImputer", "ImputationResult", "empty_result", "glr_imputer", "knn_imputer",
@@ -56,6 +57,13 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         be numbers or strings; they are encoded as described in
         :mod:`fediim.impute.encoding`, every imputed coded cell is a declared level, and
         :meth:`impute` gives the winning level's probability.
+    n_imputations : int, default=1
+        M, the completed tables :meth:`multiple_imputations` draws from the predictive
+        distribution (see :mod:`fediim.impute.multiple`). ``transform`` and ``impute``
+        always give the single best estimate, whatever M.
+    random_state : int, numpy Generator or None, default=None
+        Seeds the draws of :meth:`multiple_imputations` (an int gives the same draws on
+        every call); the single imputation uses no randomness.
 
     Attributes
     ----------
@@ -89,6 +97,16 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     >>> result = imputer.impute(X)
     >>> result.method[2, 1], int(result.n_candidates[2, 1])
     ('iim', 2)
+
+    Multiple imputation: M completed tables, pooled with Rubin's rules afterwards
+    (:func:`fediim.mi.pool`); observed cells are the same in every table.
+
+    >>> tables = IIMImputer(n_neighbors=2, n_imputations=3, random_state=0).fit(
+    ...     X).multiple_imputations(X)
+    >>> len(tables), [bool(np.isnan(table).any()) for table in tables]
+    (3, [False, False, False])
+    >>> bool(np.all([table[3, 1] == 8.0 for table in tables]))
+    True
     """
 
     def __init__(
@@ -103,6 +121,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         scale: bool = True,
         validation: Literal["loo", "paper"] = "loo",
         column_kinds: dict[Any, Any] | None = None,
+        n_imputations: int = 1,
+        random_state: int | np.random.Generator | None = None,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -113,6 +133,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.scale = scale
         self.validation = validation
         self.column_kinds = column_kinds
+        self.n_imputations = n_imputations
+        self.random_state = random_state
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -127,6 +149,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             raise ValueError(f"validation must be 'loo' or 'paper', got {self.validation!r}")
         if self.weights not in ("vote", "uniform"):
             raise ValueError(f"weights must be 'vote' or 'uniform', got {self.weights!r}")
+        _check_multiple(self.n_imputations, self.random_state)
         ell = self.ell
         is_int = isinstance(ell, int | np.integer) and not isinstance(ell, bool)
         if not (ell in ("adaptive", "n") or (is_int and ell >= 1)):
@@ -235,6 +258,24 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         result.ell[rows, target] = found.ell.mean(axis=1)
         result.n_candidates[rows, target] = found.neighbors.shape[1]
 
+    def impute_multiple(self, X: Any) -> list[ImputationResult]:
+        """``n_imputations`` draws of the completed ``X`` from the predictive distribution
+        (see :mod:`fediim.impute.multiple`), each with the single imputation's provenance
+        and uncertainty columns."""
+        if self.encoding_ is not None:
+            raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
+                             "columns is not available yet: impute them singly, with their "
+                             "level probabilities")
+        single = self.impute(X)
+        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
+        return draw_imputations(self, X, single, list(missing_patterns(single.imputed)),
+                                int(self.n_imputations), np.random.default_rng(self.random_state))
+
+    def multiple_imputations(self, X: Any) -> list[Any]:
+        """``n_imputations`` completed copies of ``X`` (DataFrames for a DataFrame), to
+        analyse one by one and pool with :func:`fediim.mi.pool`."""
+        return [_like_input(X, result.values) for result in self.impute_multiple(X)]
+
     def transform(self, X: Any) -> Any:
         """Impute missing values of ``X`` (DataFrame in, DataFrame out; coded columns as
         their labels)."""
@@ -255,6 +296,20 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             names = np.array([f"x{column}" for column in range(self.n_features_in_)],
                              dtype=object)
         return np.asarray(names, dtype=object)
+
+
+def _check_multiple(n_imputations: Any, random_state: Any) -> None:
+    """``n_imputations`` is an int >= 1; ``random_state`` an int >= 0, a Generator or
+    None."""
+    if (not isinstance(n_imputations, int | np.integer) or isinstance(n_imputations, bool)
+            or n_imputations < 1):
+        raise ValueError(f"n_imputations must be an int >= 1, got {n_imputations!r}")
+    seed_ok = (isinstance(random_state, int | np.integer) and not isinstance(random_state, bool)
+               and random_state >= 0)
+    if not (random_state is None or seed_ok
+            or isinstance(random_state, np.random.Generator)):
+        raise ValueError(f"random_state must be an int >= 0, a numpy Generator or None, got "
+                         f"{random_state!r}")
 
 
 def empty_result(x: np.ndarray) -> ImputationResult:

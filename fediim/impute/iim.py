@@ -376,6 +376,34 @@ class PatternModels:
         self._learn(np.unique(rows[~self._done[rows]]))
         return self._phi[rows], self._ell[rows]
 
+    def validation_mse(self, rows: np.ndarray) -> np.ndarray:
+        """Each row's chosen model's mean squared validation residual (Alg. 3's cost of
+        the chosen candidate per validation tuple, leave-one-out where configured), in
+        standardized target units; NaN for a row that validates no tuple. The residual
+        variance that multiple imputation adds to a draw (:mod:`fediim.impute.multiple`)."""
+        rows = np.asarray(rows, dtype=np.intp)
+        self.chosen_models(rows)
+        if not self._grid.size:  # the global model alone: its leave-one-out residuals
+            return np.full(len(rows), self._global_loo_mse(float(self._alpha[rows[0]])))
+        unique, inverse = np.unique(rows, return_inverse=True)
+        cost, n_validated = self.validation_costs(unique, self.candidates(unique))
+        column = {label: number for number, label in enumerate(self.candidate_labels())}
+        chosen = [column[(int(ell), float(alpha))]
+                  for ell, alpha in zip(self._ell[unique], self._alpha[unique], strict=True)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mse = cost[np.arange(len(unique)), chosen] / n_validated
+        return np.where(n_validated > 0, mse, np.nan)[inverse.ravel()]
+
+    def _global_loo_mse(self, alpha: float) -> float:
+        """Mean squared leave-one-out residual of the global ridge model at ``alpha``."""
+        width = self.n_features + 1
+        gram = self._z.T @ self._z
+        inverse = _stacked_inverse((gram[:width, :width] + alpha * np.eye(width))[None])[0]
+        phi = inverse @ gram[:width, width]
+        leverage = np.einsum("nf,fg,ng->n", self._xaug, inverse, self._xaug)
+        residuals = (self.target - self._xaug @ phi) / np.maximum(1.0 - leverage, 1e-3)
+        return float(np.mean(residuals**2))
+
     # -- imputation ---------------------------------------------------------------------
     def impute(self, queries: np.ndarray) -> PatternResult:
         """Impute the target for query rows given on F (Alg. 2)."""
