@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -14,6 +15,12 @@ from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["IIMImputer", "ImputationResult", "empty_result", "glr_imputer", "knn_imputer",
            "missing_patterns"]
+
+#: Rows of one missingness pattern imputed at a time (each query holds k models).
+IMPUTE_CHUNK_ROWS = 16_384
+#: Training rows, over all patterns, whose models an imputer keeps between calls; the least
+#: recently used patterns beyond it are dropped (and rebuilt when needed again).
+PATTERN_CACHE_ROWS = 2_000_000
 
 
 class IIMImputer(TransformerMixin, BaseEstimator):
@@ -148,7 +155,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             self.scale_ = np.ones(X.shape[1])
         self._fit_X = (X - self.mean_) / self.scale_
         self._fit_observed = observed
-        self._patterns: dict[tuple[int, tuple[int, ...]], PatternModels | None] = {}
+        self._patterns: OrderedDict[tuple[int, tuple[int, ...]], PatternModels | None] = (
+            OrderedDict())
         return self
 
     def _column_names(self, cols: np.ndarray) -> list[str]:
@@ -159,14 +167,23 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         """The models of (target, features), made on first use and kept (None: no
         training row observes them all)."""
         key = (target, features)
-        if key not in self._patterns:
-            cols = list(features) + [target]
-            rows = np.flatnonzero(self._fit_observed[:, cols].all(axis=1))
-            self._patterns[key] = None if rows.size == 0 else PatternModels(
-                self._fit_X[np.ix_(rows, list(features))], self._fit_X[rows, target],
-                self._config_,
-            )
-        return self._patterns[key]
+        if key in self._patterns:
+            self._patterns.move_to_end(key)
+            return self._patterns[key]
+        cols = list(features) + [target]
+        rows = np.flatnonzero(self._fit_observed[:, cols].all(axis=1))
+        models = None if rows.size == 0 else PatternModels(
+            self._fit_X[np.ix_(rows, list(features))], self._fit_X[rows, target],
+            self._config_,
+        )
+        self._patterns[key] = models
+        # Bounded memory: the least recently used patterns go beyond PATTERN_CACHE_ROWS
+        # training rows in all (the newest always stays).
+        cached = sum(entry.n_rows for entry in self._patterns.values() if entry is not None)
+        while cached > PATTERN_CACHE_ROWS and len(self._patterns) > 1:
+            oldest = self._patterns.popitem(last=False)[1]
+            cached -= 0 if oldest is None else oldest.n_rows
+        return models
 
     # -- imputation ---------------------------------------------------------------------
     def impute(self, X: Any) -> ImputationResult:
@@ -174,11 +191,13 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "_fit_X")
         X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
         result = empty_result(X)
-        for rows, features, targets in missing_patterns(result.imputed):
-            standardized = (X[rows] - self.mean_) / self.scale_
-            queries = standardized[:, list(features)]
-            for target in targets:
-                self._impute_target(result, rows, queries, target, features)
+        for pattern_rows, features, targets in missing_patterns(result.imputed):
+            # Bounded memory: a pattern's rows IMPUTE_CHUNK_ROWS at a time.
+            for start in range(0, len(pattern_rows), IMPUTE_CHUNK_ROWS):
+                rows = pattern_rows[start : start + IMPUTE_CHUNK_ROWS]
+                queries = ((X[rows] - self.mean_) / self.scale_)[:, list(features)]
+                for target in targets:
+                    self._impute_target(result, rows, queries, target, features)
         return result
 
     def _impute_target(self, result: ImputationResult, rows: np.ndarray, queries: np.ndarray,

@@ -64,14 +64,15 @@ class NeighborIndex:
             dist, idx = self._blocked_query(queries, k)
         return np.asarray(dist, dtype=np.float64), idx
 
-    def nearest_others(self, k: int) -> np.ndarray:
-        """Each reference row's ``k`` nearest *other* reference rows, shape (n, k), nearest
-        first (``0 < k < n``). A row that duplicates displaced from its own list drops its
-        farthest neighbour instead."""
-        _, neighbors = self.query(self._data, k + 1)
-        keep = neighbors != np.arange(self.n)[:, None]
+    def nearest_others(self, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Each reference row's (or each of ``rows``') ``k`` nearest *other* reference rows,
+        shape (len(rows), k), nearest first (``0 < k < n``). A row that duplicates displaced
+        from its own list drops its farthest neighbour instead."""
+        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.intp)
+        _, neighbors = self.query(self._data[rows], k + 1)
+        keep = neighbors != rows[:, None]
         keep[keep.all(axis=1), -1] = False
-        return neighbors[keep].reshape(self.n, k)
+        return neighbors[keep].reshape(len(rows), k)
 
     def _tree_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """KD-tree query with exact position-order tie-breaking at the k-th place."""
