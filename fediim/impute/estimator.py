@@ -11,6 +11,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fediim.impute.iim import IIMConfig, PatternModels
+from fediim.impute.neighbors import INDEX_METHODS
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["IIMImputer", "ImputationResult", "empty_result", "glr_imputer", "knn_imputer",
@@ -54,6 +55,11 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         How adaptive ell scores a model on a validation tuple that is one of its own
         learning neighbours: the exact leave-one-out ridge residual, or the paper's
         in-sample residual (Alg. 3 as published).
+    neighbor_index : {"auto", "kdtree", "blas", "hnsw"}, default="auto"
+        The neighbour search. ``"auto"`` chooses an exact one (a KD-tree up to 16
+        observed columns, blocked BLAS beyond); ``"hnsw"`` is faiss's approximate graph
+        (the ``approx`` extra), its recall checked when built (see
+        :mod:`fediim.impute.neighbors`).
 
     Attributes
     ----------
@@ -96,6 +102,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         include_global: bool = True,
         scale: bool = True,
         validation: Literal["loo", "paper"] = "loo",
+        neighbor_index: Literal["auto", "kdtree", "blas", "hnsw"] = "auto",
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -105,6 +112,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.include_global = include_global
         self.scale = scale
         self.validation = validation
+        self.neighbor_index = neighbor_index
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -117,6 +125,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}")
         if self.validation not in ("loo", "paper"):
             raise ValueError(f"validation must be 'loo' or 'paper', got {self.validation!r}")
+        if self.neighbor_index not in INDEX_METHODS:
+            raise ValueError(f"neighbor_index must be one of {INDEX_METHODS}, got "
+                             f"{self.neighbor_index!r}")
         if self.weights not in ("vote", "uniform"):
             raise ValueError(f"weights must be 'vote' or 'uniform', got {self.weights!r}")
         ell = self.ell
@@ -131,7 +142,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         cfg = IIMConfig(
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
             weights=self.weights, include_global=bool(self.include_global),
-            validation=self.validation,
+            validation=self.validation, neighbor_index=self.neighbor_index,
         )
         cfg.alphas()  # validates alpha
         return cfg

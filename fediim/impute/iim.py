@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from fediim.impute.neighbors import NeighborIndex
+from fediim.impute.neighbors import IndexMethod, NeighborIndex
 
 #: Up to this many training rows, every row is a validation tuple (exact Alg. 3).
 FULL_VALIDATION_ROWS = 50_000
@@ -80,6 +80,7 @@ class IIMConfig:
     weights: Weighting = "vote"
     include_global: bool = True
     validation: Literal["loo", "paper"] = "loo"
+    neighbor_index: IndexMethod = "auto"
 
     def alphas(self) -> np.ndarray:
         """The ridge penalties as a checked 1-D array."""
@@ -209,7 +210,8 @@ class PatternModels:
         self.n_rows, self.n_features = n_rows, n_features
         self._z = np.column_stack([np.ones(n_rows), self.features, self.target])
         self._xaug = self._z[:, :-1]  # a view: (1, features)
-        self._index = NeighborIndex(self.features)
+        self._index = NeighborIndex(self.features, self.config.neighbor_index,
+                                    k_hint=self.config.n_neighbors)
         self._alphas = self.config.alphas()
         self._phi = np.full((n_rows, n_features + 1), np.nan)
         self._ell = np.zeros(n_rows, dtype=np.int64)
