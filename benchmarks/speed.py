@@ -339,10 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     large = bench_large_iim(100_000, 8, 0.01) if "c" in wanted else None
     million = (bench_large_iim(1_000_000, 8, 0.01, TARGET_D_S, TARGET_D_GB)
                if "d" in wanted else None)
-    federated = {f"e-{method}": bench_large_iim(1_000_000, 8, 0.01, target, TARGET_D_GB,
-                                                method)
-                 for method, target in (("release", TARGET_RELEASE_S),
-                                        ("hybrid", TARGET_HYBRID_S)) if "e" in wanted}
+    payload["partial"] = {"d": million}
+    write_results(args.out, payload, indent=2)
+    federated: dict[str, dict[str, Any]] = payload["partial"]
+    for method, target in (("release", TARGET_RELEASE_S), ("hybrid", TARGET_HYBRID_S)):
+        if "e" in wanted:
+            federated[f"e-{method}"] = bench_large_iim(1_000_000, 8, 0.01, target,
+                                                       TARGET_D_GB, method)
+            write_results(args.out, payload, indent=2)
+    payload.pop("partial")
+    federated.pop("d")
     if "a" in wanted:
         X, _ = load_csv(args.datasets / "ccpp.csv")
         cases["a"] = bench_in_process(X, 0.05, reps_a, TARGET_A_S, "ccpp 9568x5, paper seed 0")
