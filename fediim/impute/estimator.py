@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -12,10 +13,17 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from fediim.impute.encoding import fit_encoding, table_codes
 from fediim.impute.iim import IIMConfig, PatternModels
 from fediim.impute.multiple import draw_imputations
+from fediim.impute.neighbors import INDEX_METHODS
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["IIMImputer", "ImputationResult", "empty_result", "glr_imputer", "knn_imputer",
            "missing_patterns"]
+
+#: Rows of one missingness pattern imputed at a time (each query holds k models).
+IMPUTE_CHUNK_ROWS = 16_384
+#: Training rows, over all patterns, whose models an imputer keeps between calls; the least
+#: recently used patterns beyond it are dropped (and rebuilt when needed again).
+PATTERN_CACHE_ROWS = 2_000_000
 
 
 class IIMImputer(TransformerMixin, BaseEstimator):
@@ -64,6 +72,11 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     random_state : int, numpy Generator or None, default=None
         Seeds the draws of :meth:`multiple_imputations` (an int gives the same draws on
         every call); the single imputation uses no randomness.
+    neighbor_index : {"auto", "kdtree", "blas", "hnsw"}, default="auto"
+        The neighbour search. ``"auto"`` chooses an exact one (a KD-tree up to 16
+        observed columns, blocked BLAS beyond); ``"hnsw"`` is faiss's approximate graph
+        (the ``approx`` extra), its recall checked when built (see
+        :mod:`fediim.impute.neighbors`).
 
     Attributes
     ----------
@@ -123,6 +136,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         column_kinds: dict[Any, Any] | None = None,
         n_imputations: int = 1,
         random_state: int | np.random.Generator | None = None,
+        neighbor_index: Literal["auto", "kdtree", "blas", "hnsw"] = "auto",
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -135,6 +149,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.column_kinds = column_kinds
         self.n_imputations = n_imputations
         self.random_state = random_state
+        self.neighbor_index = neighbor_index
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -147,6 +162,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}")
         if self.validation not in ("loo", "paper"):
             raise ValueError(f"validation must be 'loo' or 'paper', got {self.validation!r}")
+        if self.neighbor_index not in INDEX_METHODS:
+            raise ValueError(f"neighbor_index must be one of {INDEX_METHODS}, got "
+                             f"{self.neighbor_index!r}")
         if self.weights not in ("vote", "uniform"):
             raise ValueError(f"weights must be 'vote' or 'uniform', got {self.weights!r}")
         _check_multiple(self.n_imputations, self.random_state)
@@ -162,7 +180,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         cfg = IIMConfig(
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
             weights=self.weights, include_global=bool(self.include_global),
-            validation=self.validation,
+            validation=self.validation, neighbor_index=self.neighbor_index,
         )
         cfg.alphas()  # validates alpha
         return cfg
@@ -191,7 +209,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             self.scale_ = np.ones(X.shape[1])
         self._fit_X = (X - self.mean_) / self.scale_
         self._fit_observed = observed
-        self._patterns: dict[tuple[int, tuple[int, ...]], PatternModels | None] = {}
+        self._patterns: OrderedDict[tuple[int, tuple[int, ...]], PatternModels | None] = (
+            OrderedDict())
         return self
 
     def _codes(self, X: Any) -> Any:
@@ -212,14 +231,23 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         """The models of (target, features), made on first use and kept (None: no
         training row observes them all)."""
         key = (target, features)
-        if key not in self._patterns:
-            cols = list(features) + [target]
-            rows = np.flatnonzero(self._fit_observed[:, cols].all(axis=1))
-            self._patterns[key] = None if rows.size == 0 else PatternModels(
-                self._fit_X[np.ix_(rows, list(features))], self._fit_X[rows, target],
-                self._config_,
-            )
-        return self._patterns[key]
+        if key in self._patterns:
+            self._patterns.move_to_end(key)
+            return self._patterns[key]
+        cols = list(features) + [target]
+        rows = np.flatnonzero(self._fit_observed[:, cols].all(axis=1))
+        models = None if rows.size == 0 else PatternModels(
+            self._fit_X[np.ix_(rows, list(features))], self._fit_X[rows, target],
+            self._config_,
+        )
+        self._patterns[key] = models
+        # Bounded memory: the least recently used patterns go beyond PATTERN_CACHE_ROWS
+        # training rows in all (the newest always stays).
+        cached = sum(entry.n_rows for entry in self._patterns.values() if entry is not None)
+        while cached > PATTERN_CACHE_ROWS and len(self._patterns) > 1:
+            oldest = self._patterns.popitem(last=False)[1]
+            cached -= 0 if oldest is None else oldest.n_rows
+        return models
 
     # -- imputation ---------------------------------------------------------------------
     def impute(self, X: Any) -> ImputationResult:
@@ -234,11 +262,13 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def _impute_encoded(self, X: np.ndarray) -> ImputationResult:
         """:meth:`impute` on the engine's (encoded, unscaled) matrix."""
         result = empty_result(X)
-        for rows, features, targets in missing_patterns(result.imputed):
-            standardized = (X[rows] - self.mean_) / self.scale_
-            queries = standardized[:, list(features)]
-            for target in targets:
-                self._impute_target(result, rows, queries, target, features)
+        for pattern_rows, features, targets in missing_patterns(result.imputed):
+            # Bounded memory: a pattern's rows IMPUTE_CHUNK_ROWS at a time.
+            for start in range(0, len(pattern_rows), IMPUTE_CHUNK_ROWS):
+                rows = pattern_rows[start : start + IMPUTE_CHUNK_ROWS]
+                queries = ((X[rows] - self.mean_) / self.scale_)[:, list(features)]
+                for target in targets:
+                    self._impute_target(result, rows, queries, target, features)
         return result
 
     def _impute_target(self, result: ImputationResult, rows: np.ndarray, queries: np.ndarray,
