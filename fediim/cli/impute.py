@@ -166,7 +166,7 @@ def _imputed(args: argparse.Namespace, table: Table, site: Site | None,
         kinds = schema.code_kinds() if schema is not None else None
         imputer = IIMImputer(n_neighbors=args.k, scale=args.scale, column_kinds=kinds or None)
         return imputer.fit(table.values).impute(table.values)
-    return site.engine.impute(table.values)
+    return site.impute(table.values)
 
 
 def _summary(table: Table, result: ImputationResult, site: Site | None, seconds: float,
