@@ -12,13 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fediim.cli import main
 from fediim.deploy.layout import FederationLayout, prepare_federation
 from fediim.errors import ConfigError
 from fediim.federated import FederatedIIM
 from fediim.federated.bank import ModelBank
 from fediim.io.schema import load_schema
+from fediim.io.outputs import format_level
 from fediim.io.table import read_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
+from fediim.serve.service import ServiceState
+from fediim.serve.site import Site
 from tests.apps.test_flower_apps import _run, _view
 from tests.cli.test_mixed_csv import SCHEMA, _mixed_csv
 
@@ -45,10 +49,17 @@ def _flags(path: Path) -> dict[str, list[str]]:
     return {name: [row[j] for row in rows] for j, name in enumerate(header)}
 
 
-def test_coded_flower_bank_and_levels_equal_the_in_process_federated_iim(tmp_path: Path
-                                                                         ) -> None:
-    layout = _coded_federation(tmp_path)  # aggregation "auto", 3 sites: per-site (coded)
+@pytest.fixture(scope="module")
+def coded_run(tmp_path_factory: pytest.TempPathFactory) -> FederationLayout:
+    """A completed in-process run over three mixed tables (aggregation "auto")."""
+    layout = _coded_federation(tmp_path_factory.mktemp("coded"))
     _run(layout)
+    return layout
+
+
+def test_coded_flower_bank_and_levels_equal_the_in_process_federated_iim(
+        coded_run: FederationLayout) -> None:
+    layout = coded_run  # aggregation "auto" with 3 sites: per-site, the schema is coded
     view = _view(layout)
     assert view["status"] == "completed" and view["aggregation"] == "per-site"
     schema = load_schema(layout.schema)
@@ -93,3 +104,36 @@ def test_secure_aggregation_with_coded_columns_is_refused_before_anything_is_spe
         _run(layout)
     assert all(not s.ledger.exists() or PrivacyLedger.open(
         s.ledger, epsilon_to_rho(4.0, 1e-6), s.site_id).spent_rho == 0 for s in layout.sites)
+
+
+def test_impute_site_config_and_serve_give_levels_with_probabilities(
+        coded_run: FederationLayout, tmp_path: Path) -> None:
+    site = sorted(coded_run.sites, key=lambda s: s.site_id)[0]
+    schema = load_schema(coded_run.schema)
+    written = _mixed_csv(tmp_path / "today.csv", n=60, seed=17)
+    out = tmp_path / "out.csv"
+    assert main(["impute", str(tmp_path / "today.csv"), "-o", str(out), "--site-config",
+                 str(site.config)]) == 0
+    table = read_csv(tmp_path / "today.csv", schema=schema).values
+    imputed = read_csv(out, schema=schema).values
+    assert not np.isnan(imputed).any()
+    np.testing.assert_array_equal(imputed[~np.isnan(table)], table[~np.isnan(table)])
+    with open(out, newline="", encoding="utf-8") as fh:
+        header, *rows = list(csv.reader(fh))
+    for name in CODED:
+        j = header.index(name)
+        levels = {format_level(level) for level in schema.column(name).levels}
+        assert {row[j] for row in rows} <= levels
+        assert {row[j] for row, before in zip(rows, written, strict=True) if not before[j]}
+    flags = _flags(tmp_path / "out.flags.csv")
+    # the service imputes the same rows alike, from the same prepared engine
+    served = ServiceState(Site.open(site.config)).impute(table).result
+    np.testing.assert_array_equal(served.values, imputed)
+    for name in ("sex", "cp"):
+        j = schema.column_names.index(name)
+        missing = np.isnan(table[:, j])
+        probability = np.array([float(p) if p else np.nan
+                                for p in flags[f"{name}_probability"]])
+        np.testing.assert_allclose(probability[missing], served.probability[missing, j],
+                                   rtol=1e-5)
+        assert np.all((probability[missing] > 0) & (probability[missing] <= 1))
