@@ -48,8 +48,8 @@ from fediim.federated import assemble_bank
 from fediim.federated.bank import ModelBank
 from fediim.federated.secure_release import default_threshold
 from fediim.federated.vetting import ReleaseLimits, release_problems
-from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.impute.encoding import encoded_width
+from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
 from fediim.privacy import epsilon_to_rho
 from fediim.protocol.clock import Clock

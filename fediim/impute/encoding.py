@@ -39,7 +39,8 @@ from fediim.io.result import ImputationResult
 from fediim.io.schema import CODED_KINDS, KINDS, TableSchema
 
 __all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "MixedEncoding",
-           "codings_from", "fit_encoding", "level_codes", "encoded_width", "schema_encoding", "table_codes"]
+           "codings_from", "encoded_width", "fit_encoding", "level_codes", "schema_encoding",
+           "table_codes"]
 
 #: Fixed divisors of the indicator columns (see module): a level mismatch adds 1 to the
 #: squared distance, as one standard deviation of a z-scored numeric attribute.

@@ -17,8 +17,8 @@ from fediim.deploy.layout import FederationLayout, prepare_federation
 from fediim.errors import ConfigError
 from fediim.federated import FederatedIIM
 from fediim.federated.bank import ModelBank
-from fediim.io.schema import load_schema
 from fediim.io.outputs import format_level
+from fediim.io.schema import load_schema
 from fediim.io.table import read_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
 from fediim.serve.service import ServiceState

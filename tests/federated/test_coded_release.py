@@ -131,11 +131,8 @@ def test_federated_fit_imputes_declared_levels_per_site() -> None:
     assert pooled.mean() > 0.5  # the level follows age: well above chance (0.25)
 
 
-def test_federated_kinds_refuse_secure_sums_and_undeclared_levels() -> None:
+def test_federated_kinds_refuse_undeclared_levels() -> None:
     _, masked, _ = _sites(1)
-    with pytest.raises(ValueError, match="secure"):
-        FederatedIIM(epsilon=4.0, bounds=BOUNDS, column_kinds=KINDS,
-                     aggregation="secure").fit(masked)
     with pytest.raises(ValueError, match="declared levels"):
         FederatedIIM(epsilon=4.0, bounds=BOUNDS, column_kinds={1: "categorical"}).fit(masked)
     bad = [x.copy() for x in masked]
