@@ -24,7 +24,15 @@ from fediim.federated.secure_release import (
 )
 from fediim.privacy import BudgetExceeded, PrivacyLedger, SeededGaussianNoise, gram_sensitivity
 from fediim.privacy.distributed import DDG_MECHANISM, ddg_sigma, quantised_sensitivity
-from tests.federated.test_coded_release import BOUNDS, ENCODING, KINDS, M, _codes, _sites
+from tests.federated.test_coded_release import (
+    BOUNDS,
+    ENCODING,
+    KINDS,
+    M,
+    _codes,
+    _sites,
+    check_declared_levels,
+)
 
 BLOCKS = ENCODING.onehot_blocks()  # [[1, 2, 3, 4], [5]]: 7 encoded columns
 EXACT = SecureSteps(math.inf, math.inf, math.inf)
@@ -107,15 +115,7 @@ def test_secure_federated_fit_imputes_declared_levels() -> None:
     model = FederatedIIM(epsilon=4.0, bounds=BOUNDS, column_kinds=KINDS, seed=0,
                          aggregation="secure").fit(masked)
     assert model.bank_.meta["aggregation"] == "secure" and model.bank_.n_features == W
-    for out, x, mask, result in zip(model.transform(masked), truth, hidden,
-                                    model.impute(masked), strict=True):
-        assert np.isin(out[mask[:, 1], 1], [1, 2, 3, 4]).all()
-        assert np.isin(out[mask[:, 2], 2], [0, 1]).all()
-        assert np.array_equal(out[~mask], x[~mask])
-        assert np.all(result.probability[mask[:, 1], 1] >= 0.25)
-    pooled = np.concatenate([out[m[:, 1], 1] == x[m[:, 1], 1] for out, x, m in
-                             zip(model.transform(masked), truth, hidden, strict=True)])
-    assert pooled.mean() > 0.5
+    check_declared_levels(model, truth, masked, hidden)
     # "auto" stays per-site with coded columns, as in the Flower apps
     auto = FederatedIIM(epsilon=4.0, bounds=BOUNDS, column_kinds=KINDS, seed=0).fit(masked)
     assert auto.bank_.meta.get("aggregation", "per-site") == "per-site"
