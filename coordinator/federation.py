@@ -43,11 +43,12 @@ from flwr.serverapp import Grid
 from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.spend import SpendRecord, spend_went_down
-from fediim.errors import BankError, MessageError, QuorumNotMet
+from fediim.errors import BankError, ConfigError, MessageError, QuorumNotMet
 from fediim.federated import assemble_bank
 from fediim.federated.bank import ModelBank
 from fediim.federated.secure_release import default_threshold
 from fediim.federated.vetting import ReleaseLimits, release_problems
+from fediim.impute.encoding import encoded_width
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
 from fediim.privacy import epsilon_to_rho
@@ -149,10 +150,16 @@ class _Federation:
         self.key = load_private_key(cfg.signing_key)
         self.key_id = key_id(self.key)
         self.n_features = len(self.schema.columns)
+        # Coded columns are released as their encoded (one-hot) columns; the plan's noise
+        # is still the table's m columns' (see fediim.federated.release).
+        self.width = encoded_width(self.schema)
         plan = privacy_plan(cfg.epsilon, cfg.delta, self.n_features, cfg.plan_params())
         self.plan = plan
         self.rho = plan.rho_total
-        self.limits = ReleaseLimits.from_plan(plan, self.n_features)
+        self.limits = ReleaseLimits.from_plan(plan, self.width)
+        if self.width != self.n_features and cfg.aggregation == "secure":
+            raise ConfigError("aggregation = \"secure\" does not support coded columns "
+                              "yet; use \"per-site\" (or \"auto\")")
         self.spend = SpendRecord.beside_key(cfg.signing_key)
         self.admission = Admission(
             run_id=self.run_id, nonce=secrets.token_hex(16), rho=self.rho, spend=self.spend,
@@ -311,18 +318,24 @@ class _Federation:
         """The handshake's request for secure-aggregation keys, when the run may sum
         securely: the threshold the sites would have if all ``n_nodes`` are admitted."""
         threshold = self.cfg.secure_threshold or default_threshold(n_nodes)
-        if not use_secure(self.cfg.aggregation, n_nodes) or threshold > n_nodes:
+        if not self._may_sum_securely(n_nodes) or threshold > n_nodes:
             return {}
         self.handshake_threshold = threshold
         clip = np.ones(self.n_features, dtype=bool)
         return {"secure_threshold": threshold,
                 "secure_sessions": len(session_statistics(self.plan, clip))}
 
+    def _may_sum_securely(self, n_sites: int) -> bool:
+        """Whether a run over ``n_sites`` sums securely: ``auto`` releases per site when
+        the schema has coded columns (the secure sums are numeric-only; ``secure`` with
+        coded columns is refused at start)."""
+        return self.width == self.n_features and use_secure(self.cfg.aggregation, n_sites)
+
     def choose_aggregation(self) -> bool:
         """Whether this run sums securely (run config ``aggregation``, on the sites admitted
         at the handshake); a threshold above them fails the run (:class:`QuorumNotMet`)."""
         n_admitted = len(self.active())
-        secure = use_secure(self.cfg.aggregation, n_admitted)
+        secure = self._may_sum_securely(n_admitted)
         self.aggregation = "secure" if secure else "per-site"
         log.info("aggregation: %s (%s, %d site(s) admitted)", self.aggregation,
                  self.cfg.aggregation, n_admitted)
@@ -384,9 +397,9 @@ class _Federation:
         if reply.bank is None:
             raise BankError("the release carries no cells")
         bank = ModelBank.from_bytes(reply.bank, source=f"site {site_id}'s release")
-        if bank.n_features != self.n_features:
+        if bank.n_features != self.width:
             raise BankError(f"cells over {bank.n_features} attributes, the schema has "
-                            f"{self.n_features}")
+                            f"{self.width}")
         if bank.n_cells != reply.n_cells:
             raise BankError(f"reports {reply.n_cells} cells but sent {bank.n_cells}")
         if bank.n_cells and (set(bank.site.tolist()) != {site_id}

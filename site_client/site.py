@@ -49,6 +49,7 @@ from fediim.errors import (
 from fediim.federated import PrivacyPlan, site_release
 from fediim.federated.bank import ModelBank
 from fediim.federated.vetting import ReleaseLimits, bank_problems
+from fediim.impute.encoding import encoded_width, schema_encoding
 from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
@@ -322,6 +323,21 @@ def _cells_digest(bank: ModelBank, site_id: str) -> str:
     return digest.hexdigest()
 
 
+def _release_inputs(schema: TableSchema, values: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """What :func:`site_release` gets: the table and its public bounds, coded columns
+    encoded as ``FederatedIIM(column_kinds=...)`` encodes them (one-hot blocks in public
+    coordinates, never narrowed by a data-derived clipping box; the release's Δ is then
+    :func:`~fediim.federated.release.coded_gram_sensitivity`)."""
+    encoding = schema_encoding(schema)
+    bounds = schema.bounds_array()
+    if encoding is None:
+        return values, bounds, {}
+    return (encoding.encode(values), encoding.encoded_bounds(bounds),
+            {"clip_columns": encoding.encoded_flags(None),
+             "onehot_blocks": encoding.onehot_blocks()})
+
+
 def _release(site: _Site, request: ReleaseRequest, run_id: int,
              state: RecordDict) -> ReleaseReply:
     table, plan = site.check_request(request)
@@ -331,10 +347,10 @@ def _release(site: _Site, request: ReleaseRequest, run_id: int,
             raise _Refusal(ReplyCode.BAD_REQUEST, "seeded noise needs a seed_index >= 0")
         noise = SeededGaussianNoise(
             np.random.SeedSequence(request.seed, spawn_key=(request.seed_index,)))
-    bounds = site.schema.bounds_array()
+    values, bounds, coded = _release_inputs(site.schema, table.values)
     try:
-        bank = site_release(table.values, bounds, plan, site_id=site.site_id, ledger=site.ledger,
-                            noise=noise)
+        bank = site_release(values, bounds, plan, site_id=site.site_id, ledger=site.ledger,
+                            noise=noise, **coded)
     except BudgetExceeded as exc:
         raise _Refusal(ReplyCode.INSUFFICIENT_BUDGET, f"insufficient privacy budget: {exc}",
                        site.ledger_view()) from None
@@ -398,7 +414,7 @@ def _verified_bank(site: _Site, request: ImputeRequest, run_id: int,
         raise _Refusal(ReplyCode.BAD_SIGNATURE, str(exc)) from None
     fields = PlanFields.model_validate({name: released[name] for name in PlanFields.model_fields})
     plan = site.plan(float(released["epsilon"]), fields)
-    limits = ReleaseLimits.from_plan(plan, len(site.schema.columns))
+    limits = ReleaseLimits.from_plan(plan, encoded_width(site.schema))
     try:
         bank = ModelBank.from_bytes(request.bank, source="the federation bank")
         if "aggregation" in released:  # a secure run: the sum this site took part in
@@ -424,10 +440,13 @@ def _imputed_from_bank(site: _Site, table: Table, bank: ModelBank,
     # and the ClientApp starts a new process for every message.
     from fediim.federated.site_imputation import local_fallback, site_impute
 
-    bounds = site.schema.bounds_array()
+    encoding = schema_encoding(site.schema)
+    values, bounds, _ = _release_inputs(site.schema, table.values)
     try:
-        result = site_impute(table.values, bank, bounds, mode=request.mode,
+        result = site_impute(values, bank, bounds, mode=request.mode,
                              n_neighbors=request.k, site_id=site.site_id)
+        if encoding is not None:  # codes of declared levels, with their probabilities
+            result = encoding.decode(result, table.values)
         if np.isfinite(result.values[result.imputed]).all():
             return result
         failure = "a non-finite value"

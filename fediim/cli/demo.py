@@ -4,6 +4,7 @@ Run as ``python -m fediim.cli.demo``. It runs the study ``simulations/studies/di
 (read from the installed ``simulations`` package) on scikit-learn's bundled diabetes data
 (442 patients x 10 attributes; no download):
 
+- ``sex`` is declared binary with levels 1 and 2: every method imputes one of them;
 - four hospitals A, B, C, D hold 40 / 30 / 20 / 10 % of the patients (a seeded shuffle);
 - in 20% of each hospital's complete records one random attribute is hidden (the IIM
   paper's protocol), seeds 0, 1, 2;
@@ -19,7 +20,8 @@ It prints the error of each method at each budget,
 (0 is perfect, about 1 is as bad as the column mean), the privacy each hospital spent,
 and writes ``demo-output/report.md`` with its plots. Finished cells are cached in
 ``demo-output/cache`` (a rerun reuses them; delete the folder to recompute). Finally it
-runs ``fediim impute`` on hospital D's masked table to show the files a user gets.
+runs ``fediim impute`` on hospital D's masked table (with a schema declaring ``sex``) to
+show the files a user gets.
 """
 
 from __future__ import annotations
@@ -95,6 +97,18 @@ def _indented(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+def _walkthrough_schema(study: Any, columns: Sequence[str]) -> str:
+    """The schema of the walkthrough's table: the study's public bounds, and its coded
+    columns (``sex``) with their declared levels, so that a gap gets one of the levels."""
+    from fediim.io.schema import TableSchema
+
+    levels = study.config.datasets[0].levels
+    specs = [{"name": name, "kind": levels[name].kind, "levels": list(levels[name].levels)}
+             if name in levels else {"name": name, "bounds": study.config.bounds[name]}
+             for name in columns]
+    return TableSchema.model_validate({"columns": specs}).to_toml()
+
+
 def _cli_walkthrough(study: Any, out: Path) -> int:
     """``fediim impute`` on hospital D's masked table (seed 0)."""
     from simulations.methods import prepare
@@ -105,7 +119,9 @@ def _cli_walkthrough(study: Any, out: Path) -> int:
     src = out / f"hospital_{site}_masked.csv"
     dst = out / f"hospital_{site}_imputed.csv"
     write_csv(src, x, p.fed.columns, float_format=None)
-    argv = ["impute", str(src), "-o", str(dst)]
+    schema = out / "schema.toml"
+    schema.write_text(_walkthrough_schema(study, p.fed.columns), encoding="utf-8")
+    argv = ["impute", str(src), "-o", str(dst), "--schema", str(schema)]
     print(f"\nthe same gaps at one hospital with the command line (hospital {site}, seed "
           f"{study.config.study.seeds[0]}, no federation):")
     print(f"  $ fediim {' '.join(argv)}")
@@ -119,7 +135,7 @@ def _cli_walkthrough(study: Any, out: Path) -> int:
         return code
     flags, audit = default_sidecar_paths(dst)
     for path, what in ((dst, "the imputed table (observed cells unchanged)"),
-                       (flags, "per cell: imputed (0/1) and uncertainty"),
+                       (flags, "per cell: imputed (0/1), uncertainty; sex's probability"),
                        (audit, "one JSON line per imputed cell: method, k, candidates")):
         print(f"  {str(path):<44}  {what}")
     return 0
@@ -129,7 +145,7 @@ def _print_intro(seeds: Sequence[int]) -> None:
     print("fediim demo: four hospitals fill gaps in their records, alone or together under "
           "differential privacy")
     print("  data: scikit-learn's diabetes table, 442 patients x 10 attributes (age, sex, "
-          "bmi, bp, s1-s6)")
+          "bmi, bp, s1-s6);\n  sex is declared binary (levels 1, 2): it is imputed as a level")
     print("  hospitals A, B, C, D hold 40/30/20/10% of the patients; in 20% of each one's "
           "complete records")
     print(f"  one random attribute is hidden (seeds {', '.join(map(str, seeds))}); "

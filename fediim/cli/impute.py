@@ -207,7 +207,7 @@ def _imputed(args: argparse.Namespace, table: Table, site: Site | None,
         imputer.fit(table.values)
         draws = imputer.impute_multiple(table.values) if args.multiple else []
         return imputer.impute(table.values), draws
-    return site.engine.impute(table.values), []
+    return site.impute(table.values), []
 
 
 def _summary(table: Table, result: ImputationResult, site: Site | None, seconds: float,

@@ -107,8 +107,8 @@ class FederatedIIM(BaseEstimator):
         the bank is released over the encoded columns with the one-hot sensitivity of
         :func:`~fediim.federated.release.coded_gram_sensitivity`, and each site decodes
         its own imputations into declared levels. Their rows of ``bounds`` are ignored and
-        they are never clipped. Sites then release one by one (``aggregation="secure"`` is
-        refused, ``"auto"`` releases per site).
+        they are never clipped. ``"auto"`` then releases per site (as the Flower apps do);
+        ``"secure"`` sums the encoded tables with the same one-hot sensitivity.
 
     Attributes
     ----------
@@ -268,9 +268,6 @@ class FederatedIIM(BaseEstimator):
         one-hot blocks in public coordinates (sensitivity of the m table columns)."""
         encoding = self.encoding_
         assert encoding is not None
-        if self.aggregation == "secure":
-            raise ValueError("aggregation='secure' does not support coded columns yet; use "
-                             "'per-site' (or 'auto')")
         bounds = encoding.encoded_bounds(self.bounds_)
         clip = encoding.encoded_flags(self.clip_columns)
         self.site_ids_ = (list(site_ids) if site_ids
@@ -278,6 +275,11 @@ class FederatedIIM(BaseEstimator):
         # One-hot blocks count as one column each: the plan's noise is the m columns'.
         self.plan_ = self._plan()
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
+        self.bounds_ = bounds
+        if self.aggregation == "secure":  # "auto" stays per-site, as the Flower apps do
+            self.bank_ = self._secure_bank([encoding.encode(table) for table in sites],
+                                           clip, encoding.onehot_blocks())
+            return self
         releases = [
             site_release(encoding.encode(table), bounds, self.plan_, site_id=site_id,
                          ledger=ledger, noise=noise, clip_columns=clip,
@@ -285,7 +287,6 @@ class FederatedIIM(BaseEstimator):
             for table, site_id, ledger, noise in zip(
                 sites, self.site_ids_, self.ledgers_, self._noise_sources(len(sites)),
                 strict=True)]
-        self.bounds_ = bounds
         self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
         return self
 
@@ -302,15 +303,20 @@ class FederatedIIM(BaseEstimator):
         return self.aggregation == "secure" or (
             self.aggregation == "auto" and n_sites >= MIN_SECURE_SITES)
 
-    def _secure_bank(self, sites: list[np.ndarray]) -> ModelBank:
-        """The bank from the three secure sums (:mod:`~fediim.federated.secure_release`)."""
+    def _secure_bank(self, sites: list[np.ndarray], clip_columns: np.ndarray | None = None,
+                     onehot_blocks: Sequence[Sequence[int]] = ()) -> ModelBank:
+        """The bank from the three secure sums (:mod:`~fediim.federated.secure_release`)
+        over the (encoded) tables ``sites`` within ``bounds_``; ``clip_columns`` default
+        to the estimator's."""
         threshold = (default_threshold(len(sites)) if self.threshold is None
                      else self.threshold)
         settings = SecureSettings(len(sites), threshold)
         shares = {
             site_id: SiteShares.from_table(table, self.bounds_, self.plan_, settings,
                                            site_id=site_id, ledger=ledger, noise=noise,
-                                           clip_columns=self.clip_columns)
+                                           clip_columns=(self.clip_columns if clip_columns
+                                                         is None else clip_columns),
+                                           onehot_blocks=onehot_blocks)
             for table, site_id, ledger, noise in zip(
                 sites, self.site_ids_, self.ledgers_, self._noise_sources(len(sites)),
                 strict=True)}

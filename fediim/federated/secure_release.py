@@ -47,8 +47,12 @@ from fediim.federated.gram import (
     transform_gram,
 )
 from fediim.federated.plan import PrivacyPlan, scale_to_bounds
-from fediim.federated.release import cell_coordinates, refuse_unaffordable
-from fediim.privacy import PrivacyLedger, gram_sensitivity
+from fediim.federated.release import (
+    cell_coordinates,
+    coded_gram_sensitivity,
+    refuse_unaffordable,
+)
+from fediim.privacy import PrivacyLedger
 from fediim.privacy.distributed import (
     ddg_sigma,
     quantise,
@@ -85,6 +89,10 @@ HISTOGRAM_MIN_RATIO = 1.0
 #: :data:`MIN_SECURE_SITES` sites on.
 AGGREGATIONS = ("per-site", "secure", "auto")
 MIN_SECURE_SITES = 3
+
+
+#: Groups of encoded columns, one per binary or categorical column (its one-hot block).
+Blocks = Sequence[Sequence[int]]
 
 
 def default_threshold(n_sites: int) -> int:
@@ -153,13 +161,14 @@ def histogram_sum_sigma(steps: SecureSteps, settings: SecureSettings,
 
 
 def gram_sum_sigma(steps: SecureSteps, settings: SecureSettings,
-                   trees: Sequence[GlobalTree], n_summands: int) -> float:
+                   trees: Sequence[GlobalTree], n_summands: int,
+                   onehot_blocks: Blocks = ()) -> float:
     """Noise std (integer units) of the summed leaf Grams (sum 3) over ``n_summands``
     sites: the bank's σ is this over :data:`QUANT_SCALE`."""
     n_features = len(trees[0].box[0])
     size = sum(len(t.leaves) for t in trees) * (n_features + 1) * (n_features + 2) // 2
-    return _sum_sigma(gram_share_sensitivity(n_features, len(trees)), steps.rho_grams,
-                      settings, size, n_summands)
+    return _sum_sigma(gram_share_sensitivity(n_features, len(trees), onehot_blocks),
+                      steps.rho_grams, settings, size, n_summands)
 
 
 def histogram_sensitivity(n_columns: int) -> float:
@@ -172,13 +181,34 @@ def count_sensitivity(depth: int, n_trees: int) -> float:
     return math.sqrt(n_trees * (depth + 1))
 
 
-def gram_share_sensitivity(n_features: int, n_trees: int) -> float:
+def gram_share_sensitivity(n_features: int, n_trees: int,
+                           onehot_blocks: Blocks = ()) -> float:
     """A record's Gram upper triangle, once per tree, quantised (the integer vector's L2
     sensitivity; the rounding of each of its entries moves it by at most 1/2, counted as 1
-    by :func:`~fediim.privacy.distributed.quantised_sensitivity`)."""
+    by :func:`~fediim.privacy.distributed.quantised_sensitivity`). One-hot blocks (kept
+    in public coordinates in every leaf) count as one column each
+    (:func:`~fediim.federated.release.coded_gram_sensitivity`)."""
     entries = (n_features + 1) * (n_features + 2) // 2
-    return quantised_sensitivity(math.sqrt(n_trees) * gram_sensitivity(n_features),
-                                 QUANT_SCALE, n_trees * entries)
+    sensitivity = coded_gram_sensitivity(n_features, onehot_blocks)
+    return quantised_sensitivity(math.sqrt(n_trees) * sensitivity, QUANT_SCALE,
+                                 n_trees * entries)
+
+
+def fixed_columns(n_features: int, onehot_blocks: Blocks) -> np.ndarray:
+    """Which columns keep the federation's coordinates in every leaf (the one-hot
+    blocks' columns)."""
+    fixed = np.zeros(n_features, bool)
+    for block in onehot_blocks:
+        fixed[list(block)] = True
+    return fixed
+
+
+def leaf_frames(lo: np.ndarray, hi: np.ndarray, fixed: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each leaf's centre and width, the ``fixed`` columns at centre 0 and width 1."""
+    centers, widths = 0.5 * (lo + hi), hi - lo
+    centers[:, fixed], widths[:, fixed] = 0.0, 1.0
+    return centers, widths
 
 
 @dataclass
@@ -192,14 +222,19 @@ class SiteShares:
     site_id: str
     ledger: PrivacyLedger | None
     noise: object | None = None
+    #: The encoded coded columns (one-hot blocks, binary codes): never clipped, kept in
+    #: public coordinates in every leaf (see :func:`gram_share_sensitivity`).
+    onehot_blocks: Blocks = ()
 
     @classmethod
     def from_table(cls, x: np.ndarray, bounds: np.ndarray, plan: PrivacyPlan,
                    settings: SecureSettings, *, site_id: str, ledger: PrivacyLedger | None,
                    noise: object | None = None,
-                   clip_columns: np.ndarray | None = None) -> SiteShares:
+                   clip_columns: np.ndarray | None = None,
+                   onehot_blocks: Blocks = ()) -> SiteShares:
         """The site's complete rows (none if it never measures some attribute), after
-        refusing up front a plan its budget cannot pay in full."""
+        refusing up front a plan its budget cannot pay in full. ``onehot_blocks`` must
+        not be among ``clip_columns``."""
         x = np.asarray(x, dtype=np.float64)
         refuse_unaffordable(plan, ledger, site_id)
         if len(x) > MAX_SITE_RECORDS:
@@ -208,7 +243,10 @@ class SiteShares:
         rows, _ = scale_to_bounds(complete, bounds)
         clip = (np.ones(x.shape[1], bool) if clip_columns is None
                 else np.asarray(clip_columns, bool))
-        return cls(rows, plan, settings, clip, site_id, ledger, noise)
+        blocks = tuple(tuple(int(c) for c in block) for block in onehot_blocks)
+        if clip[fixed_columns(x.shape[1], blocks)].any():
+            raise ValueError("coded (one-hot) columns must not be clipped")
+        return cls(rows, plan, settings, clip, site_id, ledger, noise, blocks)
 
     def _release(self, values: np.ndarray, sensitivity: float, rho: float,
                  purpose: str) -> np.ndarray:
@@ -260,27 +298,30 @@ class SiteShares:
     def grams(self, steps: SecureSteps, trees: Sequence[GlobalTree]) -> np.ndarray:
         """Sum 3: every leaf's Gram upper triangle in its own coordinates, quantised."""
         n_features = self.rows.shape[1]
+        fixed = fixed_columns(n_features, self.onehot_blocks)
         vector = np.concatenate([
-            _leaf_grams(clamp_to_box(self.rows, *tree.box)[0], tree).ravel()
+            _leaf_grams(clamp_to_box(self.rows, *tree.box)[0], tree, fixed).ravel()
             for tree in trees])
         n_leaves = sum(len(tree.leaves) for tree in trees)
-        return self._release(vector, gram_share_sensitivity(n_features, len(trees)),
-                             steps.rho_grams,
+        sensitivity = gram_share_sensitivity(n_features, len(trees), self.onehot_blocks)
+        return self._release(vector, sensitivity, steps.rho_grams,
                              f"secure sum 3: leaf Gram matrices ({n_leaves} cells, "
                              f"{n_features} attributes)")
 
 
-def _leaf_grams(rows: np.ndarray, tree: GlobalTree) -> np.ndarray:
+def _leaf_grams(rows: np.ndarray, tree: GlobalTree, fixed: np.ndarray) -> np.ndarray:
     """Each leaf's augmented Gram upper triangle of ``rows`` in the leaf's own
-    coordinates, quantised record by record and summed in integers, shape (n_leaves, k):
-    a record then moves its leaf's sum by exactly its own quantised Gram."""
+    coordinates (``fixed`` columns in the federation's), quantised record by record and
+    summed in integers, shape (n_leaves, k): a record then moves its leaf's sum by exactly
+    its own quantised Gram."""
     lo, hi = tree.boxes()
     n_leaves, n_features = lo.shape
     upper = np.triu_indices(n_features + 1)
     sums = np.zeros((n_leaves, len(upper[0])), dtype=np.int64)
     if len(rows):
         leaf = leaf_of_rows(rows, tree)
-        local = cell_coordinates(rows, 0.5 * (lo[leaf] + hi[leaf]), hi[leaf] - lo[leaf])
+        centers, widths = leaf_frames(lo, hi, fixed)
+        local = cell_coordinates(rows, centers[leaf], widths[leaf])
         z = np.column_stack([np.ones(len(rows)), local])
         np.add.at(sums, leaf, quantise(z[:, upper[0]] * z[:, upper[1]], QUANT_SCALE))
     return sums
@@ -334,10 +375,11 @@ def trees_from_counts(total: np.ndarray, plan: PrivacyPlan, box: tuple[np.ndarra
 
 
 def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: PrivacyPlan,
-                    noise_sigma: float, meta: dict) -> ModelBank:
+                    noise_sigma: float, meta: dict, onehot_blocks: Blocks = ()) -> ModelBank:
     """The bank: each leaf's summed Gram, de-quantised, projected PSD, mapped back to the
-    federation's coordinates; cells whose noisy count is below ``min_records`` dropped.
-    ``noise_sigma``: the sum's noise std in integer units."""
+    federation's coordinates (from the leaves' frames, ``onehot_blocks`` fixed); cells
+    whose noisy count is below ``min_records`` dropped. ``noise_sigma``: the sum's noise
+    std in integer units."""
     n_features = len(trees[0].box[0])
     size = (n_features + 1) * (n_features + 2) // 2
     values = np.asarray(total, np.float64).reshape(-1, size) / QUANT_SCALE
@@ -347,7 +389,8 @@ def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: Privac
     grams[:, 0, 0] = np.maximum(grams[:, 0, 0], values[:, 0])
     boxes = [tree.boxes() for tree in trees]
     lo, hi = np.vstack([b[0] for b in boxes]), np.vstack([b[1] for b in boxes])
-    grams = transform_gram(grams, affine_map(-(lo + hi) / 2 / (hi - lo), 1.0 / (hi - lo)))
+    centers, widths = leaf_frames(lo, hi, fixed_columns(n_features, onehot_blocks))
+    grams = transform_gram(grams, affine_map(-centers / widths, 1.0 / widths))
     tree_of = np.concatenate([np.full(len(t.leaves), t.tree) for t in trees])
     leaf_ids = np.concatenate([t.leaves for t in trees])
     keep = grams[:, 0, 0] >= plan.min_records
@@ -380,17 +423,19 @@ class SummedRelease:
     grams: np.ndarray
     survivors: list[str]
     noise_sigma: float
+    onehot_blocks: Blocks = ()
 
     def bank(self, plan: PrivacyPlan, settings: SecureSettings, meta: dict) -> ModelBank:
         """The federation's bank (:func:`bank_from_grams`); ``meta`` adds to S, t and the
         survivors."""
         return bank_from_grams(self.grams, self.trees, plan, self.noise_sigma, {
             "aggregation": "secure", "sites": settings.n_sites,
-            "threshold": settings.threshold, "survivors": sorted(self.survivors), **meta})
+            "threshold": settings.threshold, "survivors": sorted(self.survivors), **meta},
+            self.onehot_blocks)
 
 
 def summed_release(plan: PrivacyPlan, settings: SecureSettings, clip_columns: np.ndarray,
-                   sum_of: SumOf) -> SummedRelease:
+                   sum_of: SumOf, onehot_blocks: Blocks = ()) -> SummedRelease:
     """The coordinator's side of the three sums, in order, each over the public state the
     previous one left: the clipping box (if the plan clips), the pruned trees, the Grams.
     ``sum_of`` runs one sum (in one process, or through the secure-sum protocol)."""
@@ -406,7 +451,8 @@ def summed_release(plan: PrivacyPlan, settings: SecureSettings, clip_columns: np
     trees = trees_from_counts(total, plan, box, depth)
     total, survivors = sum_of("grams", box, depth, trees)
     return SummedRelease(trees, total, list(survivors),
-                         gram_sum_sigma(steps, settings, trees, len(survivors)))
+                         gram_sum_sigma(steps, settings, trees, len(survivors), onehot_blocks),
+                         onehot_blocks)
 
 
 # ---- in one process ----------------------------------------------------------------------
@@ -436,5 +482,6 @@ def secure_bank(sites: Mapping[str, SiteShares], plan: PrivacyPlan,
             site: sites[site].share(statistic, steps, box, depth, trees) for site in alive})
         return total, alive
 
-    clip = next(iter(sites.values())).clip_columns
-    return summed_release(plan, settings, clip, sum_of).bank(plan, settings, {})
+    first = next(iter(sites.values()))
+    return summed_release(plan, settings, first.clip_columns, sum_of,
+                          first.onehot_blocks).bank(plan, settings, {})

@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 
 from fediim.io.result import ImputationResult
-from fediim.io.schema import CODED_KINDS, KINDS
+from fediim.io.schema import CODED_KINDS, KINDS, TableSchema
 
 __all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "MixedEncoding",
-           "codings_from", "fit_encoding", "level_codes", "table_codes"]
+           "codings_from", "encoded_width", "fit_encoding", "level_codes", "schema_encoding",
+           "table_codes"]
 
 #: Fixed divisors of the indicator columns (see module): a level mismatch adds 1 to the
 #: squared distance, as one standard deviation of a z-scored numeric attribute.
@@ -215,6 +216,25 @@ def fit_encoding(X: Any, column_kinds: dict[Any, Any] | None) -> MixedEncoding |
     names, columns = _named_columns(X)
     encoding = MixedEncoding(codings_from(column_kinds, names, columns, categories))
     return encoding if encoding.any_coded else None
+
+
+def schema_encoding(schema: TableSchema) -> MixedEncoding | None:
+    """The encoding of a table read with ``schema`` (coded cells hold codes 0..L-1), as
+    ``FederatedIIM(column_kinds=schema.code_kinds())`` fits it: the Flower apps and the
+    in-process estimator release and impute the same encoded columns. None when every
+    column is numeric (the table is then used as it is)."""
+    if not schema.has_coded_columns:
+        return None
+    return MixedEncoding([
+        ColumnCoding() if spec.levels is None else
+        ColumnCoding(spec.kind, tuple(float(code) for code in range(len(spec.levels))))
+        for spec in schema.columns])
+
+
+def encoded_width(schema: TableSchema) -> int:
+    """How many columns a release over ``schema``'s table has (its encoded columns)."""
+    encoding = schema_encoding(schema)
+    return len(schema.columns) if encoding is None else encoding.n_encoded
 
 
 def _named_columns(X: Any) -> tuple[list[str], list[list[Any]]]:

@@ -36,7 +36,7 @@ def startup_keys(site: Site) -> list[Key]:
     """The keys whose plans are made at start-up: all of them when there are at most
     ``warm_keys``, else those with one missing cell (what monitoring uses) and those of
     the site's own incomplete rows."""
-    n_columns = len(site.columns)
+    n_columns = site.engine.n_columns  # the encoded columns, with coded columns
     every = all_keys(n_columns)
     if len(every) <= site.config.serve.warm_keys:
         return every
@@ -88,9 +88,7 @@ class ServiceState:
         n_columns = len(site.columns)
         self.quality = QualityMonitor(n_columns, settings.monitor_fraction,
                                       settings.monitor_window, rng)
-        span = site.engine.bounds[:, 1] - site.engine.bounds[:, 0]
-        baseline = np.array([np.nan if (b := site.engine.baseline_rmse(t)) is None else b
-                             for t in range(n_columns)]) * span
+        baseline = site.baseline_rmse()
         reference_mean, reference_sd = site.drift_reference()
         self.drift = DriftMonitor(reference_mean, reference_sd, baseline,
                                   window=settings.drift_window, min_rows=settings.drift_min_rows,

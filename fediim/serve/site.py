@@ -13,6 +13,7 @@ import numpy as np
 
 from fediim.errors import LedgerError
 from fediim.federated.plan import Mode, unscale
+from fediim.impute.encoding import MixedEncoding, schema_encoding
 from fediim.io.outputs import apply_schema
 from fediim.io.result import METHOD_FALLBACK, ImputationResult
 from fediim.io.schema import TableSchema, load_schema
@@ -33,6 +34,9 @@ class Site:
     schema: TableSchema
     signed: SignedBank
     engine: ServingEngine
+    #: The coded columns' encoding (None: every column numeric); the engine works on the
+    #: encoded columns, everything else here on the schema's.
+    encoding: MixedEncoding | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, mode: Mode | None = None,
@@ -51,8 +55,16 @@ class Site:
         settings = EngineSettings(mode=mode or config.serve.mode,
                                   n_neighbors=n_neighbors or config.serve.n_neighbors,
                                   site_id=config.site_id)
-        engine = ServingEngine(reference.values, signed.bank, schema.bounds_array(), settings)
-        return cls(config=config, schema=schema, signed=signed, engine=engine)
+        # Coded columns as the federation released them (one-hot, public coordinates).
+        encoding = schema_encoding(schema)
+        bounds = schema.bounds_array()
+        if encoding is None:
+            engine = ServingEngine(reference.values, signed.bank, bounds, settings)
+        else:
+            engine = ServingEngine(encoding.encode(reference.values), signed.bank,
+                                   encoding.encoded_bounds(bounds), settings)
+        return cls(config=config, schema=schema, signed=signed, engine=engine,
+                   encoding=encoding)
 
     @property
     def columns(self) -> list[str]:
@@ -62,9 +74,30 @@ class Site:
     def impute(self, x: np.ndarray) -> ImputationResult:
         """The rows of ``x`` (schema columns, NaN missing) imputed, the schema applied
         (columns with ``impute = false`` keep their gaps; values within bounds)."""
-        result = self.engine.impute(x)
+        if self.encoding is None:
+            result = self.engine.impute(x)
+        else:  # declared levels, with their probabilities
+            x = np.asarray(x, dtype=np.float64)
+            result = self.encoding.decode(self.engine.impute(self.encoding.encode(x)), x)
         apply_schema(result, self.schema, self.columns)
         return result
+
+    @property
+    def engine_columns(self) -> np.ndarray:
+        """Per schema column, its (first) column in the engine's encoded columns."""
+        if self.encoding is None:
+            return np.arange(len(self.columns))
+        return np.array([int(block[0]) for block in self.encoding.blocks])
+
+    def baseline_rmse(self) -> np.ndarray:
+        """Per schema column, the cross-fitted RMSE of its plan from every other column
+        (raw units; NaN where unknown and for a coded column, whose error is a level)."""
+        span = self.engine.bounds[:, 1] - self.engine.bounds[:, 0]
+        numeric = [spec.levels is None for spec in self.schema.columns]
+        return np.array([
+            np.nan if not is_numeric or (rmse := self.engine.baseline_rmse(int(c))) is None
+            else rmse * span[c]
+            for c, is_numeric in zip(self.engine_columns, numeric, strict=True)])
 
     def bank_moments(self) -> tuple[np.ndarray, np.ndarray]:
         """The bank's mean and standard deviation per column, raw units."""
@@ -89,7 +122,11 @@ class Site:
         own_mean = (site.center + 0.5) * span + lo
         own_sd = np.where(counts >= 2, site.scale * span, np.nan)
         measured = (counts >= 2) & (own_sd > 0)
-        return (np.where(measured, own_mean, bank_mean), np.where(measured, own_sd, bank_sd))
+        mean = np.where(measured, own_mean, bank_mean)[self.engine_columns]
+        sd = np.where(measured, own_sd, bank_sd)[self.engine_columns]
+        # A categorical column's first indicator is not its codes' mean: not watched.
+        categorical = [spec.kind == "categorical" for spec in self.schema.columns]
+        return np.where(categorical, np.nan, mean), np.where(categorical, np.nan, sd)
 
     def bank_age_days(self, now: datetime) -> float:
         """Days since the bank was stored."""

@@ -76,6 +76,12 @@ def test_demo_runs_and_writes_the_report(tmp_path: Path,
     assert "## What joining gains each site" in report
     audit = (tmp_path / "hospital_D_imputed.audit.jsonl").read_text().splitlines()
     assert audit and json.loads(audit[0])["method"] == "iim"
+    # sex is declared binary (levels 1, 2): every imputed cell is a level, with its probability
+    imputed = (tmp_path / "hospital_D_imputed.csv").read_text().splitlines()
+    sex = imputed[0].split(",").index("sex")
+    assert {line.split(",")[sex] for line in imputed[1:]} <= {"1", "2"}
+    flags = (tmp_path / "hospital_D_imputed.flags.csv").read_text().splitlines()
+    assert "sex_probability" in flags[0].split(",")
     assert "$ fediim impute" in out
 
 

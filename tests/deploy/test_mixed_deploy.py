@@ -1,11 +1,11 @@
 """Integration: a mixed-type CSV (text labels, coded numbers, an ordinal) through a real
 ``fediim local-deploy`` (TLS SuperLink, three SuperNodes): every site's imputed table keeps
 its observed cells as they were, labels included, and fills every coded gap with a
-declared level; flags and audit name the levels.
+declared level, with its voted probability in the flags; the audit names the levels.
 
-The federation's release treats a coded column as its codes (0, 1, ...; the range of its
-levels) and the site rounds each imputed code to a level: the one-hot release of
-``FederatedIIM(column_kinds=...)`` is not wired into the Flower apps yet.
+The sites release the one-hot encoding of ``FederatedIIM(column_kinds=...)``
+(tests/apps/test_flower_coded.py checks the bank bit for bit); the schema is coded, so
+the default aggregation ("auto") releases per site.
 """
 
 from __future__ import annotations
@@ -89,6 +89,11 @@ def test_mixed_csv_through_local_deploy(deployed: tuple[Path, dict[str, list], i
         with open(out / name / "flags.csv", newline="", encoding="utf-8") as fh:
             flags = list(csv.DictReader(fh))
         assert "sex_probability" in flags[0] and "grade_probability" not in flags[0]
+        for column in ("sex", "cp"):
+            voted = [float(row[f"{column}_probability"]) for row in flags
+                     if row[f"{column}_imputed"] == "1"]
+            assert voted and all(0 < p <= 1 for p in voted), column
+        assert all(row["cp_probability"] == "" for row in flags if row["cp_imputed"] == "0")
         records = [json.loads(line) for line in
                    (out / name / "audit.jsonl").read_text().splitlines()]
         assert records and all(r["value"] in ("low", "mid", "high")
