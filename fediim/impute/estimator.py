@@ -47,6 +47,14 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         How adaptive ell scores a model on a validation tuple that is one of its own
         learning neighbours: the exact leave-one-out ridge residual, or the paper's
         in-sample residual (Alg. 3 as published).
+    blend : bool, default=True
+        With adaptive ell, check each (target, features) pattern's IIM on held-out
+        training rows against its global model and its mean, and impute with the blend
+        of the three that errs least (see :mod:`fediim.impute.pattern_choice`): IIM's
+        per-row validation is optimistic when training rows are few.
+    quadratic : bool, default=True
+        With adaptive ell, also offer each row local quadratic models at large ell,
+        chosen per row by the same validation (see :mod:`fediim.impute.basis`).
 
     Attributes
     ----------
@@ -89,6 +97,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         include_global: bool = True,
         scale: bool = True,
         validation: Literal["loo", "paper"] = "loo",
+        blend: bool = True,
+        quadratic: bool = True,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -98,6 +108,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.include_global = include_global
         self.scale = scale
         self.validation = validation
+        self.blend = blend
+        self.quadratic = quadratic
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -124,7 +136,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         cfg = IIMConfig(
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
             weights=self.weights, include_global=bool(self.include_global),
-            validation=self.validation,
+            validation=self.validation, blend=bool(self.blend),
+            quadratic=bool(self.quadratic),
         )
         cfg.alphas()  # validates alpha
         return cfg

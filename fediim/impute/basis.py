@@ -1,0 +1,29 @@
+"""Quadratic terms for IIM's richer individual models.
+
+A row whose neighbourhood is wide (large ell) may fit its target better with a local
+quadratic model than with a local plane; adaptive learning then offers both and lets
+validation choose per row. The terms: every product ``x_a x_b`` (a <= b) while there are
+at most :data:`FULL_MAX_FEATURES` features, only the squares beyond that (the number of
+products grows with f^2). A quadratic model is offered only at an ell of at least
+:data:`MIN_ROWS_PER_COEFFICIENT` times its coefficients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FULL_MAX_FEATURES", "MIN_ROWS_PER_COEFFICIENT", "quadratic_terms"]
+
+#: Up to this many features the quadratic terms include the interactions.
+FULL_MAX_FEATURES = 5
+#: A quadratic model needs at least this many learning rows per coefficient.
+MIN_ROWS_PER_COEFFICIENT = 4
+
+
+def quadratic_terms(features: np.ndarray) -> np.ndarray:
+    """The quadratic terms of rows ``features`` (n, f), shape (n, q)."""
+    n_features = features.shape[1]
+    if n_features > FULL_MAX_FEATURES:
+        return features**2
+    first, second = np.triu_indices(n_features)
+    return features[:, first] * features[:, second]
