@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from fediim.impute.basis import MIN_ROWS_PER_COEFFICIENT, quadratic_terms
+from fediim.impute.basis import MIN_ROWS_PER_COEFFICIENT, offers_quadratic, quadratic_terms
 from fediim.impute.neighbors import NeighborIndex
 from fediim.impute.pattern_choice import IIM_ONLY, Blend, choose_blend, first_least
 from fediim.impute.voting import Weighting, vote_weights
@@ -188,7 +188,8 @@ class PatternModels:
         if n_rows == 0:
             raise ValueError("a pattern needs at least one training row")
         self.n_rows, self.n_features = n_rows, n_features
-        self._quadratic = bool(self.config.quadratic and self.config.ell == "adaptive")
+        self._quadratic = bool(self.config.quadratic and self.config.ell == "adaptive"
+                               and offers_quadratic(n_rows, n_features))
         self._xaug = self._augment(self.features)
         # z = (1, t[F], t[A], quadratic terms): the linear system is its leading block.
         self._z = np.column_stack([self._xaug[:, :n_features + 1], self.target,

@@ -36,9 +36,9 @@ MAX_CHOICE_ROWS = 500
 #: Most validation rows a pattern's choice looks at.
 SAMPLE_ROWS = 500
 #: Candidate ridge penalties of the global model, per training row.
-GLOBAL_PENALTIES = (0.0, 0.01, 0.1, 1.0)
+GLOBAL_PENALTIES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 #: Grid step of the blend weights.
-BLEND_STEP = 0.25
+BLEND_STEP = 0.1
 #: Errors this close (relatively) are ties, so that the order of the rows (float sums)
 #: cannot flip a choice.
 TIE_TOLERANCE = 1e-9
