@@ -5,9 +5,10 @@ same few tuples that chose them: where training rows are few (a small, wide, gap
 that optimism can make the vote worse than a global regression or even the column mean.
 So a pattern with few training rows first predicts each of them held out, three ways:
 
-* IIM: training row t_j is imputed by the vote of its k nearest *other* rows' chosen models,
-  each model's error on t_j taken as its exact ridge leave-one-out residual where t_j is
-  one of its learning tuples (as Alg. 3's validation does);
+* IIM: training row t_j is imputed by the vote of its k nearest *other* rows' models, each
+  chosen as Alg. 3 would without t_j among its validation tuples (t_j validated each of
+  them: keeping it flatters IIM most where it fits noise), and its error on t_j taken as
+  its exact ridge leave-one-out residual where t_j is one of its learning tuples;
 * the global ridge model, its penalty chosen from :data:`GLOBAL_PENALTIES` (times the row
   count) by the exact leave-one-out residuals ``e / (1 - h)``;
 * the mean of the other rows;
@@ -55,6 +56,8 @@ class PatternModels(Protocol):
     def learn(self, rows: np.ndarray) -> tuple[Any, np.ndarray]: ...
     def pair_errors(self, validated: np.ndarray, owner: np.ndarray, candidates: Any
                     ) -> np.ndarray: ...
+    def validation_costs(self, rows: np.ndarray, candidates: Any
+                         ) -> tuple[np.ndarray, np.ndarray]: ...
     def global_model(self, alpha: float) -> tuple[np.ndarray, np.ndarray]: ...
     def augmented(self, rows: np.ndarray) -> np.ndarray: ...
 
@@ -122,17 +125,23 @@ def held_out_predictions(models: PatternModels, rows: np.ndarray) -> tuple[np.nd
 
 
 def _iim_held_out(models: PatternModels, rows: np.ndarray) -> np.ndarray:
-    """The vote of each row's k nearest other rows' chosen models, each model's error on
-    the row its leave-one-out residual where the row is one of its learning tuples."""
+    """The vote of each row's k nearest other rows' models, each model chosen as Alg. 3
+    would without this row among its validation tuples, and its error on the row taken as
+    its leave-one-out residual where the row is one of its learning tuples."""
     nearest = models.nearest_others_of(rows, min(models.config.n_neighbors,
                                                  models.n_rows - 1))
     owners, position = np.unique(nearest, return_inverse=True)
     candidates, best = models.learn(owners)
-    position = position.reshape(nearest.shape)
+    cost, n_validated = models.validation_costs(owners, candidates)
+    position = position.ravel()
     validated = np.repeat(rows, nearest.shape[1])
-    errors = models.pair_errors(validated, position.ravel(), candidates)
-    chosen = errors[np.arange(len(validated)), best[position.ravel()]]
-    predictions = (models.target[validated] - chosen).reshape(nearest.shape)
+    errors = models.pair_errors(validated, position, candidates)
+    # The row validated every one of its k nearest (and only once): take it out.
+    chosen = first_least(cost[position] - errors**2)
+    alone = n_validated[position] <= 1
+    chosen[alone] = best[position[alone]]  # validated by no other row: the default
+    predictions = (models.target[validated] - errors[np.arange(len(validated)), chosen])
+    predictions = predictions.reshape(nearest.shape)
     weights = vote_weights(predictions, models.config.weights)
     return (weights * predictions).sum(axis=1)
 
