@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ __all__ = ["MICE_ITERATIONS", "PEERS", "miceforest_raw", "missforest_package"]
 MICE_ITERATIONS = 5
 
 
-def _frame(x: np.ndarray):  # noqa: ANN202 - pandas is a benchmark-only dependency
+def _frame(x: np.ndarray) -> Any:
     import pandas as pd
 
     return pd.DataFrame(x, columns=[f"c{column}" for column in range(x.shape[1])])

@@ -16,6 +16,9 @@ ell nearest training rows on F (t_i itself first):
 * Incremental learning (Prop. 3): U^(ell+h) = U^(ell) + dX^T dX and V likewise, i.e. a
   cumulative Gram matrix along each row's sorted neighbour list, so the cost per candidate
   does not grow with ell. All solves are batched (stacked ``np.linalg.solve``).
+* Beyond the paper, chosen by the same validation: local quadratic models at large ell
+  (:mod:`fediim.impute.basis`), and per small pattern a blend of IIM with the global model
+  and the mean checked on held-out rows (:mod:`fediim.impute.pattern_choice`).
 * Imputation (Alg. 2): the k nearest training rows of the query give candidates
   c_i = (1, t_x[F]) phi_i, combined with weights w_i proportional to 1 / sum_j |c_i - c_j|
   (all candidates equal -> plain mean).

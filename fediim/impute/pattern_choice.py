@@ -45,7 +45,7 @@ BLEND_STEP = 0.1
 TIE_TOLERANCE = 1e-9
 
 
-class PatternModels(Protocol):
+class PatternLike(Protocol):
     """What the blend reads of :class:`fediim.impute.iim.PatternModels`."""
 
     n_rows: int
@@ -88,7 +88,7 @@ def blend_grid() -> np.ndarray:
     return np.round(np.asarray(points), 10)
 
 
-def choose_blend(models: PatternModels) -> Blend:
+def choose_blend(models: PatternLike) -> Blend:
     """The blend whose held-out predictions of the training rows err least (IIM alone
     with fewer than three or more than :data:`MAX_CHOICE_ROWS` rows)."""
     if not 3 <= models.n_rows <= MAX_CHOICE_ROWS:
@@ -116,7 +116,7 @@ def first_least(errors: np.ndarray) -> np.ndarray:
     return np.argmax(errors <= least + TIE_TOLERANCE * np.abs(least), axis=-1)
 
 
-def held_out_predictions(models: PatternModels, rows: np.ndarray) -> tuple[np.ndarray, float]:
+def held_out_predictions(models: PatternLike, rows: np.ndarray) -> tuple[np.ndarray, float]:
     """Each way's prediction of the training ``rows``, each without itself, shape
     (3, len(rows)), as (IIM, global model, mean); and the global model's chosen penalty."""
     global_predictions, alpha = _global_held_out(models, rows)
@@ -124,7 +124,7 @@ def held_out_predictions(models: PatternModels, rows: np.ndarray) -> tuple[np.nd
                      _mean_held_out(models.target, rows)]), alpha
 
 
-def _iim_held_out(models: PatternModels, rows: np.ndarray) -> np.ndarray:
+def _iim_held_out(models: PatternLike, rows: np.ndarray) -> np.ndarray:
     """The vote of each row's k nearest other rows' models, each model chosen as Alg. 3
     would without this row among its validation tuples, and its error on the row taken as
     its leave-one-out residual where the row is one of its learning tuples."""
@@ -146,7 +146,7 @@ def _iim_held_out(models: PatternModels, rows: np.ndarray) -> np.ndarray:
     return (weights * predictions).sum(axis=1)
 
 
-def _global_held_out(models: PatternModels, rows: np.ndarray) -> tuple[np.ndarray, float]:
+def _global_held_out(models: PatternLike, rows: np.ndarray) -> tuple[np.ndarray, float]:
     """The global ridge model's exact leave-one-out prediction of each row, at the
     penalty of :data:`GLOBAL_PENALTIES` whose predictions err least."""
     best: tuple[float, np.ndarray, float] | None = None
