@@ -8,8 +8,9 @@ runs, one after the other, each a fresh ``local-deploy`` (SuperLink with TLS and
 authentication, 4 SuperNodes) at ε = 1:
 
 1. ``per-site``: handshake, release, impute;
-2. ``secure``: handshake, advertise keys, share keys, three sums (masked input + unmask
-   each), impute;
+2. ``secure``: handshake (with the keys), share keys (with the first sum's masked
+   inputs), three sums (masked input + unmask each; the first one's inputs came with the
+   keys), impute;
 3. ``secure`` with one SuperNode SIGKILLed as soon as ``federation.json`` records the
    share-keys round (the run must complete with the other three; it waits the short
    ``release-timeout`` of this run for the silent site once).

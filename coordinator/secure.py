@@ -7,7 +7,10 @@ handshake replies when the sites signed them for this run's threshold, else a ro
 their own), share keys, then per statistic (clipping histograms if the plan clips, tree
 counts, leaf Grams) one masked-input round, where each site computes its noised share
 (charged to its ledger, and acknowledged with a spend receipt) and masks it, and one
-unmask round. Between sums it post-processes the sum into the public state of the next
+unmask round. The first statistic needs no earlier sum, so its masked inputs ride with
+key sharing; they are summed when every site that advertised keys shared them, else its
+masked-input round follows as usual (the sites mask the same inputs again). Between sums
+it post-processes the sum into the public state of the next
 (:mod:`fediim.federated.secure_release`); the last sum becomes the bank, whose every cell
 is a sum over sites.
 
@@ -46,6 +49,7 @@ from fediim.protocol.secure_sum import (
     CoordinatorSecureAggregator,
     KeyAdvertisement,
     MaskedInput,
+    MaskedInputRequest,
     SecureAggregationError,
     SecureSumConfig,
     SecureSumMessage,
@@ -90,15 +94,16 @@ class _SecureRounds:
                              **extra).to_record()
 
     def round(self, name: str, step: str, site_ids: Iterable[str], extra: Extra,
-              timeout: float) -> dict[str, bytes]:
-        """One secure round to the still active ``site_ids``: their protocol messages by
-        site id; every other site is dropped, and quorum (t and min-sites) checked."""
+              timeout: float) -> dict[str, SecureReply]:
+        """One secure round to the still active ``site_ids``: their replies (each with a
+        protocol message) by site id; every other site is dropped, and quorum (t and
+        min-sites) checked."""
         fed, stage = self.fed, f"secure:{name}"
         active = {site.site_id for site in fed.active()}
         requests = {self.node_of[s]: self._request(s, step, extra(s))
                     for s in site_ids if s in active}
         replies: dict[int, SecureReply] = fed.exchange(stage, requests, timeout, "secure")
-        payloads: dict[str, bytes] = {}
+        accepted: dict[str, SecureReply] = {}
         for node, reply in replies.items():
             site = fed.sites[node]
             if reply.ledger is not None:
@@ -111,15 +116,16 @@ class _SecureRounds:
                 site.exclude(stage, "malformed_reply", "no protocol message in the reply")
             else:
                 site.stages[stage] = {"code": "ok", "reason": ""}
-                payloads[site.site_id] = reply.secagg
-        if step == "masked_input":
+                accepted[site.site_id] = reply
+        if step in ("masked_input", "share_keys"):  # the sites that charged their ledgers
             fed._issue_receipts(replies, stage)
-        payloads = {s: data for s, data in payloads.items() if fed.sites[self.node_of[s]].active}
-        fed.secure_info["rounds"].append({"round": name, "survivors": sorted(payloads)})
+        accepted = {s: reply for s, reply in accepted.items()
+                    if fed.sites[self.node_of[s]].active}
+        fed.secure_info["rounds"].append({"round": name, "survivors": sorted(accepted)})
         fed.write_view("running")
         fed.check_quorum(stage)
-        self.require_threshold(len(payloads), stage)
-        return payloads
+        self.require_threshold(len(accepted), stage)
+        return accepted
 
     def require_threshold(self, n_sites: int, stage: str) -> None:
         """Raise :class:`QuorumNotMet` (after writing the view) below the threshold t."""
@@ -130,14 +136,14 @@ class _SecureRounds:
         self.fed.write_view("failed", message)
         raise QuorumNotMet(message)
 
-    def decoded(self, payloads: dict[str, bytes], kind: type[M], sender: str,
+    def decoded(self, replies: dict[str, SecureReply], kind: type[M], sender: str,
                 stage: str, check: Callable[[M], bool] = lambda message: True) -> dict[str, M]:
-        """Each payload as a ``kind`` message sent by its site (field ``sender``) that
-        passes ``check``; any other site is dropped as malformed."""
+        """Each reply's protocol message as a ``kind`` message sent by its site (field
+        ``sender``) that passes ``check``; any other site is dropped as malformed."""
         messages: dict[str, M] = {}
-        for site_id, data in payloads.items():
+        for site_id, reply in replies.items():
             try:
-                message = kind.decode(data)
+                message = kind.decode(reply.secagg or b"")
                 if getattr(message, sender) != site_id or not check(message):
                     raise MessageError(f"not this site's {kind.kind} for this run and step")
             except MessageError as exc:
@@ -149,7 +155,7 @@ class _SecureRounds:
         return messages
 
     # -- the run --------------------------------------------------------------------------
-    def handshake_adverts(self) -> dict[str, bytes] | None:
+    def handshake_adverts(self) -> dict[str, SecureReply] | None:
         """Every admitted site's keys from its handshake reply, if they were asked for this
         run's threshold and every site sent them (else None: an advertise round)."""
         fed = self.fed
@@ -159,35 +165,91 @@ class _SecureRounds:
             return None
         fed.secure_info["rounds"].append({"round": "advertise", "in_handshake": True,
                                           "survivors": sorted(adverts)})
-        return adverts  # type: ignore[return-value]
+        return {site_id: SecureReply(site_id=site_id, secagg=advert)
+                for site_id, advert in adverts.items()}  # type: ignore[arg-type]
 
-    def set_up(self) -> dict[str, ShareDelivery]:
-        """Advertise keys (unless the handshake did) and share keys; the shares to
-        deliver, by recipient."""
+    def set_up(self) -> tuple[dict[str, ShareDelivery], dict[str, MaskedInput]]:
+        """Advertise keys (unless the handshake did) and share keys, asking the first
+        session's masked inputs with them; the shares to deliver, by recipient, and those
+        inputs by site if they can be summed (else none: the session is asked again)."""
         timeout, no_extra = self.fed.cfg.key_timeout, (lambda site_id: {})
-        payloads = self.handshake_adverts()
-        if payloads is None:
-            payloads = self.round("advertise", "advertise", self.config.sites, no_extra,
-                                  timeout)
-        adverts = self.decoded(payloads, KeyAdvertisement, "site_id", "advertise",
+        replies = self.handshake_adverts()
+        if replies is None:
+            replies = self.round("advertise", "advertise", self.config.sites, no_extra,
+                                 timeout)
+        adverts = self.decoded(replies, KeyAdvertisement, "site_id", "advertise",
                                lambda m: (m.run_id, m.n_sessions, m.threshold) == (
                                    self.config.run_id, self.config.n_sessions,
                                    self.config.threshold))
         broadcast = self.protocol.broadcast_advertisements(adverts.values()).encode()
-        bundles = self.decoded(
-            self.round("share_keys", "share_keys", adverts,
-                       lambda site_id: {"secagg": broadcast}, timeout),
-            ShareBundle, "sender", "share_keys")
-        return self.protocol.route_shares(bundles.values())
+        first = self.first_input_request()
+        extra = {"secagg": broadcast} if first is None else {
+            "secagg": broadcast, "first_input": first.encode(),
+            "public_state": PublicState().encode()}
+        replies = self.round("share_keys", "share_keys", adverts, lambda site_id: extra,
+                             timeout)
+        bundles = self.decoded(replies, ShareBundle, "sender", "share_keys")
+        deliveries = self.protocol.route_shares(bundles.values())
+        return deliveries, self.early_inputs(first, replies)
+
+    def first_input_request(self) -> MaskedInputRequest | None:
+        """The first session's request to ride with key sharing, if its statistic needs no
+        earlier sum (the histograms)."""
+        if self.statistics[0] != "histograms":
+            return None
+        length = PublicState().vector_length("histograms", self.fed.n_features,
+                                             self.plan.n_trees)
+        return self.protocol.first_input_request(length)
+
+    def early_inputs(self, first: MaskedInputRequest | None,
+                     replies: dict[str, SecureReply]) -> dict[str, MaskedInput]:
+        """The first session's inputs from the key-sharing replies, when every site that
+        advertised shared its keys and sent a well-formed input; else none."""
+        if first is None or not self.protocol.first_inputs_usable():
+            return {}
+        inputs: dict[str, MaskedInput] = {}
+        for site_id in first.participants:
+            reply = replies.get(site_id)
+            try:
+                message = MaskedInput.decode(reply.first_input or b"") if reply else None
+            except MessageError:
+                return {}
+            if message is None or (message.run_id, message.session, message.site_id,
+                                   message.length) != (first.run_id, 0, site_id, first.length):
+                return {}
+            inputs[site_id] = message
+        return inputs
 
     def secure_sum(self, statistic: str, state: PublicState,
-                   deliveries: dict[str, ShareDelivery]) -> tuple[np.ndarray, tuple[str, ...]]:
-        """One session: masked inputs over ``state``, unmasking; (sum, its survivors)."""
+                   deliveries: dict[str, ShareDelivery], early: dict[str, MaskedInput]
+                   ) -> tuple[np.ndarray, tuple[str, ...]]:
+        """One session: masked inputs over ``state`` (unless they came ``early``, with key
+        sharing: then the shares ride with the unmasking), unmasking; (sum, survivors)."""
+        masked = early or self.masked_inputs(statistic, state, deliveries)
+        riding = deliveries if early else {}
+        unmask = self.protocol.unmask_request(masked.values())
+        replies = self.decoded(
+            self.round(f"{statistic}:unmask", "unmask", unmask.survivors,
+                       lambda site_id: {"secagg": unmask.encode(), **(
+                           {"delivery": riding[site_id].encode()} if site_id in riding
+                           else {})}, self.fed.cfg.release_timeout),
+            UnmaskReply, "site_id", f"{statistic}:unmask",
+            lambda m: (m.run_id, m.session) == (unmask.run_id, unmask.session))
+        total = self.protocol.unmasked_sum(replies.values())
+        self.fed.secure_info["sessions"].append(
+            {"statistic": statistic, "survivors": list(unmask.survivors),
+             "dropped": list(unmask.dropped),
+             "inputs_round": "share_keys" if early else f"{statistic}:masked_input"})
+        return total, unmask.survivors
+
+    def masked_inputs(self, statistic: str, state: PublicState,
+                      deliveries: dict[str, ShareDelivery]) -> dict[str, MaskedInput]:
+        """One masked-input round over ``state`` (the shares ride with it if given)."""
         length = state.vector_length(statistic, self.fed.n_features, self.plan.n_trees)
         request = self.protocol.masked_input_request(length)
         shared = {"secagg": request.encode(), "public_state": state.encode()}
         timeout = self.fed.cfg.release_timeout
-        masked = self.decoded(
+        return self.decoded(
             self.round(f"{statistic}:masked_input", "masked_input", request.participants,
                        lambda site_id: {**shared, **({"delivery": deliveries[site_id].encode()}
                                                      if site_id in deliveries else {})},
@@ -195,29 +257,18 @@ class _SecureRounds:
             MaskedInput, "site_id", f"{statistic}:masked_input",
             lambda m: (m.run_id, m.session, m.length) == (request.run_id, request.session,
                                                           length))
-        unmask = self.protocol.unmask_request(masked.values())
-        replies = self.decoded(
-            self.round(f"{statistic}:unmask", "unmask", unmask.survivors,
-                       lambda site_id: {"secagg": unmask.encode()}, timeout),
-            UnmaskReply, "site_id", f"{statistic}:unmask",
-            lambda m: (m.run_id, m.session) == (request.run_id, request.session))
-        total = self.protocol.unmasked_sum(replies.values())
-        self.fed.secure_info["sessions"].append(
-            {"statistic": statistic, "survivors": list(unmask.survivors),
-             "dropped": list(unmask.dropped)})
-        return total, unmask.survivors
 
     def run(self) -> ModelBank:
         """Every round; the federation's bank, vetted against the plan's limits for a sum."""
-        deliveries = self.set_up()
+        deliveries, early = self.set_up()
 
         def sum_of(statistic: str, box: tuple[np.ndarray, np.ndarray] | None,
                    depth: int | None, trees: Sequence[GlobalTree]
                    ) -> tuple[np.ndarray, tuple[str, ...]]:
-            # the share deliveries ride with the first masked-input round
+            # the share deliveries ride with the first session's first round after keys
             first = statistic == self.statistics[0]
             return self.secure_sum(statistic, PublicState(box, depth, list(trees)),
-                                   deliveries if first else {})
+                                   deliveries if first else {}, early if first else {})
 
         summed = summed_release(self.plan, self.settings, self.clip, sum_of)
         cfg = self.fed.cfg

@@ -10,13 +10,15 @@
 
 :func:`impute_table` runs one of them on the columns a table observes at all (a column
 never observed, like Switzerland's ``chol`` in UCI Heart, stays NaN: there is nothing to
-learn it from) and keeps every observed cell exactly.
+learn it from) and keeps every observed cell exactly. With ``kinds`` (coded columns and
+their declared levels) ``iim`` imputes them natively as levels; every other method's value
+is rounded to the nearest level, except ``mean``, which imputes the column's mode.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +39,13 @@ class Imputed:
 
 
 _Method = Callable[[np.ndarray, int, int, int], Imputed]
+Kinds = dict[int, tuple[str, tuple[float, ...]]]
 
 
-def _iim(x: np.ndarray, k: int, seed: int, n_jobs: int) -> Imputed:
-    return Imputed(np.asarray(IIMImputer(n_neighbors=k).fit_transform(x), dtype=np.float64))
+def _iim(x: np.ndarray, k: int, seed: int, n_jobs: int, kinds: Kinds | None = None,
+         options: Mapping[str, Any] | None = None) -> Imputed:
+    imputer = IIMImputer(n_neighbors=k, column_kinds=kinds or None, **(options or {}))
+    return Imputed(np.asarray(imputer.fit_transform(x), dtype=np.float64))
 
 
 def _knn(x: np.ndarray, k: int, seed: int, n_jobs: int) -> Imputed:
@@ -84,28 +89,53 @@ def _missforest(x: np.ndarray, k: int, seed: int, n_jobs: int) -> Imputed:
                                           initial_strategy="mean"))
 
 
+def _as_levels(out: np.ndarray, x: np.ndarray, kinds: Kinds, *, mode: bool) -> np.ndarray:
+    """Imputed cells of coded columns as declared levels: the nearest one, or with
+    ``mode`` the column's most frequent observed level."""
+    out = out.copy()
+    for j, (_, levels) in kinds.items():
+        cells = np.isnan(x[:, j]) & np.isfinite(out[:, j])
+        table = np.asarray(levels, dtype=np.float64)
+        if mode:
+            counts = [(x[:, j] == level).sum() for level in table]
+            out[cells, j] = table[int(np.argmax(counts))]
+        else:
+            out[cells, j] = table[np.abs(out[cells, j, None] - table).argmin(axis=1)]
+    return out
+
+
 #: name -> imputer of one table, see the module docstring.
 TABLE_METHODS: dict[str, _Method] = {
     "iim": _iim, "knn": _knn, "mean": _mean, "mice": _mice, "missforest": _missforest,
 }
 
 
-def impute_table(method: str, x: np.ndarray, *, k: int = 10, seed: int = 0, n_jobs: int = 1
+def impute_table(method: str, x: np.ndarray, *, k: int = 10, seed: int = 0, n_jobs: int = 1,
+                 kinds: Kinds | None = None, iim_options: Mapping[str, Any] | None = None
                  ) -> Imputed:
     """``x`` with its gaps filled by ``method`` (a key of :data:`TABLE_METHODS`).
 
     ``k``: neighbours (iim, knn); ``seed``: the iterative imputers' random state;
     ``n_jobs``: MissForest's tree threads (the result depends on it only through the
-    order of float sums).
+    order of float sums); ``iim_options``: further IIMImputer parameters of ``iim``
+    (e.g. ``blend=True, quadratic=True``).
     """
     run = TABLE_METHODS[method]
     seen = np.flatnonzero(~np.isnan(x).all(axis=0))
     out = x.copy()
     diagnostics: dict[str, Any] = {}
     if x.shape[0] and np.isnan(x[:, seen]).any():
-        imputed = run(x[:, seen], k, seed, n_jobs)
+        if method == "iim" and (kinds or iim_options):  # kinds: within the observed columns
+            position = {int(j): number for number, j in enumerate(seen)}
+            imputed = _iim(x[:, seen], k, seed, n_jobs,
+                           {position[j]: spec for j, spec in (kinds or {}).items()
+                            if j in position}, iim_options)
+        else:
+            imputed = run(x[:, seen], k, seed, n_jobs)
         out[:, seen] = imputed.values
         diagnostics = imputed.diagnostics
+        if kinds and method != "iim":
+            out = _as_levels(out, x, kinds, mode=method == "mean")
     observed = ~np.isnan(x)
     out[observed] = x[observed]
     return Imputed(out, diagnostics)

@@ -48,6 +48,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from fediim.errors import StudyConfigError
@@ -58,6 +59,7 @@ __all__ = [
     "METHODS",
     "PRIVATE_METHODS",
     "DatasetConfig",
+    "DownstreamConfig",
     "MissingnessConfig",
     "PartitionConfig",
     "Study",
@@ -195,6 +197,22 @@ class PartitionConfig(_Model):
         return v
 
 
+class ColumnLevels(_Model):
+    """``[datasets.levels] name = {kind = ..., levels = [...]}``: a coded column, imputed
+    as one of its declared (public) levels."""
+
+    kind: Literal["binary", "categorical", "ordinal"]
+    levels: list[float] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> ColumnLevels:
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"expected distinct levels, got {self.levels}")
+        if self.kind == "binary" and len(self.levels) != 2:
+            raise ValueError(f"a binary column has exactly 2 levels, got {self.levels}")
+        return self
+
+
 class DatasetConfig(_Model):
     """``[[datasets]]``: one federation (its data, its split into sites)."""
 
@@ -212,6 +230,10 @@ class DatasetConfig(_Model):
     #: Columns holding codes (binary or categorical values): private clipping never
     #: narrows them (a noisy quantile between two codes would clamp half the records).
     code_columns: list[str] = Field(default_factory=list)
+    #: Coded columns with their kind and declared levels: every method imputes them as
+    #: levels (fediim's engines natively, the baselines rounded to the nearest level, the
+    #: mean as the mode) and the study reports their accuracy.
+    levels: dict[str, ColumnLevels] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -242,6 +264,9 @@ class MissingnessConfig(_Model):
     driver: str | None = None
     strength: float = 2.0
     site_rates: dict[str, float] = Field(default_factory=dict)
+    #: per named site, its own mechanism, rate and the rest (the other sites keep this
+    #: section's); drawn on that site alone
+    sites: dict[str, MissingnessConfig] = Field(default_factory=dict)
 
     @field_validator("site_rates")
     @classmethod
@@ -251,6 +276,22 @@ class MissingnessConfig(_Model):
                 raise ValueError(f"{site}: expected a fraction between 0 and 1 (exclusive), "
                                  f"got {r}")
         return v
+
+
+class DownstreamConfig(_Model):
+    """``[downstream]``: a regression fitted on every imputed federation (rows pooled), and
+    the coefficient whose bias and interval coverage are reported, single against
+    multiple imputation."""
+
+    model: Literal["linear", "logistic"] = "linear"
+    target: str = Field(min_length=1)
+    #: logistic: the positive class is ``target > threshold`` (None: the target is 0/1)
+    threshold: float | None = None
+    #: the regressors (default: every other column)
+    features: list[str] | None = None
+    coefficient: str = Field(min_length=1)
+    #: M of the multiple-imputation arm
+    n_imputations: int = Field(5, ge=2, le=100)
 
 
 def _check_bounds(v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -267,6 +308,7 @@ class StudyConfig(_Model):
     missingness: MissingnessConfig = Field(default_factory=MissingnessConfig)
     datasets: list[DatasetConfig] = Field(min_length=1)
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    downstream: DownstreamConfig | None = None
 
     @field_validator("bounds")
     @classmethod
@@ -364,6 +406,29 @@ def _cross_checks(cfg: StudyConfig, source: str) -> None:
             fail(f"datasets[{i}].name", f"{d.name!r} is used by more than one dataset")
         _check_dataset(d, f"datasets[{i}]", fail)
     _check_missingness(cfg.missingness, fail)
+    for site, own in cfg.missingness.sites.items():
+        if own.sites or own.site_rates:
+            fail(f"missingness.sites.{site}", "a site's own missingness cannot name sites")
+        _check_missingness(own, fail, f"missingness.sites.{site}")
+    if cfg.downstream is not None:
+        _check_downstream(cfg.downstream, fail)
+        if any(d.levels for d in cfg.datasets):
+            fail("downstream", "multiple imputation of coded columns ([datasets.levels]) is "
+                               "not available yet: drop [downstream] or the declared levels")
+
+
+def _check_downstream(d: DownstreamConfig, fail: _Fail) -> None:
+    features = d.features
+    if features is not None and (not features or len(set(features)) != len(features)):
+        fail("downstream.features", "expected a non-empty list of distinct column names")
+    if d.target in (features or []):
+        fail("downstream.features", f"the target {d.target!r} cannot also be a regressor")
+    if d.coefficient == d.target or (features is not None and d.coefficient not in features):
+        fail("downstream.coefficient", f"{d.coefficient!r} must be one of the regressors "
+                                       "(downstream.features, default: every column but "
+                                       "the target)")
+    if d.model == "linear" and d.threshold is not None:
+        fail("downstream.threshold", "only used with model = 'logistic'")
 
 
 def _check_dataset(d: DatasetConfig, key: str, fail: _Fail) -> None:
@@ -404,22 +469,21 @@ def _check_size_skew(p: PartitionConfig, pk: str, fail: _Fail) -> None:
         fail(f"{pk}.sites", f"{p.sites} sites but {n} {key}")
 
 
-def _check_missingness(m: MissingnessConfig, fail: _Fail) -> None:
+def _check_missingness(m: MissingnessConfig, fail: _Fail, key: str = "missingness") -> None:
     if m.site_rates and m.mechanism != "one_attribute":
-        fail("missingness.site_rates", "only used with mechanism = 'one_attribute' (the other "
-                                       "mechanisms draw over the federation as a whole)")
+        fail(f"{key}.site_rates", "only used with mechanism = 'one_attribute' (the other "
+                                  "mechanisms draw over the federation as a whole)")
     if m.mechanism == "mar" and m.driver is None:
-        fail("missingness.driver", "required for mechanism = 'mar': the observed column whose "
-                                   "value drives the probability of missingness")
+        fail(f"{key}.driver", "required for mechanism = 'mar': the observed column whose "
+                              "value drives the probability of missingness")
     if m.mechanism != "mar" and m.driver is not None:
-        fail("missingness.driver", "only used with mechanism = 'mar'")
+        fail(f"{key}.driver", "only used with mechanism = 'mar'")
     if m.mechanism == "mnar" and not m.strength > 0:
-        fail("missingness.strength", "must be > 0 for 'mnar' (larger values more often "
-                                     "missing)")
+        fail(f"{key}.strength", "must be > 0 for 'mnar' (larger values more often missing)")
     if m.mechanism == "mar" and (m.strength == 0 or not math.isfinite(m.strength)):
-        fail("missingness.strength", "must be a finite non-zero number")
+        fail(f"{key}.strength", "must be a finite non-zero number")
     if m.mechanism == "mar" and m.columns is not None and m.driver in m.columns:
-        fail("missingness.columns", f"the driver column {m.driver!r} cannot also be masked")
+        fail(f"{key}.columns", f"the driver column {m.driver!r} cannot also be masked")
 
 
 def study_from_dict(raw: dict[str, Any], source: str = "<study>",

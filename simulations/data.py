@@ -88,6 +88,8 @@ class Federation:
     absent: dict[str, list[str]] = field(default_factory=dict)
     #: columns holding codes, never narrowed by private clipping (``code_columns``)
     code_columns: list[str] = field(default_factory=list)
+    #: coded columns by position: (kind, declared levels) (``[datasets.levels]``)
+    kinds: dict[int, tuple[str, tuple[float, ...]]] = field(default_factory=dict)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -338,12 +340,16 @@ def make_federation(study: Study, index: int, seed: int, raw: RawData | None = N
     _check_absent(ds, names, raw.columns, where)
     for j, c in enumerate(ds.code_columns):
         _need(c, raw.columns, f"{where}.code_columns[{j}]")
+    for c in ds.levels:
+        _need(c, raw.columns, f"{where}.levels.{c}")
+    kinds = {raw.columns.index(c): (spec.kind, tuple(spec.levels))
+             for c, spec in ds.levels.items()}
     bmap = study.bounds_for(ds)
     bounds = None
     if all(c in bmap for c in raw.columns):
         bounds = np.array([bmap[c] for c in raw.columns], dtype=np.float64)
     return Federation(ds.name, list(raw.columns), names, sites, bounds,
-                      {s: list(c) for s, c in ds.absent.items()}, list(ds.code_columns))
+                      {s: list(c) for s, c in ds.absent.items()}, list(ds.code_columns), kinds)
 
 
 def _check_absent(ds: DatasetConfig, site_names: list[str], columns: list[str], where: str

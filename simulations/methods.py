@@ -12,6 +12,14 @@ they are post-processing of the same bank, so each site spends its budget once f
 Baselines (``simulations.baselines``: knn, mean, mice, missforest); ``<name>`` pools all
 sites (not private), ``<name>_local`` runs on each site alone.
 
+Coded columns (``[datasets.levels]``) are imputed as declared levels by every method and
+also scored by accuracy (share of hidden cells given their true level; binary and
+categorical columns), pooled and per site.
+
+Downstream (``[downstream]``): a regression fitted on each imputed federation, and with
+``local``, ``centralized`` and the private methods also on M drawn federations
+(multiple imputation, pooled with Rubin's rules); see :mod:`simulations.downstream`.
+
 Scoring: NRMSE over the hidden cells, each error divided by its attribute's std (ddof=0)
 over the federation's complete rows (:func:`pooled_std`), pooled over all sites, per site
 and per (site, column). Cells of a column a site never measures (``[datasets.absent]``)
@@ -28,10 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from fediim import IIMImputer
 from fediim.federated import FederatedIIM, site_impute
+from fediim.federated.multiple import site_draws
 from simulations.baselines import impute_table
 from simulations.config import PRIVATE_METHODS, Study, eps_key
 from simulations.data import Federation, cached_raw, make_federation
+from simulations.downstream import downstream_record
 from simulations.missingness import hide_cells
 
 __all__ = ["Prepared", "Task", "TaskResult", "compute_task", "pooled_std", "prepare", "score"]
@@ -133,7 +144,33 @@ def score(out: Sequence[np.ndarray], p: Prepared) -> dict[str, Any]:
     return {"nrmse": float(np.sqrt(np.mean(allerr**2))), "nrmse_site": per_site,
             "n_masked": int(allerr.size), "n_masked_site": n_site,
             "nrmse_site_column": per_column, "n_masked_site_column": n_column,
-            **_score_never(out, p)}
+            **_score_never(out, p), **_score_levels(out, p)}
+
+
+def _score_levels(out: Sequence[np.ndarray], p: Prepared) -> dict[str, Any]:
+    """Accuracy on the hidden cells of binary and categorical columns, pooled and per
+    site, and whether every imputed coded cell is a declared level (nothing without
+    ``[datasets.levels]``)."""
+    voted = [j for j, (kind, _) in p.fed.kinds.items() if kind != "ordinal"]
+    if not p.fed.kinds:
+        return {}
+    hits, per_site, n_site = [], {}, {}
+    for y, x, mk, xm, sid in zip(out, p.fed.sites, p.masks, p.masked, p.fed.site_names,
+                                 strict=True):
+        for j, (_, levels) in p.fed.kinds.items():
+            filled = np.isnan(xm[:, j]) & np.isfinite(y[:, j])
+            if not np.isin(y[filled, j], levels).all():
+                raise RuntimeError(f"site {sid}: column {p.fed.columns[j]} got a value that "
+                                   "is no declared level")
+        r, c = np.nonzero(mk[:, voted])
+        columns = np.asarray(voted, dtype=np.intp)[c]
+        hit = y[r, columns] == x[r, columns]
+        hits.append(hit)
+        per_site[sid] = float(hit.mean()) if hit.size else None
+        n_site[sid] = int(hit.size)
+    pooled = np.concatenate(hits)
+    return {"accuracy": float(pooled.mean()) if pooled.size else None,
+            "accuracy_site": per_site, "n_coded_masked_site": n_site}
 
 
 def _rms(e: np.ndarray) -> float | None:
@@ -171,10 +208,28 @@ def _run_public(method: str, p: Prepared, k: int, seed: int) -> list[np.ndarray]
         base, local = method.removesuffix("_local"), True
     else:
         base, local = method, False
+    kinds = p.fed.kinds or None
     if local:
-        return [impute_table(base, x, k=k, seed=seed).values for x in p.masked]
-    pooled = impute_table(base, np.vstack(p.masked), k=k, seed=seed).values
+        return [impute_table(base, x, k=k, seed=seed, kinds=kinds).values for x in p.masked]
+    pooled = impute_table(base, np.vstack(p.masked), k=k, seed=seed, kinds=kinds).values
     return np.split(pooled, np.cumsum([len(x) for x in p.masked])[:-1])
+
+
+def _aggregation(aggregation: str, p: Prepared) -> str:
+    """The study's aggregation; with coded columns the sites release one by one (secure
+    sums do not take coded columns yet)."""
+    return "per-site" if p.fed.kinds and aggregation == "auto" else aggregation
+
+
+def _private_imputation(f: FederatedIIM, p: Prepared, method: str, k: int
+                        ) -> list[np.ndarray]:
+    """Every site imputed from the fitted bank in ``method``'s mode (coded columns decoded
+    into their levels by the estimator)."""
+    if p.fed.kinds:
+        return f.set_params(mode=_SITE_MODE[method]).transform(p.masked)
+    return [site_impute(x, f.bank_, f.bounds_, mode=_SITE_MODE[method], n_neighbors=k,
+                        site_id=sid).values
+            for x, sid in zip(p.masked, p.fed.site_names, strict=True)]
 
 
 # -- one task -----------------------------------------------------------------------------
@@ -196,8 +251,32 @@ def _public_record(task: Task, method: str, p: Prepared, base: dict[str, Any]
     t0 = time.perf_counter()
     out = _run_public(method, p, task.study.config.study.k, task.seed)
     secs = time.perf_counter() - t0
-    return {**base, "method": method, "epsilon": None, "private": False, **score(out, p),
-            "time_s": secs, "privacy_site": None}
+    record = {**base, "method": method, "epsilon": None, "private": False, **score(out, p),
+              "time_s": secs, "privacy_site": None}
+    down = task.study.config.downstream
+    if down is not None:
+        drawn = _public_draws(method, p, task.study.config.study.k, task.seed,
+                              down.n_imputations)
+        record["downstream"] = downstream_record(down, p.fed.columns, p.fed.sites, out, drawn)
+    return record
+
+
+def _public_draws(method: str, p: Prepared, k: int, seed: int, n_imputations: int
+                  ) -> list[list[np.ndarray]] | None:
+    """IIM's multiple imputation as ``[imputation][site]`` for ``local`` (each site alone)
+    and ``centralized`` (all sites pooled); None for the baselines (they draw none)."""
+    if method not in ("local", "centralized"):
+        return None
+
+    def draws(x: np.ndarray) -> list[np.ndarray]:
+        return IIMImputer(n_neighbors=k, n_imputations=n_imputations,
+                          random_state=seed).fit(x).multiple_imputations(x)
+
+    if method == "local":
+        per_site = [draws(x) for x in p.masked]
+        return [list(federation) for federation in zip(*per_site, strict=True)]
+    cuts = np.cumsum([len(x) for x in p.masked])[:-1]
+    return [np.split(table, cuts) for table in draws(np.vstack(p.masked))]
 
 
 def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResult:
@@ -211,7 +290,8 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
     clip_columns = [column not in p.fed.code_columns for column in p.fed.columns]
     f = FederatedIIM(n_neighbors=s.k, epsilon=task.epsilon, delta=s.delta, bounds=p.fed.bounds,
                      mode="federated", seed=task.seed, clip_columns=clip_columns,
-                     aggregation=s.aggregation).fit(p.masked, site_ids=p.fed.site_names)
+                     aggregation=_aggregation(s.aggregation, p),
+                     column_kinds=p.fed.kinds or None).fit(p.masked, site_ids=p.fed.site_names)
     fit_s = time.perf_counter() - t0
     privacy = {sid: None if led is None else {
         "rho_spent": float(led.spent_rho), "epsilon_spent": float(led.epsilon(s.delta)),
@@ -222,13 +302,28 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
     recs: TaskResult = []
     for method in task.methods:
         t1 = time.perf_counter()
-        out = [site_impute(x, f.bank_, f.bounds_, mode=_SITE_MODE[method], n_neighbors=s.k,
-                           site_id=sid).values
-               for x, sid in zip(p.masked, p.fed.site_names, strict=True)]
+        out = _private_imputation(f, p, method, s.k)
         imp_s = time.perf_counter() - t1
         recs.append({**base, "method": method, "epsilon": eps_key(task.epsilon),
                      "private": True, **score(out, p), "time_s": fit_s + imp_s,
                      "fit_s": fit_s, "impute_s": imp_s, "privacy_site": privacy,
                      "bank_cells_site": bank_cells, "aggregation": aggregation,
                      "bank_cells": int(f.bank_.n_cells)})
+        down = task.study.config.downstream
+        if down is not None:
+            drawn = _private_draws(f, p, _SITE_MODE[method], s.k, task.seed,
+                                   down.n_imputations)
+            recs[-1]["downstream"] = downstream_record(down, p.fed.columns, p.fed.sites, out,
+                                                       drawn)
     return recs
+
+
+def _private_draws(f: FederatedIIM, p: Prepared, mode: str, k: int, seed: int,
+                   n_imputations: int) -> list[list[np.ndarray]]:
+    """Multiple imputation from the bank (:func:`~fediim.federated.multiple.site_draws`),
+    as ``[imputation][site]``, each site's draws seeded by the seed and its position."""
+    per_site = [[result.values for result in site_draws(
+        x, f.bank_, f.bounds_, n_imputations, mode=mode, n_neighbors=k,  # type: ignore[arg-type]
+        site_id=sid, random_state=0, rng=np.random.default_rng([seed, number]))]
+        for number, (x, sid) in enumerate(zip(p.masked, p.fed.site_names, strict=True))]
+    return [list(federation) for federation in zip(*per_site, strict=True)]

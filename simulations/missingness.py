@@ -27,6 +27,9 @@ For mcar/mar/mnar the draws are made on the sites stacked in order with
 mechanism is the federation's, not tuned per site). The target ``columns`` default to all
 columns (all but the driver for mar).
 
+``sites`` gives named sites a mechanism of their own (rate, columns, driver, strength),
+drawn on that site alone (:func:`site_missingness`); the others keep the study-wide one.
+
 Columns a site never measures (``[datasets.absent]``) are hidden first, whole
 (:func:`hide_cells`); the mechanism then runs on what the site does measure.
 """
@@ -41,7 +44,7 @@ from scipy.special import expit
 from simulations.config import MissingnessConfig
 
 __all__ = ["absent_cells", "apply_missingness", "hide_cells", "mask_one_attribute",
-           "mask_pooled"]
+           "mask_pooled", "site_missingness"]
 
 
 def mask_one_attribute(sites: Sequence[np.ndarray], rate: float | Sequence[float], seed: int,
@@ -148,6 +151,21 @@ def apply_missingness(sites: Sequence[np.ndarray], columns: Sequence[str],
     return np.split(mask, np.cumsum([len(s) for s in sites])[:-1])
 
 
+def site_missingness(sites: Sequence[np.ndarray], columns: Sequence[str],
+                     cfg: MissingnessConfig, seed: int, site_names: Sequence[str]
+                     ) -> list[np.ndarray]:
+    """:func:`apply_missingness` over the federation, then each site named in
+    ``cfg.sites`` masked again on its own with its own mechanism (seeded by ``seed`` and
+    the site's position), replacing its federation-wide draw."""
+    masks = apply_missingness(sites, columns, cfg, seed, site_names)
+    for number, (x, name) in enumerate(zip(sites, site_names, strict=True)):
+        own = cfg.sites.get(name)
+        if own is not None:
+            masks[number] = apply_missingness([x], columns, own, seed * 1009 + number,
+                                              [name])[0]
+    return masks
+
+
 def absent_cells(sites: Sequence[np.ndarray], columns: Sequence[str],
                  site_names: Sequence[str], absent: Mapping[str, Sequence[str]]
                  ) -> list[np.ndarray]:
@@ -174,4 +192,4 @@ def hide_cells(sites: Sequence[np.ndarray], columns: Sequence[str],
     never = absent_cells(sites, columns, site_names, absent)
     seen = [np.where(a, np.nan, x) if a.any() else x
             for x, a in zip(sites, never, strict=True)]
-    return apply_missingness(seen, columns, cfg, seed, site_names), never
+    return site_missingness(seen, columns, cfg, seed, site_names), never

@@ -28,7 +28,8 @@ __all__ = ["StudyRun", "code_fingerprint", "finish_machine_info", "machine_info"
 #: Packages whose every module's source enters the fingerprint of a cell's code.
 _CODE_PACKAGES = ("fediim.impute", "fediim.privacy", "fediim.federated")
 _CODE_MODULES = ("fediim.io.result", "fediim.io.table", "simulations.baselines",
-                 "simulations.data", "simulations.missingness", "simulations.methods")
+                 "simulations.data", "simulations.missingness", "simulations.methods",
+                 "simulations.downstream", "fediim.mi")
 #: The folder git is asked about (the repository, when run from a checkout).
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from fediim.io.atomic import atomic_write_text
 from fediim.io.json_results import write_results
-from simulations.config import PRIVATE_METHODS, Study, eps_key
+from simulations.config import PRIVATE_METHODS, MissingnessConfig, Study, eps_key
+from simulations.downstream import downstream_markdown, summarise_downstream
 from simulations.plots import plot_nrmse, plot_privacy, plot_sites, pyplot
 from simulations.provenance import StudyRun, machine_info
 from simulations.small_site import (
@@ -82,8 +83,15 @@ _PLOT_CAPTIONS = {
 
 # -- text ---------------------------------------------------------------------------------
 def _describe_missingness(study: Study) -> str:
-    """The missingness mechanism in words."""
+    """The missingness mechanism in words, and each site's own where it has one."""
     m = study.config.missingness
+    own = "".join(f"; at site `{site}`, its own: {_describe_mechanism(cfg)}"
+                  for site, cfg in m.sites.items())
+    return _describe_mechanism(m) + own
+
+
+def _describe_mechanism(m: MissingnessConfig) -> str:
+    """One missingness section's mechanism in words."""
     cols = f" in columns {', '.join(m.columns)}" if m.columns else ""
     if m.mechanism == "one_attribute":
         per_site = "".join(f"; at site `{s}`, {r:.0%}" for s, r in m.site_rates.items())
@@ -363,6 +371,44 @@ def _files(run: StudyRun) -> list[str]:
             f"`{run.code_fp[:12]}`; a code change invalidates the cache).", ""]
 
 
+def _categorical(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Accuracy on the hidden cells of binary and categorical columns (studies declaring
+    ``[datasets.levels]``), pooled over seeds (each seed weighted by its hidden cells)
+    and per site; nothing for a study without coded columns."""
+    hits: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for rec in records:
+        if rec.get("accuracy_site") is None:
+            continue
+        label = rec["method"] + ("" if rec["epsilon"] is None else
+                                 f" (ε = {eps_label(rec['epsilon'])})")
+        tally = hits.setdefault((rec["dataset"], label), {})
+        for site, accuracy in rec["accuracy_site"].items():
+            n = rec["n_coded_masked_site"][site]
+            pair = tally.setdefault(site, [0.0, 0.0])
+            pair[0] += (accuracy or 0.0) * n
+            pair[1] += n
+    if not hits:
+        return []
+    lines = ["## Categorical accuracy", "",
+             "Share of the hidden binary and categorical cells imputed with their true "
+             "level, over all seeds (cells in brackets).", ""]
+    for ds in dict.fromkeys(ds for ds, _ in hits):
+        rows, sites = [], None
+        for (name, label), tally in hits.items():
+            if name != ds:
+                continue
+            sites = list(tally)
+            correct, total = (sum(pair[i] for pair in tally.values()) for i in (0, 1))
+            rows.append([label, _share(correct, total)] + [_share(*tally[x]) for x in sites])
+        lines += [f"**{ds}**:", "", markdown_table(["method", "pooled", *(sites or [])], rows),
+                  ""]
+    return lines
+
+
+def _share(correct: float, total: float) -> str:
+    return f"{correct / total:.3f} ({total:.0f})" if total else "—"
+
+
 def render_markdown(run: StudyRun, summary: dict[str, Any], plots: dict[str, str | None],
                     paired: dict[str, Any] | None = None,
                     small: dict[str, Any] | None = None) -> str:
@@ -374,7 +420,9 @@ def render_markdown(run: StudyRun, summary: dict[str, Any], plots: dict[str, str
     sections = [_intro(run), _what_was_run(run), _HOW_TO_READ,
                 _results(summary, paired, study), _small_site(small, study),
                 _plots(plots, study),
-                _privacy_spent(summary, study), _per_site(summary, study), _gains(run),
+                downstream_markdown(summarise_downstream(run.records), study),
+                _privacy_spent(summary, study), _per_site(summary, study),
+                _categorical(run.records), _gains(run),
                 _failures(run),
                 _files(run)]
     return "\n".join(line for section in sections for line in section)
@@ -447,6 +495,8 @@ def write_outputs(run: StudyRun) -> dict[str, Path]:
         "wall_s": run.wall_s, "summary": summary, "paired_vs_local": paired,
         "small_site": small, "records": run.records, "failures": run.failures,
     }
+    if run.study.config.downstream is not None:
+        payload["downstream"] = summarise_downstream(run.records)
     files = {"json": out / "results.json", "csv": out / "results.csv"}
     write_results(files["json"], payload)
     atomic_write_text(files["csv"], _csv(run.records))

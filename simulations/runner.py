@@ -72,22 +72,37 @@ def validate_data(study: Study) -> dict[str, str]:
             raise DataLoadError(f"{study.source}: datasets[{i}] ({ds.name}): no site has a "
                                 "complete row, so missingness.mechanism = 'one_attribute' "
                                 "hides nothing")
-    for name in study.config.missingness.site_rates:
+    miss = study.config.missingness
+    for key, name in [*(("site_rates", n) for n in miss.site_rates),
+                      *(("sites", n) for n in miss.sites)]:
         if name not in sites:
-            raise StudyConfigError(f"{study.source}: invalid study: missingness.site_rates."
+            raise StudyConfigError(f"{study.source}: invalid study: missingness.{key}."
                                    f"{name}: no dataset has a site named {name!r} (sites: "
                                    f"{', '.join(sorted(sites))}; name them with "
                                    "partition.site_names)")
     return fps
 
 
+def _named_columns(study: Study) -> list[tuple[str, str]]:
+    """(key, column) of every column the missingness and downstream sections name."""
+    miss, down = study.config.missingness, study.config.downstream
+    named = []
+    for key, section in [("missingness", miss),
+                         *((f"missingness.sites.{n}", own) for n, own in miss.sites.items())]:
+        named += [(f"{key}.columns[{j}]", c) for j, c in enumerate(section.columns or [])]
+        if section.driver is not None:
+            named.append((f"{key}.driver", section.driver))
+    if down is not None:
+        named += [("downstream.target", down.target),
+                  ("downstream.coefficient", down.coefficient)]
+        named += [(f"downstream.features[{j}]", c) for j, c in enumerate(down.features or [])]
+    return named
+
+
 def _check_columns(study: Study, ds: DatasetConfig, cols: list[str], key: str) -> None:
     """The missingness columns and bounds name real columns; private methods have bounds."""
-    src, miss = study.source, study.config.missingness
-    named = [(f"missingness.columns[{j}]", c) for j, c in enumerate(miss.columns or [])]
-    if miss.driver is not None:
-        named.append(("missingness.driver", miss.driver))
-    for where, c in named:
+    src = study.source
+    for where, c in _named_columns(study):
         if c not in cols:
             raise StudyConfigError(f"{src}: invalid study: {where}: no column {c!r} in dataset "
                                    f"{ds.name!r} (columns: {', '.join(cols)})")
@@ -123,6 +138,8 @@ def cell_identity(study: Study, index: int, seed: int, epsilon: float | None, me
         "missingness": cfg.missingness.model_dump(), "seed": seed, "k": cfg.study.k,
         "method": method,
     }
+    if cfg.downstream is not None:
+        ident["downstream"] = cfg.downstream.model_dump()
     if method in PRIVATE_METHODS:
         b = study.bounds_for(ds)
         ident.update(epsilon=eps_key(epsilon), delta=cfg.study.delta,

@@ -3,8 +3,10 @@
 A secure run (see :mod:`coordinator.secure`) asks a site, after the handshake, to
 advertise its keys, share them, then per statistic to compute its noised share over the
 public state the coordinator sends (charged to its ledger first), mask it, and help unmask
-the sum. The site refuses (:data:`ReplyCode.SECURE_REFUSED`, before anything is released)
-a request whose plan, seed or spend differs from the handshake's, a run shape other than
+the sum; the first statistic's share is asked with key sharing (and, if that early input
+cannot be summed, asked again: the same share is masked again, not drawn or charged
+twice). The site refuses (:data:`ReplyCode.SECURE_REFUSED`, before anything is released) a
+request whose plan, seed or spend differs from the handshake's, a run shape other than
 the one it advertised keys for, a session out of order, a public state that is not a
 partition of the box (:func:`~fediim.protocol.secure_run.decode_public_state`) or whose
 grams are over another box or depth than its counts, and whatever the protocol refuses.
@@ -12,7 +14,8 @@ grams are over another box or depth than its counts, and whatever the protocol r
 Per-run state (``context.state``, kept in the SuperNode's memory for the run; never sent,
 never written to disk or logged): the handshake's request, the protocol state with its
 secrets (:meth:`SiteSecureAggregator.to_bytes`), the seeded noise stream's position (in
-simulations) and the public state of the counts.
+simulations), the first statistic's share while it may be asked again, and the public
+state of the counts.
 """
 
 from __future__ import annotations
@@ -134,8 +137,10 @@ def _step(site: SecureSite, request: SecureRequest, run_id: int, state: RecordDi
           plan: PrivacyPlan | None) -> SecureReply:
     """Dispatch on the step; the protocol state is saved back after every step. Only
     the steps that may spend (advertise checks the budget, masked input charges) read the
-    plan and report the ledger: the key-sharing and unmask replies leave it out."""
-    ledger = request.step in ("advertise", "masked_input")
+    plan and report the ledger: the unmask replies, and key sharing without the first
+    session's input, leave it out."""
+    ledger = request.step in ("advertise", "masked_input") or request.first_input is not None
+    first: bytes | None = None
     if request.step == "advertise":
         aggregator = _new_aggregator(site, request, run_id, plan or site.plan(
             request.epsilon, request))
@@ -150,14 +155,17 @@ def _step(site: SecureSite, request: SecureRequest, run_id: int, state: RecordDi
         if request.step == "share_keys":
             message = aggregator.share_keys(
                 AdvertisementBroadcast.decode(request.secagg or b"")).encode()
+            if request.first_input is not None:
+                first = _masked_input(site, request, run_id, aggregator, record, state,
+                                      MaskedInputRequest.decode(request.first_input))
         elif request.step == "masked_input":
-            message = _masked_input(site, request, run_id, site.plan(request.epsilon, request),
-                                    aggregator, record, state)
+            message = _masked_input(site, request, run_id, aggregator, record, state,
+                                    MaskedInputRequest.decode(request.secagg or b""))
         else:
             message = _unmask(request, aggregator, state)
     record["aggregator"] = aggregator.to_bytes()
     state[SECURE_RECORD] = record
-    return SecureReply(site_id=site.site_id, secagg=message,
+    return SecureReply(site_id=site.site_id, secagg=message, first_input=first,
                        ledger=site.ledger_view() if ledger else None)
 
 
@@ -284,20 +292,28 @@ def _public_state(site: SecureSite, request: SecureRequest, plan: PrivacyPlan,
     raise ValueError(f"the public state is not what the {statistic} sum is computed over")
 
 
-def _masked_input(site: SecureSite, request: SecureRequest, run_id: int, plan: PrivacyPlan,
-                  aggregator: SiteSecureAggregator, record: ConfigRecord,
-                  state: RecordDict) -> bytes:
-    """Check the request and the public state, then compute (charged), noise and mask."""
+def _masked_input(site: SecureSite, request: SecureRequest, run_id: int,
+                  aggregator: SiteSecureAggregator, record: ConfigRecord, state: RecordDict,
+                  masked_request: MaskedInputRequest) -> bytes:
+    """Check the request and the public state, then compute (charged), noise and mask.
+    The first session asked again (after its early input went unused) masks the same
+    input again: nothing new is computed, drawn or charged."""
     if request.delivery:
         aggregator.receive_shares(ShareDelivery.decode(request.delivery))
-    masked_request = MaskedInputRequest.decode(request.secagg or b"")
+    plan = site.plan(request.epsilon, request)
     session = aggregator.check_masked_input_request(masked_request)
     statistic = session_statistics(plan, _clip(site))[session]
     public = _public_state(site, request, plan, statistic, record)
+    early = bytes(record.get("first_input", b"")) if session == 0 else b""
+    if early:
+        return aggregator.masked_input(masked_request,
+                                       np.frombuffer(early, dtype="<i8")).encode()
     noise = _noise(request, record)
     shares = _shares(site, request, plan, session, noise)
     vector = shares.share(statistic, SecureSteps.from_plan(plan), public.box, public.depth,
                           public.trees)
+    if request.step == "share_keys":  # kept (in memory) in case the session is asked again
+        record["first_input"] = np.asarray(vector, dtype="<i8").tobytes()
     if statistic == "counts":
         record["counts_state"] = public.encode()
     elif statistic == "grams":
@@ -319,6 +335,8 @@ def _release_record(site: SecureSite, request: SecureRequest, run_id: int,
 
 def _unmask(request: SecureRequest, aggregator: SiteSecureAggregator,
             state: RecordDict) -> bytes:
+    if request.delivery:  # the first session's inputs rode with key sharing
+        aggregator.receive_shares(ShareDelivery.decode(request.delivery))
     unmask = UnmaskRequest.decode(request.secagg or b"")
     reply = aggregator.unmask(unmask).encode()
     released = state.config_records.get(RELEASE_RECORD)

@@ -46,15 +46,13 @@ from fediim.errors import (
     SigningKeyError,
     SiteConfigError,
 )
-from fediim.federated import PrivacyPlan, site_impute, site_release
+from fediim.federated import PrivacyPlan, site_release
 from fediim.federated.bank import ModelBank
-from fediim.federated.site_imputation import local_fallback
 from fediim.federated.vetting import ReleaseLimits, bank_problems
-from fediim.impute.estimator import ImputationResult
 from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
-from fediim.io.result import METHOD_FALLBACK
+from fediim.io.result import METHOD_FALLBACK, ImputationResult
 from fediim.io.schema import TableSchema, load_schema
 from fediim.io.table import Table, read_csv
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise, rho_to_epsilon
@@ -354,7 +352,7 @@ def _release(site: _Site, request: ReleaseRequest, run_id: int,
                         ledger=site.ledger_view())
 
 
-def _write_outputs(out: Path, result: ImputationResult, columns: list[str],
+def _write_outputs(out: Path, result: ImputationResult, schema: TableSchema,
                    request: ImputeRequest, run_id: int) -> None:
     """All outputs staged and committed together: every file is written, or none is."""
     with atomic_outputs() as outputs:
@@ -363,12 +361,14 @@ def _write_outputs(out: Path, result: ImputationResult, columns: list[str],
         with outputs.open(out / "bank.sig.json", newline="") as fh:
             fh.write(signature_json(request.signature, request.bank, request.schema_hash,
                                     run_id, request.coordinator_key_id))
+        columns = schema.column_names
         with outputs.open(out / "flags.csv", newline="") as fh:
-            write_flags(fh, result, columns)
+            write_flags(fh, result, columns, schema)
         with outputs.open(out / "audit.jsonl", newline="") as fh:
-            dump_audit_jsonl(fh, audit_records(result, columns, k=request.k))
+            dump_audit_jsonl(fh, audit_records(result, columns, k=request.k,
+                                               levels=schema.column_levels()))
         with outputs.open(out / "imputed.csv", newline="") as fh:
-            write_table(fh, result.values, columns)
+            write_table(fh, result.values, columns, schema)
 
 
 def _claim_run(site: _Site, run_id: int, state: RecordDict) -> ConfigRecord:
@@ -420,6 +420,10 @@ def _imputed_from_bank(site: _Site, table: Table, bank: ModelBank,
     """The site's records imputed from a vetted bank; on ANY failure from the bank (or a
     non-finite value), the site's own IIM for every cell, marked ``fallback``: a crafted
     bank must not turn the reply into a signal about the records."""
+    # Imported here, in the one round that imputes: the engine loads scikit-learn and scipy,
+    # and the ClientApp starts a new process for every message.
+    from fediim.federated.site_imputation import local_fallback, site_impute
+
     bounds = site.schema.bounds_array()
     try:
         result = site_impute(table.values, bank, bounds, mode=request.mode,
@@ -446,7 +450,7 @@ def _impute(site: _Site, request: ImputeRequest, run_id: int, state: RecordDict)
         raise _Refusal(ReplyCode.ERROR, "imputation produced a non-finite value; nothing was "
                        "written")
     try:
-        _write_outputs(site.cfg.output_dir, result, table.columns, request, run_id)
+        _write_outputs(site.cfg.output_dir, result, site.schema, request, run_id)
     except OSError as exc:
         raise _Refusal(ReplyCode.ERROR, f"cannot write the outputs ({exc}); nothing was "
                        "written") from None

@@ -38,3 +38,19 @@ def test_only_fediim_serve_loads_the_web_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_site_app_loads_the_engine_only_in_the_round_that_imputes() -> None:
+    """Flower starts a new ClientApp process for every message: the handshake, release and
+    secure-sum rounds must not pay for scikit-learn, scipy or pandas (seconds per process
+    on a busy site), and the estimators stay importable from the package."""
+    engine = ("sklearn", "scipy", "pandas")
+    code = ("import sys, site_client.app\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({engine!r})))\n"
+            "from fediim import IIMImputer, FederatedIIM, knn_imputer, ImputationResult\n"
+            "from fediim.federated import site_impute\n"
+            "from fediim.impute import glr_imputer\n"
+            "print('sklearn' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.split() == ["[]", "True"]

@@ -23,7 +23,7 @@ from fediim.io.schema import DEFAULT_MISSING, TableSchema, load_schema
 from fediim.io.table import Table, read_csv
 from fediim.serve.site import Site, count_methods, fallback_rate
 
-__all__ = ["default_sidecar_paths", "register_impute"]
+__all__ = ["default_sidecar_paths", "multiple_paths", "register_impute"]
 
 IIM_PARAGRAPH = """\
 IIM (Imputation via Individual Models) fills a missing cell from the rows that are most
@@ -43,6 +43,24 @@ def default_sidecar_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
     p = Path(out)
     base = p.with_suffix("") if p.suffix.lower() == ".csv" else p
     return base.with_name(base.name + ".flags.csv"), base.with_name(base.name + ".audit.jsonl")
+
+
+def multiple_paths(out: str | os.PathLike[str], n_imputations: int) -> list[Path]:
+    """Paths of the M drawn tables next to ``out``: ``X.csv`` -> ``X.imp1.csv`` ...
+    ``X.impM.csv``."""
+    p = Path(out)
+    base = p.with_suffix("") if p.suffix.lower() == ".csv" else p
+    return [base.with_name(f"{base.name}.imp{number}.csv")
+            for number in range(1, n_imputations + 1)]
+
+
+def at_least_two(text: str) -> int:
+    """M for --multiple: an integer >= 2 (pooling needs at least two tables)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (pooling needs at "
+                                         f"least two tables), got {value}")
+    return value
 
 
 def register_impute(sub: Subparsers) -> None:
@@ -71,7 +89,12 @@ versions stay as they were):
                       empty if the cell was observed
   OUT.audit.jsonl     one JSON line per imputed cell: row (1 = first data row), column,
                       method, k, ell, n_candidates, uncertainty, value
-(for OUT = X.csv the side files are X.flags.csv and X.audit.jsonl)""",
+  OUT.impN.csv        with --multiple M: the N-th of M completed tables (N = 1..M),
+                      each drawn from the predictive distribution (a candidate drawn
+                      by its vote weight plus the models' residual noise, the models
+                      learned on a random half of the rows); observed cells as in IN.
+                      Analyse each and pool with Rubin's rules (fediim.mi.pool).
+(for OUT = X.csv the side files are X.flags.csv, X.audit.jsonl and X.imp1.csv ...)""",
         epilog="""\
 examples:
   fediim impute visits.csv -o visits_imputed.csv
@@ -81,7 +104,11 @@ examples:
 
 With --schema, the header must match the schema's columns, its missing markers apply,
 columns with impute = false are left with their gaps, and imputed values are clipped
-into the column bounds. Make a starting schema with: fediim schema infer
+into the column bounds. A column the schema declares binary, categorical or ordinal
+(with its levels) holds labels (numbers or text): each gap gets one of the declared
+levels, and OUT.flags.csv adds <col>_probability (the level's voted probability; its
+uncertainty is 1 - probability) for binary and categorical columns.
+Make a starting schema with: fediim schema infer
 
 With --site-config, a site that took part in a federation run imputes from the bank the
 run left in its output_dir (bank.npz, bank.sig.json; the TOML keys bank, bank_signature
@@ -111,11 +138,21 @@ applies; no budget is spent (the privacy ledger is not touched).""",
     p.add_argument("--missing", metavar="MARKER", nargs="+", action="extend",
                    help="text meaning 'missing' (repeatable); replaces the default markers "
                         "and the schema's global ones, e.g. --missing NA --missing ''")
+    _add_multiple_arguments(p)
     p.add_argument("--site-config", metavar="SITE.toml",
                    help="impute from this site's signed federation bank (see below)")
     p.add_argument("--mode", choices=MODES,
                    help="with --site-config: how the bank is used (default: hybrid)")
     p.set_defaults(func=_run_impute)
+
+
+def _add_multiple_arguments(p: argparse.ArgumentParser) -> None:
+    """--multiple M and its --seed."""
+    p.add_argument("--multiple", type=at_least_two, metavar="M",
+                   help="also write M completed tables drawn for multiple imputation "
+                        "(OUT.imp1.csv ... OUT.impM.csv)")
+    p.add_argument("--seed", type=int, metavar="SEED",
+                   help="with --multiple: seed of the draws (default: fresh entropy)")
 
 
 def _count_out_of_bounds(values: np.ndarray, schema: TableSchema, columns: list[str]) -> int:
@@ -130,6 +167,11 @@ def _count_out_of_bounds(values: np.ndarray, schema: TableSchema, columns: list[
 
 def _option_problem(args: argparse.Namespace) -> str | None:
     """Options that contradict each other, else None."""
+    if args.seed is not None and (args.multiple is None or args.seed < 0):
+        return "--seed needs --multiple and a value >= 0 (it seeds the draws)"
+    if args.multiple is not None and args.site_config is not None:
+        return "--multiple with --site-config: multiple imputation from a bank is not " \
+               "available on the command line yet; use FederatedIIM(n_imputations=M)"
     if args.site_config is None:
         return "--mode needs --site-config (it says how the site's bank is used)" \
             if args.mode else None
@@ -153,13 +195,19 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Table, TableSchema | None, S
     return read_csv(args.input, schema=schema, missing_markers=args.missing), schema, None
 
 
-def _imputed(args: argparse.Namespace, table: Table, site: Site | None) -> ImputationResult:
+def _imputed(args: argparse.Namespace, table: Table, site: Site | None,
+             schema: TableSchema | None) -> tuple[ImputationResult, list[ImputationResult]]:
     """IIM on the table alone, or, with the site's bank, the site's imputation from it
-    (prepared on the site's own rows, its ``data``)."""
+    (prepared on the site's own rows, its ``data``); and the --multiple draws. The
+    schema's coded columns hold codes, imputed as levels (see :mod:`fediim.impute.encoding`)."""
     if site is None:
-        imputer = IIMImputer(n_neighbors=args.k, scale=args.scale)
-        return imputer.fit(table.values).impute(table.values)
-    return site.engine.impute(table.values)
+        kinds = schema.code_kinds() if schema is not None else None
+        imputer = IIMImputer(n_neighbors=args.k, scale=args.scale, column_kinds=kinds or None,
+                             n_imputations=args.multiple or 1, random_state=args.seed)
+        imputer.fit(table.values)
+        draws = imputer.impute_multiple(table.values) if args.multiple else []
+        return imputer.impute(table.values), draws
+    return site.engine.impute(table.values), []
 
 
 def _summary(table: Table, result: ImputationResult, site: Site | None, seconds: float,
@@ -173,14 +221,38 @@ def _summary(table: Table, result: ImputationResult, site: Site | None, seconds:
             f"{fallback_rate(counts):.2%}) in {seconds:.2f} s -> {written}")
 
 
+def _write_outputs(args: argparse.Namespace, result: ImputationResult,
+                   draws: list[ImputationResult], columns: list[str],
+                   paths: tuple[str, str, str, list[Path]], schema: TableSchema | None) -> int:
+    """Write the table, flags, audit and the drawn tables (coded columns as their labels),
+    staged and committed together: all of them are written or none (a failed commit puts
+    back what was there before). Returns the number of imputed cells."""
+    out, flags, audit, tables = paths
+    levels = None if schema is None else schema.column_levels()
+    with atomic_outputs() as outputs:
+        with outputs.open(flags, newline="") as fh_flags:
+            write_flags(fh_flags, result, columns, schema)
+        with outputs.open(audit, newline="") as fh_audit:
+            n_cells = dump_audit_jsonl(fh_audit, audit_records(result, columns, k=args.k,
+                                                               levels=levels))
+        with outputs.open(out, newline="") as fh_table:
+            write_table(fh_table, result.values, columns, schema)
+        for path, drawn in zip(tables, draws, strict=True):
+            with outputs.open(path, newline="") as fh_drawn:
+                write_table(fh_drawn, drawn.values, columns, schema)
+    return n_cells
+
+
 def _run_impute(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = args.output
     flags_default, audit_default = default_sidecar_paths(out)
     flags = args.flags or str(flags_default)
     audit = args.audit or str(audit_default)
+    tables = multiple_paths(out, args.multiple or 0)
     problem = _option_problem(args) or check_distinct(
-        {"IN": args.input, "OUT": out, "--flags": flags, "--audit": audit})
+        {"IN": args.input, "OUT": out, "--flags": flags, "--audit": audit,
+         **{f"imputation {number}": str(path) for number, path in enumerate(tables, 1)}})
     if problem:
         error(problem)
         return ExitCode.USAGE
@@ -199,30 +271,25 @@ def _run_impute(args: argparse.Namespace) -> int:
                   f"(written back unchanged)")
 
     try:
-        result = _imputed(args, table, site)
+        result, draws = _imputed(args, table, site, schema)
     except ValueError as exc:
         error(f"{table.source}: cannot impute: {exc}")
         return ExitCode.USAGE
     if schema is not None:
-        apply_schema(result, schema, columns)
+        for imputed in (result, *draws):
+            apply_schema(imputed, schema, columns)
     if not np.isfinite(result.values[result.imputed]).all():  # pragma: no cover - defensive
         error(f"{table.source}: imputation produced a non-finite value; nothing was written")
         return ExitCode.FAILED
 
-    # The three files are staged and committed together: all of them are written or none
-    # (a failed commit puts back what was there before).
     try:
-        with atomic_outputs() as outputs:
-            with outputs.open(flags, newline="") as fh_flags:
-                write_flags(fh_flags, result, columns)
-            with outputs.open(audit, newline="") as fh_audit:
-                n_cells = dump_audit_jsonl(fh_audit, audit_records(result, columns, k=args.k))
-            with outputs.open(out, newline="") as fh_table:
-                write_table(fh_table, result.values, columns)
+        n_cells = _write_outputs(args, result, draws, columns, (out, flags, audit, tables),
+                                 schema)
     except OSError as exc:
         error(f"cannot write the outputs ({exc}); none of them was written")
         return ExitCode.FAILED
 
+    drawn_note = f", {len(tables)} drawn tables: {tables[0]} ..." if tables else ""
     print(_summary(table, result, site, time.perf_counter() - start, n_cells,
-                   f"{out} (flags: {flags}, audit: {audit})"), file=sys.stderr)
+                   f"{out} (flags: {flags}, audit: {audit}{drawn_note})"), file=sys.stderr)
     return ExitCode.OK

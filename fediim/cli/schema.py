@@ -10,8 +10,14 @@ from fediim.cli.argtypes import nonnegative_float
 from fediim.cli.common import Subparsers, add_parser, check_distinct, error, warn
 from fediim.errors import ExitCode
 from fediim.io.atomic import atomic_write_text
-from fediim.io.schema import DEFAULT_MISSING, SchemaError, TableSchema, infer_schema
-from fediim.io.table import DataError, read_csv
+from fediim.io.schema import (
+    DEFAULT_MISSING,
+    SchemaError,
+    TableSchema,
+    infer_schema,
+    propose_kinds,
+)
+from fediim.io.table import DataError, Table, read_cells, read_csv
 
 __all__ = ["register_schema"]
 
@@ -38,8 +44,14 @@ examples:
         "infer",
         help="write a starting schema with bounds taken from a data file",
         description="""\
-Write a schema for DATA.csv: one numeric column per header field, with bounds equal to
-the smallest and largest observed value (widened by --margin).
+Write a schema for DATA.csv: one column per header field, with a proposed kind. A column
+holding text, or at most 10 distinct whole numbers, is proposed as categorical (binary with
+two) over the labels it holds; every other column is numeric, with bounds equal to the
+smallest and largest observed value (widened by --margin).
+
+Levels read from the data list only the labels that occur (a rare level may be absent, and
+its presence is itself information): confirm each proposed kind, and write the full public
+list of levels, before any federated run. A warning names each proposed column.
 
 Bounds read from the data reveal its extremes (for example the oldest patient's age), so
 they are NOT differentially private: edit the file and replace them with public
@@ -68,29 +80,51 @@ def _missing_action(parser: argparse.ArgumentParser) -> int:
     return ExitCode.USAGE
 
 
+def _infer(args: argparse.Namespace
+           ) -> tuple[Table, TableSchema, dict[str, tuple[str, tuple[str | float, ...]]]]:
+    """The table, the proposed schema, and the columns proposed as coded."""
+    names, cells = read_cells(args.data, missing_markers=args.missing)
+    proposed = propose_kinds(names, cells)
+    coded = TableSchema.model_validate({"columns": [
+        {"name": name, **({"kind": proposed[name][0], "levels": proposed[name][1]}
+                          if name in proposed else {})} for name in names]})
+    table = read_csv(args.data, schema=coded, missing_markers=args.missing)
+    numeric = [j for j, name in enumerate(names) if name not in proposed]
+    specs = {name: coded.column(name).model_dump() for name in proposed}
+    if numeric:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bounded = infer_schema(table.values[:, numeric], [names[j] for j in numeric],
+                                   margin=args.margin)
+        for w in caught:
+            warn(str(w.message))
+        specs.update({c.name: c.model_dump() for c in bounded.columns})
+    missing = (list(dict.fromkeys(args.missing)) if args.missing is not None
+               else list(DEFAULT_MISSING))
+    schema = TableSchema.model_validate({"columns": [specs[name] for name in names],
+                                         "missing": missing})
+    return table, schema, proposed
+
+
 def _run_schema_infer(args: argparse.Namespace) -> int:
     clash = check_distinct({"DATA": args.data, "-o": args.output})
     if clash:
         error(clash)
         return ExitCode.USAGE
     try:
-        table = read_csv(args.data, missing_markers=args.missing)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            schema = infer_schema(table.values, table.columns, margin=args.margin)
-        if args.missing is not None:
-            schema = TableSchema.model_validate(
-                {**schema.model_dump(), "missing": list(dict.fromkeys(args.missing))}
-            )
+        table, schema, proposed = _infer(args)
     except (DataError, SchemaError) as exc:
         error(str(exc))
         return ExitCode.USAGE
-    for w in caught:
-        warn(str(w.message))
+    for name, (kind, levels) in proposed.items():
+        warn(f"column {name!r} looks {kind} (levels {list(levels)} as read from "
+             f"{table.source}); confirm the kind and declare the full public list of levels "
+             "before any federated run")
     header = (
         "# fediim table schema, inferred from data by 'fediim schema infer'.\n"
-        f"# WARNING: the bounds below were read from {table.source} and reveal its extremes.\n"
-        "# Replace them with public domain-knowledge bounds before any federated run.\n"
+        f"# WARNING: the bounds and levels below were read from {table.source}; bounds\n"
+        "# reveal its extremes, levels which labels occur. Replace them with public\n"
+        "# domain knowledge (and confirm each proposed kind) before any federated run.\n"
     )
     body = schema.to_toml()
     if body.startswith("#"):  # to_toml's own header claims the bounds are not from data

@@ -1,8 +1,9 @@
 """Private federated IIM: Gram statistics, private partitions, releases, the model bank,
 site-side imputation and the in-process ``FederatedIIM`` estimator (no networking)."""
 
+from typing import TYPE_CHECKING, Any
+
 from fediim.federated.bank import BankConfig, ModelBank
-from fediim.federated.estimator import FederatedIIM
 from fediim.federated.plan import (
     MODES,
     PLAN_DEFAULTS,
@@ -14,7 +15,10 @@ from fediim.federated.plan import (
     unscale,
 )
 from fediim.federated.release import assemble_bank, site_release
-from fediim.federated.site_imputation import site_impute
+
+if TYPE_CHECKING:
+    from fediim.federated.estimator import FederatedIIM
+    from fediim.federated.site_imputation import site_impute
 
 __all__ = [
     "BankConfig",
@@ -32,3 +36,21 @@ __all__ = [
     "site_release",
     "unscale",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The estimator and site imputation, imported on first use: they load scikit-learn,
+    which a Flower ClientApp's release and secure-sum rounds never need."""
+    if name == "FederatedIIM":
+        from fediim.federated.estimator import FederatedIIM
+
+        return FederatedIIM
+    if name == "site_impute":
+        from fediim.federated.site_imputation import site_impute
+
+        return site_impute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

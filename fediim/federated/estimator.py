@@ -14,7 +14,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from fediim.errors import DataError
 from fediim.federated.bank import ModelBank
-from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, plan_privacy
+from fediim.federated.multiple import site_draws
+from fediim.federated.plan import MODES, PLAN_DEFAULTS, Mode, PrivacyPlan, plan_privacy
 from fediim.federated.release import assemble_bank, site_release
 from fediim.federated.secure_release import (
     AGGREGATIONS,
@@ -25,6 +26,7 @@ from fediim.federated.secure_release import (
     secure_bank,
 )
 from fediim.federated.site_imputation import site_impute
+from fediim.impute.encoding import MixedEncoding, fit_encoding, table_codes
 from fediim.io.result import ImputationResult
 from fediim.io.table import as_matrix
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
@@ -88,10 +90,25 @@ class FederatedIIM(BaseEstimator):
         privacy noise with OpenDP's exact sampler, as a deployment must.
     random_state : int or None, default=0
         Seeds the sites' random choices while imputing (which rows validate, how they are
-        split into folds); it never touches the privacy noise (see ``seed``).
+        split into folds) and the draws of :meth:`multiple_imputations`; it never touches
+        the privacy noise (see ``seed``).
+    n_imputations : int, default=1
+        M, the completed tables per site :meth:`multiple_imputations` draws: each from a
+        bank re-noised at the release's noise scale, plus the residual noise the site
+        measures on its own rows (see :mod:`fediim.federated.multiple`; post-processing,
+        no privacy cost). ``transform`` always gives the single imputation.
     k : int or None, default=None
         Deprecated alias of ``n_neighbors``; if given it overrides it, with a
         ``FutureWarning``.
+    column_kinds : mapping, optional
+        Coded columns, ``{column: (kind, levels)}`` as in :class:`~fediim.IIMImputer`;
+        the levels must be declared (they are public, like ``bounds``) unless
+        ``epsilon`` is inf. Every site encodes with them (:mod:`fediim.impute.encoding`),
+        the bank is released over the encoded columns with the one-hot sensitivity of
+        :func:`~fediim.federated.release.coded_gram_sensitivity`, and each site decodes
+        its own imputations into declared levels. Their rows of ``bounds`` are ignored and
+        they are never clipped. Sites then release one by one (``aggregation="secure"`` is
+        refused, ``"auto"`` releases per site).
 
     Attributes
     ----------
@@ -107,6 +124,9 @@ class FederatedIIM(BaseEstimator):
         The sites' ids in the bank.
     n_features_in_ : int
         Number of columns of every site's table.
+    encoding_ : MixedEncoding or None
+        The columns' encoding (None: every column numeric); ``bounds_`` and the bank are
+        then over its encoded columns.
 
     See Also
     --------
@@ -131,6 +151,12 @@ class FederatedIIM(BaseEstimator):
     [0, 0]
     >>> model.site_ids_, model.plan_.n_trees
     (['site0', 'site1'], 1)
+
+    Multiple imputation (M completed federations, each from a re-noised bank):
+
+    >>> drawn = model.set_params(n_imputations=2).multiple_imputations(sites)
+    >>> len(drawn), [int(np.isnan(table).sum()) for table in drawn[1]]
+    (2, [0, 0])
     """
 
     def __init__(
@@ -152,7 +178,9 @@ class FederatedIIM(BaseEstimator):
         threshold: int | None = None,
         seed: int | None = None,
         random_state: int | None = 0,
+        n_imputations: int = 1,
         k: int | None = None,
+        column_kinds: dict[Any, Any] | None = None,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.epsilon = epsilon
@@ -170,7 +198,9 @@ class FederatedIIM(BaseEstimator):
         self.threshold = threshold
         self.seed = seed
         self.random_state = random_state
+        self.n_imputations = n_imputations
         self.k = k
+        self.column_kinds = column_kinds
 
     # -- fitting ------------------------------------------------------------------------
     def fit(self, sites: Sequence[np.ndarray], site_ids: Sequence[str] | None = None,
@@ -182,18 +212,17 @@ class FederatedIIM(BaseEstimator):
         exactly this fit's budget.
         """
         self._validate_params()
-        sites = _site_tables(sites)
+        self.encoding_ = self._fit_encoding(sites)
+        sites = self._tables(sites)
         if not sites or len({table.shape[1] for table in sites}) != 1:
             raise ValueError("sites must be a non-empty list of arrays with the same columns")
         self.n_features_in_ = sites[0].shape[1]
         self.bounds_ = self._bounds(sites)
+        if self.encoding_ is not None:
+            return self._fit_encoded(sites, site_ids, ledgers)
         self.site_ids_ = (list(site_ids) if site_ids
                           else [f"site{number}" for number in range(len(sites))])
-        self.plan_ = plan_privacy(
-            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
-            count_fraction=self.count_fraction, max_depth=self.max_depth,
-            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
-            clip_fraction=self.clip_fraction)
+        self.plan_ = self._plan()
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
         if self._secure(len(sites)):
             self.bank_ = self._secure_bank(sites)
@@ -206,6 +235,67 @@ class FederatedIIM(BaseEstimator):
                 strict=True)]
         self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
         return self
+
+    def _fit_encoding(self, sites: Sequence[Any]) -> MixedEncoding | None:
+        """The columns' encoding from ``column_kinds`` (None: every column numeric); a
+        private fit needs every coded column's levels declared."""
+        if not self.column_kinds or not len(sites):
+            return None
+        lacking = [key for key, spec in self.column_kinds.items()
+                   if isinstance(spec, str) and spec != "numeric"]
+        if lacking and np.isfinite(self.epsilon):
+            raise ValueError(f"column_kinds: columns {lacking} need declared levels, (kind, "
+                             "levels), for a private fit: levels read from the data are "
+                             "not private")
+        # Undeclared levels (exact statistics only) are the first site's labels.
+        return fit_encoding(sites[0], self.column_kinds)
+
+    def _tables(self, sites: Sequence[Any]) -> list[np.ndarray]:
+        """Each site's table as floats, coded columns as level codes."""
+        if self.encoding_ is None:
+            return _site_tables(sites)
+        coded = []
+        for number, table in enumerate(sites):
+            try:
+                coded.append(table_codes(table, self.encoding_))
+            except ValueError as exc:
+                raise ValueError(f"site {number}: {exc}") from None
+        return _site_tables(coded)
+
+    def _fit_encoded(self, sites: list[np.ndarray], site_ids: Sequence[str] | None,
+                     ledgers: Sequence[PrivacyLedger | None] | None) -> FederatedIIM:
+        """:meth:`fit` with coded columns: every site releases its encoded table, the
+        one-hot blocks in public coordinates (sensitivity of the m table columns)."""
+        encoding = self.encoding_
+        assert encoding is not None
+        if self.aggregation == "secure":
+            raise ValueError("aggregation='secure' does not support coded columns yet; use "
+                             "'per-site' (or 'auto')")
+        bounds = encoding.encoded_bounds(self.bounds_)
+        clip = encoding.encoded_flags(self.clip_columns)
+        self.site_ids_ = (list(site_ids) if site_ids
+                          else [f"site{number}" for number in range(len(sites))])
+        # One-hot blocks count as one column each: the plan's noise is the m columns'.
+        self.plan_ = self._plan()
+        self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
+        releases = [
+            site_release(encoding.encode(table), bounds, self.plan_, site_id=site_id,
+                         ledger=ledger, noise=noise, clip_columns=clip,
+                         onehot_blocks=encoding.onehot_blocks())
+            for table, site_id, ledger, noise in zip(
+                sites, self.site_ids_, self.ledgers_, self._noise_sources(len(sites)),
+                strict=True)]
+        self.bounds_ = bounds
+        self.bank_ = assemble_bank(releases, meta={"epsilon": self.epsilon, "delta": self.delta})
+        return self
+
+    def _plan(self) -> PrivacyPlan:
+        """Each site's budget split for the table's ``n_features_in_`` columns."""
+        return plan_privacy(
+            self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
+            count_fraction=self.count_fraction, max_depth=self.max_depth,
+            cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
+            clip_fraction=self.clip_fraction)
 
     def _secure(self, n_sites: int) -> bool:
         """Whether the sites sum their statistics securely (``auto``: from 3 sites)."""
@@ -245,6 +335,7 @@ class FederatedIIM(BaseEstimator):
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+        _check_n_imputations(self.n_imputations)
 
     def _resolve_n_neighbors(self) -> int:
         """``n_neighbors``, or the deprecated ``k`` when that was given."""
@@ -263,6 +354,8 @@ class FederatedIIM(BaseEstimator):
         n_features = sites[0].shape[1]
         if self.bounds is not None:
             bounds = np.asarray(self.bounds, dtype=np.float64)
+            if self.encoding_ is not None and bounds.shape == (n_features, 2):
+                bounds = self.encoding_.code_bounds(bounds)
             if bounds.shape != (n_features, 2) or np.any(bounds[:, 0] >= bounds[:, 1]):
                 raise ValueError(f"bounds must be an (m, 2) array with lo < hi for m = "
                                  f"{n_features}, got shape {bounds.shape}")
@@ -291,20 +384,58 @@ class FederatedIIM(BaseEstimator):
 
     # -- imputation ---------------------------------------------------------------------
     def transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Impute every site's table from the bank (no further privacy cost)."""
-        return [result.values for result in self.impute(sites)]
+        """Impute every site's table from the bank (no further privacy cost); coded columns
+        as their labels."""
+        encoding = getattr(self, "encoding_", None)
+        return [result.values if encoding is None else encoding.labels(result.values)
+                for result in self.impute(sites)]
 
     def impute(self, sites: Sequence[np.ndarray]) -> list[ImputationResult]:
         """Like :meth:`transform`, with per-cell provenance and uncertainty."""
         check_is_fitted(self, "bank_")
-        return [site_impute(table, self.bank_, self.bounds_,
-                            mode=self.mode, n_neighbors=self._n_neighbors, site_id=site_id,
-                            random_state=self.random_state)
-                for table, site_id in zip(_site_tables(sites), self.site_ids_, strict=True)]
+        encoding = getattr(self, "encoding_", None)
+        results = []
+        for table, site_id in zip(self._tables(sites), self.site_ids_, strict=True):
+            encoded = table if encoding is None else encoding.encode(table)
+            result = site_impute(encoded, self.bank_, self.bounds_, mode=self.mode,
+                                 n_neighbors=self._n_neighbors, site_id=site_id,
+                                 random_state=self.random_state)
+            results.append(result if encoding is None else encoding.decode(result, table))
+        return results
+
+    def impute_multiple(self, sites: Sequence[np.ndarray]) -> list[list[ImputationResult]]:
+        """``n_imputations`` draws of every site's completed table, as
+        ``draws[imputation][site]`` (see :mod:`fediim.federated.multiple`)."""
+        check_is_fitted(self, "bank_")
+        _check_n_imputations(self.n_imputations)
+        if getattr(self, "encoding_", None) is not None:
+            raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
+                             "columns is not available yet: impute them singly, with their "
+                             "level probabilities")
+        tables = _site_tables(sites)
+        streams = np.random.SeedSequence(self.random_state).spawn(len(tables))
+        per_site = [site_draws(table, self.bank_, self.bounds_, int(self.n_imputations),
+                               mode=self.mode, n_neighbors=self._n_neighbors,
+                               site_id=site_id, random_state=self.random_state,
+                               rng=np.random.default_rng(stream))
+                    for table, site_id, stream in zip(tables, self.site_ids_, streams,
+                                                      strict=True)]
+        return [list(draws) for draws in zip(*per_site, strict=True)]
+
+    def multiple_imputations(self, sites: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        """Like :meth:`impute_multiple`, the completed tables only: ``[imputation][site]``,
+        M completed federations to analyse one by one and pool (:func:`fediim.mi.pool`)."""
+        return [[result.values for result in federation]
+                for federation in self.impute_multiple(sites)]
 
     def fit_transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Fit on the sites and impute them."""
         return self.fit(sites).transform(sites)
+
+
+def _check_n_imputations(value: object) -> None:
+    if not (_is_int(value) and value >= 1):  # type: ignore[operator]
+        raise ValueError(f"n_imputations must be an int >= 1, got {value!r}")
 
 
 def _is_int(value: object) -> bool:

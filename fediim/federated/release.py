@@ -36,7 +36,27 @@ from fediim.privacy import (
     release_gaussian,
 )
 
-__all__ = ["assemble_bank", "cell_coordinates", "refuse_unaffordable", "site_release"]
+__all__ = ["assemble_bank", "cell_coordinates", "coded_gram_sensitivity", "refuse_unaffordable",
+           "site_release"]
+
+
+def coded_gram_sensitivity(n_features: int, blocks: Sequence[Sequence[int]] = ()) -> float:
+    """L2 sensitivity of a leaf Gram release whose ``blocks`` are one-hot groups.
+
+    A block is a set of columns kept in the federation's coordinates inside every cell
+    (not re-centred on the cell's box) where a record has at most one non-zero entry, of
+    size at most 1/2: a categorical column's indicators, or a binary code, scaled from
+    public bounds [-1, 1] so that 0 stays 0 and 1 becomes 1/2
+    (:func:`~fediim.impute.encoding.MixedEncoding.encoded_bounds`). In the bound of
+    :func:`~fediim.privacy.gram_sensitivity`, ``sum z_i^2 <= 1 + m/4`` and
+    ``sum z_i^4 <= 1 + m/16`` with one term per numeric column, a block adds at most 1/4
+    and 1/16, like one numeric column, whatever its number of levels. So the release's
+    sensitivity is ``gram_sensitivity(n_features - sum |block| + #blocks)``: for a table
+    of m original columns, ``gram_sensitivity(m)``, below the ``gram_sensitivity(m')`` of
+    its m' encoded columns treated as numbers (each indicator anywhere in [-1/2, 1/2]).
+    """
+    folded = sum(len(block) for block in blocks) - len(blocks)
+    return gram_sensitivity(int(n_features) - folded)
 
 def site_release(
     x: np.ndarray,
@@ -47,11 +67,14 @@ def site_release(
     ledger: PrivacyLedger | None,
     noise: NoiseSource | None = None,
     clip_columns: np.ndarray | None = None,
+    onehot_blocks: Sequence[Sequence[int]] = (),
 ) -> ModelBank:
     """A site's whole release: clipping box, private partition and noised leaf Gram
     matrices (see module). ``clip_columns``: public per-column flags of the columns the box
     may narrow (default all; codes must not be clipped, see
-    :func:`~fediim.federated.clipping.private_clip_box`).
+    :func:`~fediim.federated.clipping.private_clip_box`). ``onehot_blocks``: the encoded
+    coded columns (see :func:`coded_gram_sensitivity`); they stay in the federation's
+    coordinates inside every cell and must not be clipped.
 
     A site that never measures an attribute (missing in every row: a property of its
     schema, treated as public like the schema) releases over the attributes it measures,
@@ -69,8 +92,13 @@ def site_release(
     clip = measured if clip_columns is None else measured & np.asarray(clip_columns, bool)
     box = site_clip_box(xs, plan, ledger=ledger, noise=noise, clip_columns=clip[measured])
     xs = clamp_to_box(xs, *box)[0]
+    fixed = np.zeros(n_features, bool)
+    for block in onehot_blocks:
+        fixed[list(block)] = True
     parts = [_release_tree(xs, plan, tree, site_id=site_id, ledger=ledger, noise=noise,
-                           box=box, sensitivity=gram_sensitivity(n_features))
+                           box=box, sensitivity=coded_gram_sensitivity(n_features,
+                                                                       onehot_blocks),
+                           fixed=fixed[measured] if fixed.any() else None)
              for tree in range(plan.n_trees)]
     part = ModelBank.concat(parts) if len(parts) > 1 else parts[0]
     return part if measured.all() else embed_columns(part, measured)
@@ -155,9 +183,10 @@ def cell_coordinates(rows: np.ndarray, center: np.ndarray, width: np.ndarray) ->
 
 def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
                   ledger: PrivacyLedger | None, noise: NoiseSource | None,
-                  box: tuple[np.ndarray, np.ndarray], sensitivity: float) -> ModelBank:
+                  box: tuple[np.ndarray, np.ndarray], sensitivity: float,
+                  fixed: np.ndarray | None = None) -> ModelBank:
     """One tree of :func:`site_release`: its partition inside ``box`` and its leaves'
-    noised Grams.
+    noised Grams. ``fixed`` columns keep the federation's coordinates in every cell.
 
     ``sensitivity``: the Gram release's declared L2 sensitivity, the schema's: a site
     measuring fewer attributes than the schema declares an upper bound, so its noise is
@@ -170,9 +199,11 @@ def _release_tree(xs: np.ndarray, plan: PrivacyPlan, tree: int, *, site_id: str,
     los = np.array([leaf.lo for leaf in leaves]).reshape(-1, n_features)
     his = np.array([leaf.hi for leaf in leaves]).reshape(-1, n_features)
     centers, widths = 0.5 * (los + his), his - los
-    grams = np.stack([augmented_gram(cell_coordinates(xs[leaf.rows], leaf.center, leaf.width))
-                      for leaf in leaves]) if leaves else np.zeros((0, n_features + 1,
-                                                                     n_features + 1))
+    if fixed is not None:
+        centers[:, fixed], widths[:, fixed] = 0.0, 1.0
+    grams = np.stack([augmented_gram(cell_coordinates(xs[leaf.rows], center, width))
+                      for leaf, center, width in zip(leaves, centers, widths, strict=True)]
+                     ) if leaves else np.zeros((0, n_features + 1, n_features + 1))
     if np.isfinite(plan.rho_gram):
         if ledger is None:
             raise ValueError("a private release needs a ledger to charge")

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 MIN_VALIDATION_ROWS = 20
 #: Folds of the cross-fitting that keeps validated rows out of the models that predict them.
 CROSSFIT_FOLDS = 5
+#: From this many training rows on, the site's own sides (local IIM, fusion) hold every
+#: validation row out at once (one fold): at most ``n_validation`` rows of so many barely
+#: change the fit, and each fold would refit over the whole table.
+ONE_FOLD_TRAINING_ROWS = 50_000
 _WEIGHT_STEP = 0.1
 #: Hybrid blend weights (local, one bank side, site mean) on a 0.1 grid of the simplex,
 #: local-only first so that ties keep the site's own model.
@@ -507,9 +511,10 @@ def crossfitted_fusion(site: SiteView, job: ImputationJob, bank_coefficients: np
     positions = np.searchsorted(job.train, job.validation)
     prior = site_coefficients(bank_coefficients, site.center, site.scale, job.features,
                               target)
-    folds = np.arange(n_rows) % CROSSFIT_FOLDS
+    n_folds = local_folds(len(train), n_rows)
+    folds = np.arange(n_rows) % max(n_folds, 1)
     predictions = np.empty((len(FUSION_STRENGTHS), n_rows))
-    for fold in range(min(CROSSFIT_FOLDS, n_rows)):
+    for fold in range(n_folds):
         held = folds == fold
         keep = np.ones(len(train), dtype=bool)
         keep[positions[held]] = False
@@ -641,18 +646,26 @@ def best_bank_config(others: ModelBank, target: int, features: tuple[int, ...],
     return best[1]
 
 
+def local_folds(n_train: int, n_validation: int) -> int:
+    """Folds of the cross-fitting of the site's own sides: :data:`CROSSFIT_FOLDS` (at
+    most one per validation row), or one from :data:`ONE_FOLD_TRAINING_ROWS` training
+    rows on (where one validation row or more is then held out)."""
+    return min(1 if n_train >= ONE_FOLD_TRAINING_ROWS else CROSSFIT_FOLDS, n_validation)
+
+
 def crossfitted_local_predictions(train_features: np.ndarray, train_target: np.ndarray,
                                   positions: np.ndarray, config: IIMConfig) -> np.ndarray:
     """Local IIM predictions of the training rows at ``positions``, each from models
     fitted without it.
 
-    K-fold cross-fitting: ``exclude`` in :meth:`PatternModels.impute` only keeps a row from
-    being its own neighbour, while its neighbours' models were learned *with* it, which
-    flatters the local side, most on a small site.
+    K-fold cross-fitting (:func:`local_folds`): ``exclude`` in :meth:`PatternModels.impute`
+    only keeps a row from being its own neighbour, while its neighbours' models were
+    learned *with* it, which flatters the local side, most on a small site.
     """
     predictions = np.empty(len(positions))
-    folds = np.arange(len(positions)) % CROSSFIT_FOLDS
-    for fold in range(min(CROSSFIT_FOLDS, len(positions))):
+    n_folds = local_folds(len(train_target), len(positions))
+    folds = np.arange(len(positions)) % max(n_folds, 1)
+    for fold in range(n_folds):
         held = folds == fold
         keep = np.ones(len(train_target), dtype=bool)
         keep[positions[held]] = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -9,11 +10,20 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from fediim.impute.encoding import fit_encoding, table_codes
 from fediim.impute.iim import IIMConfig, PatternModels
+from fediim.impute.multiple import draw_imputations
+from fediim.impute.neighbors import INDEX_METHODS
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
 __all__ = ["IIMImputer", "ImputationResult", "empty_result", "glr_imputer", "knn_imputer",
            "missing_patterns"]
+
+#: Rows of one missingness pattern imputed at a time (each query holds k models).
+IMPUTE_CHUNK_ROWS = 16_384
+#: Training rows, over all patterns, whose models an imputer keeps between calls; the least
+#: recently used patterns beyond it are dropped (and rebuilt when needed again).
+PATTERN_CACHE_ROWS = 2_000_000
 
 
 class IIMImputer(TransformerMixin, BaseEstimator):
@@ -47,12 +57,32 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         How adaptive ell scores a model on a validation tuple that is one of its own
         learning neighbours: the exact leave-one-out ridge residual, or the paper's
         in-sample residual (Alg. 3 as published).
-    blend : bool, default=True
+    column_kinds : mapping, optional
+        Coded columns, ``{column: kind}`` or ``{column: (kind, levels)}`` with ``column`` a
+        name or position and ``kind`` one of "numeric", "binary", "categorical",
+        "ordinal"; a coded kind without levels takes the labels seen by ``fit``. Pandas
+        ``category`` columns are categorical (ordered: ordinal) unless listed. Labels may
+        be numbers or strings; they are encoded as described in
+        :mod:`fediim.impute.encoding`, every imputed coded cell is a declared level, and
+        :meth:`impute` gives the winning level's probability.
+    n_imputations : int, default=1
+        M, the completed tables :meth:`multiple_imputations` draws from the predictive
+        distribution (see :mod:`fediim.impute.multiple`). ``transform`` and ``impute``
+        always give the single best estimate, whatever M.
+    random_state : int, numpy Generator or None, default=None
+        Seeds the draws of :meth:`multiple_imputations` (an int gives the same draws on
+        every call); the single imputation uses no randomness.
+    neighbor_index : {"auto", "kdtree", "blas", "hnsw"}, default="auto"
+        The neighbour search. ``"auto"`` chooses an exact one (a KD-tree up to 16
+        observed columns, blocked BLAS beyond); ``"hnsw"`` is faiss's approximate graph
+        (the ``approx`` extra), its recall checked when built (see
+        :mod:`fediim.impute.neighbors`).
+    blend : bool, default=False
         With adaptive ell, check each (target, features) pattern's IIM on held-out
         training rows against its global model and its mean, and impute with the blend
         of the three that errs least (see :mod:`fediim.impute.pattern_choice`): IIM's
         per-row validation is optimistic when training rows are few.
-    quadratic : bool, default=True
+    quadratic : bool, default=False
         With adaptive ell, also offer each row local quadratic models at large ell,
         chosen per row by the same validation (see :mod:`fediim.impute.basis`).
 
@@ -63,9 +93,13 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     feature_names_in_ : ndarray of str
         Column names seen in ``fit`` (only for DataFrame input).
     mean_, scale_ : ndarray of shape (n_features,)
-        The scaling applied before neighbour search and learning.
+        The scaling applied before neighbour search and learning (over the encoded columns
+        when some column is coded).
     statistics_ : ndarray of shape (n_features,)
-        Column means, the last resort for a cell no training row can impute.
+        Column means, the last resort for a cell no training row can impute (encoded
+        columns likewise).
+    encoding_ : MixedEncoding or None
+        The columns' encoding, None when every column is numeric.
 
     See Also
     --------
@@ -84,6 +118,16 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     >>> result = imputer.impute(X)
     >>> result.method[2, 1], int(result.n_candidates[2, 1])
     ('iim', 2)
+
+    Multiple imputation: M completed tables, pooled with Rubin's rules afterwards
+    (:func:`fediim.mi.pool`); observed cells are the same in every table.
+
+    >>> tables = IIMImputer(n_neighbors=2, n_imputations=3, random_state=0).fit(
+    ...     X).multiple_imputations(X)
+    >>> len(tables), [bool(np.isnan(table).any()) for table in tables]
+    (3, [False, False, False])
+    >>> bool(np.all([table[3, 1] == 8.0 for table in tables]))
+    True
     """
 
     def __init__(
@@ -97,8 +141,12 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         include_global: bool = True,
         scale: bool = True,
         validation: Literal["loo", "paper"] = "loo",
-        blend: bool = True,
-        quadratic: bool = True,
+        column_kinds: dict[Any, Any] | None = None,
+        n_imputations: int = 1,
+        random_state: int | np.random.Generator | None = None,
+        neighbor_index: Literal["auto", "kdtree", "blas", "hnsw"] = "auto",
+        blend: bool = False,
+        quadratic: bool = False,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -108,6 +156,10 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.include_global = include_global
         self.scale = scale
         self.validation = validation
+        self.column_kinds = column_kinds
+        self.n_imputations = n_imputations
+        self.random_state = random_state
+        self.neighbor_index = neighbor_index
         self.blend = blend
         self.quadratic = quadratic
 
@@ -122,8 +174,12 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}")
         if self.validation not in ("loo", "paper"):
             raise ValueError(f"validation must be 'loo' or 'paper', got {self.validation!r}")
+        if self.neighbor_index not in INDEX_METHODS:
+            raise ValueError(f"neighbor_index must be one of {INDEX_METHODS}, got "
+                             f"{self.neighbor_index!r}")
         if self.weights not in ("vote", "uniform"):
             raise ValueError(f"weights must be 'vote' or 'uniform', got {self.weights!r}")
+        _check_multiple(self.n_imputations, self.random_state)
         ell = self.ell
         is_int = isinstance(ell, int | np.integer) and not isinstance(ell, bool)
         if not (ell in ("adaptive", "n") or (is_int and ell >= 1)):
@@ -136,8 +192,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         cfg = IIMConfig(
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
             weights=self.weights, include_global=bool(self.include_global),
-            validation=self.validation, blend=bool(self.blend),
-            quadratic=bool(self.quadratic),
+            validation=self.validation, neighbor_index=self.neighbor_index,
+            blend=bool(self.blend), quadratic=bool(self.quadratic),
         )
         cfg.alphas()  # validates alpha
         return cfg
@@ -145,7 +201,9 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> IIMImputer:
         """Store the (scaled) training rows; individual models are learned on demand."""
         self._config_ = self._config()
-        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan")
+        self.encoding_ = fit_encoding(X, self.column_kinds)
+        X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan")
+        X = self._encoded(X)
         observed = ~np.isnan(X)
         empty = np.flatnonzero(~observed.any(axis=0))
         if empty.size:
@@ -156,13 +214,27 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             self.mean_ = self.statistics_.copy()
             sd = np.nanstd(X, axis=0)
             self.scale_ = np.where(sd > 0, sd, 1.0)
+            if self.encoding_ is not None:  # indicators: a fixed scale (see encoding)
+                fixed = self.encoding_.fixed_scale()
+                self.scale_ = np.where(np.isnan(fixed), self.scale_, fixed)
         else:
             self.mean_ = np.zeros(X.shape[1])
             self.scale_ = np.ones(X.shape[1])
         self._fit_X = (X - self.mean_) / self.scale_
         self._fit_observed = observed
-        self._patterns: dict[tuple[int, tuple[int, ...]], PatternModels | None] = {}
+        self._patterns: OrderedDict[tuple[int, tuple[int, ...]], PatternModels | None] = (
+            OrderedDict())
         return self
+
+    def _codes(self, X: Any) -> Any:
+        """``X`` with every coded column's labels as level codes (unchanged if none)."""
+        if self.encoding_ is None:
+            return X
+        return table_codes(X, self.encoding_)
+
+    def _encoded(self, X: np.ndarray) -> np.ndarray:
+        """The engine matrix of a validated ``X`` (codes expanded; see encoding)."""
+        return X if self.encoding_ is None else self.encoding_.encode(X)
 
     def _column_names(self, cols: np.ndarray) -> list[str]:
         names = getattr(self, "feature_names_in_", None)
@@ -172,26 +244,44 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         """The models of (target, features), made on first use and kept (None: no
         training row observes them all)."""
         key = (target, features)
-        if key not in self._patterns:
-            cols = list(features) + [target]
-            rows = np.flatnonzero(self._fit_observed[:, cols].all(axis=1))
-            self._patterns[key] = None if rows.size == 0 else PatternModels(
-                self._fit_X[np.ix_(rows, list(features))], self._fit_X[rows, target],
-                self._config_,
-            )
-        return self._patterns[key]
+        if key in self._patterns:
+            self._patterns.move_to_end(key)
+            return self._patterns[key]
+        cols = list(features) + [target]
+        rows = np.flatnonzero(self._fit_observed[:, cols].all(axis=1))
+        models = None if rows.size == 0 else PatternModels(
+            self._fit_X[np.ix_(rows, list(features))], self._fit_X[rows, target],
+            self._config_,
+        )
+        self._patterns[key] = models
+        # Bounded memory: the least recently used patterns go beyond PATTERN_CACHE_ROWS
+        # training rows in all (the newest always stays).
+        cached = sum(entry.n_rows for entry in self._patterns.values() if entry is not None)
+        while cached > PATTERN_CACHE_ROWS and len(self._patterns) > 1:
+            oldest = self._patterns.popitem(last=False)[1]
+            cached -= 0 if oldest is None else oldest.n_rows
+        return models
 
     # -- imputation ---------------------------------------------------------------------
     def impute(self, X: Any) -> ImputationResult:
         """Impute ``X`` and return the values with per-cell provenance and uncertainty."""
         check_is_fitted(self, "_fit_X")
-        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
+        X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan",
+                          reset=False)
+        if self.encoding_ is None:
+            return self._impute_encoded(X)
+        return self.encoding_.decode(self._impute_encoded(self.encoding_.encode(X)), X)
+
+    def _impute_encoded(self, X: np.ndarray) -> ImputationResult:
+        """:meth:`impute` on the engine's (encoded, unscaled) matrix."""
         result = empty_result(X)
-        for rows, features, targets in missing_patterns(result.imputed):
-            standardized = (X[rows] - self.mean_) / self.scale_
-            queries = standardized[:, list(features)]
-            for target in targets:
-                self._impute_target(result, rows, queries, target, features)
+        for pattern_rows, features, targets in missing_patterns(result.imputed):
+            # Bounded memory: a pattern's rows IMPUTE_CHUNK_ROWS at a time.
+            for start in range(0, len(pattern_rows), IMPUTE_CHUNK_ROWS):
+                rows = pattern_rows[start : start + IMPUTE_CHUNK_ROWS]
+                queries = ((X[rows] - self.mean_) / self.scale_)[:, list(features)]
+                for target in targets:
+                    self._impute_target(result, rows, queries, target, features)
         return result
 
     def _impute_target(self, result: ImputationResult, rows: np.ndarray, queries: np.ndarray,
@@ -211,9 +301,30 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         result.ell[rows, target] = found.ell.mean(axis=1)
         result.n_candidates[rows, target] = found.neighbors.shape[1]
 
+    def impute_multiple(self, X: Any) -> list[ImputationResult]:
+        """``n_imputations`` draws of the completed ``X`` from the predictive distribution
+        (see :mod:`fediim.impute.multiple`), each with the single imputation's provenance
+        and uncertainty columns."""
+        if self.encoding_ is not None:
+            raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
+                             "columns is not available yet: impute them singly, with their "
+                             "level probabilities")
+        single = self.impute(X)
+        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
+        return draw_imputations(self, X, single, list(missing_patterns(single.imputed)),
+                                int(self.n_imputations), np.random.default_rng(self.random_state))
+
+    def multiple_imputations(self, X: Any) -> list[Any]:
+        """``n_imputations`` completed copies of ``X`` (DataFrames for a DataFrame), to
+        analyse one by one and pool with :func:`fediim.mi.pool`."""
+        return [_like_input(X, result.values) for result in self.impute_multiple(X)]
+
     def transform(self, X: Any) -> Any:
-        """Impute missing values of ``X`` (DataFrame in, DataFrame out)."""
+        """Impute missing values of ``X`` (DataFrame in, DataFrame out; coded columns as
+        their labels)."""
         values = self.impute(X).values
+        if self.encoding_ is not None:
+            values = self.encoding_.labels(values)
         return _like_input(X, values)
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
@@ -228,6 +339,20 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             names = np.array([f"x{column}" for column in range(self.n_features_in_)],
                              dtype=object)
         return np.asarray(names, dtype=object)
+
+
+def _check_multiple(n_imputations: Any, random_state: Any) -> None:
+    """``n_imputations`` is an int >= 1; ``random_state`` an int >= 0, a Generator or
+    None."""
+    if (not isinstance(n_imputations, int | np.integer) or isinstance(n_imputations, bool)
+            or n_imputations < 1):
+        raise ValueError(f"n_imputations must be an int >= 1, got {n_imputations!r}")
+    seed_ok = (isinstance(random_state, int | np.integer) and not isinstance(random_state, bool)
+               and random_state >= 0)
+    if not (random_state is None or seed_ok
+            or isinstance(random_state, np.random.Generator)):
+        raise ValueError(f"random_state must be an int >= 0, a numpy Generator or None, got "
+                         f"{random_state!r}")
 
 
 def empty_result(x: np.ndarray) -> ImputationResult:

@@ -30,14 +30,23 @@ imputation neighbour, and cached: fitting is cheap, and repeated transforms reus
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
 
 from fediim.impute.basis import MIN_ROWS_PER_COEFFICIENT, offers_quadratic, quadratic_terms
-from fediim.impute.neighbors import NeighborIndex
+from fediim.impute.neighbors import IndexMethod, NeighborIndex
 from fediim.impute.pattern_choice import IIM_ONLY, Blend, choose_blend, first_least
 from fediim.impute.voting import Weighting, vote_weights
+
+#: Up to this many training rows, every row is a validation tuple (exact Alg. 3).
+FULL_VALIDATION_ROWS = 50_000
+#: Above it, the validation tuples are the rows among this many times k nearest of the rows
+#: being learned.
+VALIDATION_RANKS = 0.5
+#: Above it, models are learned this many rows at a time (peak memory grows with it).
+LEARN_CHUNK_ROWS = 1024
 
 __all__ = [
     "Candidates",
@@ -78,8 +87,9 @@ class IIMConfig:
     weights: Weighting = "vote"
     include_global: bool = True
     validation: Literal["loo", "paper"] = "loo"
-    blend: bool = True
-    quadratic: bool = True
+    neighbor_index: IndexMethod = "auto"
+    blend: bool = False
+    quadratic: bool = False
 
     def alphas(self) -> np.ndarray:
         """The ridge penalties as a checked 1-D array."""
@@ -198,12 +208,14 @@ class PatternModels:
         self._z = np.column_stack([self._xaug[:, :n_features + 1], self.target,
                                    self._xaug[:, n_features + 1:]])
         self.width = self._xaug.shape[1]
-        self._index = NeighborIndex(self.features)
+        self._index = NeighborIndex(self.features, self.config.neighbor_index,
+                                    k_hint=self.config.n_neighbors)
         self._alphas = self.config.alphas()
         self._phi = np.full((n_rows, self.width), np.nan)
         self._ell = np.zeros(n_rows, dtype=np.int64)
         self._alpha = np.zeros(n_rows)
         self._done = np.zeros(n_rows, dtype=bool)
+        self._choice = np.zeros(n_rows, dtype=np.intp)  # column of the chosen candidate
         self._val_pairs: tuple[np.ndarray, np.ndarray] | None = None
         self._global_phi: np.ndarray | None = None
         self._grid, self._with_global = self._ell_candidates()
@@ -241,12 +253,17 @@ class PatternModels:
         return np.array([min(int(ell), self.n_rows)]), False
 
     # -- learning -----------------------------------------------------------------------
+    @cached_property
+    def global_gram(self) -> np.ndarray:
+        """``Z^T Z`` over every training row, Z = (1, features, target, quadratic terms):
+        its leading (f + 2) block is the global linear model's Gram matrix, computed once."""
+        return self._z.T @ self._z
+
     @property
     def global_phi(self) -> np.ndarray:
         """Global linear ridge models (ell = n), one per alpha: shape (n_alpha, width)."""
         if self._global_phi is None:
-            linear = self._z[:, :self.n_features + 2]
-            gram = linear.T @ linear
+            gram = self.global_gram[:self.n_features + 2, :self.n_features + 2]
             self._global_phi = self._pad(
                 np.stack([ridge_solve(gram, alpha) for alpha in self._alphas]), 1)
         return self._global_phi
@@ -280,9 +297,13 @@ class PatternModels:
         rows = np.asarray(rows, dtype=np.intp)
         models, inverses, limits, neighbors = self._local_candidates(rows)
         if self._with_global:
-            for alpha in self._alphas:
-                phi, inverse = self.global_model(float(alpha))
+            width = self.n_features + 1
+            gram = self.global_gram
+            eye = np.eye(width)
+            for alpha, phi in zip(self._alphas, self.global_phi, strict=True):
                 models.append(np.broadcast_to(phi, (len(rows), self.width)))
+                inverse = self._pad(
+                    _stacked_inverse((gram[:width, :width] + alpha * eye)[None])[0], 2)
                 inverses.append(np.broadcast_to(inverse, (len(rows), self.width, self.width)))
                 limits.append(self.n_rows + 1)
         sizes = [self.width if label[0] < 0 else self.n_features + 1 for label in
@@ -337,18 +358,34 @@ class PatternModels:
         return np.einsum("rij,rj->ri", inverse, gram[:, regressors, self.n_features + 1]), \
             inverse
 
-    def _validation_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+    def _validation_pairs(self, rows: np.ndarray, neighbors: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
         """(validated, model) pairs of training rows: ``model`` is among the k nearest
-        other rows of ``validated``, so its models are charged for ``validated``'s error."""
-        if self._val_pairs is None:
-            n_nearest = min(self.config.n_neighbors, self.n_rows - 1)
-            if n_nearest <= 0:
-                self._val_pairs = (np.zeros(0, np.intp), np.zeros(0, np.intp))
-            else:
+        other rows of ``validated``, so its models are charged for ``validated``'s error.
+
+        Up to :data:`FULL_VALIDATION_ROWS` training rows every row validates (exact Alg. 3,
+        computed once for all rows). Above, the work is bounded by the rows being learned:
+        the validation tuples are the :data:`VALIDATION_RANKS` x k nearest rows of the
+        rows being learned (from ``neighbors``, each row's list, itself first), whose own
+        k nearest are found exactly; a model is charged for those that have it among
+        them. A farther row seldom has it among its k nearest (NRMSE against the exact
+        rule in benchmarks/README.md). A model's tuples thus come from the neighbourhood
+        of the rows learned with it (a chunk of :meth:`chosen_models`)."""
+        n_nearest = min(self.config.n_neighbors, self.n_rows - 1)
+        if n_nearest <= 0:
+            return np.zeros(0, np.intp), np.zeros(0, np.intp)
+        if self.n_rows <= FULL_VALIDATION_ROWS:
+            if self._val_pairs is None:
                 nearest = self._index.nearest_others(n_nearest)
                 self._val_pairs = (np.repeat(np.arange(self.n_rows), n_nearest),
                                    nearest.ravel())
-        return self._val_pairs
+            return self._val_pairs
+        ranks = max(2, int(round(VALIDATION_RANKS * n_nearest)) + 1)
+        if neighbors.shape[1] < ranks:
+            neighbors = self._index.query(self.features[rows], ranks)[1]
+        tuples = np.unique(neighbors[:, 1:ranks])
+        nearest = self._index.nearest_others(n_nearest, tuples)
+        return np.repeat(tuples, n_nearest), nearest.ravel()
 
     def validation_costs(self, rows: np.ndarray, candidates: Candidates
                          ) -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +393,7 @@ class PatternModels:
         validation tuples t_j that have ``rows[r]`` among their k nearest, the squared
         error of candidate c on t_j; and how many t_j each row has."""
         rows = np.asarray(rows, dtype=np.intp)
-        validated, model = self._validation_pairs()
+        validated, model = self._validation_pairs(rows, candidates.neighbors)
         position = np.full(self.n_rows, -1, dtype=np.intp)
         position[rows] = np.arange(len(rows))
         selected = position[model] >= 0
@@ -430,6 +467,7 @@ class PatternModels:
         self._phi[rows] = candidates.models[np.arange(len(rows)), best]
         self._ell[rows] = [labels[choice][0] for choice in best]
         self._alpha[rows] = [labels[choice][1] for choice in best]
+        self._choice[rows] = best
         self._done[rows] = True
         return candidates, best
 
@@ -437,7 +475,17 @@ class PatternModels:
         """The chosen model phi of each of ``rows`` and its ell (0 = the global model),
         learned on first use, then cached."""
         rows = np.asarray(rows, dtype=np.intp)
-        self._learn(np.unique(rows[~self._done[rows]]))
+        pending = rows[~self._done[rows]]
+        if self.n_rows <= FULL_VALIDATION_ROWS:
+            self._learn(np.unique(pending))
+        else:
+            # Bounded memory: chunks of rows in order of first use, so that a chunk holds
+            # the neighbours of a few queries and its validation tuples overlap little with
+            # other chunks'.
+            _, first = np.unique(pending, return_index=True)
+            pending = pending[np.sort(first)]
+            for start in range(0, len(pending), LEARN_CHUNK_ROWS):
+                self._learn(pending[start : start + LEARN_CHUNK_ROWS])
         return self._phi[rows], self._ell[rows]
 
     def nearest_others_of(self, rows: np.ndarray, k: int) -> np.ndarray:
@@ -456,8 +504,7 @@ class PatternModels:
         """The global linear ridge model at penalty ``alpha`` and its
         ``(U + alpha I)^-1`` (zeros for the quadratic terms)."""
         width = self.n_features + 1
-        linear = self._z[:, :width + 1]
-        gram = linear.T @ linear
+        gram = self.global_gram
         inverse = _stacked_inverse((gram[:width, :width] + alpha * np.eye(width))[None])[0]
         return self._pad(inverse @ gram[:width, width], 1), self._pad(inverse, 2)
 
@@ -470,6 +517,32 @@ class PatternModels:
             chooses = self.config.blend and self.config.ell == "adaptive"
             self._blend = choose_blend(self) if chooses else IIM_ONLY
         return self._blend
+
+    def validation_mse(self, rows: np.ndarray) -> np.ndarray:
+        """Each row's chosen model's mean squared validation residual (Alg. 3's cost of
+        the chosen candidate per validation tuple, leave-one-out where configured), in
+        standardized target units; NaN for a row that validates no tuple. The residual
+        variance that multiple imputation adds to a draw (:mod:`fediim.impute.multiple`)."""
+        rows = np.asarray(rows, dtype=np.intp)
+        self.chosen_models(rows)
+        if not self._grid.size:  # the global model alone: its leave-one-out residuals
+            return np.full(len(rows), self._global_loo_mse(float(self._alpha[rows[0]])))
+        unique, inverse = np.unique(rows, return_inverse=True)
+        cost, n_validated = self.validation_costs(unique, self.candidates(unique))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mse = cost[np.arange(len(unique)), self._choice[unique]] / n_validated
+        return np.where(n_validated > 0, mse, np.nan)[inverse.ravel()]
+
+    def _global_loo_mse(self, alpha: float) -> float:
+        """Mean squared leave-one-out residual of the global ridge model at ``alpha``."""
+        width = self.n_features + 1
+        gram = self.global_gram
+        inverse = _stacked_inverse((gram[:width, :width] + alpha * np.eye(width))[None])[0]
+        phi = inverse @ gram[:width, width]
+        linear = self._xaug[:, :width]
+        leverage = np.einsum("nf,fg,ng->n", linear, inverse, linear)
+        residuals = (self.target - linear @ phi) / np.maximum(1.0 - leverage, 1e-3)
+        return float(np.mean(residuals**2))
 
     # -- imputation ---------------------------------------------------------------------
     def impute(self, queries: np.ndarray) -> PatternResult:
@@ -493,8 +566,9 @@ class PatternModels:
 
     def _impute_blended(self, queries: np.ndarray) -> PatternResult:
         """The :attr:`blend` of IIM's vote, the global model and the mean for each query;
-        its spread counts the parts' disagreement, and ell is IIM's weighted by its share
-        (0 marks the global model and the mean)."""
+        its spread counts the parts' disagreement, ell is IIM's weighted by its share (0
+        marks the global model and the mean), and each candidate is an IIM candidate
+        blended likewise, under IIM's vote weights."""
         weights = self.blend.weights
         phi, _ = self.global_model(self.blend.global_alpha)
         parts = [self._augment(queries) @ phi, np.full(len(queries), self.target.mean())]
@@ -504,17 +578,24 @@ class PatternModels:
             parts.insert(0, found.values)
             spreads.insert(0, found.spread)
             neighbors, ell = found.neighbors, found.ell * weights[0]
+            votes, iim_candidates = found.weights, found.candidates
         else:
             parts.insert(0, np.zeros(len(queries)))
             spreads.insert(0, np.zeros(len(queries)))
             neighbors = self._index.query(queries, 1)[1]
             ell = np.zeros_like(neighbors, dtype=np.float64)
+            votes, iim_candidates = np.ones(neighbors.shape), np.zeros(neighbors.shape)
         values = sum(weight * part for weight, part in zip(weights, parts, strict=True))
         spread = np.sqrt(sum(weight * (part_spread**2 + (part - values) ** 2) for
                              weight, part, part_spread in zip(weights, parts, spreads,
                                                               strict=True)))
-        return PatternResult(values, spread, neighbors, ell,
-                             np.full(neighbors.shape, 1.0 / neighbors.shape[1]))
+        # Each IIM candidate blended with the same global and mean parts: their vote is
+        # ``values``, and multiple imputation draws among them (fediim.impute.multiple).
+        assert iim_candidates is not None
+        candidates = weights[0] * iim_candidates + (weights[1] * parts[1]
+                                                    + weights[2] * parts[2])[:, None]
+        return PatternResult(values, spread, neighbors, ell, votes, candidates)
+
 
 def _stacked_inverse(matrices: np.ndarray) -> np.ndarray:
     """Inverses of stacked matrices; pseudo-inverse where one is singular (alpha = 0)."""

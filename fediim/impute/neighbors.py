@@ -1,8 +1,19 @@
-"""Exact k-nearest-neighbour search that scales: never an n x n distance matrix.
+"""k-nearest-neighbour search that scales: never an n x n distance matrix.
 
-Low-dimensional data (the common case for tabular imputation) goes through
-``scipy.spatial.cKDTree``; wider data, where a KD-tree degrades, goes through blocked BLAS
-(``|q|^2 - 2 q.x + |x|^2`` on row blocks, ``argpartition`` per block).
+One interface, :class:`NeighborIndex`, three methods:
+
+* ``"kdtree"`` (exact): ``scipy.spatial.cKDTree``, for low-dimensional data (the common
+  case for tabular imputation);
+* ``"blas"`` (exact): blocked BLAS (``|q|^2 - 2 q.x + |x|^2`` on row blocks,
+  ``argpartition`` per block), for wider data, where a KD-tree degrades;
+* ``"hnsw"`` (approximate): faiss's HNSW graph (the optional ``approx`` extra). Its recall
+  is checked when it is built: on :data:`RECALL_SAMPLE` of its own rows against the exact
+  search, the search depth doubles until the recall of the k nearest reaches
+  :data:`RECALL_FLOOR` (:meth:`NeighborIndex.recall` measures it for any k).
+
+``"auto"`` picks an exact method (:func:`auto_method`): in the benchmark of
+benchmarks/README.md ("Neighbour indexes") the approximate index was never faster at equal
+accuracy for the engine's workload, so it is used only when asked for.
 
 Ties in distance are broken by row position (the earlier reference row first), exactly, also
 at the k-th place: the KD-tree path widens its query until the tie group at the boundary is
@@ -13,40 +24,97 @@ stable sort, as in the IIM authors' reference code
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["NeighborIndex", "KDTREE_MAX_DIM"]
+__all__ = ["INDEX_METHODS", "KDTREE_MAX_DIM", "NeighborIndex", "auto_method"]
 
+IndexMethod = Literal["auto", "kdtree", "blas", "hnsw"]
+#: The methods :class:`NeighborIndex` accepts.
+INDEX_METHODS: tuple[str, ...] = ("auto", "kdtree", "blas", "hnsw")
 #: Above this many features the blocked BLAS search is used instead of a KD-tree.
 KDTREE_MAX_DIM = 16
 _BLOCK_BYTES = 64 * 1024 * 1024
+#: The approximate index's recall of the k nearest, checked when it is built.
+RECALL_FLOOR = 0.99
+#: Rows the recall check queries (all rows when fewer).
+RECALL_SAMPLE = 256
+#: HNSW graph degree and the search depth it starts from.
+HNSW_DEGREE = 32
+HNSW_START_DEPTH = 64
+
+
+def auto_method(n_rows: int, n_features: int) -> str:
+    """The exact method for ``n_rows`` x ``n_features`` reference rows: a KD-tree up to
+    :data:`KDTREE_MAX_DIM` features, blocked BLAS beyond."""
+    return "kdtree" if 0 < n_features <= KDTREE_MAX_DIM else "blas"
 
 
 class NeighborIndex:
-    """Exact Euclidean k-NN over a fixed set of reference rows.
+    """Euclidean k-NN over a fixed set of reference rows, exact unless ``method="hnsw"``.
 
     Parameters
     ----------
     data : (n, d) float array without NaN
         Reference rows.
+    method : {"auto", "kdtree", "blas", "hnsw"}, default="auto"
+        The search (see the module); ``"auto"`` is :func:`auto_method`.
+    k_hint : int, default=10
+        The k whose recall the approximate index checks when it is built.
     """
 
-    def __init__(self, data: np.ndarray) -> None:
+    def __init__(self, data: np.ndarray, method: IndexMethod = "auto", k_hint: int = 10
+                 ) -> None:
         data = np.ascontiguousarray(data, dtype=np.float64)
         if data.ndim != 2:
             raise ValueError(f"data must be 2-D, got shape {data.shape}")
         if not np.all(np.isfinite(data)):
             raise ValueError("data for a neighbour index must be finite (no NaN/inf)")
+        if method not in INDEX_METHODS:
+            raise ValueError(f"method must be one of {INDEX_METHODS}, got {method!r}")
         self._data = data
         self.n, self.dim = data.shape
-        self._tree = cKDTree(self._data) if 0 < self.dim <= KDTREE_MAX_DIM else None
-        self._sqnorm = np.einsum("ij,ij->i", self._data, self._data) if self._tree is None else None
+        self.method = auto_method(self.n, self.dim) if method == "auto" else method
+        if self.dim == 0:
+            self.method = "kdtree"  # no features: every row is equally near
+        self._tree = cKDTree(self._data) if self.method == "kdtree" and self.dim else None
+        self._sqnorm = (np.einsum("ij,ij->i", self._data, self._data)
+                        if self.method == "blas" else None)
+        self._hnsw: Any = _build_hnsw(self._data) if self.method == "hnsw" else None
+        if self._hnsw is not None:
+            self._tune_depth(k_hint)
+
+    def _tune_depth(self, k: int) -> None:
+        """Double the HNSW search depth until :meth:`recall` reaches :data:`RECALL_FLOOR`."""
+        self.depth = HNSW_START_DEPTH
+        while True:
+            self._hnsw.hnsw.efSearch = self.depth
+            if self.recall(k) >= RECALL_FLOOR or self.depth >= self.n:
+                return
+            self.depth *= 2
+
+    def recall(self, k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
+        """Share of the exact k nearest (other rows included; ties: any member) that this
+        index finds, over ``sample`` of its own rows; 1.0 for the exact methods."""
+        if self.method != "hnsw":
+            return 1.0
+        k = int(min(k, self.n))
+        rows = np.random.default_rng(seed).permutation(self.n)[:sample]
+        queries = self._data[rows]
+        _, found = self.query(queries, k)
+        exact_d, _ = _exact_blocked(self._data, None, queries, k)
+        found_d = np.linalg.norm(self._data[found] - queries[:, None, :], axis=2)
+        # A found row counts when it is no farther than the exact k-th (ties included).
+        hits = found_d <= exact_d[:, -1:] * (1 + 1e-9) + 1e-12
+        return float(hits.mean())
 
     def query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(dist, idx)`` of the ``k`` nearest reference rows, nearest first.
 
-        ``k`` is capped at ``n``; equal distances are ordered by row position.
+        ``k`` is capped at ``n``; equal distances are ordered by row position (exact
+        methods; the approximate one orders what it found the same way).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float64)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -60,18 +128,21 @@ class NeighborIndex:
             dist = np.zeros((len(queries), k))
         elif self._tree is not None:
             dist, idx = self._tree_query(queries, k)
+        elif self._hnsw is not None:
+            dist, idx = self._hnsw_query(queries, k)
         else:
             dist, idx = self._blocked_query(queries, k)
         return np.asarray(dist, dtype=np.float64), idx
 
-    def nearest_others(self, k: int) -> np.ndarray:
-        """Each reference row's ``k`` nearest *other* reference rows, shape (n, k), nearest
-        first (``0 < k < n``). A row that duplicates displaced from its own list drops its
-        farthest neighbour instead."""
-        _, neighbors = self.query(self._data, k + 1)
-        keep = neighbors != np.arange(self.n)[:, None]
+    def nearest_others(self, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Each reference row's (or each of ``rows``') ``k`` nearest *other* reference rows,
+        shape (len(rows), k), nearest first (``0 < k < n``). A row that duplicates displaced
+        from its own list drops its farthest neighbour instead."""
+        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.intp)
+        _, neighbors = self.query(self._data[rows], k + 1)
+        keep = neighbors != rows[:, None]
         keep[keep.all(axis=1), -1] = False
-        return neighbors[keep].reshape(self.n, k)
+        return neighbors[keep].reshape(len(rows), k)
 
     def _tree_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """KD-tree query with exact position-order tie-breaking at the k-th place."""
@@ -102,34 +173,67 @@ class NeighborIndex:
         return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
 
     def _blocked_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        block_rows = max(1, _BLOCK_BYTES // (8 * max(self.n, 1)))
-        out_d = np.empty((len(queries), k))
-        out_i = np.empty((len(queries), k), dtype=np.intp)
-        for start in range(0, len(queries), block_rows):
-            block = queries[start : start + block_rows]
-            d2 = self._sqnorm[None, :] - 2.0 * (block @ self._data.T)
-            d2 += np.einsum("ij,ij->i", block, block)[:, None]
-            np.maximum(d2, 0.0, out=d2)
-            part = self._k_smallest(d2, k)
-            part_d2 = np.take_along_axis(d2, part, axis=1)
-            # Sort by distance, ties by position.
-            order = np.lexsort((part, part_d2), axis=1)
-            out_i[start : start + block_rows] = np.take_along_axis(part, order, axis=1)
-            out_d[start : start + block_rows] = np.sqrt(
-                np.take_along_axis(part_d2, order, axis=1))
-        return out_d, out_i
+        return _exact_blocked(self._data, self._sqnorm, queries, k)
 
-    def _k_smallest(self, d2: np.ndarray, k: int) -> np.ndarray:
-        """Per row of squared distances ``d2``, the positions of its k smallest (unordered);
-        a tie at the k-th place goes to the earlier reference row."""
-        if k >= self.n:
-            return np.broadcast_to(np.arange(self.n), d2.shape).copy()
-        part = np.argpartition(d2, k - 1, axis=1)[:, :k]
-        # Ties at the k-th place: argpartition picks an arbitrary member of the tie group;
-        # redo those (rare) rows exactly, preferring the earlier row.
-        kth = np.take_along_axis(d2, part, axis=1).max(axis=1)
-        n_within = np.count_nonzero(d2 <= kth[:, None], axis=1)
-        for row in np.flatnonzero(n_within > k):
-            tied = np.flatnonzero(d2[row] <= kth[row])
-            part[row] = tied[np.lexsort((tied, d2[row, tied]))[:k]]
-        return part
+    def _hnsw_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate search; a query it returns fewer than k rows for is answered
+        exactly. Distances are recomputed in float64, ties ordered by position."""
+        self._hnsw.hnsw.efSearch = max(self.depth, k)
+        _, idx = self._hnsw.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        short = np.flatnonzero((idx < 0).any(axis=1))
+        if short.size:
+            idx[short] = _exact_blocked(self._data, None, queries[short], k)[1]
+        dist = np.linalg.norm(self._data[idx] - queries[:, None, :], axis=2)
+        order = np.lexsort((idx, dist), axis=1)
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _build_hnsw(data: np.ndarray) -> Any:
+    """faiss's HNSW graph over ``data`` (float32); needs the ``approx`` extra."""
+    try:
+        import faiss
+    except ImportError as exc:  # an optional extra, never a runtime dependency
+        raise ImportError("method='hnsw' needs faiss: pip install 'fediim[approx]'") from exc
+    index = faiss.IndexHNSWFlat(data.shape[1], HNSW_DEGREE)
+    index.add(np.ascontiguousarray(data, dtype=np.float32))
+    return index
+
+
+def _exact_blocked(data: np.ndarray, sqnorm: np.ndarray | None, queries: np.ndarray, k: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN of ``queries`` in ``data`` by blocked BLAS (``sqnorm``: the rows' squared
+    norms, computed when None), ties by position."""
+    n = len(data)
+    if sqnorm is None:
+        sqnorm = np.einsum("ij,ij->i", data, data)
+    block_rows = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
+    out_d = np.empty((len(queries), k))
+    out_i = np.empty((len(queries), k), dtype=np.intp)
+    for start in range(0, len(queries), block_rows):
+        block = queries[start : start + block_rows]
+        d2 = sqnorm[None, :] - 2.0 * (block @ data.T)
+        d2 += np.einsum("ij,ij->i", block, block)[:, None]
+        np.maximum(d2, 0.0, out=d2)
+        part = _k_smallest(d2, k, n)
+        part_d2 = np.take_along_axis(d2, part, axis=1)
+        # Sort by distance, ties by position.
+        order = np.lexsort((part, part_d2), axis=1)
+        out_i[start : start + block_rows] = np.take_along_axis(part, order, axis=1)
+        out_d[start : start + block_rows] = np.sqrt(np.take_along_axis(part_d2, order, axis=1))
+    return out_d, out_i
+
+
+def _k_smallest(d2: np.ndarray, k: int, n: int) -> np.ndarray:
+    """Per row of squared distances ``d2``, the positions of its k smallest (unordered);
+    a tie at the k-th place goes to the earlier reference row."""
+    if k >= n:
+        return np.broadcast_to(np.arange(n), d2.shape).copy()
+    part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+    # Ties at the k-th place: argpartition picks an arbitrary member of the tie group;
+    # redo those (rare) rows exactly, preferring the earlier row.
+    kth = np.take_along_axis(d2, part, axis=1).max(axis=1)
+    n_within = np.count_nonzero(d2 <= kth[:, None], axis=1)
+    for row in np.flatnonzero(n_within > k):
+        tied = np.flatnonzero(d2[row] <= kth[row])
+        part[row] = tied[np.lexsort((tied, d2[row, tied]))[:k]]
+    return part

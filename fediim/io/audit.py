@@ -40,7 +40,8 @@ def _number(v: Any) -> float | None:
 
 
 def audit_records(
-    result: ImputationResult, columns: Sequence[str], *, k: int, row_offset: int = 1
+    result: ImputationResult, columns: Sequence[str], *, k: int, row_offset: int = 1,
+    levels: Sequence[Sequence[str | float] | None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield one audit record per imputed cell of ``result``, row by row, column by column.
 
@@ -50,7 +51,10 @@ def audit_records(
     configured number of neighbours), ``ell`` (mean chosen ℓ of the neighbours' individual
     models, a global model counting as 0; null when not applicable), ``n_candidates``
     (candidates combined; 0 for the mean fallback), ``uncertainty`` (weighted spread of the
-    candidates, in the column's units) and ``value`` (the imputed value).
+    candidates, in the column's units) and ``value`` (the imputed value). With ``levels``
+    (per column, a coded column's declared levels, else None) a coded cell's ``value`` is
+    its level's label and the record adds ``probability`` (the level's voted probability;
+    null for an ordinal column).
 
     An audit record names methods and opaque ids, never another record's values.
     """
@@ -62,7 +66,7 @@ def audit_records(
             f"{imputed.shape}"
         )
     for i, j in np.argwhere(imputed):
-        yield {
+        record = {
             "row": int(i) + row_offset,
             "column": names[j],
             "method": str(result.method[i, j]),
@@ -72,6 +76,13 @@ def audit_records(
             "uncertainty": _number(result.uncertainty[i, j]),
             "value": _number(result.values[i, j]),
         }
+        labels = None if levels is None else levels[j]
+        if labels is not None:
+            record["value"] = labels[int(result.values[i, j])]
+            probability = (np.nan if result.probability is None
+                           else result.probability[i, j])
+            record["probability"] = _number(probability)
+        yield record
 
 
 def dump_audit_jsonl(fh: IO[str], records: Iterable[dict[str, Any]]) -> int:

@@ -6,7 +6,7 @@ Produced by the engines (:mod:`fediim.impute`, :mod:`fediim.federated`), written
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,11 +31,15 @@ class ImputationResult:
     values : (n, m) imputed matrix (observed cells copied exactly).
     imputed : (n, m) bool, True where a value was filled in.
     uncertainty : (n, m) weighted spread of the voting candidates (NaN where not imputed;
-        0 for a mean fallback, which has no candidates).
+        0 for a mean fallback, which has no candidates). In a binary or categorical column
+        it is ``1 - probability``; in an ordinal one the spread in ranks (see
+        :mod:`fediim.impute.encoding`).
     method : (n, m) object array: "iim", "mean" (no usable training row), "fallback" (the
         federation's models failed; the site's own IIM filled the cell), or "" (observed).
     ell : (n, m) mean chosen ell over the neighbours' models (0 where the global model).
     n_candidates : (n, m) int, number of candidates combined.
+    probability : (n, m) the imputed level's voted probability in a binary or categorical
+        column (NaN elsewhere), or None when the table has no such column.
     """
 
     values: np.ndarray
@@ -44,4 +48,5 @@ class ImputationResult:
     method: np.ndarray
     ell: np.ndarray
     n_candidates: np.ndarray
+    probability: np.ndarray | None = field(default=None)
 

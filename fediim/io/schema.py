@@ -9,6 +9,13 @@ small TOML file::
     bounds = [0, 120]
     missing = ["-1"]                   # optional extra markers for this column
     impute = true                      # optional, default true
+    [columns."chest_pain"]
+    kind = "categorical"               # numeric (default), binary, categorical, ordinal
+    levels = [1, 2, 3, 4]              # the declared labels (numbers or strings)
+
+A coded column (``binary``: exactly two levels; ``categorical``: unordered levels;
+``ordinal``: levels in their order) declares its ``levels``, public like bounds; a cell
+holding any other label is an error. Its codes are the level positions 0, 1, ...
 
 Column order is the order of the ``[columns."..."]`` tables in the file. Any problem is
 reported as a :class:`SchemaError` naming the file, the offending key and what was expected.
@@ -44,12 +51,17 @@ from fediim.io.toml import read_toml, toml_document, toml_string
 from fediim.io.validation import error_lines, join_errors
 
 __all__ = [
+    "CODED_KINDS",
     "DEFAULT_MISSING",
+    "KINDS",
     "ColumnSpec",
+    "Kind",
+    "Level",
     "SchemaError",
     "TableSchema",
     "infer_schema",
     "load_schema",
+    "propose_kinds",
 ]
 
 DEFAULT_MISSING: tuple[str, ...] = ("", "NA", "NaN", "nan", "?")
@@ -60,17 +72,62 @@ _TOML_HEADER = "fediim table schema: bounds are public domain knowledge, not rea
 _MARKERS: TypeAdapter[list[str]] = TypeAdapter(list[StrictStr])
 _TOP_KEYS = ("missing", "columns")
 
+Kind = Literal["numeric", "binary", "categorical", "ordinal"]
+#: Every column kind, and the coded ones (declared levels; cells are labels).
+KINDS: tuple[str, ...] = ("numeric", "binary", "categorical", "ordinal")
+CODED_KINDS: tuple[str, ...] = ("binary", "categorical", "ordinal")
+#: A declared level: a number or a string label.
+Level = StrictStr | StrictFloat
+
 
 class ColumnSpec(BaseModel):
-    """One column: its name, kind, public bounds, extra missing markers, whether imputed."""
+    """One column: its name, kind, public bounds or declared levels, extra missing
+    markers, whether imputed."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: StrictStr = Field(min_length=1)
-    kind: Literal["numeric"] = "numeric"
+    kind: Kind = "numeric"
     bounds: tuple[StrictFloat, StrictFloat] | None = None
+    levels: tuple[Level, ...] | None = None
     missing: list[StrictStr] = Field(default_factory=list)
     impute: StrictBool = True
+
+    @property
+    def coded(self) -> bool:
+        """Whether the column holds labels of declared levels (binary/categorical/ordinal)."""
+        return self.kind in CODED_KINDS
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _check_levels(cls, v: Any) -> tuple[Any, ...] | None:
+        if v is None:
+            return v
+        if isinstance(v, str) or not isinstance(v, Sequence):
+            raise ValueError(f"expected levels = [...], a list of labels, got {v!r}")
+        levels = tuple(_level(level) for level in v)
+        if len(set(map(_level_key, levels))) != len(levels):
+            raise ValueError(f"expected distinct levels, got {list(v)}")
+        return levels
+
+    @model_validator(mode="after")
+    def _levels_fit_kind(self) -> ColumnSpec:
+        if not self.coded:
+            if self.levels is not None:
+                raise ValueError("levels are declared only for kind = \"binary\", "
+                                 "\"categorical\" or \"ordinal\"; this column is numeric")
+            return self
+        if self.levels is None:
+            raise ValueError(f"kind = \"{self.kind}\" needs levels = [...] (the declared "
+                             "labels, public domain knowledge)")
+        if self.kind == "binary" and len(self.levels) != 2:
+            raise ValueError(f"kind = \"binary\" expects exactly 2 levels, got "
+                             f"{len(self.levels)}")
+        if len(self.levels) < 2:
+            raise ValueError(f"kind = \"{self.kind}\" expects at least 2 levels, got 1")
+        if self.bounds is not None:
+            raise ValueError("a coded column takes no bounds (its levels are its range)")
+        return self
 
     @field_validator("bounds")
     @classmethod
@@ -176,14 +233,31 @@ class TableSchema(BaseModel):
         return set(self.missing) | set(self.column(column_name).missing)
 
     def bounds_array(self) -> np.ndarray:
-        """Public bounds as an (m, 2) float array ``[[lo, hi], ...]`` in column order."""
-        lacking = [c.name for c in self.columns if c.bounds is None]
+        """Public bounds as an (m, 2) float array ``[[lo, hi], ...]`` in column order; a
+        coded column's range is its codes, ``[0, n_levels - 1]``."""
+        lacking = [c.name for c in self.columns if c.bounds is None and not c.coded]
         if lacking:
             raise SchemaError(
                 f"columns {lacking} have no bounds; expected bounds = [lo, hi] "
                 f"(public domain knowledge) for every numeric column"
             )
-        return np.array([c.bounds for c in self.columns], dtype=np.float64).reshape(-1, 2)
+        return np.array([(0.0, float(len(c.levels) - 1)) if c.levels else c.bounds
+                         for c in self.columns], dtype=np.float64).reshape(-1, 2)
+
+    @property
+    def has_coded_columns(self) -> bool:
+        """Whether any column is binary, categorical or ordinal."""
+        return any(c.coded for c in self.columns)
+
+    def code_kinds(self) -> dict[int, tuple[str, tuple[float, ...]]]:
+        """The coded columns as the engines' ``column_kinds`` over a table read with this
+        schema, whose coded cells hold codes: ``{position: (kind, (0, 1, ..., L - 1))}``."""
+        return {j: (c.kind, tuple(float(code) for code in range(len(c.levels))))
+                for j, c in enumerate(self.columns) if c.levels is not None}
+
+    def column_levels(self) -> list[tuple[Level, ...] | None]:
+        """Per column in order, its declared levels (None: a numeric column)."""
+        return [c.levels for c in self.columns]
 
     # -- serialisation ------------------------------------------------------------------
 
@@ -199,6 +273,8 @@ class TableSchema(BaseModel):
                     "bounds": None if c.bounds is None else [float(b) for b in c.bounds],
                     "missing": sorted(set(c.missing)),
                     "impute": c.impute,
+                    # Only coded columns carry levels: a numeric schema keeps its hash.
+                    **({} if c.levels is None else {"levels": list(c.levels)}),
                 }
                 for c in self.columns
             ],
@@ -216,6 +292,9 @@ class TableSchema(BaseModel):
             tables[f"columns.{toml_string(c.name)}"] = {
                 "kind": c.kind,
                 "bounds": None if c.bounds is None else list(c.bounds),
+                "levels": None if c.levels is None else [
+                    int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53
+                    else v for v in c.levels],
                 "missing": list(c.missing),
                 "impute": c.impute,
             }
@@ -275,7 +354,58 @@ def infer_schema(values: np.ndarray, columns: Sequence[str], margin: float = 0.0
         raise SchemaError(_join("infer_schema", _format_errors(exc, ""))) from None
 
 
+#: A numeric column with at most this many distinct whole values is proposed as coded.
+MAX_PROPOSED_LEVELS = 10
+_NUMBER_TEXT = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+
+
+def propose_kinds(names: Sequence[str], cells: Sequence[Sequence[str]]
+                  ) -> dict[str, tuple[str, tuple[str | float, ...]]]:
+    """Columns that look coded, as ``{name: (kind, levels)}``, from each column's observed
+    (stripped, non-missing) cell texts: a column holding any non-number is categorical
+    over its labels; one of at most :data:`MAX_PROPOSED_LEVELS` distinct whole numbers
+    that repeat (at least twice as many cells as values) is categorical over them. Two
+    levels make it binary; a column with a single label is left alone. The levels are read from the
+    data, so a caller must say so and have them confirmed (or replaced by the full
+    public list of levels) before any federated run."""
+    import re
+
+    number = re.compile(_NUMBER_TEXT)
+    proposed: dict[str, tuple[str, tuple[str | float, ...]]] = {}
+    for name, column in zip(names, cells, strict=True):
+        distinct = set(column)
+        if len(distinct) < 2:
+            continue
+        if all(number.fullmatch(text) for text in distinct):
+            values = sorted({float(text) for text in distinct})
+            if (len(values) > MAX_PROPOSED_LEVELS or not all(v.is_integer() for v in values)
+                    or len(column) < 2 * len(values)):
+                continue
+            levels: tuple[str | float, ...] = tuple(values)
+        else:
+            levels = tuple(sorted(distinct))
+        proposed[name] = ("binary" if len(levels) == 2 else "categorical", levels)
+    return proposed
+
+
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _level(level: Any) -> str | float:
+    """A declared level: a non-empty string, or a finite number (held as a float)."""
+    if isinstance(level, str):
+        if not level.strip() or level != level.strip():
+            raise ValueError(f"expected a level label without surrounding spaces, got "
+                             f"{level!r}")
+        return level
+    if isinstance(level, float | int) and not isinstance(level, bool) and math.isfinite(level):
+        return float(level)
+    raise ValueError(f"expected levels that are strings or finite numbers, got {level!r}")
+
+
+def _level_key(level: str | float) -> tuple[int, str | float]:
+    """Levels compare by type and value (the number 1 and the string "1" differ)."""
+    return (0, level) if isinstance(level, str) else (1, level)
 
 
 def _format_errors(exc: ValidationError, prefix: str) -> list[str]:
@@ -296,6 +426,9 @@ _EXPECTED = {
     "bool_type": "expected true or false",
     "float_type": "expected a number",
     "list_type": "expected a list (array) of strings",
+    "tuple_type": "expected a list (array)",
+    "literal_error": "expected kind = \"numeric\", \"binary\", \"categorical\" or "
+                     "\"ordinal\"",
 }
 
 

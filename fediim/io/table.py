@@ -25,8 +25,8 @@ from fediim.errors import DataError
 from fediim.io.atomic import atomic_open
 from fediim.io.schema import DEFAULT_MISSING, TableSchema
 
-__all__ = ["DataError", "Table", "as_matrix", "check_representable", "parse_csv_text",
-           "read_csv", "write_csv"]
+__all__ = ["DataError", "LevelReader", "Table", "as_matrix", "check_representable",
+           "format_level", "parse_csv_text", "read_cells", "read_csv", "write_csv"]
 
 ARRAY_SOURCE = "<array>"
 
@@ -76,12 +76,14 @@ def read_csv(
     missing_markers: Iterable[str] | None = None,
     allow_empty_columns: bool = False,
 ) -> Table:
-    """Read a numeric CSV file (header row required) into a :class:`Table`.
+    """Read a CSV file (header row required) into a :class:`Table`.
 
     A cell is missing iff, stripped of surrounding whitespace, it equals one of the markers
     for its column: ``missing_markers`` (default: the schema's global markers, else
     ``DEFAULT_MISSING``) plus the schema's per-column markers. Every other cell must be a
-    finite decimal number. With a schema, the header must equal the schema's columns.
+    finite decimal number, except in a column the schema declares coded (binary,
+    categorical, ordinal): there a cell must be one of its declared levels, read as the
+    level's code (0, 1, ...). With a schema, the header must equal the schema's columns.
     A column with no observed value is an error unless ``allow_empty_columns`` (a site of a
     federation that never measures an attribute can still have it imputed from the bank).
     """
@@ -105,11 +107,29 @@ def parse_csv_text(
     if schema is not None:
         _check_against_schema(names, schema, source)
     markers = _column_markers(names, schema, missing_markers)
-    values = _read_rows(reader, source, names, markers)
+    values = _read_rows(reader, source, names, markers, _column_levels(names, schema))
     if not allow_empty_columns:
         _check_observed(values, names, source)
     check_representable(values, names, source)
     return Table(values=values, columns=names, source=source)
+
+
+def read_cells(path: str | os.PathLike[str], missing_markers: Iterable[str] | None = None
+               ) -> tuple[list[str], list[list[str]]]:
+    """The header and, per column, its observed cells' stripped texts (missing markers
+    left out): what a schema's kinds and levels are proposed from."""
+    source = os.fspath(path)
+    reader = csv.reader(io.StringIO(_read_text(path, source), newline=""), strict=True)
+    names = _read_header(reader, source)
+    markers = _column_markers(names, None, missing_markers)
+    cells: list[list[str]] = [[] for _ in names]
+    while (rec := _next_record(reader, source)) is not None:
+        if len(rec) != len(names):
+            continue  # read_csv reports malformed rows; here only the labels matter
+        for column, text in zip(cells, rec, strict=True):
+            if text.strip() not in markers[0]:
+                column.append(text.strip())
+    return names, cells
 
 
 def _read_header(reader: Any, source: str) -> list[str]:
@@ -135,9 +155,67 @@ def _column_markers(names: list[str], schema: TableSchema | None,
     ]
 
 
-def _read_rows(reader: Any, source: str, names: list[str],
-               markers: list[set[str]]) -> np.ndarray:
-    """Every data row parsed to floats (NaN = missing); trailing blank lines tolerated."""
+def _column_levels(names: list[str], schema: TableSchema | None) -> list[LevelReader | None]:
+    """Per column, the reader of its declared levels (None: a numeric column)."""
+    if schema is None:
+        return [None] * len(names)
+    return [None if schema.column(n).levels is None else LevelReader(schema.column(n).levels)
+            for n in names]
+
+
+class LevelReader:
+    """Reads a coded column's cells: each label to its level's code (position 0, 1, ...).
+
+    A string level matches its exact text; a numeric level matches any decimal spelling of
+    its value (``1``, ``1.0``), so codes written as numbers read as declared."""
+
+    def __init__(self, levels: Sequence[str | float]) -> None:
+        self.levels = tuple(levels)
+        self._text = {level: code for code, level in enumerate(levels) if isinstance(level, str)}
+        self._number = {level: code for code, level in enumerate(levels)
+                        if not isinstance(level, str)}
+
+    def code(self, cell: str) -> int | None:
+        """The code of ``cell`` (stripped), or None when it is no declared level."""
+        if cell in self._text:
+            return self._text[cell]
+        if self._number and _NUMBER.fullmatch(cell):
+            return self._number.get(float(cell))
+        return None
+
+    def describe(self) -> str:
+        """The declared levels, as an error message lists them."""
+        return "[" + ", ".join(format_level(level) if not isinstance(level, str) else
+                               repr(level) for level in self.levels) + "]"
+
+
+def format_level(level: str | float) -> str:
+    """A level as a CSV field: a string as itself, a number in its shortest exact form."""
+    if isinstance(level, str):
+        return level
+    f = float(level)
+    return str(int(f)) if f.is_integer() and abs(f) < 2**53 else repr(f)
+
+
+def _parse_label(cell: str, markers: set[str], levels: LevelReader, source: str, line: int,
+                 column: str) -> float:
+    """A coded column's cell: its level's code, NaN for a missing marker, else an error."""
+    s = cell.strip()
+    if s in markers:
+        return float("nan")
+    code = levels.code(s)
+    if code is not None:
+        return float(code)
+    marker_list = ", ".join(repr(x) for x in sorted(markers))
+    raise DataError(source, f"{cell!r} is not a declared level; expected one of the levels "
+                    f"{levels.describe()} or a missing marker ({marker_list})", row=line,
+                    row_desc=f"line {line}", column=column)
+
+
+def _read_rows(reader: Any, source: str, names: list[str], markers: list[set[str]],
+               levels: list[LevelReader | None] | None = None) -> np.ndarray:
+    """Every data row parsed to floats (NaN = missing; a coded column's label to its
+    level's code); trailing blank lines tolerated."""
     m = len(names)
     rows: list[list[float]] = []
     pending_blank: int | None = None  # trailing blank lines are tolerated, inner ones not
@@ -154,7 +232,10 @@ def _read_rows(reader: Any, source: str, names: list[str],
             raise DataError(
                 source, f"row has {len(rec)} field{'s' if len(rec) != 1 else ''}, expected "
                 f"{m} (one per header column)", row=line, row_desc=f"line {line}")
-        rows.append([_parse_cell(rec[j], markers[j], source, line, names[j]) for j in range(m)])
+        rows.append([_parse_cell(rec[j], markers[j], source, line, names[j])
+                     if levels is None or levels[j] is None else
+                     _parse_label(rec[j], markers[j], levels[j], source, line, names[j])
+                     for j in range(m)])
     if not rows:
         raise DataError(source, "no data rows; expected at least one row after the header")
     return np.array(rows, dtype=np.float64).reshape(len(rows), m)

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
-import opendp.prelude as dp
 
-dp.enable_features("contrib")
+import fediim.privacy.opendp_api as dp
 
 __all__ = [
     "integer_gaussian_measurement",

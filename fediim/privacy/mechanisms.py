@@ -12,11 +12,9 @@ from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import opendp.prelude as dp
 
+import fediim.privacy.opendp_api as dp
 from fediim.privacy.discrete_gaussian import opendp_discrete_gaussian, seeded_discrete_gaussian
-
-dp.enable_features("contrib")
 
 __all__ = [
     "IntegerNoiseSource",
@@ -243,7 +241,7 @@ def quantile_scores(values: np.ndarray, candidates: np.ndarray, alpha: float) ->
     if not np.all(np.isfinite(arr)):
         raise ValueError("values must be finite (drop NaN and clamp first)")
     cands = tuple(float(c) for c in np.asarray(candidates, dtype=np.float64))
-    out = _score_transformation(cands, _check_alpha(alpha))(arr.tolist())
+    out = _score_transformation(cands, _check_alpha(alpha))(np.ascontiguousarray(arr))
     return np.asarray(out, dtype=np.int64)
 
 
@@ -324,7 +322,8 @@ class OpenDPGaussianNoise:
         if not np.all(np.isfinite(arr)):
             raise ValueError("values must be finite")  # OpenDP does not check its domain
         flat = arr.reshape(-1)
-        out = np.asarray(self.measurement(flat.size, sigma)(flat.tolist()), dtype=np.float64)
+        out = np.asarray(self.measurement(flat.size, sigma)(np.ascontiguousarray(flat)),
+                         dtype=np.float64)
         if out.shape != flat.shape:
             raise RuntimeError(f"OpenDP returned {out.shape}, expected {flat.shape}")
         return out.reshape(arr.shape)
@@ -347,7 +346,7 @@ class OpenDPGaussianNoise:
         if not np.all(np.isfinite(arr)):
             raise ValueError("values must be finite")  # OpenDP does not check its domain
         cands = tuple(float(c) for c in np.asarray(candidates, dtype=np.float64))
-        return float(private_quantile_measurement(cands, alpha, scale)(arr.tolist()))
+        return float(private_quantile_measurement(cands, alpha, scale)(np.ascontiguousarray(arr)))
 
 
 class SeededGaussianNoise:

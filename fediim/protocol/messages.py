@@ -296,7 +296,10 @@ class SecureRequest(PrivacyRequest):
     (:mod:`fediim.protocol.secure_sum` bytes). A masked-input step also carries the public
     state its statistic is computed over (``public_state``: box, depth, trees; see
     :mod:`fediim.protocol.secure_run`) and, in the first session, the site's encrypted
-    shares (``delivery``). ``seed_index`` picks this site's seeded noise stream."""
+    shares (``delivery``). A share-keys step may also ask the first session's masked input
+    (``first_input``, a masked-input request over every site that advertised, with its
+    ``public_state``); the shares then ride with that session's unmask step.
+    ``seed_index`` picks this site's seeded noise stream."""
 
     STAGE: ClassVar[str] = "secure"
     step: Literal["advertise", "share_keys", "masked_input", "unmask"]
@@ -307,6 +310,7 @@ class SecureRequest(PrivacyRequest):
     secagg: bytes | None = None
     delivery: bytes | None = None
     public_state: bytes | None = None
+    first_input: bytes | None = None
 
 
 class ImputeRequest(_Message):
@@ -371,10 +375,12 @@ class ReleaseReply(_Reply):
 class SecureReply(_Reply):
     """The site's protocol message for the step (``secagg``): its signed keys, its
     encrypted shares, its masked input (charged to its ledger first, reported in
-    ``ledger``) or its unmasking shares."""
+    ``ledger``) or its unmasking shares; with its encrypted shares, the first session's
+    masked input when the request asked for it (``first_input``, charged likewise)."""
 
     STAGE: ClassVar[str] = "secure"
     secagg: bytes | None = None
+    first_input: bytes | None = None
 
 
 class ImputeReply(_Reply):

@@ -1,6 +1,7 @@
 """Secure aggregation through the real ServerApp and ClientApps in one process
 (tests/flower_grid.py): the bank equals the in-process FederatedIIM's with the same seeds,
-a site that drops after key sharing is left out while t survive, fewer than t fail the
+the first sum's inputs ride with key sharing (asked again, uncharged, when a site did not
+share), a site that drops after key sharing is left out while t survive, fewer than t fail the
 run, a crafted tree is refused before any spend on it, and the ledgers name the
 distributed mechanism and its assumption."""
 
@@ -23,8 +24,8 @@ from tests.apps.test_flower_apps import BOUNDS, _federation, _run, _view
 from tests.fake_clock import FakeClock
 
 SIZES = (300, 200, 150, 120)
-ROUNDS = ["advertise", "share_keys", "histograms:masked_input", "histograms:unmask",
-          "counts:masked_input", "counts:unmask", "grams:masked_input", "grams:unmask"]
+ROUNDS = ["advertise", "share_keys", "histograms:unmask", "counts:masked_input",
+          "counts:unmask", "grams:masked_input", "grams:unmask"]
 
 
 def _entries(layout: object, site_id: str) -> tuple:
@@ -56,6 +57,8 @@ def test_secure_bank_equals_federated_iim_with_the_same_seeds(tmp_path: Path) ->
     assert [r["round"] for r in secure["rounds"]] == ROUNDS
     assert secure["rounds"][0]["in_handshake"]  # the keys came with the handshake replies
     assert all(r["survivors"] == ids for r in secure["rounds"])
+    assert [s["inputs_round"] for s in secure["sessions"]] == [
+        "share_keys", "counts:masked_input", "grams:masked_input"]
     assert [g for _, g in grid.delivered][4::4] == [f"secure:{r}" for r in ROUNDS[1:]] + [
         "impute"]
     for s, mem in zip(sites, fed.ledgers_, strict=True):
@@ -79,13 +82,36 @@ def test_a_site_dropping_after_key_sharing_leaves_the_others_to_finish(tmp_path:
     view = _view(layout)
     assert view["status"] == "completed", view["error"]
     assert clock.now == RUN_CONFIG_DEFAULTS["release-timeout"]  # waited out once
-    assert view["sites"][gone]["stages"]["secure:histograms:masked_input"]["code"] == "silent"
+    assert view["sites"][gone]["stages"]["secure:histograms:unmask"]["code"] == "silent"
     assert not view["sites"][gone]["active"]
     rounds = {r["round"]: r["survivors"] for r in view["secure"]["rounds"]}
-    assert gone in rounds["share_keys"] and gone not in rounds["histograms:masked_input"]
-    assert all(gone in s["dropped"] and gone not in s["survivors"]
-               for s in view["secure"]["sessions"][:1])
-    assert all(len(s["survivors"]) == 3 for s in view["secure"]["sessions"])
+    assert gone in rounds["share_keys"] and gone not in rounds["histograms:unmask"]
+    first, *later = view["secure"]["sessions"]
+    assert gone in first["survivors"] and len(first["survivors"]) == 4  # its input came early
+    assert gone in later[0]["dropped"]  # its pairwise masks removed once, then gone
+    assert all(len(s["survivors"]) == 3 for s in later)
+
+
+def test_a_site_that_never_shares_its_keys_makes_the_first_sum_asked_again_uncharged(
+        tmp_path: Path) -> None:
+    """The first sum's inputs were masked with every advertised site; one did not share its
+    keys, so they cannot be unmasked: the others mask the same inputs again over the sites
+    that shared, and pay for them once."""
+    layout = _federation(tmp_path, sizes=SIZES, seed=77, aggregation="secure")
+    gone = sorted(layout.sites, key=lambda s: s.site_id)[-1].site_id  # node 104
+    _run(layout, FakeClock(), drop=lambda node, group: node == 104 and group not in (
+        "handshake", "secure:advertise"))
+    view = _view(layout)
+    assert view["status"] == "completed", view["error"]
+    secure = view["secure"]
+    assert [r["round"] for r in secure["rounds"]][:4] == [
+        "advertise", "share_keys", "histograms:masked_input", "histograms:unmask"]
+    assert secure["sessions"][0]["inputs_round"] == "histograms:masked_input"
+    assert all(gone not in s["survivors"] and len(s["survivors"]) == 3
+               for s in secure["sessions"])
+    for site in layout.sites:
+        if site.site_id != gone:
+            assert len(_entries(layout, site.site_id)) == 3  # one charge per sum
 
 
 def test_fewer_than_t_survivors_fail_the_run(tmp_path: Path) -> None:

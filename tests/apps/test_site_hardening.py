@@ -330,7 +330,7 @@ def _raise_index(*args: object, **kwargs: object) -> None:
 
 @pytest.mark.parametrize(("target", "name", "failure"), [
     (site_imputation, "pattern_models", _raise_linalg),
-    (site_module, "site_impute", _raise_index),
+    (site_imputation, "site_impute", _raise_index),
 ])
 def test_a_numerical_failure_from_a_vetted_bank_falls_back_with_the_same_reply(
         neighbours: Neighbours, monkeypatch: pytest.MonkeyPatch, target: Any, name: str,

@@ -1,7 +1,7 @@
 """Done-when 2 of issue 14 in a real TLS ``local-deploy`` (benchmarks/secure_deploy.py):
 4 sites x 1,000 ccpp rows with secure aggregation, one SuperNode SIGKILLed as soon as
 ``federation.json`` records the share-keys round; the run completes with the other three.
-Slow (a real deployment of 10 rounds, ~3 min here): ``pytest -m slow``."""
+Slow (a real deployment of 8 rounds, ~3 min here): ``pytest -m slow``."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def test_a_supernode_killed_after_key_sharing_leaves_three_to_finish(
     rounds = {r["round"]: r["survivors"] for r in run["secure"]["rounds"]}
     assert "sited" in rounds["share_keys"]
     assert rounds["grams:unmask"] == ["sitea", "siteb", "sitec"]
-    assert [s["dropped"] for s in run["secure"]["sessions"]] == [["sited"], [], []]
+    # its histograms input rode with key sharing; it is dropped from the counts on
+    assert [s["dropped"] for s in run["secure"]["sessions"]] == [[], ["sited"], []]
     assert [d["site_id"] for d in run["dropped"]] == ["sited"]
     assert run["bank_cells"] > 0
     assert stray_processes(run["marker"]) == []

@@ -31,7 +31,7 @@ def test_quadratic_terms_and_when_a_pattern_offers_them():
 def test_quadratic_candidates_equal_ridge_from_scratch():
     feats, target = _quadratic_pattern()
     grid = (1, 5, 30, 60)
-    pm = PatternModels(feats, target, IIMConfig(ell_grid=grid, alpha=1e-3))
+    pm = PatternModels(feats, target, IIMConfig(ell_grid=grid, alpha=1e-3, quadratic=True))
     labels = pm.candidate_labels()
     # width 6: quadratic models from ell >= 4 * 6 = 24, after the linear one of each ell.
     assert labels == [(1, 1e-3), (5, 1e-3), (30, 1e-3), (30, 1e-3), (60, 1e-3), (60, 1e-3),
@@ -79,7 +79,7 @@ def test_blend_leaves_iim_only_without_signal(signal):
     rng = np.random.default_rng(4)
     feats = rng.normal(size=(40, 8))
     target = signal * feats[:, 0] + rng.normal(0, 0.5, 40)
-    blend = PatternModels(feats, target, IIMConfig()).blend
+    blend = PatternModels(feats, target, IIMConfig(blend=True)).blend
     assert abs(sum(blend.weights) - 1.0) < 1e-12
     if signal:
         assert blend.weights[2] <= 0.2  # the feature explains the target: little mean
@@ -89,8 +89,8 @@ def test_blend_leaves_iim_only_without_signal(signal):
 
 def test_no_blend_on_large_patterns_or_without_adaptive_ell():
     feats, target = _quadratic_pattern(n=pattern_choice.MAX_CHOICE_ROWS + 1)
-    assert PatternModels(feats, target, IIMConfig()).blend.iim_only
-    assert PatternModels(feats[:40], target[:40], IIMConfig(ell=3)).blend.iim_only
+    assert PatternModels(feats, target, IIMConfig(blend=True)).blend.iim_only
+    assert PatternModels(feats[:40], target[:40], IIMConfig(ell=3, blend=True)).blend.iim_only
     assert PatternModels(feats[:40], target[:40], IIMConfig(blend=False)).blend.iim_only
 
 
@@ -111,3 +111,19 @@ def test_blended_imputation_never_worse_than_the_mean_on_noise():
 def test_ties_within_tolerance_go_to_the_first():
     costs = np.array([[1.0 + 1e-13, 1.0, 2.0], [3.0, 2.0, 1.0]])
     np.testing.assert_array_equal(pattern_choice.first_least(costs), [0, 2])
+
+
+def test_blended_candidates_vote_to_the_blend_and_feed_the_draws():
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(40, 8))
+    pm = PatternModels(feats, rng.normal(0, 0.5, 40), IIMConfig(blend=True, quadratic=True))
+    assert not pm.blend.iim_only
+    found = pm.impute(rng.normal(size=(5, 8)))
+    np.testing.assert_allclose((found.weights * found.candidates).sum(axis=1), found.values,
+                               rtol=1e-12, atol=1e-12)
+    table = rng.normal(size=(60, 10))
+    masked = np.where(rng.random(table.shape) < 0.08, np.nan, table)
+    draws = IIMImputer(blend=True, quadratic=True, n_imputations=2,
+                       random_state=0).fit(masked).multiple_imputations(masked)
+    assert len(draws) == 2 and all(np.isfinite(draw).all() for draw in draws)
+    assert not np.array_equal(draws[0], draws[1])

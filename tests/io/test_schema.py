@@ -155,11 +155,12 @@ def test_error_unknown_top_level_key(tmp_path: Path) -> None:
 
 def test_error_wrong_types(tmp_path: Path) -> None:
     text = 'missing = "NA"\n[columns."a"]\nbounds = [0, 1]\nimpute = "yes"\nmissing = [-1]\n'
-    text += 'kind = "categorical"\n'
+    text += 'kind = "nominal"\n'
     msg = _error(tmp_path, text)
     assert 'columns."a".impute: expected true or false' in msg
     assert 'columns."a".missing[0]: expected a string' in msg
-    assert "columns.\"a\".kind: expected 'numeric'" in msg
+    assert ('columns."a".kind: expected kind = "numeric", "binary", "categorical" or '
+            '"ordinal"') in msg
     assert "missing: expected a list" in msg
     assert "4 schema errors" in msg
 

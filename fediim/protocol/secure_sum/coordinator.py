@@ -7,6 +7,10 @@ self-mask seed and each dropped site's mask key for that session. Removing those
 from the sum of the masked inputs leaves exactly the sum of the survivors' inputs; a
 dropped site takes no part in any later session. It never returns a partial sum: fewer
 than t survivors or t replies is a :class:`SecureAggregationError`.
+
+The first session's masked inputs may be asked with key sharing, over every site that
+advertised (U1): they are summed only if every one of them shared its keys (U2 = U1),
+which saves a round; else the first session is asked again over U2.
 """
 
 from __future__ import annotations
@@ -91,6 +95,22 @@ class CoordinatorSecureAggregator:
             deliveries[recipient] = ShareDelivery(run_id=self.config.run_id,
                                                   recipient=recipient, ciphertexts=ciphertexts)
         return deliveries
+
+    def first_input_request(self, length: int | None = None) -> MaskedInputRequest:
+        """Round 2's companion: the first session's request over every site that advertised
+        (U1), sent with the broadcast; its inputs count only if U2 = U1
+        (:meth:`first_inputs_usable`)."""
+        if not self._adverts or self._active or self._session:
+            raise SecureAggregationError("the first session rides with key sharing only")
+        self._length = self.config.session_length(0, length)
+        return MaskedInputRequest(run_id=self.config.run_id, session=0,
+                                  participants=tuple(self._adverts), length=self._length)
+
+    def first_inputs_usable(self) -> bool:
+        """Whether the first session's early inputs can be summed: every site that
+        advertised keys also shared them, and no session has started."""
+        return (self._session == 0 and self._request is None
+                and self._active == tuple(self._adverts))
 
     def masked_input_request(self, length: int | None = None) -> MaskedInputRequest:
         """Round 3: the next session's request to its participants, with its vector

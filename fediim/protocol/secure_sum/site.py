@@ -2,19 +2,24 @@
 
 A site answers four kinds of request, in order: advertise keys, share keys (given the
 broadcast advertisements), masked input (once per session, given the session's
-participants and the site's input) and unmask (once per session). It refuses with
-:class:`SecureAggregationError`, before revealing anything, whenever a request could
+participants and the site's input) and unmask (once per session). The first session's
+input may ride with key sharing, masked with every site that advertised keys (U1), since
+who shares (U2) is not known yet: the coordinator sums it only if U2 = U1, else it asks
+the first session again over U2 and the site masks the same input again. A site refuses
+with :class:`SecureAggregationError`, before revealing anything, whenever a request could
 break the protocol's guarantees:
 
 - an advertisement that is unsigned, signed by a key other than the one registered for
   its site, for another run or run shape, or that replaces this site's own keys;
 - participants of a session that include a site which did not share its keys (U2), a site
   named dropped in an earlier session, or fewer than t sites; a session asked before this
-  site answered the unmask of its previous one (so it always knows who was dropped);
+  site answered the unmask of its previous one (so it always knows who was dropped); any
+  session but the first, once and over exactly U1, before the shares are delivered;
 - an input of the wrong length or type, or with an entry beyond the per-site bound;
-- an unmask request for a session this site did not mask an input in, asked twice, with
-  fewer than t survivors, or naming one site both survivor and dropped (which would reveal
-  both its self-mask seed and its mask key for that session, hence its input).
+- an unmask request for a session this site did not mask an input in, asked twice, before
+  the shares are delivered, with fewer than t survivors, naming a site that did not share
+  its keys, or naming one site both survivor and dropped (which would reveal both its
+  self-mask seed and its mask key for that session, hence its input).
 
 Each site has one mask key pair per session, so revealing a dropped site's key for session
 k (to remove its pairwise masks) says nothing about its masks in any other session, where
@@ -93,6 +98,7 @@ class SiteSecureAggregator:
         self._allowed: tuple[str, ...] = ()  # who may be a participant of the next session
         self._participants: dict[int, tuple[str, ...]] = {}
         self._answered: set[int] = set()
+        self._first_early = False  # session 0 was masked with key sharing, over U1
 
     def to_bytes(self) -> bytes:
         """This site's whole state, secrets included, for an app that answers each message
@@ -112,7 +118,7 @@ class SiteSecureAggregator:
                                   for s, b in pairs] for owner, pairs in self._shares.items()},
                "allowed": list(self._allowed),
                "participants": {str(k): list(v) for k, v in self._participants.items()},
-               "answered": sorted(self._answered)}
+               "answered": sorted(self._answered), "first_early": self._first_early}
         return canonical_json(doc)
 
     @classmethod
@@ -165,6 +171,7 @@ class SiteSecureAggregator:
         self._allowed = tuple(doc["allowed"])
         self._participants = {int(k): tuple(v) for k, v in doc["participants"].items()}
         self._answered = set(doc["answered"])
+        self._first_early = bool(doc["first_early"])
 
     def advertise(self) -> KeyAdvertisement:
         """Round 1: this site's public keys, signed with its identity key."""
@@ -245,7 +252,9 @@ class SiteSecureAggregator:
 
     def masked_input(self, request: MaskedInputRequest, values: np.ndarray) -> MaskedInput:
         """Round 3: this session's input, masked by the self mask and the pairwise masks
-        with every other participant."""
+        with every other participant. Asked again for the first session (over U2, after an
+        early input over U1), the app must pass the same input: the two masked vectors then
+        differ only by masks with sites that never shared their keys."""
         session = self.check_masked_input_request(request)
         vector = self._checked_input(values, session, request.length)
         participants = request.participants
@@ -255,6 +264,7 @@ class SiteSecureAggregator:
                                 {peer: self._peers[peer].s_publics[session]
                                  for peer in participants},
                                 run_id=self.config.run_id, session=session, length=vector.size)
+        self._first_early = session == 0 and not self._allowed
         self._participants[session] = participants
         return MaskedInput(run_id=self.config.run_id, session=session, site_id=self.site_id,
                            length=vector.size, masked=masked.astype("<u8").tobytes())
@@ -267,22 +277,33 @@ class SiteSecureAggregator:
             raise SecureAggregationError(f"a masked-input request for another run or for "
                                          f"session {session} of {self.config.n_sessions}")
         self.config.session_length(session, request.length)
-        last = max(self._participants, default=-1)
-        if not self._allowed or session <= last or (last >= 0 and last not in self._answered):
-            raise SecureAggregationError(f"session {session} asked out of order, before the "
-                                         "shares were delivered, or before this site's last "
-                                         "session was unmasked")
         participants = request.participants
         if list(participants) != sorted(set(participants)) or self.site_id not in participants:
             raise SecureAggregationError("the participants must be sorted, distinct and "
                                          "include this site")
+        if self._allowed:
+            self._check_session_order(session, participants)
+        elif not self._peers or session != 0 or self._participants or (
+                participants != tuple(sorted(self._peers))):
+            raise SecureAggregationError(
+                f"session {session} asked before the shares were delivered: only the first "
+                "session may be, once, over every site that advertised keys; refused")
+        self._require_quorum(participants, f"participants in session {session}")
+        return session
+
+    def _check_session_order(self, session: int, participants: tuple[str, ...]) -> None:
+        """Refuse a session out of order (the first may come again after an early input
+        that was not unmasked), or over a site that did not share or was named dropped."""
+        last = max(self._participants, default=-1)
+        again = session == 0 and self._first_early and 0 not in self._answered
+        if not again and (session <= last or (last >= 0 and last not in self._answered)):
+            raise SecureAggregationError(f"session {session} asked out of order, or before "
+                                         "this site's last session was unmasked")
         excluded = sorted(set(participants) - set(self._allowed))
         if excluded:
             raise SecureAggregationError(
                 f"session {session} names {excluded} as participants: they did not share "
                 "their keys or were named dropped in an earlier session; refused")
-        self._require_quorum(participants, f"participants in session {session}")
-        return session
 
     def _checked_input(self, values: np.ndarray, session: int, length: int) -> np.ndarray:
         """The site's input as int64, refused if of the wrong shape, type or magnitude."""
@@ -331,5 +352,10 @@ class SiteSecureAggregator:
         if self.site_id not in survivors:
             raise SecureAggregationError(f"site {self.site_id!r} sent its masked input but is "
                                          "named dropped; refused")
+        unshared = sorted((survivors | dropped) - set(self._allowed))
+        if not self._allowed or unshared:
+            raise SecureAggregationError(f"an unmask of session {session} before the shares "
+                                         f"were delivered, or naming sites {unshared} that did "
+                                         "not share their keys; refused")
         self._require_quorum(request.survivors, f"survivors in session {session}")
         return session

@@ -1,0 +1,329 @@
+"""Mixed column kinds for the engines: labels to codes, codes to numeric columns, and back.
+
+The IIM engines regress numbers on numbers, so a table with coded columns (binary,
+categorical, ordinal; levels declared as in :mod:`fediim.io.schema`) is *encoded* before
+and *decoded* after imputation:
+
+* numeric: the value itself (the engine z-scores it as before);
+* ordinal: the level's rank 0, 1, ..., L - 1, z-scored like a number (its order is kept);
+* binary: one column, the code 0 or 1;
+* categorical with L levels: L indicator columns (one-hot, exactly one is 1).
+
+**Scaling.** Distances compare rows on every observed column at once, numeric columns
+z-scored. Indicator columns get a *fixed* scale, whatever the level frequencies: two rows
+with different levels are 1 apart in squared distance, as two rows one standard deviation
+apart on a numeric attribute. So each one-hot indicator is 1/√2 (a mismatch moves two of
+them) and the binary code 1. Their centre is the level frequency, which moves no
+distance. (Measured against a mismatch of 2 and of 4 in benchmarks/README.md.)
+
+**Decoding a target.** Each indicator of a categorical target is one numeric target of the
+engine: its individual models give per-level scores that candidate-distance voting
+combines. The scores are clipped to [0, 1] and normalised into the distribution over the
+levels; the imputed value is the most probable level, whose probability is reported, and
+the cell's ``uncertainty`` is ``1 - probability`` (the voted chance that another level is
+right). A binary target's score is P(second level). An ordinal target's voted rank is
+rounded to the nearest level (so the order is kept) and its ``uncertainty`` is the
+candidates' spread in ranks. Every imputed coded cell is a declared level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fediim.io.result import ImputationResult
+from fediim.io.schema import CODED_KINDS, KINDS
+
+__all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "MixedEncoding",
+           "codings_from", "fit_encoding", "level_codes", "table_codes"]
+
+#: Fixed divisors of the indicator columns (see module): a level mismatch adds 1 to the
+#: squared distance, as one standard deviation of a z-scored numeric attribute.
+INDICATOR_SCALE: float = math.sqrt(2.0)
+BINARY_SCALE: float = 1.0
+
+
+@dataclass(frozen=True)
+class ColumnCoding:
+    """One column's kind and, for a coded kind, its declared levels (codes = positions)."""
+
+    kind: str = "numeric"
+    levels: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"column kind must be one of {', '.join(KINDS)}; got "
+                             f"{self.kind!r}")
+        if self.kind == "numeric" and self.levels:
+            raise ValueError("a numeric column declares no levels")
+        if self.kind in CODED_KINDS and len(self.levels) < 2:
+            raise ValueError(f"a {self.kind} column needs at least 2 levels, got "
+                             f"{list(self.levels)}")
+        if self.kind == "binary" and len(self.levels) != 2:
+            raise ValueError(f"a binary column has exactly 2 levels, got {list(self.levels)}")
+
+    @property
+    def width(self) -> int:
+        """How many encoded columns it takes."""
+        return len(self.levels) if self.kind == "categorical" else 1
+
+    @property
+    def voted(self) -> bool:
+        """Whether its target is imputed as a distribution over levels (binary, categorical)."""
+        return self.kind in ("binary", "categorical")
+
+
+class MixedEncoding:
+    """The encoding of a table's columns (see module); ``codings`` in column order."""
+
+    def __init__(self, codings: Sequence[ColumnCoding]) -> None:
+        self.codings = tuple(codings)
+        starts = np.cumsum([0] + [coding.width for coding in self.codings])
+        self.blocks = [np.arange(starts[j], starts[j + 1]) for j in range(len(self.codings))]
+        self.n_encoded = int(starts[-1])
+
+    @property
+    def any_coded(self) -> bool:
+        """Whether some column is not numeric."""
+        return any(coding.kind != "numeric" for coding in self.codings)
+
+    def fixed_scale(self) -> np.ndarray:
+        """Per encoded column, its fixed divisor (NaN: scaled from the data, as numerics)."""
+        scale = np.full(self.n_encoded, np.nan)
+        for coding, block in zip(self.codings, self.blocks, strict=True):
+            if coding.kind == "categorical":
+                scale[block] = INDICATOR_SCALE
+            elif coding.kind == "binary":
+                scale[block] = BINARY_SCALE
+        return scale
+
+    def indicator_blocks(self) -> list[np.ndarray]:
+        """The encoded columns of each categorical column (its one-hot block)."""
+        return [block for coding, block in zip(self.codings, self.blocks, strict=True)
+                if coding.kind == "categorical"]
+
+    def onehot_blocks(self) -> list[list[int]]:
+        """The encoded columns of each binary or categorical column (for the federated
+        release these stay in public coordinates; see
+        :func:`~fediim.federated.release.coded_gram_sensitivity`)."""
+        return [[int(c) for c in block] for coding, block in
+                zip(self.codings, self.blocks, strict=True) if coding.voted]
+
+    def code_bounds(self, bounds: np.ndarray) -> np.ndarray:
+        """Bounds (m, 2) with every coded column's row replaced by its codes' range."""
+        out = np.array(bounds, dtype=np.float64)
+        for j, coding in enumerate(self.codings):
+            if coding.kind != "numeric":
+                out[j] = (0.0, float(len(coding.levels) - 1))
+        return out
+
+    def encoded_bounds(self, bounds: np.ndarray) -> np.ndarray:
+        """Public bounds (m, 2) of the table's columns as bounds of the encoded columns:
+        a numeric column keeps its own, an ordinal one its ranks [0, L - 1], and a binary
+        code or an indicator [-1, 1], so that the federation's scaling into [-1/2, 1/2]
+        keeps 0 at 0 and puts 1 at 1/2 (one non-zero entry per one-hot block)."""
+        bounds = np.asarray(bounds, dtype=np.float64)
+        out = np.empty((self.n_encoded, 2))
+        for j, (coding, block) in enumerate(zip(self.codings, self.blocks, strict=True)):
+            if coding.kind == "numeric":
+                out[block] = bounds[j]
+            elif coding.kind == "ordinal":
+                out[block] = (0.0, float(len(coding.levels) - 1))
+            else:
+                out[block] = (-1.0, 1.0)
+        return out
+
+    def encoded_flags(self, flags: np.ndarray | None) -> np.ndarray:
+        """Per-column flags (e.g. which columns a clipping box may narrow; default all)
+        over the encoded columns, False for every coded column (its range is its codes)."""
+        flags = np.ones(len(self.codings), bool) if flags is None else np.asarray(flags, bool)
+        return np.concatenate([np.full(len(block), bool(flag) and coding.kind == "numeric")
+                               for flag, coding, block in
+                               zip(flags, self.codings, self.blocks, strict=True)])
+
+    def encode(self, codes: np.ndarray) -> np.ndarray:
+        """(n, m) numbers and codes (NaN = missing) to the (n, n_encoded) engine matrix."""
+        codes = np.asarray(codes, dtype=np.float64)
+        out = np.empty((codes.shape[0], self.n_encoded))
+        for j, (coding, block) in enumerate(zip(self.codings, self.blocks, strict=True)):
+            column = codes[:, j]
+            if coding.kind != "categorical":
+                out[:, block[0]] = column
+                continue
+            missing = np.isnan(column)
+            onehot = (np.where(missing, -1, column)[:, None] == np.arange(coding.width))
+            out[:, block] = np.where(missing[:, None], np.nan, onehot.astype(np.float64))
+        return out
+
+    def decode(self, encoded: ImputationResult, codes: np.ndarray) -> ImputationResult:
+        """The engine's result on the encoded matrix as a result over the table's columns:
+        codes for coded columns, and per imputed voted cell its level's probability."""
+        n_rows, n_columns = codes.shape
+        firsts = [int(block[0]) for block in self.blocks]
+        result = ImputationResult(
+            values=np.array(codes, dtype=np.float64), imputed=np.isnan(codes),
+            uncertainty=encoded.uncertainty[:, firsts].copy(),
+            method=encoded.method[:, firsts].copy(), ell=encoded.ell[:, firsts].copy(),
+            n_candidates=encoded.n_candidates[:, firsts].copy(),
+            probability=np.full((n_rows, n_columns), np.nan))
+        for j, (coding, block) in enumerate(zip(self.codings, self.blocks, strict=True)):
+            cells = result.imputed[:, j]
+            if not cells.any():
+                continue
+            scores = encoded.values[np.ix_(cells, block)]
+            if coding.kind == "numeric":
+                result.values[cells, j] = scores[:, 0]
+            elif coding.kind == "ordinal":
+                result.values[cells, j] = np.clip(np.round(scores[:, 0]), 0,
+                                                  len(coding.levels) - 1)
+            else:
+                probabilities = level_probabilities(scores, coding.kind)
+                winner = np.argmax(probabilities, axis=1)
+                best = probabilities[np.arange(len(winner)), winner]
+                result.values[cells, j] = winner
+                result.probability[cells, j] = best
+                result.uncertainty[cells, j] = 1.0 - best
+                result.ell[cells, j] = encoded.ell[np.ix_(cells, block)].mean(axis=1)
+        return result
+
+    def labels(self, codes: np.ndarray) -> np.ndarray:
+        """Codes back to labels: a float array when every level is a number, else objects."""
+        numeric = all(not isinstance(level, str) for coding in self.codings
+                      for level in coding.levels)
+        out = np.array(codes, dtype=np.float64 if numeric else object)
+        for j, coding in enumerate(self.codings):
+            if coding.kind == "numeric":
+                continue
+            column = np.asarray(codes[:, j], dtype=np.float64)
+            observed = ~np.isnan(column)
+            table = np.array(coding.levels, dtype=out.dtype)
+            out[observed, j] = table[column[observed].astype(np.intp)]
+        return out
+
+
+def fit_encoding(X: Any, column_kinds: dict[Any, Any] | None) -> MixedEncoding | None:
+    """The encoding of ``X``'s columns (``column_kinds`` as in
+    :class:`~fediim.IIMImputer`, else pandas categories), or None when every column is
+    numeric."""
+    categories = _pandas_categories(X)
+    if not column_kinds and not categories:
+        return None
+    names, columns = _named_columns(X)
+    encoding = MixedEncoding(codings_from(column_kinds, names, columns, categories))
+    return encoding if encoding.any_coded else None
+
+
+def _named_columns(X: Any) -> tuple[list[str], list[list[Any]]]:
+    """Column names (a DataFrame's, else x0, x1, ...) and each column's cells."""
+    if hasattr(X, "iloc") and hasattr(X, "columns"):
+        return ([str(name) for name in X.columns],
+                [list(X.iloc[:, j]) for j in range(X.shape[1])])
+    array = np.asarray(X, dtype=object)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D table, got shape {array.shape}")
+    return [f"x{j}" for j in range(array.shape[1])], [list(col) for col in array.T]
+
+
+def _pandas_categories(X: Any) -> dict[str, tuple[list[Any], bool]]:
+    """A DataFrame's ``category`` columns: {name: (categories, ordered)}."""
+    dtypes = getattr(X, "dtypes", None)
+    if dtypes is None or not hasattr(X, "columns"):
+        return {}
+    return {str(name): (list(dtype.categories), bool(dtype.ordered))
+            for name, dtype in zip(X.columns, dtypes, strict=True)
+            if getattr(dtype, "name", "") == "category"}
+
+
+def table_codes(X: Any, encoding: MixedEncoding) -> Any:
+    """``X`` (array or DataFrame) as floats, coded columns' labels replaced by codes."""
+    names, columns = _named_columns(X)
+    if len(columns) != len(encoding.codings):
+        raise ValueError(f"X has {len(columns)} columns, but the imputer was fitted with "
+                         f"{len(encoding.codings)}")
+    codes = np.empty((len(columns[0]) if columns else 0, len(columns)))
+    for j, (coding, cells) in enumerate(zip(encoding.codings, columns, strict=True)):
+        codes[:, j] = (np.asarray(cells, dtype=np.float64) if coding.kind == "numeric"
+                       else level_codes(cells, coding.levels, names[j]))
+    if hasattr(X, "iloc") and hasattr(X, "columns"):
+        import pandas as pd
+
+        return pd.DataFrame(codes, columns=X.columns, index=X.index)
+    return codes
+
+
+def level_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Voted level scores (q, L) — or (q, 1) for a binary code, P(second level) — as
+    probabilities (q, L): clipped to [0, 1] and normalised (all zero: uniform)."""
+    if kind == "binary":
+        second = np.clip(scores[:, 0], 0.0, 1.0)
+        return np.column_stack([1.0 - second, second])
+    clipped = np.clip(scores, 0.0, 1.0)
+    total = clipped.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, clipped / total, 1.0 / scores.shape[1])
+
+
+def level_codes(column: Sequence[Any], levels: Sequence[Any], name: str) -> np.ndarray:
+    """A column of labels (numbers or strings; None/NaN = missing) as level codes.
+
+    A number matches a numeric level of equal value, a string the same string (stripped);
+    anything else is a ValueError naming the column, the row and the declared levels.
+    """
+    by_text = {level: code for code, level in enumerate(levels) if isinstance(level, str)}
+    by_number = {float(level): code for code, level in enumerate(levels)
+                 if not isinstance(level, str)}
+    out = np.full(len(column), np.nan)
+    for row, value in enumerate(column):
+        if value is None or type(value).__name__ == "NAType" or (
+                isinstance(value, float | np.floating) and np.isnan(value)):
+            continue
+        if isinstance(value, str | np.str_):
+            code = by_text.get(str(value).strip())
+        elif isinstance(value, bool | np.bool_):
+            code = None
+        else:
+            code = by_number.get(float(value))
+        if code is None:
+            raise ValueError(f"column {name!r}, row {row + 1}: {value!r} is not a declared "
+                             f"level; expected one of {list(levels)} or a missing value")
+        out[row] = code
+    return out
+
+
+def codings_from(column_kinds: Mapping[Any, Any] | None, names: Sequence[str],
+                 columns: Sequence[Sequence[Any]], categories: Mapping[str, Any]
+                 ) -> list[ColumnCoding]:
+    """Each column's coding from ``column_kinds`` ({name or position: kind, or (kind,
+    levels)}), else pandas categories (``categories``: {name: (levels, ordered)}); a coded
+    kind without declared levels takes the observed labels, sorted."""
+    kinds = dict(column_kinds or {})
+    unknown = [key for key in kinds if key not in names and not (
+        isinstance(key, int) and 0 <= key < len(names))]
+    if unknown:
+        raise ValueError(f"column_kinds names unknown column(s) {unknown}; the columns are "
+                         f"{list(names)}")
+    codings = []
+    for j, name in enumerate(names):
+        spec = kinds.get(name, kinds.get(j))
+        if spec is None and name in categories:
+            levels, ordered = categories[name]
+            spec = ("ordinal" if ordered else "categorical", levels)
+        kind, levels = (spec, None) if spec is None or isinstance(spec, str) else spec
+        kind = kind or "numeric"
+        if kind in CODED_KINDS and levels is None:
+            levels = _observed_levels(columns[j])
+        codings.append(ColumnCoding(kind, tuple(levels) if levels is not None else ()))
+    return codings
+
+
+def _observed_levels(column: Sequence[Any]) -> list[Any]:
+    """The distinct labels of a column, sorted (numbers before strings)."""
+    seen = {value for value in column if value is not None and not (
+        isinstance(value, float | np.floating) and np.isnan(value))
+        and type(value).__name__ != "NAType"}
+    numbers = sorted(float(value) for value in seen if not isinstance(value, str))
+    return numbers + sorted(str(value) for value in seen if isinstance(value, str))
