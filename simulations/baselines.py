@@ -18,7 +18,7 @@ is rounded to the nearest level, except ``mean``, which imputes the column's mod
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +42,9 @@ _Method = Callable[[np.ndarray, int, int, int], Imputed]
 Kinds = dict[int, tuple[str, tuple[float, ...]]]
 
 
-def _iim(x: np.ndarray, k: int, seed: int, n_jobs: int, kinds: Kinds | None = None
-         ) -> Imputed:
-    imputer = IIMImputer(n_neighbors=k, column_kinds=kinds or None)
+def _iim(x: np.ndarray, k: int, seed: int, n_jobs: int, kinds: Kinds | None = None,
+         options: Mapping[str, Any] | None = None) -> Imputed:
+    imputer = IIMImputer(n_neighbors=k, column_kinds=kinds or None, **(options or {}))
     return Imputed(np.asarray(imputer.fit_transform(x), dtype=np.float64))
 
 
@@ -111,22 +111,25 @@ TABLE_METHODS: dict[str, _Method] = {
 
 
 def impute_table(method: str, x: np.ndarray, *, k: int = 10, seed: int = 0, n_jobs: int = 1,
-                 kinds: Kinds | None = None) -> Imputed:
+                 kinds: Kinds | None = None, iim_options: Mapping[str, Any] | None = None
+                 ) -> Imputed:
     """``x`` with its gaps filled by ``method`` (a key of :data:`TABLE_METHODS`).
 
     ``k``: neighbours (iim, knn); ``seed``: the iterative imputers' random state;
     ``n_jobs``: MissForest's tree threads (the result depends on it only through the
-    order of float sums).
+    order of float sums); ``iim_options``: further IIMImputer parameters of ``iim``
+    (e.g. ``blend=True, quadratic=True``).
     """
     run = TABLE_METHODS[method]
     seen = np.flatnonzero(~np.isnan(x).all(axis=0))
     out = x.copy()
     diagnostics: dict[str, Any] = {}
     if x.shape[0] and np.isnan(x[:, seen]).any():
-        if kinds and method == "iim":  # positions within the observed columns
+        if method == "iim" and (kinds or iim_options):  # kinds: within the observed columns
             position = {int(j): number for number, j in enumerate(seen)}
             imputed = _iim(x[:, seen], k, seed, n_jobs,
-                           {position[j]: spec for j, spec in kinds.items() if j in position})
+                           {position[j]: spec for j, spec in (kinds or {}).items()
+                            if j in position}, iim_options)
         else:
             imputed = run(x[:, seen], k, seed, n_jobs)
         out[:, seen] = imputed.values

@@ -77,6 +77,14 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         observed columns, blocked BLAS beyond); ``"hnsw"`` is faiss's approximate graph
         (the ``approx`` extra), its recall checked when built (see
         :mod:`fediim.impute.neighbors`).
+    blend : bool, default=False
+        With adaptive ell, check each (target, features) pattern's IIM on held-out
+        training rows against its global model and its mean, and impute with the blend
+        of the three that errs least (see :mod:`fediim.impute.pattern_choice`): IIM's
+        per-row validation is optimistic when training rows are few.
+    quadratic : bool, default=False
+        With adaptive ell, also offer each row local quadratic models at large ell,
+        chosen per row by the same validation (see :mod:`fediim.impute.basis`).
 
     Attributes
     ----------
@@ -137,6 +145,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         n_imputations: int = 1,
         random_state: int | np.random.Generator | None = None,
         neighbor_index: Literal["auto", "kdtree", "blas", "hnsw"] = "auto",
+        blend: bool = False,
+        quadratic: bool = False,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -150,6 +160,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.n_imputations = n_imputations
         self.random_state = random_state
         self.neighbor_index = neighbor_index
+        self.blend = blend
+        self.quadratic = quadratic
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -181,6 +193,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
             weights=self.weights, include_global=bool(self.include_global),
             validation=self.validation, neighbor_index=self.neighbor_index,
+            blend=bool(self.blend), quadratic=bool(self.quadratic),
         )
         cfg.alphas()  # validates alpha
         return cfg

@@ -16,6 +16,9 @@ ell nearest training rows on F (t_i itself first):
 * Incremental learning (Prop. 3): U^(ell+h) = U^(ell) + dX^T dX and V likewise, i.e. a
   cumulative Gram matrix along each row's sorted neighbour list, so the cost per candidate
   does not grow with ell. All solves are batched (stacked ``np.linalg.solve``).
+* Beyond the paper, chosen by the same validation: local quadratic models at large ell
+  (:mod:`fediim.impute.basis`), and per small pattern a blend of IIM with the global model
+  and the mean checked on held-out rows (:mod:`fediim.impute.pattern_choice`).
 * Imputation (Alg. 2): the k nearest training rows of the query give candidates
   c_i = (1, t_x[F]) phi_i, combined with weights w_i proportional to 1 / sum_j |c_i - c_j|
   (all candidates equal -> plain mean).
@@ -32,7 +35,10 @@ from typing import Literal
 
 import numpy as np
 
+from fediim.impute.basis import MIN_ROWS_PER_COEFFICIENT, offers_quadratic, quadratic_terms
 from fediim.impute.neighbors import IndexMethod, NeighborIndex
+from fediim.impute.pattern_choice import IIM_ONLY, Blend, choose_blend, first_least
+from fediim.impute.voting import Weighting, vote_weights
 
 #: Up to this many training rows, every row is a validation tuple (exact Alg. 3).
 FULL_VALIDATION_ROWS = 50_000
@@ -51,9 +57,6 @@ __all__ = [
     "ridge_solve",
 ]
 
-Weighting = Literal["vote", "uniform"]
-
-
 @dataclass(frozen=True)
 class IIMConfig:
     """Hyper-parameters of the IIM engine.
@@ -71,6 +74,10 @@ class IIMConfig:
         own learning neighbours by the leave-one-out residual ``e / (1 - h)`` (exact for
         ridge, h the leverage), so small ell is not favoured for fitting its own validation
         data; ``"paper"`` uses the plain in-sample residual of Alg. 3.
+    blend : with adaptive ell, let held-out validation blend IIM with the global model and
+        the mean per pattern (see :mod:`fediim.impute.pattern_choice`).
+    quadratic : with adaptive ell, also offer each row local quadratic models at large
+        ell (see :mod:`fediim.impute.basis`).
     """
 
     n_neighbors: int = 10
@@ -81,6 +88,8 @@ class IIMConfig:
     include_global: bool = True
     validation: Literal["loo", "paper"] = "loo"
     neighbor_index: IndexMethod = "auto"
+    blend: bool = False
+    quadratic: bool = False
 
     def alphas(self) -> np.ndarray:
         """The ridge penalties as a checked 1-D array."""
@@ -133,25 +142,6 @@ def ridge_solve(gram: np.ndarray, alpha: float | np.ndarray,
         return np.stack(solutions).reshape(rhs.shape)
 
 
-def vote_weights(cand: np.ndarray, weights: Weighting = "vote") -> np.ndarray:
-    """Combination weights for candidates of shape (q, k) (Formulas 10-11 of the paper).
-
-    w_i is proportional to 1 / sum_j |c_i - c_j|; a row whose candidates are all equal gets
-    uniform weights. Normalising by the smallest distance sum avoids overflow for nearly
-    equal candidates.
-    """
-    n_queries, n_candidates = cand.shape
-    if weights == "uniform" or n_candidates <= 1:
-        return np.full((n_queries, n_candidates), 1.0 / max(n_candidates, 1))
-    distance = np.abs(cand[:, :, None] - cand[:, None, :]).sum(axis=2)
-    smallest = distance.min(axis=1, keepdims=True)
-    equal = (smallest[:, 0] <= 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vote = np.where(equal[:, None], 1.0, smallest / distance)
-    vote /= vote.sum(axis=1, keepdims=True)
-    return vote
-
-
 @dataclass
 class PatternResult:
     """Imputations for the queries of one pattern."""
@@ -184,12 +174,15 @@ class Candidates:
     limits : (candidates,), a training row at position < ``limits[c]`` of a row's
         neighbour list is one of candidate c's learning tuples (0 for ell = 1).
     neighbors : (rows, largest ell), each row's neighbour list, the row itself first.
+    sizes : (candidates,), how many leading coefficients each candidate uses (the rest
+        are zeros: a linear model among quadratic ones); ``None``: all.
     """
 
     models: np.ndarray
     inverses: np.ndarray
     limits: np.ndarray
     neighbors: np.ndarray
+    sizes: np.ndarray | None = None
 
 
 @dataclass
@@ -208,18 +201,39 @@ class PatternModels:
         if n_rows == 0:
             raise ValueError("a pattern needs at least one training row")
         self.n_rows, self.n_features = n_rows, n_features
-        self._z = np.column_stack([np.ones(n_rows), self.features, self.target])
-        self._xaug = self._z[:, :-1]  # a view: (1, features)
+        self._quadratic = bool(self.config.quadratic and self.config.ell == "adaptive"
+                               and offers_quadratic(n_rows, n_features))
+        self._xaug = self._augment(self.features)
+        # z = (1, t[F], t[A], quadratic terms): the linear system is its leading block.
+        self._z = np.column_stack([self._xaug[:, :n_features + 1], self.target,
+                                   self._xaug[:, n_features + 1:]])
+        self.width = self._xaug.shape[1]
         self._index = NeighborIndex(self.features, self.config.neighbor_index,
                                     k_hint=self.config.n_neighbors)
         self._alphas = self.config.alphas()
-        self._phi = np.full((n_rows, n_features + 1), np.nan)
+        self._phi = np.full((n_rows, self.width), np.nan)
         self._ell = np.zeros(n_rows, dtype=np.int64)
         self._alpha = np.zeros(n_rows)
         self._done = np.zeros(n_rows, dtype=bool)
+        self._choice = np.zeros(n_rows, dtype=np.intp)  # column of the chosen candidate
         self._val_pairs: tuple[np.ndarray, np.ndarray] | None = None
         self._global_phi: np.ndarray | None = None
         self._grid, self._with_global = self._ell_candidates()
+        self._blend: Blend | None = None
+
+    def _augment(self, features: np.ndarray) -> np.ndarray:
+        """Rows on F as (1, t[F]), plus their quadratic terms with ``quadratic``."""
+        columns = [np.ones(len(features)), features]
+        if self._quadratic:
+            columns.append(quadratic_terms(features))
+        return np.column_stack(columns)
+
+    def _pad(self, array: np.ndarray, axes: int) -> np.ndarray:
+        """A linear model (or inverse: ``axes=2``) with zeros for the quadratic terms."""
+        missing = self.width - array.shape[-1]
+        if not missing:
+            return array
+        return np.pad(array, [(0, 0)] * (array.ndim - axes) + [(0, missing)] * axes)
 
     def _ell_candidates(self) -> tuple[np.ndarray, bool]:
         """The local ells a row's model is chosen from, and whether the global model is
@@ -241,24 +255,38 @@ class PatternModels:
     # -- learning -----------------------------------------------------------------------
     @cached_property
     def global_gram(self) -> np.ndarray:
-        """``Z^T Z`` over every training row, Z = (1, features, target): the global
-        model's Gram matrix, computed once."""
+        """``Z^T Z`` over every training row, Z = (1, features, target, quadratic terms):
+        its leading (f + 2) block is the global linear model's Gram matrix, computed once."""
         return self._z.T @ self._z
 
     @property
     def global_phi(self) -> np.ndarray:
-        """Global ridge models (ell = n), one per alpha: shape (n_alpha, f + 1)."""
+        """Global linear ridge models (ell = n), one per alpha: shape (n_alpha, width)."""
         if self._global_phi is None:
-            gram = self.global_gram
-            self._global_phi = np.stack([ridge_solve(gram, alpha) for alpha in self._alphas])
+            gram = self.global_gram[:self.n_features + 2, :self.n_features + 2]
+            self._global_phi = self._pad(
+                np.stack([ridge_solve(gram, alpha) for alpha in self._alphas]), 1)
         return self._global_phi
 
     def candidate_labels(self) -> list[tuple[int, float]]:
         """(ell, alpha) of each candidate column; ell = 0 marks the global model."""
-        labels = [(int(ell), float(alpha)) for ell in self._grid for alpha in self._alphas]
+        return [(abs(ell), alpha) for ell, alpha in self._labels_with_kind()]
+
+    def _labels_with_kind(self) -> list[tuple[int, float]]:
+        """:meth:`candidate_labels` with a quadratic model's ell negated."""
+        labels = []
+        for ell in self._grid:
+            labels += [(int(ell), float(alpha)) for alpha in self._alphas]
+            labels += [(-int(ell), float(alpha))
+                       for alpha in self._alphas[:self._n_quadratic(ell)]]
         if self._with_global:
             labels += [(0, float(alpha)) for alpha in self._alphas]
         return labels
+
+    def _n_quadratic(self, ell: int) -> int:
+        """How many quadratic models (one per alpha) a row gets at this ell."""
+        enough = ell >= MIN_ROWS_PER_COEFFICIENT * self.width
+        return len(self._alphas) if self._quadratic and enough else 0
 
     def candidates(self, rows: np.ndarray) -> Candidates:
         """Every candidate model of ``rows`` (see :class:`Candidates`).
@@ -273,12 +301,15 @@ class PatternModels:
             gram = self.global_gram
             eye = np.eye(width)
             for alpha, phi in zip(self._alphas, self.global_phi, strict=True):
-                models.append(np.broadcast_to(phi, (len(rows), width)))
-                inverse = _stacked_inverse((gram[:width, :width] + alpha * eye)[None])[0]
-                inverses.append(np.broadcast_to(inverse, (len(rows), width, width)))
+                models.append(np.broadcast_to(phi, (len(rows), self.width)))
+                inverse = self._pad(
+                    _stacked_inverse((gram[:width, :width] + alpha * eye)[None])[0], 2)
+                inverses.append(np.broadcast_to(inverse, (len(rows), self.width, self.width)))
                 limits.append(self.n_rows + 1)
+        sizes = [self.width if label[0] < 0 else self.n_features + 1 for label in
+                 self._labels_with_kind()]
         return Candidates(np.stack(models, axis=1), np.stack(inverses, axis=1),
-                          np.asarray(limits), neighbors)
+                          np.asarray(limits), neighbors, np.asarray(sizes))
 
     def _local_candidates(self, rows: np.ndarray
                           ) -> tuple[list[np.ndarray], list[np.ndarray], list[int], np.ndarray]:
@@ -293,7 +324,7 @@ class PatternModels:
             return models, inverses, limits, np.zeros((len(rows), 0), dtype=np.intp)
         _, neighbors = self._index.query(self.features[rows], int(self._grid[-1]))
         neighbors = _self_first(neighbors, rows)
-        gram = np.zeros((len(rows), width + 1, width + 1))
+        gram = np.zeros((len(rows), self.width + 1, self.width + 1))
         pooled = 0
         for ell in self._grid:
             block = self._z[neighbors[:, pooled:ell]]  # (rows, new neighbours, f + 2)
@@ -309,9 +340,23 @@ class PatternModels:
                     inverse = _stacked_inverse(gram[:, :width, :width] + alpha * eye)
                     phi = np.einsum("rij,rj->ri", inverse, gram[:, :width, width])
                     limits.append(int(ell))
+                models.append(self._pad(phi, 1))
+                inverses.append(self._pad(inverse, 2))
+            for alpha in self._alphas[:self._n_quadratic(int(ell))]:
+                phi, inverse = self._quadratic_models(gram, float(alpha))
                 models.append(phi)
                 inverses.append(inverse)
+                limits.append(int(ell))
         return models, inverses, limits, neighbors
+
+    def _quadratic_models(self, gram: np.ndarray, alpha: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Quadratic ridge models from stacked Grams over z, and their inverses."""
+        regressors = np.r_[0:self.n_features + 1, self.n_features + 2:self.width + 1]
+        lhs = gram[:, regressors[:, None], regressors[None, :]] + alpha * np.eye(self.width)
+        inverse = _stacked_inverse(lhs)
+        return np.einsum("rij,rj->ri", inverse, gram[:, regressors, self.n_features + 1]), \
+            inverse
 
     def _validation_pairs(self, rows: np.ndarray, neighbors: np.ndarray
                           ) -> tuple[np.ndarray, np.ndarray]:
@@ -353,18 +398,24 @@ class PatternModels:
         position[rows] = np.arange(len(rows))
         selected = position[model] >= 0
         validated, owner = validated[selected], position[model[selected]]
-        x_validated = self._xaug[validated]
-        errors = self.target[validated][:, None] - np.einsum(
-            "pf,pcf->pc", x_validated, candidates.models[owner])
-        if self.config.validation == "loo" and len(validated):
-            errors = self._leave_one_out(errors, validated, owner, candidates)
-        errors = errors**2
+        errors = self.pair_errors(validated, owner, candidates) ** 2
         cost = np.stack(
             [np.bincount(owner, weights=errors[:, column], minlength=len(rows))
              for column in range(candidates.models.shape[1])],
             axis=1,
         )
         return cost, np.bincount(owner, minlength=len(rows))
+
+    def pair_errors(self, validated: np.ndarray, owner: np.ndarray, candidates: Candidates
+                    ) -> np.ndarray:
+        """Signed error of every candidate of row ``owner[p]`` (a position in
+        ``candidates``) on training row ``validated[p]``, shape (pairs, candidates); with
+        ``validation="loo"``, the leave-one-out residual where t_j is a learning tuple."""
+        errors = self.target[validated][:, None] - np.einsum(
+            "pf,pcf->pc", self._xaug[validated], candidates.models[owner])
+        if self.config.validation == "loo" and len(validated):
+            errors = self._leave_one_out(errors, validated, owner, candidates)
+        return errors
 
     def _leave_one_out(self, errors: np.ndarray, validated: np.ndarray, owner: np.ndarray,
                        candidates: Candidates) -> np.ndarray:
@@ -376,31 +427,49 @@ class PatternModels:
                  else np.zeros((len(validated), 0), bool))
         rank = np.where(match.any(axis=1), match.argmax(axis=1), self.n_rows)
         inside = rank[:, None] < candidates.limits[None, :]
+        errors = errors.copy()
         x_validated = self._xaug[validated]
-        leverage = np.einsum("pf,pcfg,pg->pc", x_validated, candidates.inverses[owner],
-                             x_validated)
-        return np.where(inside, errors / np.maximum(1.0 - leverage, 1e-3), errors)
+        for column in range(errors.shape[1]):
+            pairs = np.flatnonzero(inside[:, column])
+            if not pairs.size:
+                continue
+            size = self.width if candidates.sizes is None else int(candidates.sizes[column])
+            inverse = candidates.inverses[:, column, :size, :size]
+            x_pairs = x_validated[pairs, :size]
+            if candidates.limits[column] > self.n_rows:  # the global model: one inverse
+                projected = x_pairs @ inverse[0]
+            else:  # one matrix per pair, gathered one candidate at a time (memory)
+                projected = np.matmul(inverse[owner[pairs]], x_pairs[:, :, None])[:, :, 0]
+            leverage = (projected * x_pairs).sum(axis=1)
+            errors[pairs, column] /= np.maximum(1.0 - leverage, 1e-3)
+        return errors
 
     def _learn(self, rows: np.ndarray) -> None:
         """Compute and cache the chosen model of each row in ``rows`` (not yet computed)."""
-        if rows.size == 0:
-            return
+        if rows.size:
+            self.learn(rows)
+
+    def learn(self, rows: np.ndarray) -> tuple[Candidates, np.ndarray]:
+        """Choose (and cache) the model of each of ``rows`` by validation; returns the
+        rows' candidates and the column of each row's chosen one."""
+        rows = np.asarray(rows, dtype=np.intp)
         candidates = self.candidates(rows)
         labels = self.candidate_labels()
         if len(labels) == 1:
             best = np.zeros(len(rows), dtype=np.intp)
         else:
             cost, n_validated = self.validation_costs(rows, candidates)
-            best = np.argmin(cost, axis=1)  # ties -> the smaller ell, as in the paper
+            best = first_least(cost)  # ties -> the smaller ell, as in the paper
             # A row that validates no one keeps the most stable candidate: the global model
             # when it is offered, else the largest ell.
-            best[n_validated == 0] = len(labels) - 1 if self._with_global else (
-                (len(self._grid) - 1) * len(self._alphas)
-            )
+            best[n_validated == 0] = len(labels) - 1 if self._with_global else labels.index(
+                (int(self._grid[-1]), float(self._alphas[0])))
         self._phi[rows] = candidates.models[np.arange(len(rows)), best]
         self._ell[rows] = [labels[choice][0] for choice in best]
         self._alpha[rows] = [labels[choice][1] for choice in best]
+        self._choice[rows] = best
         self._done[rows] = True
+        return candidates, best
 
     def chosen_models(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The chosen model phi of each of ``rows`` and its ell (0 = the global model),
@@ -419,6 +488,36 @@ class PatternModels:
                 self._learn(pending[start : start + LEARN_CHUNK_ROWS])
         return self._phi[rows], self._ell[rows]
 
+    def nearest_others_of(self, rows: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` nearest other training rows of each training row in ``rows``
+        (``0 < k < n``), nearest first."""
+        _, neighbors = self._index.query(self.features[rows], k + 1)
+        keep = neighbors != np.asarray(rows)[:, None]
+        keep[keep.all(axis=1), -1] = False
+        return neighbors[keep].reshape(len(rows), k)
+
+    def augmented(self, rows: np.ndarray) -> np.ndarray:
+        """Training rows as (1, t[F])."""
+        return self._xaug[rows]
+
+    def global_model(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """The global linear ridge model at penalty ``alpha`` and its
+        ``(U + alpha I)^-1`` (zeros for the quadratic terms)."""
+        width = self.n_features + 1
+        gram = self.global_gram
+        inverse = _stacked_inverse((gram[:width, :width] + alpha * np.eye(width))[None])[0]
+        return self._pad(inverse @ gram[:width, width], 1), self._pad(inverse, 2)
+
+    @property
+    def blend(self) -> Blend:
+        """The weights of IIM, the global model and the mean in the pattern's imputations:
+        IIM alone unless held-out validation says otherwise (only with adaptive ell and
+        ``config.blend``)."""
+        if self._blend is None:
+            chooses = self.config.blend and self.config.ell == "adaptive"
+            self._blend = choose_blend(self) if chooses else IIM_ONLY
+        return self._blend
+
     def validation_mse(self, rows: np.ndarray) -> np.ndarray:
         """Each row's chosen model's mean squared validation residual (Alg. 3's cost of
         the chosen candidate per validation tuple, leave-one-out where configured), in
@@ -430,35 +529,72 @@ class PatternModels:
             return np.full(len(rows), self._global_loo_mse(float(self._alpha[rows[0]])))
         unique, inverse = np.unique(rows, return_inverse=True)
         cost, n_validated = self.validation_costs(unique, self.candidates(unique))
-        column = {label: number for number, label in enumerate(self.candidate_labels())}
-        chosen = [column[(int(ell), float(alpha))]
-                  for ell, alpha in zip(self._ell[unique], self._alpha[unique], strict=True)]
         with np.errstate(invalid="ignore", divide="ignore"):
-            mse = cost[np.arange(len(unique)), chosen] / n_validated
+            mse = cost[np.arange(len(unique)), self._choice[unique]] / n_validated
         return np.where(n_validated > 0, mse, np.nan)[inverse.ravel()]
 
     def _global_loo_mse(self, alpha: float) -> float:
         """Mean squared leave-one-out residual of the global ridge model at ``alpha``."""
         width = self.n_features + 1
-        gram = self._z.T @ self._z
+        gram = self.global_gram
         inverse = _stacked_inverse((gram[:width, :width] + alpha * np.eye(width))[None])[0]
         phi = inverse @ gram[:width, width]
-        leverage = np.einsum("nf,fg,ng->n", self._xaug, inverse, self._xaug)
-        residuals = (self.target - self._xaug @ phi) / np.maximum(1.0 - leverage, 1e-3)
+        linear = self._xaug[:, :width]
+        leverage = np.einsum("nf,fg,ng->n", linear, inverse, linear)
+        residuals = (self.target - linear @ phi) / np.maximum(1.0 - leverage, 1e-3)
         return float(np.mean(residuals**2))
 
     # -- imputation ---------------------------------------------------------------------
     def impute(self, queries: np.ndarray) -> PatternResult:
-        """Impute the target for query rows given on F (Alg. 2)."""
+        """Impute the target for query rows given on F: Alg. 2, blended with the
+        pattern's global model and mean where :attr:`blend` says so."""
         queries = np.asarray(queries, dtype=np.float64)
+        if not self.blend.iim_only:
+            return self._impute_blended(queries)
+        return self._impute_by_vote(queries)
+
+    def _impute_by_vote(self, queries: np.ndarray) -> PatternResult:
+        """Alg. 2: the vote of the query's k nearest training rows' chosen models."""
         n_nearest = min(self.config.n_neighbors, self.n_rows)
         _, neighbors = self._index.query(queries, n_nearest)
         phi, ell = self.chosen_models(neighbors.ravel())
-        phi = phi.reshape(len(queries), n_nearest, self.n_features + 1)
-        queries_augmented = np.column_stack([np.ones(len(queries)), queries])
+        phi = phi.reshape(len(queries), n_nearest, self.width)
+        queries_augmented = self._augment(queries)
         candidates = np.einsum("qf,qkf->qk", queries_augmented, phi)
         return PatternResult.vote(candidates, neighbors, ell.reshape(neighbors.shape),
                                   self.config.weights)
+
+    def _impute_blended(self, queries: np.ndarray) -> PatternResult:
+        """The :attr:`blend` of IIM's vote, the global model and the mean for each query;
+        its spread counts the parts' disagreement, ell is IIM's weighted by its share (0
+        marks the global model and the mean), and each candidate is an IIM candidate
+        blended likewise, under IIM's vote weights."""
+        weights = self.blend.weights
+        phi, _ = self.global_model(self.blend.global_alpha)
+        parts = [self._augment(queries) @ phi, np.full(len(queries), self.target.mean())]
+        spreads = [np.zeros(len(queries))] * 2
+        if weights[0] > 0:
+            found = self._impute_by_vote(queries)
+            parts.insert(0, found.values)
+            spreads.insert(0, found.spread)
+            neighbors, ell = found.neighbors, found.ell * weights[0]
+            votes, iim_candidates = found.weights, found.candidates
+        else:
+            parts.insert(0, np.zeros(len(queries)))
+            spreads.insert(0, np.zeros(len(queries)))
+            neighbors = self._index.query(queries, 1)[1]
+            ell = np.zeros_like(neighbors, dtype=np.float64)
+            votes, iim_candidates = np.ones(neighbors.shape), np.zeros(neighbors.shape)
+        values = sum(weight * part for weight, part in zip(weights, parts, strict=True))
+        spread = np.sqrt(sum(weight * (part_spread**2 + (part - values) ** 2) for
+                             weight, part, part_spread in zip(weights, parts, spreads,
+                                                              strict=True)))
+        # Each IIM candidate blended with the same global and mean parts: their vote is
+        # ``values``, and multiple imputation draws among them (fediim.impute.multiple).
+        assert iim_candidates is not None
+        candidates = weights[0] * iim_candidates + (weights[1] * parts[1]
+                                                    + weights[2] * parts[2])[:, None]
+        return PatternResult(values, spread, neighbors, ell, votes, candidates)
 
 
 def _stacked_inverse(matrices: np.ndarray) -> np.ndarray:

@@ -20,9 +20,11 @@ ALPHA = 1e-3
 
 
 def _figure1(**cfg):
-    # The paper's examples use its in-sample validation residual (Alg. 3 as published).
+    # The paper's examples use its in-sample validation residual (Alg. 3 as published),
+    # and its linear individual models alone (no quadratic ones, no blend).
     cfg.setdefault("validation", "paper")
-    return PatternModels(A1[:, None], A2, IIMConfig(alpha=ALPHA, **cfg))
+    return PatternModels(A1[:, None], A2, IIMConfig(alpha=ALPHA, quadratic=False, blend=False,
+                                                    **cfg))
 
 
 def _ridge(x, y, alpha):
@@ -152,7 +154,8 @@ def test_incremental_models_equal_from_scratch(seed):
     grid = (1, 2, 3, 5, 8, 13, 21, 40)
     alphas = (1e-3, 0.7)
     pm = PatternModels(feats, target, IIMConfig(n_neighbors=5, ell="adaptive", ell_grid=grid,
-                                                 alpha=alphas, include_global=True))
+                                                 alpha=alphas, include_global=True,
+                                                 quadratic=False))
     labels = pm.candidate_labels()
     assert labels == [(e, a) for e in grid for a in alphas] + [(0, a) for a in alphas]
     rows = np.array([0, 7, 39, 12, 12, 3])  # unsorted, with a repeat
@@ -181,7 +184,7 @@ def test_duplicates_self_first_and_validation_tuples_exclude_self():
     grid, k = (1, 2, 3, 6, 12), 3
     pm = PatternModels(feats, target, IIMConfig(n_neighbors=k, ell="adaptive", ell_grid=grid,
                                                  include_global=False, alpha=ALPHA,
-                                                 validation="paper"))
+                                                 validation="paper", quadratic=False))
     rows = np.arange(30)
     cands = pm.candidates(rows).models
     d2 = ((feats[:, None, :] - feats[None, :, :]) ** 2).sum(axis=2)
@@ -211,7 +214,8 @@ def test_loo_validation_equals_refitting_without_the_validation_tuple():
     feats = rng.normal(size=(n, 2))
     target = feats @ np.array([1.0, -2.0]) + np.sin(3 * feats[:, 0]) + rng.normal(0, .1, n)
     pm = PatternModels(feats, target, IIMConfig(n_neighbors=k, ell="adaptive", ell_grid=grid,
-                                                include_global=True, alpha=ALPHA))
+                                                include_global=True, alpha=ALPHA,
+                                                quadratic=False))
     rows = np.arange(n)
     cost, _ = pm.validation_costs(rows, pm.candidates(rows))
     d2 = ((feats[:, None, :] - feats[None, :, :]) ** 2).sum(axis=2)
