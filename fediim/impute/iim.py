@@ -423,9 +423,10 @@ class PatternModels:
         as the exact ridge leave-one-out residual ``e / (1 - h)`` (h its leverage)."""
         neighbors = candidates.neighbors
         # Position of t_j in t_i's learning-neighbour list (beyond the list: never in).
-        match = (neighbors[owner] == validated[:, None] if neighbors.shape[1]
-                 else np.zeros((len(validated), 0), bool))
-        rank = np.where(match.any(axis=1), match.argmax(axis=1), self.n_rows)
+        rank = np.full(len(validated), self.n_rows)  # no lists (global models only): all in
+        if neighbors.shape[1]:
+            match = neighbors[owner] == validated[:, None]
+            rank = np.where(match.any(axis=1), match.argmax(axis=1), self.n_rows)
         inside = rank[:, None] < candidates.limits[None, :]
         errors = errors.copy()
         x_validated = self._xaug[validated]

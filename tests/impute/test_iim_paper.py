@@ -327,6 +327,19 @@ def test_proposition2_glr_scaled_is_ridge_in_zscores():
     np.testing.assert_allclose(got[miss, 0], ref, rtol=1e-10)
 
 
+def test_glr_with_several_alphas_picks_one_by_its_leave_one_out_cost():
+    """ell = n with several penalties: every training row is in the global model's learning
+    set, so each is scored by its exact leave-one-out residual; each row chooses one of the
+    two GLR models, so every imputation is a vote between the two plain GLR imputations
+    (it used to fail on the empty neighbour lists)."""
+    X = _continuous(8, 80, 4, missing_cols=[1])
+    miss = np.isnan(X[:, 1])
+    got = IIMImputer(ell="n", alpha=(1e-3, 2.0), scale=False).fit_transform(X)[miss, 1]
+    low, high = np.sort([glr_imputer(alpha=alpha, scale=False).fit_transform(X)[miss, 1]
+                         for alpha in (1e-3, 2.0)], axis=0)
+    assert np.all((got >= low - 1e-9) & (got <= high + 1e-9))
+
+
 # -- The authors' ASF example ------------------------------------------------------------
 def test_asf_reference_example():
     require_file(DATASETS)
