@@ -136,14 +136,14 @@ class _SecureRounds:
         self.fed.write_view("failed", message)
         raise QuorumNotMet(message)
 
-    def decoded(self, replies: dict[str, SecureReply], kind: type[M], sender: str,
+    def decoded(self, payloads: dict[str, bytes], kind: type[M], sender: str,
                 stage: str, check: Callable[[M], bool] = lambda message: True) -> dict[str, M]:
-        """Each reply's protocol message as a ``kind`` message sent by its site (field
-        ``sender``) that passes ``check``; any other site is dropped as malformed."""
+        """Each payload as a ``kind`` message sent by its site (field ``sender``) that
+        passes ``check``; any other site is dropped as malformed."""
         messages: dict[str, M] = {}
-        for site_id, reply in replies.items():
+        for site_id, data in payloads.items():
             try:
-                message = kind.decode(reply.secagg or b"")
+                message = kind.decode(data)
                 if getattr(message, sender) != site_id or not check(message):
                     raise MessageError(f"not this site's {kind.kind} for this run and step")
             except MessageError as exc:
@@ -155,7 +155,7 @@ class _SecureRounds:
         return messages
 
     # -- the run --------------------------------------------------------------------------
-    def handshake_adverts(self) -> dict[str, SecureReply] | None:
+    def handshake_adverts(self) -> dict[str, bytes] | None:
         """Every admitted site's keys from its handshake reply, if they were asked for this
         run's threshold and every site sent them (else None: an advertise round)."""
         fed = self.fed
@@ -165,19 +165,18 @@ class _SecureRounds:
             return None
         fed.secure_info["rounds"].append({"round": "advertise", "in_handshake": True,
                                           "survivors": sorted(adverts)})
-        return {site_id: SecureReply(site_id=site_id, secagg=advert)
-                for site_id, advert in adverts.items()}  # type: ignore[arg-type]
+        return adverts  # type: ignore[return-value]
 
     def set_up(self) -> tuple[dict[str, ShareDelivery], dict[str, MaskedInput]]:
         """Advertise keys (unless the handshake did) and share keys, asking the first
         session's masked inputs with them; the shares to deliver, by recipient, and those
         inputs by site if they can be summed (else none: the session is asked again)."""
         timeout, no_extra = self.fed.cfg.key_timeout, (lambda site_id: {})
-        replies = self.handshake_adverts()
-        if replies is None:
-            replies = self.round("advertise", "advertise", self.config.sites, no_extra,
-                                 timeout)
-        adverts = self.decoded(replies, KeyAdvertisement, "site_id", "advertise",
+        payloads = self.handshake_adverts()
+        if payloads is None:
+            payloads = _messages(self.round("advertise", "advertise", self.config.sites,
+                                            no_extra, timeout))
+        adverts = self.decoded(payloads, KeyAdvertisement, "site_id", "advertise",
                                lambda m: (m.run_id, m.n_sessions, m.threshold) == (
                                    self.config.run_id, self.config.n_sessions,
                                    self.config.threshold))
@@ -188,7 +187,7 @@ class _SecureRounds:
             "public_state": PublicState().encode()}
         replies = self.round("share_keys", "share_keys", adverts, lambda site_id: extra,
                              timeout)
-        bundles = self.decoded(replies, ShareBundle, "sender", "share_keys")
+        bundles = self.decoded(_messages(replies), ShareBundle, "sender", "share_keys")
         deliveries = self.protocol.route_shares(bundles.values())
         return deliveries, self.early_inputs(first, replies)
 
@@ -228,12 +227,12 @@ class _SecureRounds:
         masked = early or self.masked_inputs(statistic, state, deliveries)
         riding = deliveries if early else {}
         unmask = self.protocol.unmask_request(masked.values())
+        answered = self.round(f"{statistic}:unmask", "unmask", unmask.survivors,
+                              lambda site_id: {"secagg": unmask.encode(), **(
+                                  {"delivery": riding[site_id].encode()} if site_id in riding
+                                  else {})}, self.fed.cfg.release_timeout)
         replies = self.decoded(
-            self.round(f"{statistic}:unmask", "unmask", unmask.survivors,
-                       lambda site_id: {"secagg": unmask.encode(), **(
-                           {"delivery": riding[site_id].encode()} if site_id in riding
-                           else {})}, self.fed.cfg.release_timeout),
-            UnmaskReply, "site_id", f"{statistic}:unmask",
+            _messages(answered), UnmaskReply, "site_id", f"{statistic}:unmask",
             lambda m: (m.run_id, m.session) == (unmask.run_id, unmask.session))
         total = self.protocol.unmasked_sum(replies.values())
         self.fed.secure_info["sessions"].append(
@@ -249,12 +248,13 @@ class _SecureRounds:
         request = self.protocol.masked_input_request(length)
         shared = {"secagg": request.encode(), "public_state": state.encode()}
         timeout = self.fed.cfg.release_timeout
+        answered = self.round(f"{statistic}:masked_input", "masked_input",
+                              request.participants,
+                              lambda site_id: {**shared, **(
+                                  {"delivery": deliveries[site_id].encode()}
+                                  if site_id in deliveries else {})}, timeout)
         return self.decoded(
-            self.round(f"{statistic}:masked_input", "masked_input", request.participants,
-                       lambda site_id: {**shared, **({"delivery": deliveries[site_id].encode()}
-                                                     if site_id in deliveries else {})},
-                       timeout),
-            MaskedInput, "site_id", f"{statistic}:masked_input",
+            _messages(answered), MaskedInput, "site_id", f"{statistic}:masked_input",
             lambda m: (m.run_id, m.session, m.length) == (request.run_id, request.session,
                                                           length))
 
@@ -281,6 +281,11 @@ class _SecureRounds:
         if problems:
             raise BankError("the summed bank does not fit the plan: " + "; ".join(problems))
         return bank
+
+
+def _messages(replies: dict[str, SecureReply]) -> dict[str, bytes]:
+    """Each accepted reply's protocol message (a round accepts only replies with one)."""
+    return {site_id: reply.secagg or b"" for site_id, reply in replies.items()}
 
 
 def secure_bank(fed: _Federation) -> ModelBank:
