@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fediim.errors import FediimError
+from fediim.errors import BudgetExceeded, FediimError, LedgerError
 from fediim.protocol.messages import LedgerView, ReplyCode
 
-__all__ = ["Refusal"]
+__all__ = ["Refusal", "spending_refusal"]
 
 
 class Refusal(FediimError):
@@ -15,3 +15,13 @@ class Refusal(FediimError):
     def __init__(self, code: ReplyCode, detail: str, ledger: LedgerView | None = None) -> None:
         super().__init__(detail)
         self.code, self.detail, self.ledger = code, detail, ledger
+
+
+def spending_refusal(exc: BudgetExceeded | LedgerError, ledger: LedgerView | None) -> Refusal:
+    """The refusal of a release the ledger stopped before anything was sent: over budget
+    (``insufficient_budget``), or the ledger changed under it (``ledger_error``)."""
+    if isinstance(exc, BudgetExceeded):
+        return Refusal(ReplyCode.INSUFFICIENT_BUDGET, f"insufficient privacy budget: {exc}",
+                       ledger)
+    return Refusal(ReplyCode.LEDGER_ERROR, f"privacy ledger changed during the release; "
+                   f"nothing was sent: {exc}", ledger)

@@ -68,7 +68,7 @@ from fediim.protocol.secure_sum import (
 )
 from fediim.protocol.secure_sum.messages import AdvertisementBroadcast
 from fediim.protocol.site_config import SiteConfig
-from site_client.refusal import Refusal
+from site_client.refusal import Refusal, spending_refusal
 
 __all__ = ["HANDSHAKE_RECORD", "SECURE_RECORD", "answer_secure", "handshake_keys",
            "handshake_record", "secure_bank_problems"]
@@ -122,12 +122,10 @@ def answer_secure(site: SecureSite, request: SecureRequest, run_id: int,
         _check_handshake(request, run_id, state)
         plan = site.check_request(request)[1] if request.step == "advertise" else None
         return _step(site, request, run_id, state, plan)
-    except BudgetExceeded as exc:
-        raise Refusal(ReplyCode.INSUFFICIENT_BUDGET, f"insufficient privacy budget: {exc}",
-                      site.ledger_view()) from None
-    except LedgerError as exc:
-        raise Refusal(ReplyCode.LEDGER_ERROR, f"privacy ledger changed during the release; "
-                      f"nothing was sent: {exc}", site.ledger_view_if_open()) from None
+    except (BudgetExceeded, LedgerError) as exc:
+        view = (site.ledger_view() if isinstance(exc, BudgetExceeded)
+                else site.ledger_view_if_open())
+        raise spending_refusal(exc, view) from None
     except (SecureAggregationError, MessageError, ValueError) as exc:
         raise Refusal(ReplyCode.SECURE_REFUSED, f"secure round {request.step}: {exc}",
                       site.ledger_view_if_open()) from None

@@ -80,6 +80,7 @@ from fediim.protocol.run_config import PlanFields, privacy_plan
 from fediim.protocol.signing import key_id, load_public_key, signature_json, verify_bank
 from fediim.protocol.site_config import SiteConfig, load_site_config
 from site_client.refusal import Refusal as _Refusal
+from site_client.refusal import spending_refusal
 from site_client.secure import (
     HANDSHAKE_RECORD,
     RELEASE_RECORD,
@@ -351,12 +352,8 @@ def _release(site: _Site, request: ReleaseRequest, run_id: int,
     try:
         bank = site_release(values, bounds, plan, site_id=site.site_id, ledger=site.ledger,
                             noise=noise, **coded)
-    except BudgetExceeded as exc:
-        raise _Refusal(ReplyCode.INSUFFICIENT_BUDGET, f"insufficient privacy budget: {exc}",
-                       site.ledger_view()) from None
-    except LedgerError as exc:
-        raise _Refusal(ReplyCode.LEDGER_ERROR, f"privacy ledger changed during the release; "
-                       f"nothing was sent: {exc}", site.ledger_view()) from None
+    except (BudgetExceeded, LedgerError) as exc:
+        raise spending_refusal(exc, site.ledger_view()) from None
     state[STATE_RECORD] = ConfigRecord({
         "run_id": int(run_id), "site_id": site.site_id, "imputed": False,
         "cells_sha256": _cells_digest(bank, site.site_id), "n_cells": bank.n_cells,
