@@ -27,6 +27,7 @@ from fediim.federated.secure_release import (
 )
 from fediim.federated.site_imputation import site_impute
 from fediim.impute.encoding import MixedEncoding, fit_encoding, table_codes
+from fediim.impute.multiple import refuse_coded_columns
 from fediim.io.result import ImputationResult
 from fediim.io.table import as_matrix
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
@@ -414,10 +415,7 @@ class FederatedIIM(BaseEstimator):
         ``draws[imputation][site]`` (see :mod:`fediim.federated.multiple`)."""
         check_is_fitted(self, "bank_")
         _check_n_imputations(self.n_imputations)
-        if getattr(self, "encoding_", None) is not None:
-            raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
-                             "columns is not available yet: impute them singly, with their "
-                             "level probabilities")
+        refuse_coded_columns(getattr(self, "encoding_", None))
         tables = _site_tables(sites)
         streams = np.random.SeedSequence(self.random_state).spawn(len(tables))
         per_site = [site_draws(table, self.bank_, self.bounds_, int(self.n_imputations),

@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fediim.impute.encoding import fit_encoding, table_codes
 from fediim.impute.iim import IIMConfig, PatternModels
-from fediim.impute.multiple import draw_imputations
+from fediim.impute.multiple import draw_imputations, refuse_coded_columns
 from fediim.impute.neighbors import INDEX_METHODS
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
@@ -305,10 +305,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         """``n_imputations`` draws of the completed ``X`` from the predictive distribution
         (see :mod:`fediim.impute.multiple`), each with the single imputation's provenance
         and uncertainty columns."""
-        if self.encoding_ is not None:
-            raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
-                             "columns is not available yet: impute them singly, with their "
-                             "level probabilities")
+        refuse_coded_columns(self.encoding_)
         single = self.impute(X)
         X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
         return draw_imputations(self, X, single, list(missing_patterns(single.imputed)),

@@ -37,7 +37,7 @@ from fediim.impute.iim import PatternModels, PatternResult
 from fediim.io.result import ImputationResult
 
 __all__ = ["CELL_DRAWS", "POSTERIORS", "CellDraw", "FittedIIM", "Posterior",
-           "draw_imputations", "draw_numeric", "resampled_rows"]
+           "draw_imputations", "draw_numeric", "refuse_coded_columns", "resampled_rows"]
 
 Posterior = Literal["bootstrap", "half", "none"]
 #: How each imputation resamples the training rows: the approximate Bayesian bootstrap,
@@ -69,6 +69,15 @@ class CellDraw:
 
     found: PatternResult
     residual_variance: np.ndarray  # (q,)
+
+
+def refuse_coded_columns(encoding: object | None) -> None:
+    """Refuse draws for a table with coded columns: a level would need drawing from its
+    probabilities (a ``CELL_DRAWS`` kind not built yet), never numeric noise on a code."""
+    if encoding is not None:
+        raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
+                         "columns is not available yet: impute them singly, with their "
+                         "level probabilities")
 
 
 def draw_numeric(draw: CellDraw, rng: np.random.Generator) -> np.ndarray:
