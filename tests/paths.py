@@ -7,13 +7,16 @@ Outside CI a missing ``../shared`` or optional extra skips the tests that need i
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 SHARED = REPO.parent / "shared"
 DATASETS = SHARED / "datasets"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -40,3 +43,14 @@ def require_module(name: str, extra: str) -> ModuleType:
     except ImportError:
         missing(f"{name} is not installed (pip install 'fediim[{extra}]')")
         raise  # unreachable: missing() raises
+
+
+def benchmark_script(monkeypatch: pytest.MonkeyPatch, script: str, name: str) -> ModuleType:
+    """``benchmarks/<script>`` loaded as module ``name`` (registered for the test only):
+    the scripts are not a package, and their dataclasses need their module in sys.modules."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / script)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from simulations import run_study
-from tests.paths import DATASETS, REPO, require_file
+from tests.paths import DATASETS, REPO, benchmark_script, require_file
 
 BENCH = REPO / "benchmarks"
 COMMITTED = BENCH / "results" / "privacy_utility.json"
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location("privacy_utility_bench",
-                                                  BENCH / "privacy_utility.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "privacy_utility_bench", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script(monkeypatch, "privacy_utility.py", "privacy_utility_bench")
 
 
 def test_gathers_the_studies_into_one_results_file(bench: Any, tmp_path: Path,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -11,20 +9,13 @@ from typing import Any
 
 import pytest
 
-from tests.paths import REPO
+from tests.paths import benchmark_script
 from tests.simulations.test_simulations import DIABETES_BOUNDS
-
-SCRIPT = REPO / "benchmarks" / "skewed_quick.py"
 
 
 @pytest.fixture
 def quick(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location("skewed_quick", SCRIPT)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "skewed_quick", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script(monkeypatch, "skewed_quick.py", "skewed_quick")
 
 
 def test_prints_the_small_site_per_method_and_its_absent_column(

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.paths import REPO
+from tests.paths import REPO, benchmark_script
 
 BENCH = REPO / "benchmarks"
 
@@ -17,12 +15,7 @@ BENCH = REPO / "benchmarks"
 @pytest.fixture
 def small_site(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("small_site_bench", BENCH / "small_site.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "small_site_bench", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script(monkeypatch, "small_site.py", "small_site_bench")
 
 
 def test_sweep_masks_every_complete_cell_once_two_rows_at_a_time(small_site: Any) -> None:

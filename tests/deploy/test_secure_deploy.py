@@ -5,28 +5,20 @@ Slow (a real deployment of 8 rounds, ~3 min here): ``pytest -m slow``."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fediim.deploy.supervisor import stray_processes
-from tests.paths import DATASETS, REPO, require_file
+from tests.paths import DATASETS, benchmark_script, require_file
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "secure_deploy_bench", REPO / "benchmarks" / "secure_deploy.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "secure_deploy_bench", module)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script(monkeypatch, "secure_deploy.py", "secure_deploy_bench")
 
 
 def test_a_supernode_killed_after_key_sharing_leaves_three_to_finish(
