@@ -15,8 +15,12 @@ authentication, 4 SuperNodes) at ε = 1:
    share-keys round (the run must complete with the other three; it waits the short
    ``release-timeout`` of this run for the silent site once).
 
-Wall time is ``deploy.json``'s ``phase_seconds.run`` (submission to finished run) and
-``seconds`` (everything, start and stop included). Usage::
+Every run starts its SuperNodes as ``local-deploy`` does, with shorter Flower polls
+(:mod:`fediim.deploy.supernode`); ``--flower-polls`` adds runs 1 and 2 with Flower's own
+polls, each right after its short-poll twin (the same load, as far as a shared machine
+allows). Wall time is ``deploy.json``'s ``phase_seconds.run`` (submission to finished run)
+and ``seconds`` (everything, start and stop included); each round's time is the
+coordinator's "N repl(ies) in X s" in the run log. Usage::
 
     python benchmarks/secure_deploy.py --out benchmarks/results/secure_deploy.json
 """
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import tempfile
 import threading
@@ -96,15 +102,18 @@ class KillAfterKeySharing(threading.Thread):
 
 
 def deploy(data: list[Path], schema: Path, out: Path, aggregation: str,
-           kill: str | None = None, **run_config: Any) -> dict[str, Any]:
-    """One ``local-deploy`` run; its timings, status and the secure rounds' record."""
+           kill: str | None = None, short_polls: bool = True,
+           **run_config: Any) -> dict[str, Any]:
+    """One ``local-deploy`` run (``short_polls``: see :func:`local_deploy`); its timings,
+    status and the secure rounds' record."""
     killer = KillAfterKeySharing(out, kill) if kill else None
+    load_before = os.getloadavg()[0]
     if killer:
         killer.start()
     try:
         view = local_deploy(data, schema, out, epsilon=1.0, min_sites=2,
                             run_config={"aggregation": aggregation, **run_config},
-                            timeout=600)
+                            timeout=600, short_polls=short_polls)
     except RunNotCompleted as exc:
         view = exc.federation
     finally:
@@ -112,9 +121,11 @@ def deploy(data: list[Path], schema: Path, out: Path, aggregation: str,
             killer.done.set()
             killer.join(timeout=5)
     record = view.get("deploy", {})
-    return {"aggregation": aggregation, "status": view.get("status"),
+    return {"aggregation": aggregation, "short_polls": short_polls, "status": view.get("status"),
             "error": view.get("error"), "run_seconds": record.get("phase_seconds", {}).get("run"),
             "total_seconds": record.get("seconds"), "phase_seconds": record.get("phase_seconds"),
+            "round_seconds": round_seconds(out / "logs" / "run.log"),
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "killed": kill, "killed_pids": killer.pids if killer else [],
             "marker": record.get("marker"),
             "dropped": record.get("dropped"),
@@ -123,18 +134,38 @@ def deploy(data: list[Path], schema: Path, out: Path, aggregation: str,
                               if v.get("stages", {}).get("impute", {}).get("code") == "ok")}
 
 
-def run_all(directory: Path) -> dict[str, Any]:
-    """The three runs (see module docstring)."""
+def round_seconds(run_log: Path) -> dict[str, float]:
+    """Each round's time as the coordinator logged it ("<round>: N repl(ies) in X s")."""
+    try:
+        text = run_log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    return {name: float(seconds) for name, seconds in
+            re.findall(r"INFO.*?:\s+(\S+): \d+ repl\(ies\) in ([\d.]+) s", text)}
+
+
+def run_all(directory: Path, flower_polls: bool = False) -> dict[str, Any]:
+    """The runs (see module docstring); ``flower_polls`` adds runs 1 and 2 with Flower's
+    own polls."""
     data, schema = prepare_sites(directory / "data")
-    runs = {"per_site": deploy(data, schema, directory / "per-site", "per-site"),
-            "secure": deploy(data, schema, directory / "secure", "secure"),
-            "secure_killed": deploy(data, schema, directory / "secure-killed", "secure",
-                                    kill="sited",
-                                    **{"release-timeout": KILL_RELEASE_TIMEOUT})}
-    ratio = runs["secure"]["run_seconds"] / runs["per_site"]["run_seconds"]
+    runs: dict[str, dict[str, Any]] = {}
+    for aggregation in ("per-site", "secure"):
+        key = aggregation.replace("-", "_")
+        runs[key] = deploy(data, schema, directory / aggregation, aggregation)
+        if flower_polls:
+            runs[f"{key}_flower_polls"] = deploy(data, schema,
+                                                 directory / f"{aggregation}-flower-polls",
+                                                 aggregation, short_polls=False)
+    runs["secure_killed"] = deploy(data, schema, directory / "secure-killed", "secure",
+                                   kill="sited", **{"release-timeout": KILL_RELEASE_TIMEOUT})
+    ratios = {"secure_over_per_site_run_time": round(
+        runs["secure"]["run_seconds"] / runs["per_site"]["run_seconds"], 3)}
+    if flower_polls:
+        ratios["secure_over_per_site_run_time_flower_polls"] = round(
+            runs["secure_flower_polls"]["run_seconds"]
+            / runs["per_site_flower_polls"]["run_seconds"], 3)
     return {"data": f"ccpp.csv, {N_SITES} sites x {ROWS_PER_SITE} rows, seed 0, 5% rows "
-                    "missing one value", "epsilon": 1.0, "runs": runs,
-            "secure_over_per_site_run_time": round(ratio, 3)}
+                    "missing one value", "epsilon": 1.0, "runs": runs, **ratios}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results JSON")
     parser.add_argument("--work", type=Path, default=None,
                         help="working directory (default: a temporary one)")
+    parser.add_argument("--flower-polls", action="store_true",
+                        help="also run per-site and secure with Flower's own polls")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="secure-deploy-") as tmp:
-        results = run_all(args.work or Path(tmp))
+        results = run_all(args.work or Path(tmp), args.flower_polls)
     text = json.dumps(results, indent=2)
     if args.out:
         write_results(args.out, results, indent=2)

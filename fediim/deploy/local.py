@@ -71,12 +71,14 @@ def local_deploy(
     timeout: float = DEFAULT_RUN_TIMEOUT,
     insecure_seeded_noise: bool = False,
     simulation: bool = False,
+    short_polls: bool = True,
 ) -> dict[str, Any]:
     """Prepare ``out``, deploy, run, stop; return the federation view (``federation.json``).
 
     ``simulation=True`` runs the same apps on Flower's Simulation Engine instead (needs Ray,
     the ``sim`` extra): a simulation SuperLink, no SuperNodes, each simulated node mapped to
-    a site TOML by its partition id (run-config ``site-configs``).
+    a site TOML by its partition id (run-config ``site-configs``). ``short_polls=False``
+    keeps Flower's own poll intervals (see :class:`LocalDeployment`).
 
     Raises :class:`SimulationUnavailable` before writing anything when simulating without
     Ray, :class:`RunNotCompleted` when the run does not finish as completed (what is known of
@@ -90,7 +92,8 @@ def local_deploy(
                                 insecure_seeded_noise=insecure_seeded_noise, run_config=run_config)
     if simulation:
         layout.run_config["site-configs"] = json.dumps([str(s.config) for s in layout.sites])
-    deployment = LocalDeployment(layout, node_auth=node_auth, simulation=simulation)
+    deployment = LocalDeployment(layout, node_auth=node_auth, simulation=simulation,
+                                 short_polls=short_polls)
     with _sigterm_as_interrupt():
         status, record = _run_recorded(deployment, timeout)
     view = _federation_view(layout)

@@ -50,6 +50,11 @@ DEFAULT_RUN_TIMEOUT = 600.0
 #: Seconds between looks at a starting SuperLink or leftover processes, at a running
 #: submission, and at the run's status.
 _SHORT_POLL, _STREAM_POLL, _STATUS_POLL = 0.25, 0.5, 2.0
+#: The module that starts a SuperNode with shorter idle polls (:mod:`fediim.deploy.supernode`).
+SUPERNODE_MODULE = "fediim.deploy.supernode"
+#: Flower's SuperExec (which starts a ClientApp or ServerApp process per message) looks for
+#: work every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (Flower: 1 s; 1.41 and 1.42).
+SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"
 
 
 def free_ports(count: int) -> list[int]:
@@ -68,7 +73,8 @@ def free_ports(count: int) -> list[int]:
 
 
 def kill_supernode(site_config: str | os.PathLike[str]) -> list[int]:
-    """SIGKILL the ``flower-supernode`` process whose ``--node-config`` names
+    """SIGKILL the SuperNode process (``flower-supernode``, or :data:`SUPERNODE_MODULE`)
+    whose ``--node-config`` names
     ``site_config`` (a site dropping out, for tests and benchmarks); the PIDs killed."""
     killed = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
@@ -78,7 +84,7 @@ def kill_supernode(site_config: str | os.PathLike[str]) -> list[int]:
             args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if any(a.endswith("flower-supernode") for a in args) and any(
+        if any(a.endswith("flower-supernode") or a == SUPERNODE_MODULE for a in args) and any(
                 os.fspath(site_config) in a for a in args):
             os.kill(int(entry.name), signal.SIGKILL)
             killed.append(int(entry.name))
@@ -225,13 +231,17 @@ class LocalDeployment:
     (or, with ``simulation=True``, a simulation SuperLink running the sites as Ray actors).
 
     Use as a context manager; every process is stopped and the temporary ``FLWR_HOME``
-    removed on exit.
+    removed on exit. ``short_polls`` (default) starts the SuperNodes through
+    :mod:`fediim.deploy.supernode` and lets every SuperExec look for work every
+    :data:`SUPEREXEC_POLL_SECONDS`: each round waits less for Flower's polling.
     """
 
     def __init__(self, layout: FederationLayout, *, node_auth: bool = True,
-                 log_dir: Path | None = None, simulation: bool = False) -> None:
+                 log_dir: Path | None = None, simulation: bool = False,
+                 short_polls: bool = True) -> None:
         self.layout = layout
         self.node_auth = node_auth
+        self.short_polls = short_polls
         self.simulation = simulation
         self.log_dir = log_dir or layout.out / "logs"
         self.marker = uuid.uuid4().hex
@@ -245,6 +255,8 @@ class LocalDeployment:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             MARKER_ENV: self.marker,
         }
+        if short_polls:
+            self.env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
         self.processes = ProcessGroup(self.log_dir, self.home, self.env, self.marker)
         self.ca_cert: Path | None = None
         self.port = 0
@@ -325,10 +337,13 @@ class LocalDeployment:
         return self.home / "nodes" / f"{site_id}.key"
 
     def _start_supernodes(self, ports: list[int]) -> None:
-        """One SuperNode per site, each with its own ``FLWR_HOME`` and localhost port."""
+        """One SuperNode per site, each with its own ``FLWR_HOME`` and localhost port (with
+        ``short_polls``, started through :data:`SUPERNODE_MODULE`)."""
         sites = self.layout.sites
+        command = ([sys.executable, "-m", SUPERNODE_MODULE] if self.short_polls
+                   else [self.executable("flower-supernode")])
         for site, port in zip(sites, ports, strict=True):
-            args = [self.executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            args = [*command, "--superlink", f"127.0.0.1:{self.port}",
                     "--port", str(port), "--root-certificates", str(self.ca_cert),
                     "--node-config", f"site-config={json.dumps(str(site.config))}"]
             if self.node_auth:

@@ -210,6 +210,10 @@ def test_local_deploy_over_heart_data(deployment: Deployment) -> None:
                  if "Uvicorn running on" in line]
     assert len(listening) == 1 + len(SITES)
     assert all(re.search(r"https?://127\.0\.0\.1:\d+ ", line) for line in listening), listening
+    # each SuperNode ran with the shorter polls of fediim.deploy.supernode
+    for name in SITES:
+        head = (out / "logs" / f"supernode-{name}.log").read_text(errors="replace")[:200]
+        assert head.startswith("fediim: the SuperNode polls every "), head
 
 
 def test_a_killed_supernode_is_a_dropout_not_a_failure(deployment: Deployment) -> None:
