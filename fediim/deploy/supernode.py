@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any
 
 __all__ = ["IDLE_PULL_SECONDS", "KNOWN_SOURCES", "REPLY_POLL_SECONDS", "ShortPollClock",
-           "main", "shorten_polls"]
+           "main", "shorten_polls", "source_digest"]
 
 log = logging.getLogger("fediim.deploy")
 
