@@ -241,7 +241,7 @@ class LocalDeployment:
                  short_polls: bool = True) -> None:
         self.layout = layout
         self.node_auth = node_auth
-        self.short_polls = short_polls
+        self.short_polls = short_polls and not simulation  # local-deploy's SuperNodes only
         self.simulation = simulation
         self.log_dir = log_dir or layout.out / "logs"
         self.marker = uuid.uuid4().hex
@@ -255,7 +255,7 @@ class LocalDeployment:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             MARKER_ENV: self.marker,
         }
-        if short_polls:
+        if self.short_polls:
             self.env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
         self.processes = ProcessGroup(self.log_dir, self.home, self.env, self.marker)
         self.ca_cert: Path | None = None

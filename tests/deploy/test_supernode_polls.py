@@ -103,6 +103,17 @@ def test_local_deploy_starts_supernodes_through_the_module(
         assert "--superlink" in args and "--root-certificates" in args
 
 
+def test_fediim_simulate_keeps_flowers_polls(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SUPEREXEC_POLL_ENV, raising=False)
+    schema = tmp_path / "schema.toml"
+    schema.write_text(TableSchema.model_validate(
+        {"columns": [{"name": "x", "bounds": (0.0, 1.0)}]}).to_toml())
+    layout = prepare_federation([tmp_path / "a.csv"], schema, tmp_path / "out")
+    with LocalDeployment(layout, simulation=True) as deployment:
+        assert not deployment.short_polls and SUPEREXEC_POLL_ENV not in deployment.env
+
+
 def test_kill_supernode_finds_a_supernode_started_through_the_module(tmp_path: Path) -> None:
     config = str(tmp_path / "site.toml")
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
