@@ -93,6 +93,9 @@ versions stay as they were):
                       each drawn from the predictive distribution (a candidate drawn
                       by its vote weight plus the models' residual noise, the models
                       learned on a random half of the rows); observed cells as in IN.
+                      With --site-config each table is drawn from the bank re-noised
+                      at the scale it was released with, plus the residual noise
+                      measured on the site's own rows (no budget spent).
                       Analyse each and pool with Rubin's rules (fediim.mi.pool).
 (for OUT = X.csv the side files are X.flags.csv, X.audit.jsonl and X.imp1.csv ...)""",
         epilog="""\
@@ -169,9 +172,6 @@ def _option_problem(args: argparse.Namespace) -> str | None:
     """Options that contradict each other, else None."""
     if args.seed is not None and (args.multiple is None or args.seed < 0):
         return "--seed needs --multiple and a value >= 0 (it seeds the draws)"
-    if args.multiple is not None and args.site_config is not None:
-        return "--multiple with --site-config: multiple imputation from a bank is not " \
-               "available on the command line yet; use FederatedIIM(n_imputations=M)"
     if args.site_config is None:
         return "--mode needs --site-config (it says how the site's bank is used)" \
             if args.mode else None
@@ -207,7 +207,9 @@ def _imputed(args: argparse.Namespace, table: Table, site: Site | None,
         imputer.fit(table.values)
         draws = imputer.impute_multiple(table.values) if args.multiple else []
         return imputer.impute(table.values), draws
-    return site.impute(table.values), []
+    draws = site.impute_multiple(table.values, args.multiple, np.random.default_rng(
+        args.seed)) if args.multiple else []
+    return site.impute(table.values), draws
 
 
 def _summary(table: Table, result: ImputationResult, site: Site | None, seconds: float,

@@ -15,7 +15,7 @@ were exact. Each of the M draws here instead:
    its own complete rows (:func:`site_residual_variance`: each loses one attribute, in
    folds, and is imputed from the released bank).
 
-Step 3 is :func:`_add_residual_noise`, the place where a categorical column would draw
+Step 3 is :func:`add_residual_noise`, the place where a categorical column would draw
 its level from the per-level probabilities instead.
 
 ``local`` mode reads no bank: its draws are :class:`~fediim.impute.IIMImputer`'s
@@ -40,7 +40,7 @@ from fediim.federated.site_imputation import site_impute
 from fediim.impute.estimator import IIMImputer
 from fediim.io.result import ImputationResult
 
-__all__ = ["renoised_bank", "site_draws", "site_residual_variance"]
+__all__ = ["add_residual_noise", "renoised_bank", "site_draws", "site_residual_variance"]
 
 #: Folds in which a site's complete rows each lose one attribute to measure the residual
 #: variance of its imputations.
@@ -109,12 +109,12 @@ def site_draws(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, n_imputations
     draws = []
     for _ in range(n_imputations):
         result = site_impute(x, renoised_bank(bank, rng), bounds, **settings)
-        _add_residual_noise(result, variance, bounds, rng)
+        add_residual_noise(result, variance, bounds, rng)
         draws.append(result)
     return draws
 
 
-def _add_residual_noise(result: ImputationResult, variance: np.ndarray, bounds: np.ndarray,
+def add_residual_noise(result: ImputationResult, variance: np.ndarray, bounds: np.ndarray,
                         rng: np.random.Generator) -> None:
     """Every imputed cell plus Gaussian noise of its column's residual variance, clipped
     into the public bounds."""

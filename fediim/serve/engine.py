@@ -238,6 +238,8 @@ class ServingEngine:
         if settings.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {settings.mode!r}")
         reference = np.asarray(reference, dtype=np.float64)
+        #: The site's own rows the engine was prepared on (never sent anywhere).
+        self.reference = reference
         self.bounds, self.n_columns = np.asarray(bounds, dtype=np.float64), reference.shape[1]
         self._lock = threading.Lock()
         self._plans: dict[Key, _Plan] = {}

@@ -21,6 +21,7 @@ from fediim.io.table import read_csv
 from fediim.privacy import PrivacyLedger, rho_to_epsilon
 from fediim.protocol.signed_bank import SignedBank, load_signed_bank
 from fediim.protocol.site_config import SiteConfig, load_site_config
+from fediim.serve.draws import bank_draws
 from fediim.serve.engine import EngineSettings, ServingEngine
 
 __all__ = ["BudgetView", "Site", "count_methods", "fallback_rate", "read_budget"]
@@ -81,6 +82,22 @@ class Site:
             result = self.encoding.decode(self.engine.impute(self.encoding.encode(x)), x)
         apply_schema(result, self.schema, self.columns)
         return result
+
+    def impute_multiple(self, x: np.ndarray, n_imputations: int,
+                        rng: np.random.Generator) -> list[ImputationResult]:
+        """``n_imputations`` draws of the rows of ``x`` completed from the bank (see
+        :mod:`fediim.serve.draws`), the schema applied to each."""
+        if self.encoding is not None:
+            coded = [spec.name for spec in self.schema.columns if spec.levels is not None]
+            raise ValueError("multiple imputation from a bank does not draw levels of coded "
+                             f"columns yet ({', '.join(coded)}); impute once, or use "
+                             "fediim impute --multiple without --site-config")
+        draws = bank_draws(self.engine.reference, np.asarray(x, dtype=np.float64),
+                           self.signed.bank, self.engine.bounds, self.engine.settings,
+                           n_imputations, rng)
+        for result in draws:
+            apply_schema(result, self.schema, self.columns)
+        return draws
 
     @property
     def engine_columns(self) -> np.ndarray:

@@ -89,6 +89,29 @@ def test_imputes_new_rows_from_the_bank_without_touching_the_ledger(
     assert len((tmp_path / "out.flags.csv").read_text().splitlines()) == src.n_rows + 1
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "local"])
+def test_multiple_draws_from_the_bank_without_touching_the_ledger(
+        site_config: Path, tmp_path: Path, mode: str) -> None:
+    cfg = load_site_config(site_config)
+    ledger_before = cfg.ledger.read_bytes()
+    assert _impute(tmp_path, site_config, "--mode", mode, "--multiple", "3",
+                   "--seed", "4") == ExitCode.OK
+    assert cfg.ledger.read_bytes() == ledger_before
+    src = read_csv(tmp_path / "today.csv")
+    observed = ~np.isnan(src.values)
+    bounds = load_schema(cfg.schema_path).bounds_array()
+    drawn = [read_csv(tmp_path / f"out.imp{n}.csv").values for n in (1, 2, 3)]
+    for values in drawn:
+        np.testing.assert_array_equal(values[observed], src.values[observed])
+        assert not np.isnan(values).any()
+        assert np.all((values >= bounds[:, 0]) & (values <= bounds[:, 1]))
+    assert not np.array_equal(drawn[0][~observed], drawn[1][~observed])
+    first = (tmp_path / "out.imp3.csv").read_bytes()
+    assert _impute(tmp_path, site_config, "--mode", mode, "--multiple", "3",
+                   "--seed", "4") == ExitCode.OK
+    assert (tmp_path / "out.imp3.csv").read_bytes() == first  # the seed fixes the draws
+
+
 def _flip_bank_byte(cfg: SiteConfig, tmp_path: Path) -> None:
     data = bytearray(cfg.bank_path.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -58,7 +58,6 @@ def test_multiple_applies_the_schema_to_every_draw(tmp_path: Path) -> None:
     (["--multiple", "1"], ">= 2"),
     (["--seed", "3"], "--seed needs --multiple"),
     (["--multiple", "2", "--seed", "-1"], "--seed needs --multiple"),
-    (["--multiple", "2", "--site-config", "site.toml"], "--multiple with --site-config"),
 ])
 def test_bad_multiple_options_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             extra: list[str], needle: str) -> None:
