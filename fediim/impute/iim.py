@@ -88,8 +88,8 @@ class IIMConfig:
     include_global: bool = True
     validation: Literal["loo", "paper"] = "loo"
     neighbor_index: IndexMethod = "auto"
-    blend: bool = False
-    quadratic: bool = False
+    blend: bool = True
+    quadratic: bool = True
 
     def alphas(self) -> np.ndarray:
         """The ridge penalties as a checked 1-D array."""
