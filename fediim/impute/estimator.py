@@ -114,7 +114,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     >>> X = np.array([[1.0, 2.0], [2.0, 4.1], [3.0, np.nan], [4.0, 8.0], [5.0, 9.9]])
     >>> imputer = IIMImputer(n_neighbors=2).fit(X)
     >>> imputer.transform(X)[2].round(2)
-    array([3.  , 6.02])
+    array([3.  , 6.01])
     >>> result = imputer.impute(X)
     >>> result.method[2, 1], int(result.n_candidates[2, 1])
     ('iim', 2)
