@@ -21,6 +21,10 @@ DEFAULT_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 #: The paper protocol: this fraction of rows loses one attribute each.
 MISSING_ROW_FRACTION = 0.05
 
+#: IIMImputer without the validated choices beyond ell (local quadratic models, the
+#: per-pattern blend): the engine as it was before they became the defaults.
+BEFORE_IIM_OPTIONS: dict[str, Any] = {"blend": False, "quadratic": False}
+
 #: The authors' reference setting for IIM (their Java code on the ASF example).
 REFERENCE_IIM_PARAMS: dict[str, Any] = {
     "scale": False,
@@ -28,6 +32,7 @@ REFERENCE_IIM_PARAMS: dict[str, Any] = {
     "ell_grid": tuple(range(1, 97, 5)),
     "include_global": False,
     "alpha": 1e-3,
+    **BEFORE_IIM_OPTIONS,
 }
 
 

@@ -6,8 +6,9 @@ the masked cells, sqrt(mean(((imputed - truth) / std_attr)^2)), std_attr being t
 column std (ddof=0). Time is the wall time of fit + transform.
 
 Methods
-    fediim-iim   IIMImputer(blend=True, quadratic=True) (:data:`IIM_CHOICES`; opt-in until
-                 the privacy-utility benchmark is rerun with them as defaults)
+    fediim-iim   IIMImputer() defaults (local quadratic models and the per-pattern blend)
+    fediim-iim-before  IIMImputer(blend=False, quadratic=False), the engine before those
+                 became the defaults (not run unless named in --methods)
     knn          sklearn KNNImputer(n_neighbors=10) on z-scored data (nanmean/nanstd of the
                  masked matrix), un-scaled afterwards
     mice         sklearn IterativeImputer(max_iter=10, random_state=seed)
@@ -41,6 +42,7 @@ from typing import Any
 
 import numpy as np
 from _common import (
+    BEFORE_IIM_OPTIONS,
     DEFAULT_DATASETS,
     REFERENCE_IIM_PARAMS,
     apply_mask,
@@ -82,12 +84,11 @@ REFERENCE_NRMSE: dict[str, dict[str, float]] = {
 
 #: benchmark method -> ``simulations.baselines`` method (one implementation for both)
 BASELINE_OF: dict[str, str] = {
-    "fediim-iim": "iim", "knn": "knn", "mice": "mice", "missforest": "missforest",
-    "mean": "mean",
+    "fediim-iim": "iim", "fediim-iim-before": "iim", "knn": "knn", "mice": "mice",
+    "missforest": "missforest", "mean": "mean",
 }
-#: The engine's validated choices beyond ell, passed explicitly to every fediim-iim run
-#: (off by default in IIMImputer).
-IIM_CHOICES: dict[str, Any] = {"blend": True, "quadratic": True}
+#: IIMImputer options of a benchmark method (the defaults otherwise).
+IIM_OPTIONS: dict[str, dict[str, Any]] = {"fediim-iim-before": BEFORE_IIM_OPTIONS}
 #: MissForest's tree threads here (the benchmark runs one imputation at a time)
 N_JOBS = 2
 
@@ -106,7 +107,7 @@ def run_one(name: str, X: np.ndarray, seed: int, method: str, count: str = "roun
             values, diagnostics = PEERS[method](Xm, seed), {}
         else:
             imputed = impute_table(BASELINE_OF[method], Xm, k=10, seed=seed, n_jobs=N_JOBS,
-                                   iim_options=IIM_CHOICES)
+                                   iim_options=IIM_OPTIONS.get(method))
             values, diagnostics = imputed.values, imputed.diagnostics
         elapsed = time.perf_counter() - t0
         if not np.all(np.isfinite(values[rows, cols])):
@@ -134,7 +135,7 @@ def run_asf_example(datasets: Path) -> dict[str, Any]:
     variants: dict[str, Callable[[], np.ndarray]] = {
         "fediim-iim-reference": lambda: IIMImputer(**REFERENCE_IIM_PARAMS).fit_transform(
             missing),
-        "fediim-iim-defaults": lambda: IIMImputer(**IIM_CHOICES).fit_transform(missing),
+        "fediim-iim-defaults": lambda: IIMImputer().fit_transform(missing),
         "knn-raw-k10": lambda: _raw_knn(missing),  # raw distances: the paper's kNN
     }
     if "validation" in IIMImputer().get_params():
@@ -219,7 +220,7 @@ def markdown_asf(asf: dict[str, Any] | None) -> str:
                   + (f"reference setting with validation='paper' "
                      f"{asf['fediim-iim-reference-paper-validation']['rms']:.3f}; "
                      if "fediim-iim-reference-paper-validation" in asf else "")
-                  + "IIMImputer(blend=True, quadratic=True) "
+                  + "IIMImputer() "
                   f"{asf['fediim-iim-defaults']['rms']:.3f}; "
                   f"KNNImputer raw k=10 {asf['knn-raw-k10']['rms']:.3f}"]
     return "\n".join(lines)
@@ -234,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
                     help=f"folder with the CSVs (default: {DEFAULT_DATASETS})")
     ap.add_argument("--methods", type=_csv_list, default=list(METHODS),
-                    help=f"comma list from {','.join(METHODS)}")
+                    help=f"comma list from {','.join(METHODS)},fediim-iim-before")
     ap.add_argument("--only", type=_csv_list, default=[*DATASETS, ASF_EXAMPLE],
                     help=f"comma list from {','.join([*DATASETS, ASF_EXAMPLE])}")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)],

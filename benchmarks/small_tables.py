@@ -4,9 +4,9 @@ For each shared dataset with at least 9 columns (ccs, wine_red, wine_white) and 
 Cleveland: its first 80 complete rows; each cell is lost with probability 8%
 (``np.random.default_rng(seed).random(shape) < 0.08``), seeds 0, 1, 2. NRMSE is pooled over
 the lost cells, each error divided by its column's std over the 80 rows (ddof=0; 1 where
-constant). Methods as in ``simulations.baselines`` (``iim``: ``IIMImputer(blend=True,
-quadratic=True)``, :data:`IIM_CHOICES`, opt-in until the privacy-utility benchmark is rerun
-with them as defaults).
+constant). Methods as in ``simulations.baselines`` (``iim``: ``IIMImputer()`` defaults);
+``iim_before`` (``--methods``) is IIM without local quadratic models and the per-pattern
+blend, as it was before they became the defaults.
 
 Usage::
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import DEFAULT_DATASETS, load_csv
+from _common import BEFORE_IIM_OPTIONS, DEFAULT_DATASETS, load_csv
 
 from fediim.io.json_results import write_results
 from simulations.baselines import impute_table
@@ -34,8 +34,8 @@ METHODS = ("iim", "knn", "mean")
 N_ROWS = 80
 MISSING_CELL_RATE = 0.08
 SEEDS = (0, 1, 2)
-#: IIM's validated choices beyond ell (off by default in IIMImputer), passed explicitly.
-IIM_CHOICES: dict[str, Any] = {"blend": True, "quadratic": True}
+#: Methods beyond ``simulations.baselines``': the baseline they run and its IIM options.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"iim_before": ("iim", BEFORE_IIM_OPTIONS)}
 
 
 def small_table(path: Path) -> np.ndarray:
@@ -49,7 +49,8 @@ def run_seed(table: np.ndarray, seed: int, method: str) -> tuple[float, float]:
     lost = np.random.default_rng(seed).random(table.shape) < MISSING_CELL_RATE
     masked = np.where(lost, np.nan, table)
     start = time.perf_counter()
-    imputed = impute_table(method, masked, k=10, seed=seed, iim_options=IIM_CHOICES).values
+    baseline, options = VARIANTS.get(method, (method, None))
+    imputed = impute_table(baseline, masked, k=10, seed=seed, iim_options=options).values
     elapsed = time.perf_counter() - start
     scale = table.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
@@ -60,13 +61,16 @@ def run_seed(table: np.ndarray, seed: int, method: str) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma list from {','.join([*METHODS, *VARIANTS])}")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent
                         / "results" / "small_tables.json")
     args = parser.parse_args(argv)
+    methods = [method for method in args.methods.split(",") if method]
     summary: dict[str, dict[str, Any]] = {}
     for name, file in DATASETS.items():
         table = small_table(args.datasets / file)
-        for method in METHODS:
+        for method in methods:
             runs = [run_seed(table, seed, method) for seed in SEEDS]
             summary.setdefault(name, {})[method] = {
                 "nrmse_by_seed": [run[0] for run in runs],
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = summary[name]
         print(f"| {name} | " + " | ".join(
             f"{cells[m]['nrmse_mean']:.3f} (" + " / ".join(
-                f"{v:.3f}" for v in cells[m]["nrmse_by_seed"]) + ")" for m in METHODS) + " |")
+                f"{v:.3f}" for v in cells[m]["nrmse_by_seed"]) + ")" for m in methods) + " |")
     payload = {"benchmark": "small_tables", "machine": finish_machine_info(machine_info()),
                "protocol": {"rows": N_ROWS, "missing_cell_rate": MISSING_CELL_RATE,
                             "seeds": list(SEEDS), "datasets": DATASETS},

@@ -118,7 +118,7 @@ def impute_table(method: str, x: np.ndarray, *, k: int = 10, seed: int = 0, n_jo
     ``k``: neighbours (iim, knn); ``seed``: the iterative imputers' random state;
     ``n_jobs``: MissForest's tree threads (the result depends on it only through the
     order of float sums); ``iim_options``: further IIMImputer parameters of ``iim``
-    (e.g. ``blend=True, quadratic=True``).
+    (e.g. ``blend=False, quadratic=False``: the engine without its default choices).
     """
     run = TABLE_METHODS[method]
     seen = np.flatnonzero(~np.isnan(x).all(axis=0))

@@ -77,12 +77,12 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         observed columns, blocked BLAS beyond); ``"hnsw"`` is faiss's approximate graph
         (the ``approx`` extra), its recall checked when built (see
         :mod:`fediim.impute.neighbors`).
-    blend : bool, default=False
+    blend : bool, default=True
         With adaptive ell, check each (target, features) pattern's IIM on held-out
         training rows against its global model and its mean, and impute with the blend
         of the three that errs least (see :mod:`fediim.impute.pattern_choice`): IIM's
         per-row validation is optimistic when training rows are few.
-    quadratic : bool, default=False
+    quadratic : bool, default=True
         With adaptive ell, also offer each row local quadratic models at large ell,
         chosen per row by the same validation (see :mod:`fediim.impute.basis`).
 
@@ -114,7 +114,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     >>> X = np.array([[1.0, 2.0], [2.0, 4.1], [3.0, np.nan], [4.0, 8.0], [5.0, 9.9]])
     >>> imputer = IIMImputer(n_neighbors=2).fit(X)
     >>> imputer.transform(X)[2].round(2)
-    array([3.  , 6.02])
+    array([3.  , 6.01])
     >>> result = imputer.impute(X)
     >>> result.method[2, 1], int(result.n_candidates[2, 1])
     ('iim', 2)
@@ -145,8 +145,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         n_imputations: int = 1,
         random_state: int | np.random.Generator | None = None,
         neighbor_index: Literal["auto", "kdtree", "blas", "hnsw"] = "auto",
-        blend: bool = False,
-        quadratic: bool = False,
+        blend: bool = True,
+        quadratic: bool = True,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell

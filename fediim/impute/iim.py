@@ -88,8 +88,8 @@ class IIMConfig:
     include_global: bool = True
     validation: Literal["loo", "paper"] = "loo"
     neighbor_index: IndexMethod = "auto"
-    blend: bool = False
-    quadratic: bool = False
+    blend: bool = True
+    quadratic: bool = True
 
     def alphas(self) -> np.ndarray:
         """The ridge penalties as a checked 1-D array."""
@@ -572,7 +572,10 @@ class PatternModels:
         blended likewise, under IIM's vote weights."""
         weights = self.blend.weights
         phi, _ = self.global_model(self.blend.global_alpha)
-        parts = [self._augment(queries) @ phi, np.full(len(queries), self.target.mean())]
+        # einsum, not a matrix product: a row's value must not depend on its batch (BLAS
+        # sums a single row and a block of rows in different orders).
+        parts = [np.einsum("qf,f->q", self._augment(queries), phi),
+                 np.full(len(queries), self.target.mean())]
         spreads = [np.zeros(len(queries))] * 2
         if weights[0] > 0:
             found = self._impute_by_vote(queries)
