@@ -2,10 +2,12 @@
 
 A grid of shapes (n rows x |F| features per pattern; synthetic: the generator of
 ``speed.py`` mixed into |F| + 1 correlated columns plus noise; 1% of rows lose one
-attribute) x methods. Per cell, in its own process with BLAS, OpenMP (faiss) and KD-tree
-threads fixed (``--threads``): IIMImputer's fit+transform wall and CPU time, the load
-average around it, NRMSE, peak RSS, and the recall of the 10 nearest that the approximate
-index measured on each pattern's index when built (its worst; 1.0 for the exact methods).
+attribute; from ``--one-target-from`` rows on only the last column does, so the cell
+builds one pattern's index) x methods. Per cell, in its own process with BLAS, OpenMP
+(faiss) and KD-tree threads fixed (``--threads``): IIMImputer's fit+transform wall and
+CPU time, the load average around it, NRMSE, peak RSS, and the recall of the 10 nearest
+that the approximate index measured on each pattern's index when built (its worst; 1.0
+for the exact methods).
 A cell is skipped when its time, extrapolated from the same method's previous n, exceeds
 ``--cap`` CPU seconds. ``"auto"`` may pick an approximate index only where this table
 shows it faster at equal accuracy.
@@ -61,11 +63,15 @@ class _RecordedIndex(nb.NeighborIndex):
         _RecordedIndex.built.append(self)
 
 
-def one_cell(n: int, features: int, method: str, threads: int) -> dict[str, Any]:
-    """IIMImputer(neighbor_index=method) on n x (features + 1), in this process."""
+def one_cell(n: int, features: int, method: str, threads: int, one_target: bool
+             ) -> dict[str, Any]:
+    """IIMImputer(neighbor_index=method) on n x (features + 1), in this process; with
+    ``one_target`` only the last column loses values (one pattern, one index)."""
     nb.KDTREE_WORKERS = threads
     x = wide_synthetic(n, features + 1)
     rows, cols = mask_rows(n, features + 1, seed=0, frac=0.01)
+    if one_target:
+        cols[:] = features
     holes = apply_mask(x, rows, cols)
     iim.NeighborIndex = _RecordedIndex  # type: ignore[misc]
     load_before = os.getloadavg()[0]
@@ -74,6 +80,7 @@ def one_cell(n: int, features: int, method: str, threads: int) -> dict[str, Any]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     built = _RecordedIndex.built
     return {"n": n, "features": features, "method": method, "threads": threads,
+            "targets": "one" if one_target else "all",
             "wall_s": wall, "cpu_s": cpu, "load_before": load_before,
             "load_after": os.getloadavg()[0], "nrmse": nrmse(out, x, rows, cols),
             "recall_at_10": min(index.recall_at_build for index in built),
@@ -94,6 +101,8 @@ def run_cell(n: int, features: int, method: str, args: argparse.Namespace) -> di
     env = {**os.environ, **{name: str(args.threads) for name in THREAD_VARIABLES}}
     command = [sys.executable, __file__, "--cell", f"{n},{features},{method}",
                "--threads", str(args.threads)]
+    if n >= args.one_target_from:
+        command.append("--one-target")
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True,
                               timeout=4 * args.cap, check=True)
@@ -119,11 +128,15 @@ def row(case: dict[str, Any]) -> str:
 def next_case(n: int, features: int, method: str, before: dict[str, Any] | None,
               args: argparse.Namespace) -> dict[str, Any]:
     """The cell's result, or why it is skipped: its CPU time extrapolated from the same
-    method's previous n (``before``; None: skipped or none) exceeds the cap."""
+    method's previous n (``before``; None: skipped or none; per pattern when the
+    number of patterns changes) exceeds the cap."""
     if before is None and n != min(int(value) for value in args.n.split(",")):
         return {"n": n, "features": features, "method": method,
                 "skipped": "a smaller n was skipped"}
-    estimate = before["cpu_s"] * growth(before["n"], n) if before else 0.0
+    patterns = {n_: 1 if n_ >= args.one_target_from else features + 1
+                for n_ in (n, before["n"] if before else n)}
+    estimate = (before["cpu_s"] * growth(before["n"], n) * patterns[n] / patterns[before["n"]]
+                if before else 0.0)
     if estimate > args.cap:
         return {"n": n, "features": features, "method": method,
                 "skipped": f"estimated {estimate:.0f} CPU s > cap {args.cap:.0f}"}
@@ -157,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, default=300.0, help="CPU seconds per cell")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cell", help="n,features,method: run one cell, print its JSON")
+    parser.add_argument("--one-target-from", type=int, default=100_000,
+                        help="from this n on, only the last column loses values")
+    parser.add_argument("--one-target", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true",
                         help="keep the measured cells of --out instead of rerunning them")
     parser.add_argument("--out", type=Path,
@@ -164,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cell:
         n, features, method = args.cell.split(",")
-        print(json.dumps(one_cell(int(n), int(features), method, args.threads)))
+        print(json.dumps(one_cell(int(n), int(features), method, args.threads,
+                                  args.one_target)))
         return 0
     from simulations.provenance import finish_machine_info, machine_info
 

@@ -39,8 +39,9 @@ __all__ = ["INDEX_METHODS", "KDTREE_MAX_DIM", "NeighborIndex", "approximate_avai
 IndexMethod = Literal["auto", "kdtree", "blas", "hnsw"]
 #: The methods :class:`NeighborIndex` accepts.
 INDEX_METHODS: tuple[str, ...] = ("auto", "kdtree", "blas", "hnsw")
-#: Above this many features the blocked BLAS search is used instead of a KD-tree.
-KDTREE_MAX_DIM = 16
+#: Above this many features the blocked BLAS search is used instead of a KD-tree
+#: (the crossover lies between 31 and 63 in the benchmark).
+KDTREE_MAX_DIM = 31
 _BLOCK_BYTES = 64 * 1024 * 1024
 #: The approximate index's recall of the k nearest, checked when it is built.
 RECALL_FLOOR = 0.99
@@ -51,8 +52,9 @@ HNSW_DEGREE = 32
 HNSW_START_DEPTH = 64
 #: The deepest search the recall check tries before falling back to the exact method.
 HNSW_MAX_DEPTH = 512
-#: ``"auto"`` considers the approximate index from this many features and rows on.
-APPROX_MIN_FEATURES = 24
+#: ``"auto"`` considers the approximate index from this many features and rows on: the
+#: smallest shape where the benchmark measured it faster (10,000 x 63; at 31 it was not).
+APPROX_MIN_FEATURES = 63
 APPROX_MIN_ROWS = 10_000
 #: Threads of a KD-tree query (``cKDTree.query(workers=...)``; -1: every core).
 KDTREE_WORKERS = -1
