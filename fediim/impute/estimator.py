@@ -73,9 +73,10 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         Seeds the draws of :meth:`multiple_imputations` (an int gives the same draws on
         every call); the single imputation uses no randomness.
     neighbor_index : {"auto", "kdtree", "blas", "hnsw"}, default="auto"
-        The neighbour search. ``"auto"`` chooses an exact one (a KD-tree up to 16
-        observed columns, blocked BLAS beyond); ``"hnsw"`` is faiss's approximate graph
-        (the ``approx`` extra), its recall checked when built (see
+        The neighbour search. ``"auto"`` follows a measured rule: faiss's approximate
+        HNSW graph (the ``approx`` extra) only for wide patterns whose every row is
+        validated, else exact (KD-tree or blocked BLAS by width); an approximate index
+        below its recall check falls back to the exact search (see
         :mod:`fediim.impute.neighbors`).
     blend : bool, default=True
         With adaptive ell, check each (target, features) pattern's IIM on held-out

@@ -208,8 +208,11 @@ class PatternModels:
         self._z = np.column_stack([self._xaug[:, :n_features + 1], self.target,
                                    self._xaug[:, n_features + 1:]])
         self.width = self._xaug.shape[1]
+        # Adaptive ell up to FULL_VALIDATION_ROWS validates every row: n queries.
+        full_validation = self.config.ell == "adaptive" and n_rows <= FULL_VALIDATION_ROWS
         self._index = NeighborIndex(self.features, self.config.neighbor_index,
-                                    k_hint=self.config.n_neighbors)
+                                    k_hint=self.config.n_neighbors,
+                                    n_queries=n_rows if full_validation else None)
         self._alphas = self.config.alphas()
         self._phi = np.full((n_rows, self.width), np.nan)
         self._ell = np.zeros(n_rows, dtype=np.int64)

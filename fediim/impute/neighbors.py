@@ -11,9 +11,11 @@ One interface, :class:`NeighborIndex`, three methods:
   search, the search depth doubles until the recall of the k nearest reaches
   :data:`RECALL_FLOOR` (:meth:`NeighborIndex.recall` measures it for any k).
 
-``"auto"`` picks an exact method (:func:`auto_method`): in the benchmark of
-benchmarks/README.md ("Neighbour indexes") the approximate index was never faster at equal
-accuracy for the engine's workload, so it is used only when asked for.
+``"auto"`` (:func:`auto_method`) picks the approximate index only for the shapes where the
+benchmark of benchmarks/README.md ("Neighbour indexes") has it faster at equal NRMSE: faiss
+installed, wide data, and every reference row queried (the engine's full validation);
+otherwise the faster exact method for the width. An approximate index below its recall
+floor at :data:`HNSW_MAX_DEPTH` falls back to the exact search.
 
 Ties in distance are broken by row position (the earlier reference row first), exactly, also
 at the k-th place: the KD-tree path widens its query until the tie group at the boundary is
@@ -24,18 +26,22 @@ stable sort, as in the IIM authors' reference code
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from typing import Any, Literal
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["INDEX_METHODS", "KDTREE_MAX_DIM", "NeighborIndex", "auto_method"]
+__all__ = ["INDEX_METHODS", "KDTREE_MAX_DIM", "NeighborIndex", "approximate_available",
+           "auto_method", "exact_method"]
 
 IndexMethod = Literal["auto", "kdtree", "blas", "hnsw"]
 #: The methods :class:`NeighborIndex` accepts.
 INDEX_METHODS: tuple[str, ...] = ("auto", "kdtree", "blas", "hnsw")
-#: Above this many features the blocked BLAS search is used instead of a KD-tree.
-KDTREE_MAX_DIM = 16
+#: Above this many features the blocked BLAS search is used instead of a KD-tree
+#: (the crossover lies between 31 and 63 in the benchmark).
+KDTREE_MAX_DIM = 31
 _BLOCK_BYTES = 64 * 1024 * 1024
 #: The approximate index's recall of the k nearest, checked when it is built.
 RECALL_FLOOR = 0.99
@@ -44,12 +50,43 @@ RECALL_SAMPLE = 256
 #: HNSW graph degree and the search depth it starts from.
 HNSW_DEGREE = 32
 HNSW_START_DEPTH = 64
+#: The deepest search the recall check tries before falling back to the exact method.
+HNSW_MAX_DEPTH = 512
+#: ``"auto"`` considers the approximate index from this many features and rows on: the
+#: smallest shape where the benchmark measured it faster (10,000 x 63; at 31 it was not).
+APPROX_MIN_FEATURES = 63
+APPROX_MIN_ROWS = 10_000
+#: Threads of a KD-tree query (``cKDTree.query(workers=...)``; -1: every core).
+KDTREE_WORKERS = -1
 
 
-def auto_method(n_rows: int, n_features: int) -> str:
-    """The exact method for ``n_rows`` x ``n_features`` reference rows: a KD-tree up to
-    :data:`KDTREE_MAX_DIM` features, blocked BLAS beyond."""
+def approximate_available() -> bool:
+    """Whether faiss (the ``approx`` extra) is installed, without importing it."""
+    return importlib.util.find_spec("faiss") is not None
+
+
+def exact_method(n_features: int) -> str:
+    """The faster exact method for ``n_features`` features: a KD-tree up to
+    :data:`KDTREE_MAX_DIM`, blocked BLAS beyond."""
     return "kdtree" if 0 < n_features <= KDTREE_MAX_DIM else "blas"
+
+
+def auto_method(n_rows: int, n_features: int, n_queries: int | None = None,
+                approximate: bool | None = None) -> str:
+    """``"auto"``'s method for ``n_queries`` queries of ``n_rows`` x ``n_features`` rows.
+
+    The approximate ``"hnsw"`` only where the benchmark ("Neighbour indexes" in
+    benchmarks/README.md) has it faster at equal NRMSE: faiss installed (``approximate``;
+    None: :func:`approximate_available`), at least :data:`APPROX_MIN_FEATURES` features and
+    :data:`APPROX_MIN_ROWS` rows, and every row queried (``n_queries >= n_rows``: the
+    engine's full validation), which repays building the graph. Otherwise (also when
+    ``n_queries`` is unknown) :func:`exact_method`.
+    """
+    if (n_queries is not None and n_queries >= n_rows >= APPROX_MIN_ROWS
+            and n_features >= APPROX_MIN_FEATURES):
+        if approximate_available() if approximate is None else approximate:
+            return "hnsw"
+    return exact_method(n_features)
 
 
 class NeighborIndex:
@@ -63,10 +100,15 @@ class NeighborIndex:
         The search (see the module); ``"auto"`` is :func:`auto_method`.
     k_hint : int, default=10
         The k whose recall the approximate index checks when it is built.
+    n_queries : int, optional
+        How many queries the index will answer, for ``"auto"`` (None: unknown, exact).
+
+    An approximate index whose recall check fails falls back to :func:`exact_method`
+    (``method`` then names it).
     """
 
-    def __init__(self, data: np.ndarray, method: IndexMethod = "auto", k_hint: int = 10
-                 ) -> None:
+    def __init__(self, data: np.ndarray, method: IndexMethod = "auto", k_hint: int = 10,
+                 n_queries: int | None = None) -> None:
         data = np.ascontiguousarray(data, dtype=np.float64)
         if data.ndim != 2:
             raise ValueError(f"data must be 2-D, got shape {data.shape}")
@@ -76,24 +118,46 @@ class NeighborIndex:
             raise ValueError(f"method must be one of {INDEX_METHODS}, got {method!r}")
         self._data = data
         self.n, self.dim = data.shape
-        self.method = auto_method(self.n, self.dim) if method == "auto" else method
+        self.method = (auto_method(self.n, self.dim, n_queries) if method == "auto"
+                       else method)
         if self.dim == 0:
             self.method = "kdtree"  # no features: every row is equally near
-        self._tree = cKDTree(self._data) if self.method == "kdtree" and self.dim else None
-        self._sqnorm = (np.einsum("ij,ij->i", self._data, self._data)
-                        if self.method == "blas" else None)
+        #: The recall of the k_hint nearest measured when built (1.0: exact).
+        self.recall_at_build = 1.0
+        self._tree: Any = None
+        self._sqnorm: np.ndarray | None = None
         self._hnsw: Any = _build_hnsw(self._data) if self.method == "hnsw" else None
-        if self._hnsw is not None:
-            self._tune_depth(k_hint)
+        if self._hnsw is not None and not self._tune_depth(k_hint):
+            self._fall_back(asked=method == "hnsw")
+        if self.method == "kdtree" and self.dim:
+            self._tree = cKDTree(self._data)
+        if self.method == "blas":
+            self._sqnorm = np.einsum("ij,ij->i", self._data, self._data)
 
-    def _tune_depth(self, k: int) -> None:
-        """Double the HNSW search depth until :meth:`recall` reaches :data:`RECALL_FLOOR`."""
+    def _tune_depth(self, k: int) -> bool:
+        """Double the HNSW search depth until :meth:`recall` reaches :data:`RECALL_FLOOR`;
+        False when it does not by :data:`HNSW_MAX_DEPTH` (or n)."""
         self.depth = HNSW_START_DEPTH
         while True:
             self._hnsw.hnsw.efSearch = self.depth
-            if self.recall(k) >= RECALL_FLOOR or self.depth >= self.n:
-                return
-            self.depth *= 2
+            self.recall_at_build = self.recall(k)
+            if self.recall_at_build >= RECALL_FLOOR:
+                return True
+            if self.depth >= min(HNSW_MAX_DEPTH, self.n):
+                return False
+            self.depth = min(2 * self.depth, HNSW_MAX_DEPTH)
+
+    def _fall_back(self, asked: bool) -> None:
+        """Answer exactly instead of an approximate index below its recall floor (with a
+        warning when ``"hnsw"`` was asked for by name); ``recall_at_build`` keeps the
+        recall that failed."""
+        if asked:
+            warnings.warn(f"the HNSW index found {self.recall_at_build:.3f} of the nearest "
+                          f"rows (< RECALL_FLOOR {RECALL_FLOOR}) at search depth "
+                          f"{self.depth}: searching exactly instead", RuntimeWarning,
+                          stacklevel=3)
+        self._hnsw = None
+        self.method = exact_method(self.dim)
 
     def recall(self, k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
         """Share of the exact k nearest (other rows included; ties: any member) that this
@@ -147,7 +211,7 @@ class NeighborIndex:
     def _tree_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """KD-tree query with exact position-order tie-breaking at the k-th place."""
         extra = k + 1 if k < self.n else k
-        dist, idx = self._tree.query(queries, k=extra, workers=-1)
+        dist, idx = self._tree.query(queries, k=extra, workers=KDTREE_WORKERS)
         dist, idx = dist.reshape(len(queries), extra), idx.reshape(len(queries), extra)
         if extra > k:
             # Rows whose k-th and (k+1)-th distances tie may have the wrong row at the
@@ -157,7 +221,8 @@ class NeighborIndex:
             width = extra
             while open_rows.size:
                 width = min(self.n, 2 * width)
-                wide_d, wide_i = self._tree.query(queries[open_rows], k=width, workers=-1)
+                wide_d, wide_i = self._tree.query(queries[open_rows], k=width,
+                                                  workers=KDTREE_WORKERS)
                 wide_d = wide_d.reshape(len(open_rows), width)
                 wide_i = wide_i.reshape(len(open_rows), width)
                 order = np.lexsort((wide_i, wide_d), axis=1)

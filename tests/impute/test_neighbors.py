@@ -16,6 +16,10 @@ def _brute(data, queries, k):
     return np.sqrt(np.take_along_axis(d2, order, axis=1)), order
 
 
+#: The narrowest width "auto" searches by blocked BLAS.
+WIDE = nb.KDTREE_MAX_DIM + 1
+
+
 @pytest.fixture
 def blocked(monkeypatch):
     """Force the blocked-BLAS path at any dimension, with tiny blocks (several per query)."""
@@ -39,7 +43,7 @@ def test_kdtree_path_matches_brute_force(dim, k):
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 30, 80])
-@pytest.mark.parametrize("dim", [17, 40])
+@pytest.mark.parametrize("dim", [WIDE, 40])
 def test_blocked_path_matches_brute_force_high_dim(dim, k):
     rng = np.random.default_rng(200 + dim)
     data = rng.normal(size=(80, dim))
@@ -98,10 +102,10 @@ def test_kdtree_ties_three_dims_many_duplicates():
 def test_blocked_path_ties_broken_by_position_at_kth_place():
     # Squared distances to the origin are 11, 10, 8, 8: rows 2 and 3 tie for the nearest;
     # the position rule asks for row 2.
-    data = np.zeros((4, 17))
+    data = np.zeros((4, WIDE))
     for row, ones in enumerate([11, 10, 8, 8]):
         data[row, :ones] = 1.0
-    _, idx = NeighborIndex(data).query(np.zeros((1, 17)), 1)
+    _, idx = NeighborIndex(data).query(np.zeros((1, WIDE)), 1)
     assert idx.tolist() == [[2]]
 
 
@@ -121,13 +125,13 @@ def test_blocked_path_ties_random_integer_data(blocked, seed, k, dim):
 
 def test_ties_inside_first_k_ordered_by_position_blocked():
     # Ties strictly inside the first k (not at the boundary) are ordered by position.
-    data = np.zeros((6, 20))
+    data = np.zeros((6, WIDE))
     data[[1, 4], 0] = 1.0  # rows 0, 2, 3, 5 at distance 0; rows 1, 4 at distance 1
-    _, idx = NeighborIndex(data).query(np.zeros((1, 20)), 6)
+    _, idx = NeighborIndex(data).query(np.zeros((1, WIDE)), 6)
     assert idx.tolist() == [[0, 2, 3, 5, 1, 4]]
 
 
-@pytest.mark.parametrize("dim", [2, 20])
+@pytest.mark.parametrize("dim", [2, WIDE])
 def test_k_larger_than_n_is_capped(dim):
     rng = np.random.default_rng(3)
     data = rng.normal(size=(5, dim))
@@ -140,7 +144,7 @@ def test_k_larger_than_n_is_capped(dim):
     assert all(sorted(row) == list(range(5)) for row in idx.tolist())
 
 
-@pytest.mark.parametrize("dim", [1, 2, 20])
+@pytest.mark.parametrize("dim", [1, 2, WIDE])
 def test_k_equal_one_shape(dim):
     rng = np.random.default_rng(4)
     data = rng.normal(size=(30, dim))

@@ -27,14 +27,78 @@ def _table(n: int, seed: int = 0, missing: float = 0.05) -> tuple[np.ndarray, np
     return x, holes
 
 
-def test_auto_method_is_exact_and_follows_the_dimension() -> None:
-    assert nb.auto_method(10**6, 8) == "kdtree"
-    assert nb.auto_method(10**6, nb.KDTREE_MAX_DIM + 1) == "blas"
-    data = np.random.default_rng(0).normal(size=(50, 20))
+def test_exact_method_follows_the_dimension() -> None:
+    assert nb.exact_method(nb.KDTREE_MAX_DIM) == "kdtree"
+    assert nb.exact_method(nb.KDTREE_MAX_DIM + 1) == "blas"
+    data = np.random.default_rng(0).normal(size=(50, nb.KDTREE_MAX_DIM + 1))
     assert NeighborIndex(data).method == "blas"
     assert NeighborIndex(data, "kdtree").method == "kdtree"
     with pytest.raises(ValueError, match="method"):
         NeighborIndex(data, "annoy")  # type: ignore[arg-type]
+
+
+def test_auto_is_approximate_only_where_the_documented_rule_says() -> None:
+    """hnsw needs faiss, APPROX_MIN_FEATURES, APPROX_MIN_ROWS and every row queried;
+    each condition missed (or unknown queries) gives the exact method for the width."""
+    rows, width = nb.APPROX_MIN_ROWS, nb.APPROX_MIN_FEATURES
+    assert nb.auto_method(rows, width, rows, approximate=True) == "hnsw"
+    assert nb.auto_method(10 * rows, 2 * width, 10 * rows, approximate=True) == "hnsw"
+    exact = nb.exact_method(width)
+    assert nb.auto_method(rows, width, rows, approximate=False) == exact
+    assert nb.auto_method(rows, width - 1, rows, approximate=True) == nb.exact_method(width - 1)
+    assert nb.auto_method(rows - 1, width, rows - 1, approximate=True) == exact
+    assert nb.auto_method(rows, width, rows - 1, approximate=True) == exact
+    assert nb.auto_method(rows, width, None, approximate=True) == exact
+    # The golden set's shape (2,400 rows x 3 features per pattern) keeps its KD-tree.
+    assert nb.auto_method(2400, 3, 2400) == "kdtree"
+    installed = nb.approximate_available()
+    assert nb.auto_method(rows, width, rows) == ("hnsw" if installed else exact)
+
+
+def test_faiss_is_installed_where_the_tests_run() -> None:
+    """The dev install carries the approx extra, so the hnsw tests here never skip."""
+    assert nb.approximate_available()
+
+
+def test_imputer_auto_builds_hnsw_only_with_full_validation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through IIMImputer: a pattern validating every row gets hnsw under a rule that
+    admits its shape; the same shape validated on a bounded sample stays exact."""
+    _, holes = _table(400)
+    monkeypatch.setattr(nb, "APPROX_MIN_ROWS", 100)
+    monkeypatch.setattr(nb, "APPROX_MIN_FEATURES", 3)
+    imputer = IIMImputer().fit(holes)
+    imputer.transform(holes)
+    methods = {models._index.method for models in imputer._patterns.values() if models}
+    assert methods == {"hnsw"}
+    monkeypatch.setattr(iim, "FULL_VALIDATION_ROWS", 100)
+    imputer = IIMImputer().fit(holes)
+    imputer.transform(holes)
+    methods = {models._index.method for models in imputer._patterns.values() if models}
+    assert methods == {"kdtree"}
+
+
+def _shallow_hnsw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search depth too small for a recall floor of 1."""
+    monkeypatch.setattr(nb, "HNSW_START_DEPTH", 1)
+    monkeypatch.setattr(nb, "HNSW_MAX_DEPTH", 1)
+    monkeypatch.setattr(nb, "RECALL_FLOOR", 1.0)
+
+
+def test_low_recall_falls_back_to_the_exact_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    data, queries = rng.normal(size=(2000, 30)), rng.normal(size=(30, 30))
+    _shallow_hnsw(monkeypatch)
+    monkeypatch.setattr(nb, "APPROX_MIN_ROWS", 100)
+    monkeypatch.setattr(nb, "APPROX_MIN_FEATURES", 30)
+    index = NeighborIndex(data, "auto", k_hint=10, n_queries=2000)
+    assert index.method == nb.exact_method(30) and index.recall_at_build < 1.0
+    with pytest.warns(RuntimeWarning, match="RECALL_FLOOR"):
+        asked = NeighborIndex(data, "hnsw", k_hint=10)
+    assert asked.method == nb.exact_method(30) and asked.recall_at_build < 1.0
+    exact = NeighborIndex(data, "blas").query(queries, 10)
+    for index_ in (index, asked):
+        np.testing.assert_array_equal(index_.query(queries, 10)[1], exact[1])
 
 
 def test_hnsw_meets_its_recall_floor_and_returns_exact_distances() -> None:
@@ -57,8 +121,22 @@ def test_hnsw_search_deepens_until_the_recall_floor(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(nb, "HNSW_START_DEPTH", 1)
     monkeypatch.setattr(nb, "RECALL_FLOOR", 1.0)
     index = NeighborIndex(data, "hnsw", k_hint=20)
-    assert index.depth > 1
-    assert index.recall(20) == 1.0 or index.depth >= index.n
+    assert index.method == "hnsw"
+    assert 1 < index.depth <= nb.HNSW_MAX_DEPTH and index.recall_at_build == 1.0
+
+
+def test_hnsw_and_exact_impute_the_same_where_recall_is_one() -> None:
+    x, holes = _table(300)
+    exact = IIMImputer(neighbor_index="kdtree").fit(holes)
+    approx = IIMImputer(neighbor_index="hnsw").fit(holes)
+    exact_out, approx_out = exact.transform(holes), approx.transform(holes)
+    indexes = [models._index for models in approx._patterns.values() if models]
+    assert indexes and all(index.method == "hnsw" for index in indexes)
+    assert all(index.recall_at_build == 1.0 for index in indexes)
+    missing = np.isnan(holes)
+    sd = x.std(axis=0)
+    error = lambda out: np.sqrt(np.mean(((out - x) / sd)[missing] ** 2))  # noqa: E731
+    assert error(approx_out) == pytest.approx(error(exact_out), rel=1e-9)
 
 
 def test_imputer_takes_the_index_and_refuses_unknown_ones() -> None:
