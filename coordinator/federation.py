@@ -36,19 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.spend import SpendRecord, spend_went_down
-from fediim.errors import BankError, ConfigError, MessageError, QuorumNotMet
+from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated import assemble_bank
 from fediim.federated.bank import ModelBank
 from fediim.federated.secure_release import default_threshold
 from fediim.federated.vetting import ReleaseLimits, release_problems
-from fediim.impute.encoding import encoded_width
+from fediim.impute.encoding import release_columns
 from fediim.io.atomic import atomic_write_bytes, atomic_write_text
 from fediim.io.schema import load_schema
 from fediim.privacy import epsilon_to_rho
@@ -150,16 +149,14 @@ class _Federation:
         self.key = load_private_key(cfg.signing_key)
         self.key_id = key_id(self.key)
         self.n_features = len(self.schema.columns)
-        # Coded columns are released as their encoded (one-hot) columns; the plan's noise
-        # is still the table's m columns' (see fediim.federated.release).
-        self.width = encoded_width(self.schema)
+        # Coded columns are released as their encoded (one-hot) columns, per site or summed;
+        # the plan's noise is still the table's m columns' (see fediim.federated.release).
+        self.columns = release_columns(self.schema)
+        self.width = self.columns.width
         plan = privacy_plan(cfg.epsilon, cfg.delta, self.n_features, cfg.plan_params())
         self.plan = plan
         self.rho = plan.rho_total
         self.limits = ReleaseLimits.from_plan(plan, self.width)
-        if self.width != self.n_features and cfg.aggregation == "secure":
-            raise ConfigError("aggregation = \"secure\" does not support coded columns "
-                              "yet; use \"per-site\" (or \"auto\")")
         self.spend = SpendRecord.beside_key(cfg.signing_key)
         self.admission = Admission(
             run_id=self.run_id, nonce=secrets.token_hex(16), rho=self.rho, spend=self.spend,
@@ -318,24 +315,18 @@ class _Federation:
         """The handshake's request for secure-aggregation keys, when the run may sum
         securely: the threshold the sites would have if all ``n_nodes`` are admitted."""
         threshold = self.cfg.secure_threshold or default_threshold(n_nodes)
-        if not self._may_sum_securely(n_nodes) or threshold > n_nodes:
+        if not use_secure(self.cfg.aggregation, n_nodes) or threshold > n_nodes:
             return {}
         self.handshake_threshold = threshold
-        clip = np.ones(self.n_features, dtype=bool)
-        return {"secure_threshold": threshold,
-                "secure_sessions": len(session_statistics(self.plan, clip))}
-
-    def _may_sum_securely(self, n_sites: int) -> bool:
-        """Whether a run over ``n_sites`` sums securely: ``auto`` releases per site when
-        the schema has coded columns (the secure sums are numeric-only; ``secure`` with
-        coded columns is refused at start)."""
-        return self.width == self.n_features and use_secure(self.cfg.aggregation, n_sites)
+        # no clipping histograms for coded columns: the sums' number is the encoding's
+        return {"secure_threshold": threshold, "secure_sessions": len(
+            session_statistics(self.plan, self.columns.clip_columns))}
 
     def choose_aggregation(self) -> bool:
         """Whether this run sums securely (run config ``aggregation``, on the sites admitted
         at the handshake); a threshold above them fails the run (:class:`QuorumNotMet`)."""
         n_admitted = len(self.active())
-        secure = self._may_sum_securely(n_admitted)
+        secure = use_secure(self.cfg.aggregation, n_admitted)
         self.aggregation = "secure" if secure else "per-site"
         log.info("aggregation: %s (%s, %d site(s) admitted)", self.aggregation,
                  self.cfg.aggregation, n_admitted)

@@ -32,9 +32,11 @@ from coordinator.federation import _Federation
 from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated.bank import ModelBank
 from fediim.federated.global_partition import GlobalTree
+from fediim.federated.plan import PrivacyPlan
 from fediim.federated.secure_release import (
     SecureSettings,
     default_threshold,
+    gram_share_sensitivity,
     summed_release,
 )
 from fediim.federated.vetting import release_problems
@@ -70,7 +72,8 @@ class _SecureRounds:
 
     def __init__(self, fed: _Federation) -> None:
         self.fed, self.plan = fed, fed.plan
-        self.clip = np.ones(fed.n_features, dtype=bool)  # a Flower run clips every column
+        # histograms of the numeric columns only; coded ones keep their public coordinates
+        self.clip, self.blocks = fed.columns.clip_columns, fed.columns.onehot_blocks
         self.statistics = session_statistics(self.plan, self.clip)
         sites = fed.active()
         ids = tuple(sorted(site.site_id for site in sites))
@@ -83,7 +86,7 @@ class _SecureRounds:
         self.node_of = {site.site_id: site.node_id for site in sites}
         fed.secure_info = {"sites": len(ids), "threshold": threshold, "site_ids": list(ids),
                            "statistics": list(self.statistics), "rounds": [],
-                           "sessions": []}
+                           "sessions": [], "columns": _columns_view(fed, self.plan)}
 
     # -- one round ------------------------------------------------------------------------
     def _request(self, site_id: str, step: str, extra: dict[str, Any]) -> Any:
@@ -196,8 +199,7 @@ class _SecureRounds:
         earlier sum (the histograms)."""
         if self.statistics[0] != "histograms":
             return None
-        length = PublicState().vector_length("histograms", self.fed.n_features,
-                                             self.plan.n_trees)
+        length = PublicState().vector_length("histograms", self.clip, self.plan.n_trees)
         return self.protocol.first_input_request(length)
 
     def early_inputs(self, first: MaskedInputRequest | None,
@@ -244,7 +246,7 @@ class _SecureRounds:
     def masked_inputs(self, statistic: str, state: PublicState,
                       deliveries: dict[str, ShareDelivery]) -> dict[str, MaskedInput]:
         """One masked-input round over ``state`` (the shares ride with it if given)."""
-        length = state.vector_length(statistic, self.fed.n_features, self.plan.n_trees)
+        length = state.vector_length(statistic, self.clip, self.plan.n_trees)
         request = self.protocol.masked_input_request(length)
         shared = {"secagg": request.encode(), "public_state": state.encode()}
         timeout = self.fed.cfg.release_timeout
@@ -270,17 +272,30 @@ class _SecureRounds:
             return self.secure_sum(statistic, PublicState(box, depth, list(trees)),
                                    deliveries if first else {}, early if first else {})
 
-        summed = summed_release(self.plan, self.settings, self.clip, sum_of)
+        summed = summed_release(self.plan, self.settings, self.clip, sum_of, self.blocks)
         cfg = self.fed.cfg
         bank = summed.bank(self.plan, self.settings, {
             "session_survivors": [s["survivors"] for s in self.fed.secure_info["sessions"]],
             "epsilon": cfg.epsilon, "delta": cfg.delta})
-        limits = secure_limits(self.plan, self.fed.n_features, summed.noise_sigma,
+        limits = secure_limits(self.plan, self.fed.width, summed.noise_sigma,
                                self.settings.n_sites)
         problems = release_problems(bank, limits)
         if problems:
             raise BankError("the summed bank does not fit the plan: " + "; ".join(problems))
         return bank
+
+
+def _columns_view(fed: _Federation, plan: PrivacyPlan) -> dict[str, Any]:
+    """What ``federation.json`` records of the summed columns: the encoded width, the
+    columns with clipping histograms, the one-hot blocks kept in public coordinates, and
+    the L2 sensitivity of the Gram sum they give (the one-hot blocks counted as one column
+    each: :func:`~fediim.federated.release.coded_gram_sensitivity`)."""
+    columns = fed.columns
+    return {"encoded": columns.width,
+            "clipped": np.flatnonzero(columns.clip_columns).tolist(),
+            "onehot_blocks": columns.onehot_blocks,
+            "gram_sensitivity": gram_share_sensitivity(columns.width, plan.n_trees,
+                                                       columns.onehot_blocks)}
 
 
 def _messages(replies: dict[str, SecureReply]) -> dict[str, bytes]:

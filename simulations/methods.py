@@ -215,12 +215,6 @@ def _run_public(method: str, p: Prepared, k: int, seed: int) -> list[np.ndarray]
     return np.split(pooled, np.cumsum([len(x) for x in p.masked])[:-1])
 
 
-def _aggregation(aggregation: str, p: Prepared) -> str:
-    """The study's aggregation; with coded columns the sites release one by one (secure
-    sums do not take coded columns yet)."""
-    return "per-site" if p.fed.kinds and aggregation == "auto" else aggregation
-
-
 def _private_imputation(f: FederatedIIM, p: Prepared, method: str, k: int
                         ) -> list[np.ndarray]:
     """Every site imputed from the fitted bank in ``method``'s mode (coded columns decoded
@@ -290,7 +284,7 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
     clip_columns = [column not in p.fed.code_columns for column in p.fed.columns]
     f = FederatedIIM(n_neighbors=s.k, epsilon=task.epsilon, delta=s.delta, bounds=p.fed.bounds,
                      mode="federated", seed=task.seed, clip_columns=clip_columns,
-                     aggregation=_aggregation(s.aggregation, p),
+                     aggregation=s.aggregation,
                      column_kinds=p.fed.kinds or None).fit(p.masked, site_ids=p.fed.site_names)
     fit_s = time.perf_counter() - t0
     privacy = {sid: None if led is None else {

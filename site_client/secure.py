@@ -8,8 +8,12 @@ cannot be summed, asked again: the same share is masked again, not drawn or char
 twice). The site refuses (:data:`ReplyCode.SECURE_REFUSED`, before anything is released) a
 request whose plan, seed or spend differs from the handshake's, a run shape other than
 the one it advertised keys for, a session out of order, a public state that is not a
-partition of the box (:func:`~fediim.protocol.secure_run.decode_public_state`) or whose
-grams are over another box or depth than its counts, and whatever the protocol refuses.
+partition of the box (:func:`~fediim.protocol.secure_run.decode_public_state`), whose box
+narrows a coded column or whose grams are over another box or depth than its counts, a
+vector length other than its schema's encoding gives over that state, and whatever the
+protocol refuses. Coded columns are summed as the per-site release encodes them
+(:func:`~fediim.impute.encoding.release_columns`): one-hot blocks in public coordinates,
+no clipping histograms.
 
 Per-run state (``context.state``, kept in the SuperNode's memory for the run; never sent,
 never written to disk or logged): the handshake's request, the protocol state with its
@@ -37,6 +41,7 @@ from fediim.federated.secure_release import (
     gram_sum_sigma,
 )
 from fediim.federated.vetting import bank_problems
+from fediim.impute.encoding import ReleaseColumns, release_columns
 from fediim.io.schema import TableSchema
 from fediim.io.table import Table
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
@@ -245,7 +250,8 @@ def _check_shape(config: SecureSumConfig, request: SecureRequest) -> None:
 
 
 def _clip(site: SecureSite) -> np.ndarray:
-    return np.ones(len(site.schema.columns), dtype=bool)  # a Flower run clips every column
+    """The released columns with clipping histograms (the numeric ones)."""
+    return release_columns(site.schema).clip_columns
 
 
 def _noise(request: SecureRequest, record: ConfigRecord) -> SeededGaussianNoise | None:
@@ -266,20 +272,30 @@ def _shares(site: SecureSite, request: SecureRequest, plan: PrivacyPlan, session
     """The site's records as the sums see them; the first sum first refuses a plan the
     ledger cannot pay in full (later sums find part of it already paid)."""
     settings = SecureSettings(len(request.sites), request.threshold)
-    values, bounds = site.table().values, site.schema.bounds_array()
+    columns = release_columns(site.schema)
+    values = columns.encode(site.table().values)
     if session == 0:
-        return SiteShares.from_table(values, bounds, plan, settings, site_id=site.site_id,
-                                     ledger=site.ledger, noise=noise)
-    rows, _ = scale_to_bounds(values[~np.isnan(values).any(axis=1)], bounds)
-    return SiteShares(rows, plan, settings, _clip(site), site.site_id, site.ledger, noise)
+        return SiteShares.from_table(values, columns.bounds, plan, settings,
+                                     site_id=site.site_id, ledger=site.ledger, noise=noise,
+                                     clip_columns=columns.clip_columns,
+                                     onehot_blocks=columns.onehot_blocks)
+    rows, _ = scale_to_bounds(values[~np.isnan(values).any(axis=1)], columns.bounds)
+    return SiteShares(rows, plan, settings, columns.clip_columns, site.site_id, site.ledger,
+                      noise, tuple(tuple(block) for block in columns.onehot_blocks))
 
 
 def _public_state(site: SecureSite, request: SecureRequest, plan: PrivacyPlan,
                   statistic: str, record: ConfigRecord) -> PublicState:
     """The state ``statistic`` is computed over, refused unless it is what the statistic
-    needs: nothing, a box and depth, or the trees of the counts' box and depth."""
-    state = decode_public_state(request.public_state, len(site.schema.columns),
-                                plan.n_trees)
+    needs: nothing, a box and depth, or the trees of the counts' box and depth; a box
+    over the released columns that leaves the coded ones whole (a narrower one would move
+    a record's zero indicators off zero, beyond the one-hot sensitivity)."""
+    columns = release_columns(site.schema)
+    state = decode_public_state(request.public_state, columns.width, plan.n_trees)
+    coded = ~columns.clip_columns
+    if state.box is not None and not (np.all(state.box[0][coded] == -0.5)
+                                      and np.all(state.box[1][coded] == 0.5)):
+        raise ValueError("the public box narrows a coded column")
     if statistic == "histograms" and state.box is None:
         return state
     if statistic == "counts" and state.box is not None and not state.trees:
@@ -300,8 +316,13 @@ def _masked_input(site: SecureSite, request: SecureRequest, run_id: int,
         aggregator.receive_shares(ShareDelivery.decode(request.delivery))
     plan = site.plan(request.epsilon, request)
     session = aggregator.check_masked_input_request(masked_request)
-    statistic = session_statistics(plan, _clip(site))[session]
+    clip = _clip(site)
+    statistic = session_statistics(plan, clip)[session]
     public = _public_state(site, request, plan, statistic, record)
+    length = public.vector_length(statistic, clip, plan.n_trees)
+    if masked_request.length != length:  # refused before anything is computed or charged
+        raise ValueError(f"a {statistic} vector of {masked_request.length} entries; this "
+                         f"site's schema encoding gives {length} over the public state")
     early = bytes(record.get("first_input", b"")) if session == 0 else b""
     if early:
         return aggregator.masked_input(masked_request,
@@ -344,15 +365,17 @@ def _unmask(request: SecureRequest, aggregator: SiteSecureAggregator,
 
 
 def secure_bank_problems(bank: ModelBank, released: ConfigRecord, plan: PrivacyPlan,
-                         n_features: int) -> list[str]:
+                         columns: ReleaseColumns) -> list[str]:
     """Why ``bank`` is not the secure sum this site took part in: the plan's limits for a
-    sum over this run's sites and summands, and cells that are the run's leaves."""
+    sum over this run's sites and summands (over the released ``columns``, one-hot blocks
+    at their sensitivity), and cells that are the run's leaves."""
     n_summands = int(released["n_summands"])
     if n_summands < int(released["threshold"]):
         return ["this site did not help unmask the run's Gram sum"]
-    public = decode_public_state(released["public_state"], n_features, plan.n_trees)
+    public = decode_public_state(released["public_state"], columns.width, plan.n_trees)
     settings = SecureSettings(int(released["n_sites"]), int(released["threshold"]))
-    sigma = gram_sum_sigma(SecureSteps.from_plan(plan), settings, public.trees, n_summands)
-    limits = secure_limits(plan, n_features, sigma, settings.n_sites)
+    sigma = gram_sum_sigma(SecureSteps.from_plan(plan), settings, public.trees, n_summands,
+                           columns.onehot_blocks)
+    limits = secure_limits(plan, columns.width, sigma, settings.n_sites)
     return bank_problems(bank, limits) + tree_cells_problems(bank, public.trees)
 

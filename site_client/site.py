@@ -49,7 +49,7 @@ from fediim.errors import (
 from fediim.federated import PrivacyPlan, site_release
 from fediim.federated.bank import ModelBank
 from fediim.federated.vetting import ReleaseLimits, bank_problems
-from fediim.impute.encoding import encoded_width, schema_encoding
+from fediim.impute.encoding import encoded_width, release_columns, schema_encoding
 from fediim.io.atomic import atomic_outputs
 from fediim.io.audit import audit_records, dump_audit_jsonl
 from fediim.io.outputs import apply_schema, write_flags, write_table
@@ -330,13 +330,10 @@ def _release_inputs(schema: TableSchema, values: np.ndarray
     encoded as ``FederatedIIM(column_kinds=...)`` encodes them (one-hot blocks in public
     coordinates, never narrowed by a data-derived clipping box; the release's Δ is then
     :func:`~fediim.federated.release.coded_gram_sensitivity`)."""
-    encoding = schema_encoding(schema)
-    bounds = schema.bounds_array()
-    if encoding is None:
-        return values, bounds, {}
-    return (encoding.encode(values), encoding.encoded_bounds(bounds),
-            {"clip_columns": encoding.encoded_flags(None),
-             "onehot_blocks": encoding.onehot_blocks()})
+    columns = release_columns(schema)
+    coded = {} if columns.encoding is None else {"clip_columns": columns.clip_columns,
+                                                 "onehot_blocks": columns.onehot_blocks}
+    return columns.encode(values), columns.bounds, coded
 
 
 def _release(site: _Site, request: ReleaseRequest, run_id: int,
@@ -415,7 +412,7 @@ def _verified_bank(site: _Site, request: ImputeRequest, run_id: int,
     try:
         bank = ModelBank.from_bytes(request.bank, source="the federation bank")
         if "aggregation" in released:  # a secure run: the sum this site took part in
-            problems = secure_bank_problems(bank, released, plan, len(site.schema.columns))
+            problems = secure_bank_problems(bank, released, plan, release_columns(site.schema))
         else:
             problems = bank_problems(bank, limits)
         if not problems and "aggregation" not in released and _cells_digest(

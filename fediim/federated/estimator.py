@@ -108,8 +108,8 @@ class FederatedIIM(BaseEstimator):
         the bank is released over the encoded columns with the one-hot sensitivity of
         :func:`~fediim.federated.release.coded_gram_sensitivity`, and each site decodes
         its own imputations into declared levels. Their rows of ``bounds`` are ignored and
-        they are never clipped. ``"auto"`` then releases per site (as the Flower apps do);
-        ``"secure"`` sums the encoded tables with the same one-hot sensitivity.
+        they are never clipped. Secure sums (``"secure"``, or ``"auto"`` from 3 sites, as
+        in the Flower apps) sum the encoded tables with the same one-hot sensitivity.
 
     Attributes
     ----------
@@ -277,7 +277,7 @@ class FederatedIIM(BaseEstimator):
         self.plan_ = self._plan()
         self.ledgers_ = list(ledgers) if ledgers is not None else self._fresh_ledgers()
         self.bounds_ = bounds
-        if self.aggregation == "secure":  # "auto" stays per-site, as the Flower apps do
+        if self._secure(len(sites)):
             self.bank_ = self._secure_bank([encoding.encode(table) for table in sites],
                                            clip, encoding.onehot_blocks())
             return self

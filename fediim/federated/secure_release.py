@@ -304,9 +304,11 @@ class SiteShares:
             for tree in trees])
         n_leaves = sum(len(tree.leaves) for tree in trees)
         sensitivity = gram_share_sensitivity(n_features, len(trees), self.onehot_blocks)
+        coded = (f", {len(self.onehot_blocks)} one-hot block(s) counted as one column each"
+                 if self.onehot_blocks else "")
         return self._release(vector, sensitivity, steps.rho_grams,
                              f"secure sum 3: leaf Gram matrices ({n_leaves} cells, "
-                             f"{n_features} attributes)")
+                             f"{n_features} attributes{coded})")
 
 
 def _leaf_grams(rows: np.ndarray, tree: GlobalTree, fixed: np.ndarray) -> np.ndarray:

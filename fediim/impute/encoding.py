@@ -39,7 +39,8 @@ from fediim.io.result import ImputationResult
 from fediim.io.schema import CODED_KINDS, KINDS, TableSchema
 
 __all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "MixedEncoding",
-           "codings_from", "encoded_width", "fit_encoding", "level_codes", "schema_encoding",
+           "ReleaseColumns", "codings_from", "encoded_width", "fit_encoding", "level_codes",
+           "release_columns", "schema_encoding",
            "table_codes"]
 
 #: Fixed divisors of the indicator columns (see module): a level mismatch adds 1 to the
@@ -229,6 +230,39 @@ def schema_encoding(schema: TableSchema) -> MixedEncoding | None:
         ColumnCoding() if spec.levels is None else
         ColumnCoding(spec.kind, tuple(float(code) for code in range(len(spec.levels))))
         for spec in schema.columns])
+
+
+@dataclass(frozen=True)
+class ReleaseColumns:
+    """The columns a federated release over a schema's table is made of: its encoded
+    columns (:func:`schema_encoding`; the table itself when every column is numeric), their
+    public bounds, which of them a data-derived clipping box may narrow (the numeric ones)
+    and the one-hot blocks kept in public coordinates in every cell. The Flower apps'
+    per-site releases, both sides of their secure sums and
+    ``FederatedIIM(column_kinds=schema.code_kinds())`` all release over these."""
+
+    encoding: MixedEncoding | None
+    bounds: np.ndarray
+    clip_columns: np.ndarray
+    onehot_blocks: list[list[int]]
+
+    @property
+    def width(self) -> int:
+        """How many columns the release has."""
+        return len(self.clip_columns)
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """A table read with the schema (codes for coded cells) as the released columns."""
+        return values if self.encoding is None else self.encoding.encode(values)
+
+
+def release_columns(schema: TableSchema) -> ReleaseColumns:
+    """The :class:`ReleaseColumns` of ``schema``'s tables (its bounds must be complete)."""
+    encoding, bounds = schema_encoding(schema), schema.bounds_array()
+    if encoding is None:
+        return ReleaseColumns(None, bounds, np.ones(len(bounds), bool), [])
+    return ReleaseColumns(encoding, encoding.encoded_bounds(bounds),
+                          encoding.encoded_flags(None), encoding.onehot_blocks())
 
 
 def encoded_width(schema: TableSchema) -> int:

@@ -80,10 +80,12 @@ class PublicState:
         """SHA-256 of :meth:`encode`."""
         return hashlib.sha256(self.encode()).hexdigest()
 
-    def vector_length(self, statistic: str, n_features: int, n_trees: int) -> int:
-        """The length of ``statistic``'s vector over this state."""
+    def vector_length(self, statistic: str, clip_columns: np.ndarray, n_trees: int) -> int:
+        """The length of ``statistic``'s vector over this state, for a release over
+        ``len(clip_columns)`` columns whose ``clip_columns`` have histograms."""
+        n_features = len(clip_columns)
         if statistic == "histograms":
-            return n_features * HISTOGRAM_BINS  # every column is clipped in a Flower run
+            return int(np.sum(clip_columns)) * HISTOGRAM_BINS
         if statistic == "counts":
             return n_trees * n_nodes(int(self.depth or 0))
         size = (n_features + 1) * (n_features + 2) // 2

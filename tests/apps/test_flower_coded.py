@@ -1,26 +1,31 @@
 """Coded columns (binary, categorical, ordinal) through the real ServerApp and ClientApps:
 the sites release their one-hot encoded tables exactly as the in-process
 ``FederatedIIM(column_kinds=...)`` does (the same bank, bit for bit, with the same seeds),
-impute declared levels with their probabilities, and a secure run is refused or falls back
-to per-site releases."""
+impute declared levels with their probabilities; summed securely, the same holds against
+``FederatedIIM(aggregation="secure", column_kinds=...)``, and a site refuses a secure
+request that is not over its schema's encoding before paying for it."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Array, RecordDict
 
 from fediim.cli import main
 from fediim.deploy.layout import FederationLayout, prepare_federation
-from fediim.errors import ConfigError
 from fediim.federated import FederatedIIM
 from fediim.federated.bank import ModelBank
+from fediim.federated.secure_release import HISTOGRAM_BINS, gram_share_sensitivity
 from fediim.io.outputs import format_level
 from fediim.io.schema import load_schema
 from fediim.io.table import read_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
+from fediim.protocol.messages import ARRAYS_RECORD
+from fediim.protocol.secure_sum import MaskedInputRequest
 from fediim.serve.service import ServiceState
 from fediim.serve.site import Site
 from tests.apps.test_flower_apps import _run, _view
@@ -51,34 +56,42 @@ def _flags(path: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def coded_run(tmp_path_factory: pytest.TempPathFactory) -> FederationLayout:
-    """A completed in-process run over three mixed tables (aggregation "auto")."""
-    layout = _coded_federation(tmp_path_factory.mktemp("coded"))
+    """A completed in-process run over three mixed tables, each site releasing its cells."""
+    layout = _coded_federation(tmp_path_factory.mktemp("coded"), aggregation="per-site")
     _run(layout)
     return layout
 
 
-def test_coded_flower_bank_and_levels_equal_the_in_process_federated_iim(
-        coded_run: FederationLayout) -> None:
-    layout = coded_run  # aggregation "auto" with 3 sites: per-site, the schema is coded
-    view = _view(layout)
-    assert view["status"] == "completed" and view["aggregation"] == "per-site"
+@pytest.fixture(scope="module")
+def coded_secure_run(tmp_path_factory: pytest.TempPathFactory) -> FederationLayout:
+    """The same three tables summed securely ("auto" with 3 sites)."""
+    layout = _coded_federation(tmp_path_factory.mktemp("coded_secure"), aggregation="auto")
+    _run(layout)
+    return layout
+
+
+def _equals_in_process(layout: FederationLayout, aggregation: str) -> FederatedIIM:
+    """Check the Flower run's bank, ledgers, imputed levels and probability flags against
+    ``FederatedIIM(column_kinds=..., aggregation=...)`` with the same seeds; return it."""
     schema = load_schema(layout.schema)
     sites = sorted(layout.sites, key=lambda s: s.site_id)
     tables = [read_csv(s.data, schema=schema).values for s in sites]
     fed = FederatedIIM(epsilon=4.0, delta=1e-6, bounds=schema.bounds_array(), seed=1234,
-                       aggregation="per-site", column_kinds=schema.code_kinds()
+                       aggregation=aggregation, column_kinds=schema.code_kinds()
                        ).fit(tables, site_ids=[s.site_id for s in sites])
     got = ModelBank.from_bytes((layout.coordinator_dir / "bank.npz").read_bytes())
     want = fed.bank_
     assert got.n_cells == want.n_cells > 0 and got.n_features == want.n_features == 8
-    for name in ("site", "cell", "lo", "hi", "gram", "sigma", "clip_lo", "clip_hi"):
+    for name in ("site", "cell", "lo", "hi", "gram", "sigma", "tree", "clip_lo", "clip_hi"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-    # the one-hot blocks (sex: column 1; cp: columns 2-5) keep the public coordinates
-    for column in range(1, 6):
+    # the coded columns (sex: 1; cp: 2-5; grade: 7) keep the public coordinates
+    for column in (1, 2, 3, 4, 5, 7):
         assert np.all(got.clip_lo[:, column] == -0.5) and np.all(got.clip_hi[:, column] == 0.5)
     for s, mem in zip(sites, fed.ledgers_, strict=True):
         disk = PrivacyLedger.open(s.ledger, epsilon_to_rho(4.0, 1e-6), s.site_id)
         assert [e.rho for e in disk.entries] == pytest.approx([e.rho for e in mem.entries])
+        assert [(e.sensitivity_l2, e.purpose) for e in disk.entries] == [
+            (e.sensitivity_l2, e.purpose) for e in mem.entries]
     for s, table, res in zip(sites, tables, fed.impute(tables), strict=True):
         out = read_csv(s.directory / "imputed.csv", schema=schema).values
         np.testing.assert_array_equal(out, res.values)  # codes of declared levels
@@ -95,15 +108,79 @@ def test_coded_flower_bank_and_levels_equal_the_in_process_federated_iim(
                 np.testing.assert_allclose(probability[imputed], res.probability[imputed, j],
                                            rtol=1e-5)
                 assert np.all(probability[imputed] >= 1.0 / len(schema.column(name).levels))
+    return fed
 
 
-def test_secure_aggregation_with_coded_columns_is_refused_before_anything_is_spent(
-        tmp_path: Path) -> None:
+def test_coded_flower_bank_and_levels_equal_the_in_process_federated_iim(
+        coded_run: FederationLayout) -> None:
+    view = _view(coded_run)
+    assert view["status"] == "completed" and view["aggregation"] == "per-site"
+    _equals_in_process(coded_run, "per-site")
+
+
+def test_coded_secure_bank_and_levels_equal_the_in_process_secure_federated_iim(
+        coded_secure_run: FederationLayout) -> None:
+    view = _view(coded_secure_run)
+    assert view["status"] == "completed", view["error"]
+    assert view["aggregation"] == "secure" and view["bank"]["sites"] == ["federation"]
+    fed = _equals_in_process(coded_secure_run, "secure")
+    assert fed.bank_.meta["aggregation"] == "secure"
+    # histograms of the numeric columns only (age: 0, pressure: 6), the one-hot blocks in
+    # public coordinates, the Gram sum at their sensitivity (one column per block)
+    blocks = [[1], [2, 3, 4, 5]]
+    sensitivity = gram_share_sensitivity(8, fed.plan_.n_trees, blocks)
+    assert sensitivity < gram_share_sensitivity(8, fed.plan_.n_trees)
+    assert view["secure"]["columns"] == {"encoded": 8, "clipped": [0, 6],
+                                         "onehot_blocks": blocks,
+                                         "gram_sensitivity": sensitivity}
+    assert view["secure"]["statistics"] == ["histograms", "counts", "grams"]
+    assert view["secure"]["rounds"][0]["in_handshake"]  # the handshake asked 3 sums
+    for s in coded_secure_run.sites:
+        entries = PrivacyLedger.open(s.ledger, epsilon_to_rho(4.0, 1e-6), s.site_id).entries
+        assert [e.mechanism for e in entries] == ["distributed discrete gaussian"] * 3
+        assert entries[0].dimension == 2 * HISTOGRAM_BINS
+        assert entries[2].sensitivity_l2 == sensitivity
+        assert "2 one-hot block(s) counted as one column each" in entries[2].purpose
+
+
+def _as_the_table_columns(node: int, group: str, content: RecordDict) -> RecordDict:
+    """The coordinator asks node 101 for a Gram vector over the table's 5 columns, not the
+    schema's 8 encoded ones."""
+    if node == 101 and group == "secure:grams:masked_input":
+        arrays = content.array_records[ARRAYS_RECORD]
+        asked = MaskedInputRequest.decode(arrays["secagg"].numpy().tobytes())
+        wrong = asked.model_copy(update={"length": asked.length // 45 * 21}).encode()
+        arrays["secagg"] = Array(np.frombuffer(wrong, dtype=np.uint8).copy())
+    return content
+
+
+def _narrowing_a_coded_column(node: int, group: str, content: RecordDict) -> RecordDict:
+    """The coordinator sends node 101 a box that moves the zero indicators of cp (encoded
+    column 2) off zero."""
+    if node == 101 and group == "secure:counts:masked_input":
+        arrays = content.array_records[ARRAYS_RECORD]
+        state = json.loads(arrays["public_state"].numpy().tobytes())
+        state["box"][0][2] = float.hex(0.1)
+        arrays["public_state"] = Array(np.frombuffer(
+            json.dumps(state).encode(), dtype=np.uint8).copy())
+    return content
+
+
+@pytest.mark.parametrize(("tamper", "stage", "paid"), [
+    (_as_the_table_columns, "secure:grams:masked_input", ["secure sum 1", "secure sum 2"]),
+    (_narrowing_a_coded_column, "secure:counts:masked_input", ["secure sum 1"]),
+])
+def test_a_secure_request_off_the_schema_encoding_is_refused_before_it_is_paid(
+        tmp_path: Path, tamper: object, stage: str, paid: list[str]) -> None:
     layout = _coded_federation(tmp_path, aggregation="secure")
-    with pytest.raises(ConfigError, match="coded columns"):
-        _run(layout)
-    assert all(not s.ledger.exists() or PrivacyLedger.open(
-        s.ledger, epsilon_to_rho(4.0, 1e-6), s.site_id).spent_rho == 0 for s in layout.sites)
+    _run(layout, tamper=tamper)
+    view = _view(layout)
+    first = sorted(s.site_id for s in layout.sites)[0]
+    assert view["sites"][first]["stages"][stage]["code"] == "secure_refused"
+    site = next(s for s in layout.sites if s.site_id == first)
+    entries = PrivacyLedger.open(site.ledger, epsilon_to_rho(4.0, 1e-6), first).entries
+    assert [e.purpose.split(":")[0] for e in entries] == paid  # nothing for the refused sum
+    assert view["status"] == "completed"  # the other two sum without it (t = 2)
 
 
 def test_impute_site_config_and_serve_give_levels_with_probabilities(

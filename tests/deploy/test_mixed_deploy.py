@@ -4,8 +4,9 @@ its observed cells as they were, labels included, and fills every coded gap with
 declared level, with its voted probability in the flags; the audit names the levels.
 
 The sites release the one-hot encoding of ``FederatedIIM(column_kinds=...)``
-(tests/apps/test_flower_coded.py checks the bank bit for bit); the schema is coded, so
-the default aggregation ("auto") releases per site.
+(tests/apps/test_flower_coded.py checks the bank bit for bit), each its own cells or, with
+secure aggregation (the default "auto" from 3 sites), summed over the sites. The secure
+run is slow (~2.5-3 min of a real deployment under load): ``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -51,29 +52,39 @@ def _site_csv(path: Path, n: int, seed: int) -> list[list[str]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list], int, str]:
+@pytest.fixture(scope="module", params=["per-site",
+                                        pytest.param("auto", marks=pytest.mark.slow)])
+def deployed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Path, dict[str, list], int, str, str]:
     if not (BIN / "flower-superlink").exists() and not shutil.which("flower-superlink"):
         missing("flower-superlink is not installed")
     tmp = tmp_path_factory.mktemp("mixed")
     (tmp / "schema.toml").write_text(SCHEMA, encoding="utf-8")
     written, args = {}, ["local-deploy", "--schema", str(tmp / "schema.toml"), "--out",
-                         str(tmp / "fed"), "--epsilon", "4", "--timeout", "600"]
+                         str(tmp / "fed"), "--epsilon", "4", "--timeout", "600",
+                         "--aggregation", request.param]
     for number, name in enumerate(SITES):
         written[name] = _site_csv(tmp / f"{name}.csv", 150, number)
         args += ["--data", str(tmp / f"{name}.csv")]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         code = main(args)
-    return tmp / "fed", written, code, stderr.getvalue()
+    return tmp / "fed", written, code, stderr.getvalue(), request.param
 
 
-def test_mixed_csv_through_local_deploy(deployed: tuple[Path, dict[str, list], int, str]
-                                        ) -> None:
-    out, written, code, stderr = deployed
+def test_mixed_csv_through_local_deploy(
+        deployed: tuple[Path, dict[str, list], int, str, str]) -> None:
+    out, written, code, stderr, aggregation = deployed
     deploy = json.loads((out / "logs" / "deploy.json").read_text())
     assert stray_processes(deploy["marker"]) == []
     assert code == 0, stderr
+    view = json.loads((out / "coordinator" / "federation.json").read_text())
+    assert view["aggregation"] == ("per-site" if aggregation == "per-site" else "secure")
+    if aggregation == "auto":  # 3 sites: secure, every cell a sum over them
+        assert view["bank"]["sites"] == ["federation"]
+        assert view["secure"]["columns"]["onehot_blocks"] == [[1], [2, 3, 4, 5]]
+    else:
+        assert view["bank"]["sites"] == sorted(SITES)
     for name in SITES:
         with open(out / name / "imputed.csv", newline="", encoding="utf-8") as fh:
             header, *rows = list(csv.reader(fh))

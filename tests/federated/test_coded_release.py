@@ -115,7 +115,8 @@ KINDS = {1: ("categorical", (1.0, 2.0, 3.0, 4.0)), 2: ("binary", (0.0, 1.0))}
 def test_federated_fit_imputes_declared_levels_per_site() -> None:
     truth, masked, hidden = _sites(0)
     model = FederatedIIM(epsilon=4.0, bounds=BOUNDS, column_kinds=KINDS, seed=0,
-                         clip_columns=[True, False, False, True]).fit(masked)
+                         clip_columns=[True, False, False, True],
+                         aggregation="per-site").fit(masked)
     assert model.bank_.n_features == 7 and model.plan_.sigma_gram == pytest.approx(
         plan_privacy(4.0, DELTA, M).sigma_gram)
     assert model.bank_.meta.get("aggregation", "per-site") == "per-site"

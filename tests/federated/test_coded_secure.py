@@ -77,6 +77,22 @@ def test_neighbouring_datasets_move_the_gram_share_by_at_most_its_sensitivity(
         assert gap >= 0.99 * QUANT_SCALE * gram_sensitivity(M)
 
 
+def test_a_box_narrowing_a_coded_column_breaks_its_sensitivity() -> None:
+    """Why a Flower site refuses a public box that narrows a coded column
+    (tests/apps/test_flower_coded.py): clamped into it, a record's zero indicators move off
+    zero, and neighbouring datasets then differ by more than the one-hot sensitivity."""
+    plan = plan_privacy(2.0, 1e-6, M, max_depth=4)
+    codes = _codes(300, 4)
+    small = _shares(codes, plan)
+    lo, hi = np.full(W, -0.5), np.full(W, 0.5)
+    lo[BLOCKS[0]] = 0.4  # the chest-pain block
+    tree = GlobalTree((lo, hi), 0, 0, np.zeros(1, np.int64))
+    large = _shares(np.vstack([codes, [100.0, 3, 1, 250.0]]), plan)
+    gap = np.linalg.norm((large.grams(EXACT, [tree]) - small.grams(EXACT, [tree]))
+                         .astype(float))
+    assert gap > 1.1 * gram_share_sensitivity(W, 1, BLOCKS)  # public box: <= 1 x
+
+
 def test_the_sums_are_charged_at_the_coded_scale_and_the_bank_carries_its_noise() -> None:
     plan = plan_privacy(2.0, 1e-6, M, max_depth=4)
     sites = {f"s{n}": _shares(_codes(400, n), plan, site_id=f"s{n}",
@@ -116,6 +132,9 @@ def test_secure_federated_fit_imputes_declared_levels() -> None:
                          aggregation="secure").fit(masked)
     assert model.bank_.meta["aggregation"] == "secure" and model.bank_.n_features == W
     check_declared_levels(model, truth, masked, hidden)
-    # "auto" stays per-site with coded columns, as in the Flower apps
+    # "auto" sums securely from 3 sites, as in the Flower apps; two sites release their own
     auto = FederatedIIM(epsilon=4.0, bounds=BOUNDS, column_kinds=KINDS, seed=0).fit(masked)
-    assert auto.bank_.meta.get("aggregation", "per-site") == "per-site"
+    assert auto.bank_.meta["aggregation"] == "secure"
+    np.testing.assert_array_equal(auto.bank_.gram, model.bank_.gram)
+    two = FederatedIIM(epsilon=4.0, bounds=BOUNDS, column_kinds=KINDS, seed=0).fit(masked[:2])
+    assert two.bank_.meta.get("aggregation", "per-site") == "per-site"
