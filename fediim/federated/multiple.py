@@ -15,8 +15,12 @@ were exact. Each of the M draws here instead:
    its own complete rows (:func:`site_residual_variance`: each loses one attribute, in
    folds, and is imputed from the released bank).
 
-Step 3 is :func:`_add_residual_noise`, the place where a categorical column would draw
-its level from the per-level probabilities instead.
+With coded columns (``encoding``: the table holds level codes, the bank is over its
+encoded columns), step 3 adds the residual noise to the numeric and ordinal columns only;
+every binary or categorical cell instead draws its level from the distribution that the
+re-noised bank's voted scores give it (:meth:`~fediim.impute.encoding.MixedEncoding.decode`
+with :func:`~fediim.impute.encoding.draw_levels`), and an ordinal rank is rounded to its
+nearest level: every drawn coded cell is a declared level.
 
 ``local`` mode reads no bank: its draws are :class:`~fediim.impute.IIMImputer`'s
 (:mod:`fediim.impute.multiple`). The site's data never leave it.
@@ -37,6 +41,7 @@ from fediim.federated.gram import (
 )
 from fediim.federated.plan import Mode
 from fediim.federated.site_imputation import site_impute
+from fediim.impute.encoding import MixedEncoding, draw_levels
 from fediim.impute.estimator import IIMImputer
 from fediim.io.result import ImputationResult
 
@@ -96,29 +101,39 @@ def site_residual_variance(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, *
 
 def site_draws(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, n_imputations: int, *,
                mode: Mode, n_neighbors: int, site_id: str | None, random_state: int | None,
-               rng: np.random.Generator) -> list[ImputationResult]:
+               rng: np.random.Generator, encoding: MixedEncoding | None = None
+               ) -> list[ImputationResult]:
     """``n_imputations`` draws of one site's completed table (see the module doc); every
-    value clipped into the public bounds, observed cells as they were."""
+    value clipped into the public bounds, observed cells as they were. With ``encoding``,
+    ``x`` holds level codes, ``bank`` and ``bounds`` are over the encoded columns, and the
+    draws hold codes (each a declared level)."""
     if mode == "local":
         imputer = IIMImputer(n_neighbors=n_neighbors, n_imputations=n_imputations,
-                             random_state=rng)
+                             random_state=rng, column_kinds=(
+                                 None if encoding is None else encoding.column_kinds()))
         return imputer.fit(x).impute_multiple(x)
     settings = {"mode": mode, "n_neighbors": n_neighbors, "site_id": site_id,
                 "random_state": random_state}
-    variance = site_residual_variance(x, bank, bounds, rng=rng, **settings)
+    engine = x if encoding is None else encoding.encode(x)
+    noised = (np.ones(engine.shape[1], bool) if encoding is None else
+              np.isin(encoding.encoded_kinds(), ("numeric", "ordinal")))
+    variance = site_residual_variance(engine, bank, bounds, rng=rng, **settings)
     draws = []
     for _ in range(n_imputations):
-        result = site_impute(x, renoised_bank(bank, rng), bounds, **settings)
-        _add_residual_noise(result, variance, bounds, rng)
+        result = site_impute(engine, renoised_bank(bank, rng), bounds, **settings)
+        _add_residual_noise(result, variance, bounds, rng, noised)
+        if encoding is not None:
+            result = encoding.decode(result, x, lambda probabilities: draw_levels(
+                probabilities, rng))
         draws.append(result)
     return draws
 
 
 def _add_residual_noise(result: ImputationResult, variance: np.ndarray, bounds: np.ndarray,
-                        rng: np.random.Generator) -> None:
-    """Every imputed cell plus Gaussian noise of its column's residual variance, clipped
-    into the public bounds."""
-    rows, columns = np.nonzero(result.imputed)
+                        rng: np.random.Generator, noised: np.ndarray) -> None:
+    """Every imputed cell of the ``noised`` columns plus Gaussian noise of its column's
+    residual variance, clipped into the public bounds."""
+    rows, columns = np.nonzero(result.imputed & noised)
     noise = rng.standard_normal(len(rows)) * np.sqrt(variance[columns])
     result.values[rows, columns] = np.clip(result.values[rows, columns] + noise,
                                            bounds[columns, 0], bounds[columns, 1])
