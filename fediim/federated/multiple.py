@@ -73,16 +73,19 @@ def renoised_bank(bank: ModelBank, rng: np.random.Generator) -> ModelBank:
 
 def site_residual_variance(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, *,
                            mode: Mode, n_neighbors: int, site_id: str | None,
-                           random_state: int | None, rng: np.random.Generator
-                           ) -> np.ndarray:
+                           random_state: int | None, rng: np.random.Generator,
+                           columns: np.ndarray | None = None) -> np.ndarray:
     """Per column, the mean squared error of the site's imputation of its own complete
-    rows: each loses one attribute (columns dealt in turn), in :data:`RESIDUAL_FOLDS`
-    folds, and is imputed from ``bank``. A column no fold hid gets the mean of the
-    others (0 when none)."""
+    rows: each loses one attribute (``columns``, default all, dealt in turn), in
+    :data:`RESIDUAL_FOLDS` folds, and is imputed from ``bank``. A column no fold hid gets
+    the mean of the others (0 when none)."""
     complete = np.flatnonzero(~np.isnan(x).any(axis=1))
     squared = np.zeros(x.shape[1])
     counts = np.zeros(x.shape[1])
-    hidden = rng.permutation(len(complete)) % x.shape[1]
+    candidates = np.arange(x.shape[1]) if columns is None else np.asarray(columns, np.intp)
+    if candidates.size == 0:
+        return squared
+    hidden = candidates[rng.permutation(len(complete)) % len(candidates)]
     folds = rng.permutation(len(complete)) % RESIDUAL_FOLDS
     for fold in range(min(RESIDUAL_FOLDS, len(complete))):
         rows, columns = complete[folds == fold], hidden[folds == fold]
@@ -110,14 +113,15 @@ def site_draws(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, n_imputations
     if mode == "local":
         imputer = IIMImputer(n_neighbors=n_neighbors, n_imputations=n_imputations,
                              random_state=rng, column_kinds=(
-                                 None if encoding is None else encoding.column_kinds()))
+                                 None if encoding is None else encoding.code_kinds()))
         return imputer.fit(x).impute_multiple(x)
     settings = {"mode": mode, "n_neighbors": n_neighbors, "site_id": site_id,
                 "random_state": random_state}
     engine = x if encoding is None else encoding.encode(x)
     noised = (np.ones(engine.shape[1], bool) if encoding is None else
               np.isin(encoding.encoded_kinds(), ("numeric", "ordinal")))
-    variance = site_residual_variance(engine, bank, bounds, rng=rng, **settings)
+    variance = site_residual_variance(engine, bank, bounds, rng=rng,
+                                      columns=np.flatnonzero(noised), **settings)
     draws = []
     for _ in range(n_imputations):
         result = site_impute(engine, renoised_bank(bank, rng), bounds, **settings)

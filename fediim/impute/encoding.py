@@ -229,11 +229,11 @@ class MixedEncoding:
         chosen = choose(probabilities)
         return chosen.astype(np.float64), probabilities[np.arange(len(chosen)), chosen]
 
-    def column_kinds(self) -> dict[int, tuple[str, tuple[Any, ...]]]:
-        """The coded columns as ``column_kinds`` of :class:`~fediim.IIMImputer` (by
-        position, with their levels)."""
-        return {j: (coding.kind, coding.levels) for j, coding in enumerate(self.codings)
-                if coding.kind != "numeric"}
+    def code_kinds(self) -> dict[int, tuple[str, tuple[float, ...]]]:
+        """The coded columns as ``column_kinds`` of :class:`~fediim.IIMImputer` for a
+        table of level codes (by position, levels 0, 1, ..., L - 1)."""
+        return {j: (coding.kind, tuple(float(code) for code in range(len(coding.levels))))
+                for j, coding in enumerate(self.codings) if coding.kind != "numeric"}
 
     def labels(self, codes: np.ndarray) -> np.ndarray:
         """Codes back to labels: a float array when every level is a number, else objects."""
