@@ -412,9 +412,6 @@ def _cross_checks(cfg: StudyConfig, source: str) -> None:
         _check_missingness(own, fail, f"missingness.sites.{site}")
     if cfg.downstream is not None:
         _check_downstream(cfg.downstream, fail)
-        if any(d.levels for d in cfg.datasets):
-            fail("downstream", "multiple imputation of coded columns ([datasets.levels]) is "
-                               "not available yet: drop [downstream] or the declared levels")
 
 
 def _check_downstream(d: DownstreamConfig, fail: _Fail) -> None:

@@ -39,6 +39,7 @@ import numpy as np
 from fediim import IIMImputer
 from fediim.federated import FederatedIIM, site_impute
 from fediim.federated.multiple import site_draws
+from fediim.impute.encoding import table_codes
 from simulations.baselines import impute_table
 from simulations.config import PRIVATE_METHODS, Study, eps_key
 from simulations.data import Federation, cached_raw, make_federation
@@ -263,8 +264,8 @@ def _public_draws(method: str, p: Prepared, k: int, seed: int, n_imputations: in
         return None
 
     def draws(x: np.ndarray) -> list[np.ndarray]:
-        return IIMImputer(n_neighbors=k, n_imputations=n_imputations,
-                          random_state=seed).fit(x).multiple_imputations(x)
+        return IIMImputer(n_neighbors=k, n_imputations=n_imputations, random_state=seed,
+                          column_kinds=p.fed.kinds or None).fit(x).multiple_imputations(x)
 
     if method == "local":
         per_site = [draws(x) for x in p.masked]
@@ -315,9 +316,15 @@ def _private_records(task: Task, p: Prepared, base: dict[str, Any]) -> TaskResul
 def _private_draws(f: FederatedIIM, p: Prepared, mode: str, k: int, seed: int,
                    n_imputations: int) -> list[list[np.ndarray]]:
     """Multiple imputation from the bank (:func:`~fediim.federated.multiple.site_draws`),
-    as ``[imputation][site]``, each site's draws seeded by the seed and its position."""
-    per_site = [[result.values for result in site_draws(
-        x, f.bank_, f.bounds_, n_imputations, mode=mode, n_neighbors=k,  # type: ignore[arg-type]
-        site_id=sid, random_state=0, rng=np.random.default_rng([seed, number]))]
+    as ``[imputation][site]``, each site's draws seeded by the seed and its position
+    (coded columns drawn as levels, given back as their labels)."""
+    encoding = f.encoding_
+    per_site = [[
+        result.values if encoding is None else encoding.labels(result.values)
+        for result in site_draws(
+            x if encoding is None else table_codes(x, encoding), f.bank_, f.bounds_,
+            n_imputations, mode=mode, n_neighbors=k,  # type: ignore[arg-type]
+            site_id=sid, random_state=0, rng=np.random.default_rng([seed, number]),
+            encoding=encoding)]
         for number, (x, sid) in enumerate(zip(p.masked, p.fed.site_names, strict=True))]
     return [list(federation) for federation in zip(*per_site, strict=True)]

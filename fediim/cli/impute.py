@@ -92,11 +92,13 @@ versions stay as they were):
   OUT.impN.csv        with --multiple M: the N-th of M completed tables (N = 1..M),
                       each drawn from the predictive distribution (a candidate drawn
                       by its vote weight plus the models' residual noise, the models
-                      learned on a random half of the rows); observed cells as in IN.
-                      With --site-config each table is drawn from the bank re-noised
-                      at the scale it was released with, plus the residual noise
-                      measured on the site's own rows (no budget spent).
-                      Analyse each and pool with Rubin's rules (fediim.mi.pool).
+                      learned on a random half of the rows; a coded column's level
+                      drawn from its level probabilities, written as its label);
+                      observed cells as in IN. With --site-config each table is
+                      drawn from the bank re-noised at the scale it was released
+                      with, plus the residual noise measured on the site's own rows
+                      (no budget spent). Analyse each and pool with Rubin's rules
+                      (fediim.mi.pool).
 (for OUT = X.csv the side files are X.flags.csv, X.audit.jsonl and X.imp1.csv ...)""",
         epilog="""\
 examples:

@@ -27,7 +27,6 @@ from fediim.federated.secure_release import (
 )
 from fediim.federated.site_imputation import site_impute
 from fediim.impute.encoding import MixedEncoding, fit_encoding, table_codes
-from fediim.impute.multiple import refuse_coded_columns
 from fediim.io.result import ImputationResult
 from fediim.io.table import as_matrix
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
@@ -96,8 +95,10 @@ class FederatedIIM(BaseEstimator):
     n_imputations : int, default=1
         M, the completed tables per site :meth:`multiple_imputations` draws: each from a
         bank re-noised at the release's noise scale, plus the residual noise the site
-        measures on its own rows (see :mod:`fediim.federated.multiple`; post-processing,
-        no privacy cost). ``transform`` always gives the single imputation.
+        measures on its own rows, or, for a binary or categorical cell, a level drawn
+        from its level probabilities (see :mod:`fediim.federated.multiple`;
+        post-processing, no privacy cost). ``transform`` always gives the single
+        imputation.
     k : int or None, default=None
         Deprecated alias of ``n_neighbors``; if given it overrides it, with a
         ``FutureWarning``.
@@ -393,9 +394,12 @@ class FederatedIIM(BaseEstimator):
     def transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Impute every site's table from the bank (no further privacy cost); coded columns
         as their labels."""
+        return [self._labels(result.values) for result in self.impute(sites)]
+
+    def _labels(self, values: np.ndarray) -> np.ndarray:
+        """A site's imputed ``values`` with every coded column's codes as its labels."""
         encoding = getattr(self, "encoding_", None)
-        return [result.values if encoding is None else encoding.labels(result.values)
-                for result in self.impute(sites)]
+        return values if encoding is None else encoding.labels(values)
 
     def impute(self, sites: Sequence[np.ndarray]) -> list[ImputationResult]:
         """Like :meth:`transform`, with per-cell provenance and uncertainty."""
@@ -415,21 +419,22 @@ class FederatedIIM(BaseEstimator):
         ``draws[imputation][site]`` (see :mod:`fediim.federated.multiple`)."""
         check_is_fitted(self, "bank_")
         _check_n_imputations(self.n_imputations)
-        refuse_coded_columns(getattr(self, "encoding_", None))
-        tables = _site_tables(sites)
+        tables = self._tables(sites)
         streams = np.random.SeedSequence(self.random_state).spawn(len(tables))
         per_site = [site_draws(table, self.bank_, self.bounds_, int(self.n_imputations),
                                mode=self.mode, n_neighbors=self._n_neighbors,
                                site_id=site_id, random_state=self.random_state,
-                               rng=np.random.default_rng(stream))
+                               rng=np.random.default_rng(stream),
+                               encoding=getattr(self, "encoding_", None))
                     for table, site_id, stream in zip(tables, self.site_ids_, streams,
                                                       strict=True)]
         return [list(draws) for draws in zip(*per_site, strict=True)]
 
     def multiple_imputations(self, sites: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        """Like :meth:`impute_multiple`, the completed tables only: ``[imputation][site]``,
-        M completed federations to analyse one by one and pool (:func:`fediim.mi.pool`)."""
-        return [[result.values for result in federation]
+        """Like :meth:`impute_multiple`, the completed tables only (coded columns as their
+        labels): ``[imputation][site]``, M completed federations to analyse one by one and
+        pool (:func:`fediim.mi.pool`)."""
+        return [[self._labels(result.values) for result in federation]
                 for federation in self.impute_multiple(sites)]
 
     def fit_transform(self, sites: Sequence[np.ndarray]) -> list[np.ndarray]:

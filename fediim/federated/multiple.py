@@ -15,8 +15,12 @@ were exact. Each of the M draws here instead:
    its own complete rows (:func:`site_residual_variance`: each loses one attribute, in
    folds, and is imputed from the released bank).
 
-Step 3 is :func:`add_residual_noise`, the place where a categorical column would draw
-its level from the per-level probabilities instead.
+With coded columns (``encoding``: the table holds level codes, the bank is over its
+encoded columns), step 3 adds the residual noise to the numeric and ordinal columns only;
+every binary or categorical cell instead draws its level from the distribution that the
+re-noised bank's voted scores give it (:meth:`~fediim.impute.encoding.MixedEncoding.decode`
+with :func:`~fediim.impute.encoding.draw_levels`), and an ordinal rank is rounded to its
+nearest level: every drawn coded cell is a declared level.
 
 ``local`` mode reads no bank: its draws are :class:`~fediim.impute.IIMImputer`'s
 (:mod:`fediim.impute.multiple`). The site's data never leave it.
@@ -25,6 +29,7 @@ its level from the per-level probabilities instead.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 
@@ -37,10 +42,12 @@ from fediim.federated.gram import (
 )
 from fediim.federated.plan import Mode
 from fediim.federated.site_imputation import site_impute
+from fediim.impute.encoding import MixedEncoding, draw_levels
 from fediim.impute.estimator import IIMImputer
 from fediim.io.result import ImputationResult
 
-__all__ = ["add_residual_noise", "renoised_bank", "site_draws", "site_residual_variance"]
+__all__ = ["add_residual_noise", "noised_columns", "renoised_bank", "renoised_draws",
+           "site_draws", "site_residual_variance"]
 
 #: Folds in which a site's complete rows each lose one attribute to measure the residual
 #: variance of its imputations.
@@ -68,16 +75,19 @@ def renoised_bank(bank: ModelBank, rng: np.random.Generator) -> ModelBank:
 
 def site_residual_variance(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, *,
                            mode: Mode, n_neighbors: int, site_id: str | None,
-                           random_state: int | None, rng: np.random.Generator
-                           ) -> np.ndarray:
+                           random_state: int | None, rng: np.random.Generator,
+                           columns: np.ndarray | None = None) -> np.ndarray:
     """Per column, the mean squared error of the site's imputation of its own complete
-    rows: each loses one attribute (columns dealt in turn), in :data:`RESIDUAL_FOLDS`
-    folds, and is imputed from ``bank``. A column no fold hid gets the mean of the
-    others (0 when none)."""
+    rows: each loses one attribute (``columns``, default all, dealt in turn), in
+    :data:`RESIDUAL_FOLDS` folds, and is imputed from ``bank``. A column no fold hid gets
+    the mean of the others (0 when none)."""
     complete = np.flatnonzero(~np.isnan(x).any(axis=1))
     squared = np.zeros(x.shape[1])
     counts = np.zeros(x.shape[1])
-    hidden = rng.permutation(len(complete)) % x.shape[1]
+    candidates = np.arange(x.shape[1]) if columns is None else np.asarray(columns, np.intp)
+    if candidates.size == 0:
+        return squared
+    hidden = candidates[rng.permutation(len(complete)) % len(candidates)]
     folds = rng.permutation(len(complete)) % RESIDUAL_FOLDS
     for fold in range(min(RESIDUAL_FOLDS, len(complete))):
         rows, columns = complete[folds == fold], hidden[folds == fold]
@@ -96,29 +106,59 @@ def site_residual_variance(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, *
 
 def site_draws(x: np.ndarray, bank: ModelBank, bounds: np.ndarray, n_imputations: int, *,
                mode: Mode, n_neighbors: int, site_id: str | None, random_state: int | None,
-               rng: np.random.Generator) -> list[ImputationResult]:
+               rng: np.random.Generator, encoding: MixedEncoding | None = None
+               ) -> list[ImputationResult]:
     """``n_imputations`` draws of one site's completed table (see the module doc); every
-    value clipped into the public bounds, observed cells as they were."""
+    value clipped into the public bounds, observed cells as they were. With ``encoding``,
+    ``x`` holds level codes, ``bank`` and ``bounds`` are over the encoded columns, and the
+    draws hold codes (each a declared level)."""
     if mode == "local":
         imputer = IIMImputer(n_neighbors=n_neighbors, n_imputations=n_imputations,
-                             random_state=rng)
+                             random_state=rng, column_kinds=(
+                                 None if encoding is None else encoding.code_kinds()))
         return imputer.fit(x).impute_multiple(x)
     settings = {"mode": mode, "n_neighbors": n_neighbors, "site_id": site_id,
                 "random_state": random_state}
-    variance = site_residual_variance(x, bank, bounds, rng=rng, **settings)
+    engine = x if encoding is None else encoding.encode(x)
+    noised = noised_columns(encoding, engine.shape[1])
+    variance = site_residual_variance(engine, bank, bounds, rng=rng,
+                                      columns=np.flatnonzero(noised), **settings)
+    return renoised_draws(lambda renoised: site_impute(engine, renoised, bounds, **settings),
+                          x, bank, bounds, variance, n_imputations, rng, encoding)
+
+
+def noised_columns(encoding: MixedEncoding | None, width: int) -> np.ndarray:
+    """Which of the ``width`` engine columns get residual noise in a draw: the numeric and
+    ordinal ones (a binary or categorical cell draws its level instead)."""
+    if encoding is None:
+        return np.ones(width, dtype=bool)
+    return np.isin(encoding.encoded_kinds(), ("numeric", "ordinal"))
+
+
+def renoised_draws(impute_with: Callable[[ModelBank], ImputationResult], x: np.ndarray,
+                   bank: ModelBank, bounds: np.ndarray, variance: np.ndarray,
+                   n_imputations: int, rng: np.random.Generator,
+                   encoding: MixedEncoding | None = None) -> list[ImputationResult]:
+    """Steps 2 and 3 of the module doc, ``n_imputations`` times: ``impute_with`` a freshly
+    re-noised ``bank``, residual noise of ``variance`` on the noised columns, and with
+    ``encoding`` each binary or categorical cell's level drawn (``x``: the level codes)."""
+    noised = noised_columns(encoding, len(variance))
     draws = []
     for _ in range(n_imputations):
-        result = site_impute(x, renoised_bank(bank, rng), bounds, **settings)
-        add_residual_noise(result, variance, bounds, rng)
+        result = impute_with(renoised_bank(bank, rng))
+        add_residual_noise(result, variance, bounds, rng, noised)
+        if encoding is not None:
+            result = encoding.decode(result, x, lambda probabilities: draw_levels(
+                probabilities, rng))
         draws.append(result)
     return draws
 
 
 def add_residual_noise(result: ImputationResult, variance: np.ndarray, bounds: np.ndarray,
-                        rng: np.random.Generator) -> None:
-    """Every imputed cell plus Gaussian noise of its column's residual variance, clipped
-    into the public bounds."""
-    rows, columns = np.nonzero(result.imputed)
+                       rng: np.random.Generator, noised: np.ndarray) -> None:
+    """Every imputed cell of the ``noised`` columns plus Gaussian noise of its column's
+    residual variance, clipped into the public bounds."""
+    rows, columns = np.nonzero(result.imputed & noised)
     noise = rng.standard_normal(len(rows)) * np.sqrt(variance[columns])
     result.values[rows, columns] = np.clip(result.values[rows, columns] + noise,
                                            bounds[columns, 0], bounds[columns, 1])

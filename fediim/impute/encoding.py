@@ -24,12 +24,17 @@ the cell's ``uncertainty`` is ``1 - probability`` (the voted chance that another
 right). A binary target's score is P(second level). An ordinal target's voted rank is
 rounded to the nearest level (so the order is kept) and its ``uncertainty`` is the
 candidates' spread in ranks. Every imputed coded cell is a declared level.
+
+**Drawing a level.** Multiple imputation keeps each voted cell's whole distribution and
+draws the level from it (:func:`draw_levels`, through ``choose`` of :meth:`MixedEncoding.decode`)
+instead of taking the most probable one; an ordinal rank drawn as a number is rounded to
+the nearest level as above.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,15 +43,18 @@ import numpy as np
 from fediim.io.result import ImputationResult
 from fediim.io.schema import CODED_KINDS, KINDS, TableSchema
 
-__all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "MixedEncoding",
-           "ReleaseColumns", "codings_from", "encoded_width", "fit_encoding", "level_codes",
-           "release_columns", "schema_encoding",
+__all__ = ["BINARY_SCALE", "INDICATOR_SCALE", "ColumnCoding", "LevelChoice", "MixedEncoding",
+           "ReleaseColumns", "codings_from", "draw_levels", "encoded_width", "fit_encoding",
+           "level_codes", "most_probable", "release_columns", "schema_encoding",
            "table_codes"]
 
 #: Fixed divisors of the indicator columns (see module): a level mismatch adds 1 to the
 #: squared distance, as one standard deviation of a z-scored numeric attribute.
 INDICATOR_SCALE: float = math.sqrt(2.0)
 BINARY_SCALE: float = 1.0
+#: How a voted cell's level is chosen from its distribution over the levels (q, L):
+#: the most probable (single imputation) or a draw (multiple imputation).
+LevelChoice = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -161,9 +169,20 @@ class MixedEncoding:
             out[:, block] = np.where(missing[:, None], np.nan, onehot.astype(np.float64))
         return out
 
-    def decode(self, encoded: ImputationResult, codes: np.ndarray) -> ImputationResult:
+    def encoded_kinds(self) -> list[str]:
+        """Per encoded column, the kind of the table column it belongs to."""
+        return [coding.kind for coding, block in zip(self.codings, self.blocks, strict=True)
+                for _ in block]
+
+    def decode(self, encoded: ImputationResult, codes: np.ndarray,
+               choose: LevelChoice | None = None) -> ImputationResult:
         """The engine's result on the encoded matrix as a result over the table's columns:
-        codes for coded columns, and per imputed voted cell its level's probability."""
+        codes for coded columns, and per imputed voted cell its level's probability.
+
+        ``choose`` picks each voted cell's level from its distribution over the levels
+        (q, L); by default the most probable one, a draw for multiple imputation
+        (:func:`draw_levels`). The probability reported is the chosen level's."""
+        choose = most_probable if choose is None else choose
         n_rows, n_columns = codes.shape
         firsts = [int(block[0]) for block in self.blocks]
         result = ImputationResult(
@@ -172,25 +191,50 @@ class MixedEncoding:
             method=encoded.method[:, firsts].copy(), ell=encoded.ell[:, firsts].copy(),
             n_candidates=encoded.n_candidates[:, firsts].copy(),
             probability=np.full((n_rows, n_columns), np.nan))
-        for j, (coding, block) in enumerate(zip(self.codings, self.blocks, strict=True)):
+        for j, block in enumerate(self.blocks):
             cells = result.imputed[:, j]
             if not cells.any():
                 continue
-            scores = encoded.values[np.ix_(cells, block)]
-            if coding.kind == "numeric":
-                result.values[cells, j] = scores[:, 0]
-            elif coding.kind == "ordinal":
-                result.values[cells, j] = np.clip(np.round(scores[:, 0]), 0,
-                                                  len(coding.levels) - 1)
-            else:
-                probabilities = level_probabilities(scores, coding.kind)
-                winner = np.argmax(probabilities, axis=1)
-                best = probabilities[np.arange(len(winner)), winner]
-                result.values[cells, j] = winner
-                result.probability[cells, j] = best
-                result.uncertainty[cells, j] = 1.0 - best
+            values, chosen = self._decoded_cells(j, encoded.values[np.ix_(cells, block)],
+                                                 choose)
+            result.values[cells, j] = values
+            if chosen is not None:
+                result.probability[cells, j] = chosen
+                result.uncertainty[cells, j] = 1.0 - chosen
                 result.ell[cells, j] = encoded.ell[np.ix_(cells, block)].mean(axis=1)
         return result
+
+    def decoded_values(self, encoded: np.ndarray, codes: np.ndarray, choose: LevelChoice
+                       ) -> np.ndarray:
+        """Like :meth:`decode`, the values only: ``codes`` with every missing cell filled
+        from the engine's matrix ``encoded`` (raw units), each voted level by ``choose``."""
+        values = np.array(codes, dtype=np.float64)
+        for j, block in enumerate(self.blocks):
+            cells = np.isnan(values[:, j])
+            if cells.any():
+                values[cells, j] = self._decoded_cells(j, encoded[np.ix_(cells, block)],
+                                                       choose)[0]
+        return values
+
+    def _decoded_cells(self, column: int, scores: np.ndarray, choose: LevelChoice
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A column's cells from their encoded ``scores`` (q, width): the values (a numeric
+        one as it is, an ordinal rank rounded to a level, a voted level by ``choose``) and,
+        for a voted column, the chosen level's probability."""
+        coding = self.codings[column]
+        if coding.kind == "numeric":
+            return scores[:, 0], None
+        if coding.kind == "ordinal":
+            return np.clip(np.round(scores[:, 0]), 0, len(coding.levels) - 1), None
+        probabilities = level_probabilities(scores, coding.kind)
+        chosen = choose(probabilities)
+        return chosen.astype(np.float64), probabilities[np.arange(len(chosen)), chosen]
+
+    def code_kinds(self) -> dict[int, tuple[str, tuple[float, ...]]]:
+        """The coded columns as ``column_kinds`` of :class:`~fediim.IIMImputer` for a
+        table of level codes (by position, levels 0, 1, ..., L - 1)."""
+        return {j: (coding.kind, tuple(float(code) for code in range(len(coding.levels))))
+                for j, coding in enumerate(self.codings) if coding.kind != "numeric"}
 
     def labels(self, codes: np.ndarray) -> np.ndarray:
         """Codes back to labels: a float array when every level is a number, else objects."""
@@ -319,6 +363,20 @@ def level_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
     total = clipped.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, clipped / total, 1.0 / scores.shape[1])
+
+
+def most_probable(probabilities: np.ndarray) -> np.ndarray:
+    """Per row of ``probabilities`` (q, L), the most probable level's code."""
+    return np.argmax(probabilities, axis=1)
+
+
+def draw_levels(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per row of ``probabilities`` (q, L), a level's code drawn with its probability
+    (one uniform per row, inverse CDF): always a declared level."""
+    cumulative = np.cumsum(probabilities, axis=1)
+    uniform = rng.random(len(probabilities)) * cumulative[:, -1]
+    return np.minimum((cumulative <= uniform[:, None]).sum(axis=1),
+                      probabilities.shape[1] - 1)
 
 
 def level_codes(column: Sequence[Any], levels: Sequence[Any], name: str) -> np.ndarray:

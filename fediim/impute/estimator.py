@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fediim.impute.encoding import fit_encoding, table_codes
 from fediim.impute.iim import IIMConfig, PatternModels
-from fediim.impute.multiple import draw_imputations, refuse_coded_columns
+from fediim.impute.multiple import draw_imputations
 from fediim.impute.neighbors import INDEX_METHODS
 from fediim.io.result import METHOD_IIM, METHOD_MEAN, ImputationResult
 
@@ -67,7 +67,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         :meth:`impute` gives the winning level's probability.
     n_imputations : int, default=1
         M, the completed tables :meth:`multiple_imputations` draws from the predictive
-        distribution (see :mod:`fediim.impute.multiple`). ``transform`` and ``impute``
+        distribution (see :mod:`fediim.impute.multiple`; a coded cell draws its level
+        from its level probabilities). ``transform`` and ``impute``
         always give the single best estimate, whatever M.
     random_state : int, numpy Generator or None, default=None
         Seeds the draws of :meth:`multiple_imputations` (an int gives the same draws on
@@ -306,24 +307,28 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         """``n_imputations`` draws of the completed ``X`` from the predictive distribution
         (see :mod:`fediim.impute.multiple`), each with the single imputation's provenance
         and uncertainty columns."""
-        refuse_coded_columns(self.encoding_)
         single = self.impute(X)
-        X = validate_data(self, X, dtype=np.float64, ensure_all_finite="allow-nan", reset=False)
-        return draw_imputations(self, X, single, list(missing_patterns(single.imputed)),
-                                int(self.n_imputations), np.random.default_rng(self.random_state))
+        X = validate_data(self, self._codes(X), dtype=np.float64, ensure_all_finite="allow-nan",
+                          reset=False)
+        groups = list(missing_patterns(np.isnan(self._encoded(X))))
+        return draw_imputations(self, X, single, groups, int(self.n_imputations),
+                                np.random.default_rng(self.random_state))
 
     def multiple_imputations(self, X: Any) -> list[Any]:
-        """``n_imputations`` completed copies of ``X`` (DataFrames for a DataFrame), to
-        analyse one by one and pool with :func:`fediim.mi.pool`."""
-        return [_like_input(X, result.values) for result in self.impute_multiple(X)]
+        """``n_imputations`` completed copies of ``X`` (DataFrames for a DataFrame; coded
+        columns as their labels), to analyse one by one and pool with
+        :func:`fediim.mi.pool`."""
+        return [_like_input(X, self._labels(result.values))
+                for result in self.impute_multiple(X)]
 
     def transform(self, X: Any) -> Any:
         """Impute missing values of ``X`` (DataFrame in, DataFrame out; coded columns as
         their labels)."""
-        values = self.impute(X).values
-        if self.encoding_ is not None:
-            values = self.encoding_.labels(values)
-        return _like_input(X, values)
+        return _like_input(X, self._labels(self.impute(X).values))
+
+    def _labels(self, values: np.ndarray) -> np.ndarray:
+        """Imputed ``values`` with every coded column's codes as its labels."""
+        return values if self.encoding_ is None else self.encoding_.labels(values)
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
         """Fit on ``X`` and impute it."""

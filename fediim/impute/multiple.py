@@ -18,8 +18,14 @@ For each imputation and each missing cell:
    while validating the models it combines (:meth:`PatternModels.validation_mse`, the
    vote-weighted mean over the query's neighbours, learned on all training rows).
 
-The draw of a cell's value is one function per column kind (:data:`CELL_DRAWS`): a
-categorical column would draw a level from its probabilities there.
+The draw of a cell's value is one function per column kind (:data:`CELL_DRAWS`), in the
+engine's encoded columns (:mod:`fediim.impute.encoding`). A numeric or ordinal column draws
+as above (an ordinal rank is then rounded to the nearest level). A binary or categorical
+column keeps its vote instead: each indicator's voted score from the imputation's own
+half-sample models, which the decoding turns into the cell's distribution over the levels
+and draws the level from (:func:`~fediim.impute.encoding.draw_levels`), so every drawn
+cell is a declared level and the spread between imputations carries the models' own
+uncertainty. A voted cell no model can impute draws from the column's level frequencies.
 
 ``benchmarks/coverage.py`` measures the coverage that decided these choices.
 """
@@ -33,11 +39,12 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from fediim.impute.encoding import MixedEncoding, draw_levels
 from fediim.impute.iim import PatternModels, PatternResult
 from fediim.io.result import ImputationResult
 
 __all__ = ["CELL_DRAWS", "POSTERIORS", "CellDraw", "FittedIIM", "Posterior",
-           "draw_imputations", "draw_numeric", "refuse_coded_columns", "resampled_rows"]
+           "draw_imputations", "draw_numeric", "resampled_rows", "voted_score"]
 
 Posterior = Literal["bootstrap", "half", "none"]
 #: How each imputation resamples the training rows: the approximate Bayesian bootstrap,
@@ -55,6 +62,8 @@ class FittedIIM(Protocol):
 
     mean_: np.ndarray
     scale_: np.ndarray
+    statistics_: np.ndarray
+    encoding_: MixedEncoding | None
     _fit_X: np.ndarray
     _fit_observed: np.ndarray
     _patterns: dict[tuple[int, tuple[int, ...]], PatternModels | None]
@@ -71,15 +80,6 @@ class CellDraw:
     residual_variance: np.ndarray  # (q,)
 
 
-def refuse_coded_columns(encoding: object | None) -> None:
-    """Refuse draws for a table with coded columns: a level would need drawing from its
-    probabilities (a ``CELL_DRAWS`` kind not built yet), never numeric noise on a code."""
-    if encoding is not None:
-        raise ValueError("multiple imputation of coded (binary, categorical, ordinal) "
-                         "columns is not available yet: impute them singly, with their "
-                         "level probabilities")
-
-
 def draw_numeric(draw: CellDraw, rng: np.random.Generator) -> np.ndarray:
     """A numeric cell's draw: a candidate chosen with its vote weight, plus Gaussian noise
     of the residual variance (standardized units)."""
@@ -93,10 +93,21 @@ def draw_numeric(draw: CellDraw, rng: np.random.Generator) -> np.ndarray:
     return candidate + noise
 
 
-#: One draw per column kind; every column is numeric for now.
+def voted_score(draw: CellDraw, rng: np.random.Generator) -> np.ndarray:
+    """An indicator (or binary code) of a voted cell: its voted score, with no noise; the
+    decoding draws the level from the scores of the cell's indicators."""
+    return draw.found.values
+
+
+#: One draw per column kind, in standardized encoded units.
 CELL_DRAWS: dict[str, Callable[[CellDraw, np.random.Generator], np.ndarray]] = {
     "numeric": draw_numeric,
+    "ordinal": draw_numeric,
+    "binary": voted_score,
+    "categorical": voted_score,
 }
+#: The kinds whose cells take the residual noise (the others draw a level).
+NOISED_KINDS: tuple[str, ...] = ("numeric", "ordinal")
 
 
 def resampled_rows(n_rows: int, posterior: Posterior, rng: np.random.Generator
@@ -119,16 +130,26 @@ def draw_imputations(imputer: FittedIIM, x: np.ndarray, single: ImputationResult
                      groups: Sequence[PatternGroup], n_imputations: int,
                      rng: np.random.Generator, posterior: Posterior = "half"
                      ) -> list[ImputationResult]:
-    """``n_imputations`` draws of the completed ``x`` (validated, raw units) from a fitted
-    ``imputer``, whose single imputation of ``x`` is ``single`` and whose missingness
-    patterns are ``groups``. Observed cells are copied exactly; the provenance columns
-    (method, ell, uncertainty) are the single imputation's."""
+    """``n_imputations`` draws of the completed ``x`` (validated, raw units; coded columns
+    as level codes) from a fitted ``imputer``, whose single imputation of ``x`` is
+    ``single`` and whose engine matrix (``x`` encoded) has the missingness patterns
+    ``groups``. Observed cells are copied exactly; the provenance columns (method, ell,
+    uncertainty, probability) are the single imputation's."""
+    encoding = imputer.encoding_
+    engine = x if encoding is None else encoding.encode(x)
+    kinds = ["numeric"] * engine.shape[1] if encoding is None else encoding.encoded_kinds()
     draws = []
     for _ in range(n_imputations):
         rows = resampled_rows(len(imputer._fit_X), posterior, rng)
         resampled = _refitted_on(imputer, rows) if posterior != "none" else imputer
         result = copy.deepcopy(single)
-        _fill_draws(imputer, resampled, x, result, groups, rng)
+        if encoding is None:
+            _fill_draws(imputer, resampled, engine, result.values, groups, kinds, rng)
+        else:
+            values = engine.copy()
+            _fill_draws(imputer, resampled, engine, values, groups, kinds, rng)
+            result.values = encoding.decoded_values(
+                values, x, lambda probabilities: draw_levels(probabilities, rng))
         draws.append(result)
     return draws
 
@@ -143,22 +164,24 @@ def _refitted_on(imputer: FittedIIM, rows: np.ndarray) -> FittedIIM:
     return resampled
 
 
-def _fill_draws(imputer: FittedIIM, resampled: FittedIIM, x: np.ndarray,
-                result: ImputationResult, groups: Sequence[PatternGroup],
+def _fill_draws(imputer: FittedIIM, resampled: FittedIIM, x: np.ndarray, values: np.ndarray,
+                groups: Sequence[PatternGroup], kinds: Sequence[str],
                 rng: np.random.Generator) -> None:
-    """Overwrite every imputed cell of ``result`` with a draw."""
+    """Overwrite every missing cell of the engine matrix ``values`` (raw units) with a
+    draw of its column's kind (``kinds``, per engine column)."""
     for rows, features, targets in groups:
         queries = ((x[rows] - imputer.mean_) / imputer.scale_)[:, list(features)]
         for target in targets:
             full = imputer.pattern(target, features) if features else None
             if full is None:
-                _draw_marginal(imputer, result, rows, target, rng)
+                values[rows, target] = _draw_marginal(imputer, target, kinds[target],
+                                                      len(rows), rng)
                 continue
             models = resampled.pattern(target, features) or full
-            draw = CellDraw(models.impute(queries), _residual_variance(full, queries))
-            values = CELL_DRAWS["numeric"](draw, rng)
-            result.values[rows, target] = (values * imputer.scale_[target]
-                                           + imputer.mean_[target])
+            variance = (_residual_variance(full, queries) if kinds[target] in NOISED_KINDS
+                        else np.zeros(len(rows)))
+            drawn = CELL_DRAWS[kinds[target]](CellDraw(models.impute(queries), variance), rng)
+            values[rows, target] = drawn * imputer.scale_[target] + imputer.mean_[target]
 
 
 def _residual_variance(models: PatternModels, queries: np.ndarray) -> np.ndarray:
@@ -171,10 +194,13 @@ def _residual_variance(models: PatternModels, queries: np.ndarray) -> np.ndarray
     return (found.weights * mse).sum(axis=1)
 
 
-def _draw_marginal(imputer: FittedIIM, result: ImputationResult, rows: np.ndarray,
-                   target: int, rng: np.random.Generator) -> None:
-    """A cell no model can impute (the row observes nothing usable): a value drawn from
-    the column's observed values (a hot deck from its marginal distribution)."""
+def _draw_marginal(imputer: FittedIIM, target: int, kind: str, n_cells: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Cells no model can impute (the rows observe nothing usable), raw units: values
+    drawn from the column's observed values (a hot deck from its marginal distribution);
+    for a voted column, its observed mean, the level frequency the decoding draws from."""
+    if kind not in NOISED_KINDS:
+        return np.full(n_cells, imputer.statistics_[target])
     observed = imputer._fit_X[imputer._fit_observed[:, target], target]
-    values = observed[rng.integers(0, len(observed), len(rows))]
-    result.values[rows, target] = values * imputer.scale_[target] + imputer.mean_[target]
+    values = observed[rng.integers(0, len(observed), n_cells)]
+    return values * imputer.scale_[target] + imputer.mean_[target]

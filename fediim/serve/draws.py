@@ -9,9 +9,10 @@ the ones imputed, as :class:`~fediim.serve.engine.ServingEngine` imputes them:
    rows (each loses one attribute, in folds, imputed from the bank as released:
    :func:`~fediim.federated.multiple.site_residual_variance`);
 2. each draw prepares an engine on the reference rows over the bank re-noised at the
-   scale it was released with (:func:`~fediim.federated.multiple.renoised_bank`: a
-   parametric bootstrap of the release, post-processing), imputes the rows, and adds
-   Gaussian noise of the residual variance.
+   scale it was released with (a parametric bootstrap of the release, post-processing),
+   imputes the rows, adds Gaussian noise of the residual variance, and draws each binary
+   or categorical cell's level from its probabilities
+   (:func:`~fediim.federated.multiple.renoised_draws`).
 
 ``local`` mode reads no bank: its draws are :class:`~fediim.impute.IIMImputer`'s, fitted
 on the reference rows. Nothing here spends budget or writes the ledger.
@@ -22,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from fediim.federated.bank import ModelBank
-from fediim.federated.multiple import add_residual_noise, renoised_bank, site_residual_variance
+from fediim.federated.multiple import noised_columns, renoised_draws, site_residual_variance
+from fediim.impute.encoding import MixedEncoding
 from fediim.impute.estimator import IIMImputer
 from fediim.io.result import METHOD_FALLBACK, METHOD_MEAN, ImputationResult
 from fediim.serve.engine import EngineSettings, ServingEngine
@@ -31,24 +33,28 @@ __all__ = ["bank_draws"]
 
 
 def bank_draws(reference: np.ndarray, x: np.ndarray, bank: ModelBank, bounds: np.ndarray,
-               settings: EngineSettings, n_imputations: int, rng: np.random.Generator
-               ) -> list[ImputationResult]:
+               settings: EngineSettings, n_imputations: int, rng: np.random.Generator,
+               encoding: MixedEncoding | None = None) -> list[ImputationResult]:
     """``n_imputations`` draws of the completed ``x`` (see the module doc); every value
-    inside the public ``bounds``, observed cells as they were."""
+    inside the public ``bounds``, observed cells as they were. With ``encoding``,
+    ``reference``, ``bank`` and ``bounds`` are over the encoded columns and ``x`` holds
+    level codes, as do the draws (each a declared level)."""
     if n_imputations < 1:
         raise ValueError(f"n_imputations must be >= 1, got {n_imputations}")
     if settings.mode == "local":
+        if encoding is not None:
+            raise ValueError("local mode draws from the site's own IIM: with coded columns "
+                             "use fediim impute --multiple without --site-config")
         return _local_draws(reference, x, settings, n_imputations, rng)
+    rows = x if encoding is None else encoding.encode(x)
+    noised = noised_columns(encoding, rows.shape[1])
     variance = site_residual_variance(
         reference, bank, bounds, mode=settings.mode, n_neighbors=settings.n_neighbors,
-        site_id=settings.site_id, random_state=settings.random_state, rng=rng)
-    draws = []
-    for _ in range(n_imputations):
-        engine = ServingEngine(reference, renoised_bank(bank, rng), bounds, settings)
-        result = engine.impute(x)
-        add_residual_noise(result, variance, bounds, rng)
-        draws.append(result)
-    return draws
+        site_id=settings.site_id, random_state=settings.random_state, rng=rng,
+        columns=np.flatnonzero(noised))
+    return renoised_draws(
+        lambda renoised: ServingEngine(reference, renoised, bounds, settings).impute(rows),
+        x, bank, bounds, variance, n_imputations, rng, encoding)
 
 
 def _local_draws(reference: np.ndarray, x: np.ndarray, settings: EngineSettings,

@@ -87,14 +87,9 @@ class Site:
                         rng: np.random.Generator) -> list[ImputationResult]:
         """``n_imputations`` draws of the rows of ``x`` completed from the bank (see
         :mod:`fediim.serve.draws`), the schema applied to each."""
-        if self.encoding is not None:
-            coded = [spec.name for spec in self.schema.columns if spec.levels is not None]
-            raise ValueError("multiple imputation from a bank does not draw levels of coded "
-                             f"columns yet ({', '.join(coded)}); impute once, or use "
-                             "fediim impute --multiple without --site-config")
         draws = bank_draws(self.engine.reference, np.asarray(x, dtype=np.float64),
                            self.signed.bank, self.engine.bounds, self.engine.settings,
-                           n_imputations, rng)
+                           n_imputations, rng, self.encoding)
         for result in draws:
             apply_schema(result, self.schema, self.columns)
         return draws

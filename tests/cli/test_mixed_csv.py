@@ -113,3 +113,36 @@ def test_schema_infer_proposes_kinds_with_a_warning(
     # The proposed schema is accepted by impute.
     assert main(["impute", str(data), "-o", str(tmp_path / "o.csv"), "--schema",
                  str(target)]) == 0
+
+
+def test_multiple_writes_m_tables_of_declared_labels(tmp_path: Path) -> None:
+    """``--multiple 3`` with coded columns: three tables, every coded cell a declared
+    label (written as the single table writes it), observed cells as they were, the drawn
+    levels differing between tables; the same seed draws the same tables."""
+    data, schema = tmp_path / "mixed.csv", tmp_path / "schema.toml"
+    written = _mixed_csv(data, n=120)
+    schema.write_text(SCHEMA, encoding="utf-8")
+    out = tmp_path / "out.csv"
+    arguments = ["impute", str(data), "-o", str(out), "--schema", str(schema),
+                 "--multiple", "3", "--seed", "1"]
+    assert main(arguments) == 0
+    levels = {"sex": {"female", "male"}, "cp": {"1", "2", "3", "4"},
+              "grade": {"low", "mid", "high"}}
+    drawn = []
+    for number in (1, 2, 3):
+        with open(tmp_path / f"out.imp{number}.csv", newline="", encoding="utf-8") as fh:
+            header, *rows = list(csv.reader(fh))
+        for before, after in zip(written, rows, strict=True):
+            for name, old, new in zip(header, before, after, strict=True):
+                assert new != ""
+                if name in levels:
+                    assert new in levels[name]
+                if old:
+                    assert new == old.removesuffix(".0") if name in levels else (
+                        float(new) == float(old))
+        drawn.append([[row[j] for j in (1, 2, 4)] for row, before in
+                      zip(rows, written, strict=True) if "" in (before[1], before[2], before[4])])
+    assert drawn[0] != drawn[1] and drawn[1] != drawn[2]
+    first = (tmp_path / "out.imp2.csv").read_bytes()
+    assert main([*arguments[:3], str(tmp_path / "again.csv"), *arguments[4:]]) == 0
+    assert (tmp_path / "again.imp2.csv").read_bytes() == first

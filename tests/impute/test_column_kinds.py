@@ -119,13 +119,3 @@ def test_unknown_column_in_column_kinds_is_refused() -> None:
     _, masked, _ = _table(seed=4)
     with pytest.raises(ValueError, match="unknown column"):
         IIMImputer(column_kinds={"nope": "binary"}).fit(masked)
-
-
-def test_multiple_imputation_of_coded_columns_is_refused_clearly() -> None:
-    """Draws of coded cells (levels from their probabilities) are not built yet: asking
-    for them is a clear error, never numeric noise on a level."""
-    _, masked, _ = _table()
-    imputer = IIMImputer(column_kinds=KINDS, n_imputations=3, random_state=0).fit(masked)
-    assert imputer.impute(masked).imputed.any()
-    with pytest.raises(ValueError, match="coded .* not available yet"):
-        imputer.multiple_imputations(masked)

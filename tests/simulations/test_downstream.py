@@ -131,9 +131,6 @@ def test_a_named_site_gets_its_own_mechanism_and_the_others_keep_theirs() -> Non
     ({"missingness": {"sites": {"small": {"mechanism": "mar"}}}},
      "missingness.sites.small.driver"),
     ({"missingness": {"sites": {"small": {"sites": {"mid": {}}}}}}, "missingness.sites.small"),
-    ({"datasets": [{"name": "diab", "builtin": "diabetes",
-                    "levels": {"sex": {"kind": "binary", "levels": [1, 2]}}}]},
-     "coded columns"),
 ])
 def test_config_errors_name_the_key(change: dict[str, Any], needle: str) -> None:
     with pytest.raises(StudyConfigError, match=needle.replace(".", r"\.")):
