@@ -17,6 +17,10 @@ statistics, :class:`MixturePatternModels` reads the bank as a Gaussian mixture i
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, replace
+from functools import cached_property
+
 import numpy as np
 
 from fediim.federated.bank import DEFAULT_NOISE_ALPHA, BankConfig, ModelBank
@@ -24,7 +28,12 @@ from fediim.federated.gram import gram_count, subsystem_index, subsystem_sse
 from fediim.impute.iim import PatternResult, ridge_solve
 from fediim.impute.neighbors import NeighborIndex
 
-__all__ = ["BankModels", "CellPatternModels", "MixturePatternModels", "pattern_models"]
+__all__ = ["BankModels", "CellPatternModels", "CellPooling", "MixturePatternModels",
+           "pattern_models"]
+
+#: Floats gathered at a time when pooling neighbouring cells' Grams (about 32 MB).
+_POOLING_BLOCK_FLOATS = 4_000_000
+
 
 def default_cell_grid(n_cells: int) -> np.ndarray:
     """1, 2, 3, 5, 8, ... (roughly geometric) up to all cells."""
@@ -34,6 +43,24 @@ def default_cell_grid(n_cells: int) -> np.ndarray:
         size *= 1.6
         sizes.add(int(round(size)))
     return np.unique(np.clip(np.array(sorted(sizes)), 1, max(n_cells, 1)))
+
+
+@dataclass(frozen=True)
+class CellPooling:
+    """What IIM over cells learns from, whatever the penalties.
+
+    pooled : per ell of the grid, each cell's Gram summed over its ell nearest cells and
+        their summed noise variance.
+    model_cell, validation_cell : Alg. 3's pairs: ``validation_cell[p]`` has
+        ``model_cell[p]`` among its k nearest other cells (empty: nothing to validate).
+    rank : position of ``validation_cell[p]`` in ``model_cell[p]``'s pooling order
+        (the number of cells: not pooled at any ell).
+    """
+
+    pooled: list[tuple[np.ndarray, np.ndarray]]
+    model_cell: np.ndarray
+    validation_cell: np.ndarray
+    rank: np.ndarray
 
 
 class CellPatternModels:
@@ -61,10 +88,7 @@ class CellPatternModels:
             np.minimum(np.asarray(grid, dtype=int), bank.n_cells))
         self._phi: np.ndarray | None = None
         self._ell: np.ndarray | None = None
-        # Level 0: every cell pooled, the federation's global regression; pooled models
-        # are shrunk towards it.
-        self._prior = ridge_solve(self._grams.sum(axis=0),
-                                  self._alpha(self._noise_var.sum()))
+        self._prior = self._level_zero()
 
     def _alpha(self, noise_var: np.ndarray) -> np.ndarray:
         """Ridge penalty of a model pooled from Grams with total noise variance
@@ -77,52 +101,92 @@ class CellPatternModels:
     def _learn(self) -> None:
         """Give every cell the model of the ell (pooled cells) that validates best."""
         n_cells = self.bank.n_cells
-        _, neighbors = self._index.query(self._anchors, int(self._grid[-1]))
-        pooled = self._pooled_statistics(neighbors)
+        pooling = self._pooling
         candidates = np.stack([ridge_solve(gram, self._alpha(noise_var), prior=self._prior)
-                               for gram, noise_var in pooled], axis=1)  # (C, L, p)
-        n_validators = min(self.config.n_neighbors, n_cells - 1)
-        if len(self._grid) > 1 and n_validators > 0:
-            best = self._best_by_validation(candidates, pooled, neighbors, n_validators)
+                               for gram, noise_var in pooling.pooled], axis=1)  # (C, L, p)
+        if len(self._grid) > 1 and pooling.model_cell.size:
+            best = self._best_by_validation(candidates, pooling)
         else:
             best = np.full(n_cells, len(self._grid) - 1)
         self._phi = candidates[np.arange(n_cells), best]
         self._ell = self._grid[best]
 
+    @cached_property
+    def _pooling(self) -> CellPooling:
+        """What learning needs before any penalty: each cell's neighbour list, its pooled
+        Grams per ell of the grid, and the (model, validation) cell pairs of Alg. 3."""
+        n_cells = self.bank.n_cells
+        _, neighbors = self._index.query(self._anchors, int(self._grid[-1]))
+        n_validators = min(self.config.n_neighbors, n_cells - 1)
+        model_cell = np.zeros(0, dtype=np.intp)
+        validation_cell = rank = model_cell
+        if len(self._grid) > 1 and n_validators > 0:
+            model_cell = self._index.nearest_others(n_validators).ravel()
+            validation_cell = np.repeat(np.arange(n_cells), n_validators)
+            # Position of the validation cell in the model cell's pooling order (n_cells:
+            # not pooled at any ell); a neighbour list holds each cell at most once.
+            order = np.full((n_cells, n_cells), n_cells, dtype=np.intp)
+            np.put_along_axis(order, neighbors, np.arange(neighbors.shape[1])[None], axis=1)
+            rank = order[model_cell, validation_cell]
+        return CellPooling(self._pooled_statistics(neighbors), model_cell, validation_cell,
+                           rank)
+
+    def with_penalties(self, config: BankConfig) -> CellPatternModels:
+        """The same pattern read with ``config``, which may differ from this one only in
+        its penalties (``alpha``, ``noise_alpha``): the neighbour lists and pooled Grams
+        are shared (computed once), only the ridge solves are redone."""
+        if not self.differs_only_in_penalties(config):
+            raise ValueError("with_penalties: the configurations differ beyond penalties")
+        _ = self._pooling  # computed before the copy, so that the copy shares it
+        other = copy.copy(self)
+        other.config, other._phi, other._ell = config, None, None
+        other._prior = other._level_zero()
+        return other
+
+    def differs_only_in_penalties(self, config: BankConfig) -> bool:
+        """Whether ``config`` is this model's configuration but for ``alpha`` and
+        ``noise_alpha`` (see :meth:`with_penalties`)."""
+        return replace(config, alpha=self.config.alpha,
+                       noise_alpha=self.config.noise_alpha) == self.config
+
+    def _level_zero(self) -> np.ndarray:
+        """Level 0: every cell pooled, the federation's global regression; pooled models
+        are shrunk towards it."""
+        return ridge_solve(self._grams.sum(axis=0), self._alpha(self._noise_var.sum()))
+
     def _pooled_statistics(self, neighbors: np.ndarray
                            ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per ell of the grid, each cell's Gram summed over its ell nearest cells and the
-        summed noise variance: cumulative sums along the neighbour lists."""
-        gram = np.zeros((self.bank.n_cells, *self._grams.shape[1:]))
-        noise_var = np.zeros(self.bank.n_cells)
+        summed noise variance: cumulative sums along the neighbour lists, a block of cells
+        at a time (bounded temporaries; each cell's sums are the same either way)."""
+        n_cells = self.bank.n_cells
+        gram = np.zeros((n_cells, *self._grams.shape[1:]))
+        noise_var = np.zeros(n_cells)
+        block = max(1, _POOLING_BLOCK_FLOATS // max(neighbors.shape[1] * gram[0].size, 1))
         pooled = []
         previous = 0
         for ell in self._grid:
-            gram += self._grams[neighbors[:, previous:ell]].sum(axis=1)
+            for start in range(0, n_cells, block):
+                cells = slice(start, start + block)
+                gram[cells] += self._grams[neighbors[cells, previous:ell]].sum(axis=1)
             noise_var += self._noise_var[neighbors[:, previous:ell]].sum(axis=1)
             previous = int(ell)
             pooled.append((gram.copy(), noise_var.copy()))
         return pooled
 
-    def _best_by_validation(self, candidates: np.ndarray,
-                            pooled: list[tuple[np.ndarray, np.ndarray]],
-                            neighbors: np.ndarray, n_validators: int) -> np.ndarray:
+    def _best_by_validation(self, candidates: np.ndarray, pooling: CellPooling
+                            ) -> np.ndarray:
         """Per cell, the grid position whose model errs least on the cells that have it
-        among their ``n_validators`` nearest (errors read off their Grams). A cell that
-        validates no one keeps the largest ell."""
+        among their k nearest (errors read off their Grams). A cell that validates no one
+        keeps the largest ell."""
         n_cells = self.bank.n_cells
-        model_cell = self._index.nearest_others(n_validators).ravel()
-        validation_cell = np.repeat(np.arange(n_cells), n_validators)
-        # Position of the validation cell in the model cell's pooling order (n_cells: not
-        # pooled at any ell).
-        match = neighbors[model_cell] == validation_cell[:, None]
-        rank = np.where(match.any(axis=1), match.argmax(axis=1), n_cells)
+        model_cell, validation_cell = pooling.model_cell, pooling.validation_cell
         validation_grams = self._grams[validation_cell]
         cost = np.zeros((n_cells, len(self._grid)))
         for position, ell in enumerate(self._grid):
             phi = self._without_validation_cell(
-                candidates[model_cell, position], pooled[position], model_cell,
-                validation_cell, np.flatnonzero(rank < ell))
+                candidates[model_cell, position], pooling.pooled[position], model_cell,
+                validation_cell, np.flatnonzero(pooling.rank < ell))
             cost[:, position] = np.bincount(
                 model_cell, weights=subsystem_sse(phi, validation_grams), minlength=n_cells)
         best = np.argmin(cost, axis=1)

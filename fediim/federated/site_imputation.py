@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from fediim.federated.bank import NOISE_ALPHA_GRID, BankConfig, BankError, ModelBank
-from fediim.federated.engines import BankModels, pattern_models
+from fediim.federated.engines import BankModels, CellPatternModels, pattern_models
 from fediim.federated.fusion import (
     FUSION_STRENGTHS,
     choose_blend,
@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 MIN_VALIDATION_ROWS = 20
 #: Folds of the cross-fitting that keeps validated rows out of the models that predict them.
 CROSSFIT_FOLDS = 5
-#: From this many training rows on, the site's own sides (local IIM, fusion) hold every
-#: validation row out at once (one fold): at most ``n_validation`` rows of so many barely
-#: change the fit, and each fold would refit over the whole table.
+#: From this many training rows on, the hybrid's cross-fitting (local IIM, fusion, the bank
+#: side) holds every validation row out at once (one fold): at most ``n_validation`` rows
+#: of so many barely change a fit, and each fold would refit over the whole table (or the
+#: whole bank). The local model fitted without them then also imputes the job's rows.
 ONE_FOLD_TRAINING_ROWS = 50_000
 _WEIGHT_STEP = 0.1
 #: Hybrid blend weights (local, one bank side, site mean) on a 0.1 grid of the simplex,
@@ -423,7 +424,8 @@ def impute_hybrid(site: SiteView, job: ImputationJob) -> JobEstimate:
     sides, labels = hybrid_sides(site, job, validation)
     side, weights = choose_blend(validation.local, sides, validation.site_mean,
                                  validation.truth, site.blend_weights)
-    return _hybrid_estimate(site, job, weights, labels[side] if labels else None)
+    return _hybrid_estimate(site, job, weights, labels[side] if labels else None,
+                            validation.local_model)
 
 
 @dataclass(frozen=True)
@@ -437,6 +439,8 @@ class HybridValidation:
         ``configs``), from the bank with the row out of its own cell
         (:func:`crossfitted_bank_coefficients`); None when the blend leaves the bank out.
     configs : the bank configurations the site chooses between.
+    local_model : from :data:`ONE_FOLD_TRAINING_ROWS` training rows on, the local model
+        fitted without the validation rows, which imputes the job's rows too; else None.
     """
 
     truth: np.ndarray
@@ -444,6 +448,7 @@ class HybridValidation:
     site_mean: np.ndarray
     bank: np.ndarray | None
     configs: list[BankConfig]
+    local_model: PatternModels | None = None
 
 
 @dataclass(frozen=True)
@@ -462,19 +467,20 @@ def hybrid_validation(site: SiteView, job: ImputationJob) -> HybridValidation:
     :class:`HybridValidation`)."""
     target, features = job.target, list(job.features)
     positions = np.searchsorted(job.train, job.validation)  # among the training rows
-    local = crossfitted_local_predictions(
+    local, local_model = crossfitted_local_predictions(
         site.standardized[np.ix_(job.train, features)], site.standardized[job.train, target],
-        positions, site.local_config) * site.scale[target] + site.center[target]
+        positions, site.local_config)
+    local = local * site.scale[target] + site.center[target]
     truth, train_target = site.scaled[job.validation, target], site.scaled[job.train, target]
     site_mean = (train_target.sum() - truth) / max(len(train_target) - 1, 1)
     configs = (site.choices if len(site.choices) > 1
                and len(job.validation) >= MIN_VALIDATION_ROWS else [site.config])
     bank = None
     if site.blend_weights[:, 1].any():
-        bank = crossfitted_bank_coefficients(site.bank, site.site_id,
-                                             site.scaled[job.validation], target,
-                                             job.features, configs)
-    return HybridValidation(truth, local, site_mean, bank, configs)
+        bank = crossfitted_bank_coefficients(
+            site.bank, site.site_id, site.scaled[job.validation], target, job.features,
+            configs, n_folds=crossfit_folds(len(job.train), len(job.validation)))
+    return HybridValidation(truth, local, site_mean, bank, configs, local_model)
 
 
 def hybrid_sides(site: SiteView, job: ImputationJob, validation: HybridValidation
@@ -511,7 +517,7 @@ def crossfitted_fusion(site: SiteView, job: ImputationJob, bank_coefficients: np
     positions = np.searchsorted(job.train, job.validation)
     prior = site_coefficients(bank_coefficients, site.center, site.scale, job.features,
                               target)
-    n_folds = local_folds(len(train), n_rows)
+    n_folds = crossfit_folds(len(train), n_rows)
     folds = np.arange(n_rows) % max(n_folds, 1)
     predictions = np.empty((len(FUSION_STRENGTHS), n_rows))
     for fold in range(n_folds):
@@ -537,13 +543,16 @@ def _base_alpha(site: SiteView) -> float:
 
 
 def _hybrid_estimate(site: SiteView, job: ImputationJob, weights: np.ndarray,
-                     side: HybridSide | None) -> JobEstimate:
-    """The chosen blend of the job's rows, with its spread and provenance."""
+                     side: HybridSide | None, local_model: PatternModels | None = None
+                     ) -> JobEstimate:
+    """The chosen blend of the job's rows, with its spread and provenance; the local side
+    from ``local_model``, else from the site's IIM over all the job's training rows."""
     target, features = job.target, list(job.features)
     scale, center = site.scale[target], site.center[target]
-    local = PatternModels(site.standardized[np.ix_(job.train, features)],
-                          site.standardized[job.train, target], site.local_config).impute(
-        site.standardized[np.ix_(job.rows, features)])
+    if local_model is None:
+        local_model = PatternModels(site.standardized[np.ix_(job.train, features)],
+                                    site.standardized[job.train, target], site.local_config)
+    local = local_model.impute(site.standardized[np.ix_(job.rows, features)])
     parts = [(weights[0], local.values * scale + center, local.spread * scale)]
     ell = weights[0] * local.ell.mean(axis=1)
     n_candidates = local.ell.shape[1]
@@ -581,23 +590,24 @@ def _side_estimate(site: SiteView, job: ImputationJob, side: HybridSide
 
 def crossfitted_bank_coefficients(bank: ModelBank, site_id: str | None, rows: np.ndarray,
                                   target: int, features: tuple[int, ...],
-                                  configs: list[BankConfig]) -> np.ndarray:
+                                  configs: list[BankConfig], n_folds: int = CROSSFIT_FOLDS
+                                  ) -> np.ndarray:
     """The bank's model at each of the site's ``rows`` (bank coordinates, NaN where
     missing) for each configuration, shape (len(configs), n, len(features) + 1), each from
-    the bank with the row taken out of its own cell, in :data:`CROSSFIT_FOLDS` folds (as
+    the bank with the row taken out of its own cell, in ``n_folds`` folds (as
     :func:`leave_own_rows_out_predictions`). Without a site id, the bank as released."""
     own = own_cells(bank, site_id)
     _, cells, augmented = _rows_as_released(bank, own, rows)
     whole: list[BankModels] = []
     coefficients = np.empty((len(configs), len(rows), len(features) + 1))
-    folds = np.arange(len(rows)) % CROSSFIT_FOLDS
-    for fold in range(min(CROSSFIT_FOLDS, len(rows))):
+    folds = np.arange(len(rows)) % n_folds
+    for fold in range(min(n_folds, len(rows))):
         held = np.flatnonzero(folds == fold)
         if np.any(cells[held] >= 0):
             fold_bank = _bank_without_rows(bank, cells, augmented, held)
-            models = [pattern_models(fold_bank, target, features, c) for c in configs]
+            models = models_per_config(fold_bank, target, features, configs)
         else:  # none of these rows was released: the bank as it is, fitted once
-            whole = whole or [pattern_models(bank, target, features, c) for c in configs]
+            whole = whole or models_per_config(bank, target, features, configs)
             models = whole
         queries = rows[np.ix_(held, list(features))]
         for number, model in enumerate(models):
@@ -637,8 +647,8 @@ def best_bank_config(others: ModelBank, target: int, features: tuple[int, ...],
     """The configuration whose models over ``others`` err least on the site's validation
     rows (``queries`` on the features, ``truth`` on the target). Ties: the first."""
     best: tuple[float, BankConfig] | None = None
-    for config in choices:
-        models = pattern_models(others, target, features, config)
+    for config, models in zip(choices, models_per_config(others, target, features, choices),
+                              strict=True):
         error = float(np.mean((models.impute(queries).values - truth) ** 2))
         if best is None or error < best[0]:
             best = (error, config)
@@ -646,25 +656,29 @@ def best_bank_config(others: ModelBank, target: int, features: tuple[int, ...],
     return best[1]
 
 
-def local_folds(n_train: int, n_validation: int) -> int:
-    """Folds of the cross-fitting of the site's own sides: :data:`CROSSFIT_FOLDS` (at
-    most one per validation row), or one from :data:`ONE_FOLD_TRAINING_ROWS` training
-    rows on (where one validation row or more is then held out)."""
+def crossfit_folds(n_train: int, n_validation: int) -> int:
+    """Folds of the hybrid's cross-fitting (local, fusion, bank side):
+    :data:`CROSSFIT_FOLDS` (at most one per validation row), or one from
+    :data:`ONE_FOLD_TRAINING_ROWS` training rows on (every validation row held out at
+    once)."""
     return min(1 if n_train >= ONE_FOLD_TRAINING_ROWS else CROSSFIT_FOLDS, n_validation)
 
 
 def crossfitted_local_predictions(train_features: np.ndarray, train_target: np.ndarray,
-                                  positions: np.ndarray, config: IIMConfig) -> np.ndarray:
+                                  positions: np.ndarray, config: IIMConfig
+                                  ) -> tuple[np.ndarray, PatternModels | None]:
     """Local IIM predictions of the training rows at ``positions``, each from models
-    fitted without it.
+    fitted without it, and from :data:`ONE_FOLD_TRAINING_ROWS` training rows on the one
+    model fitted without them all (else None).
 
-    K-fold cross-fitting (:func:`local_folds`): ``exclude`` in :meth:`PatternModels.impute`
-    only keeps a row from being its own neighbour, while its neighbours' models were
-    learned *with* it, which flatters the local side, most on a small site.
+    K-fold cross-fitting (:func:`crossfit_folds`): excluding a row from its own neighbour
+    list would not do, as its neighbours' models were learned *with* it, which flatters
+    the local side, most on a small site.
     """
     predictions = np.empty(len(positions))
-    n_folds = local_folds(len(train_target), len(positions))
+    n_folds = crossfit_folds(len(train_target), len(positions))
     folds = np.arange(len(positions)) % max(n_folds, 1)
+    model = None
     for fold in range(n_folds):
         held = folds == fold
         keep = np.ones(len(train_target), dtype=bool)
@@ -674,7 +688,8 @@ def crossfitted_local_predictions(train_features: np.ndarray, train_target: np.n
             continue
         model = PatternModels(train_features[keep], train_target[keep], config)
         predictions[held] = model.impute(train_features[positions[held]]).values
-    return predictions
+    large = len(train_target) >= ONE_FOLD_TRAINING_ROWS
+    return predictions, model if large and n_folds == 1 else None
 
 
 def choose_shrinkage(bank: ModelBank, site_id: str, target: int, features: tuple[int, ...],
@@ -722,10 +737,26 @@ def leave_own_rows_out_predictions(bank: ModelBank, own: np.ndarray, rows: np.nd
         held = np.flatnonzero(folds == fold)
         without_fold = _bank_without_rows(bank, cells, augmented, held)
         queries = rows[np.ix_(held, list(features))]
-        for number, config in enumerate(choices):
-            predictions[number, held] = pattern_models(
-                without_fold, target, features, config).impute(queries).values
+        for number, models in enumerate(models_per_config(without_fold, target, features,
+                                                          choices)):
+            predictions[number, held] = models.impute(queries).values
     return predictions
+
+
+def models_per_config(bank: ModelBank, target: int, features: tuple[int, ...],
+                      configs: list[BankConfig]) -> list[BankModels]:
+    """:func:`~fediim.federated.engines.pattern_models` for each configuration; where IIM
+    over cells is read with configurations that differ only in their penalties (the
+    noise multipliers a site chooses between), one neighbour search and pooling serves
+    them all (:meth:`~fediim.federated.engines.CellPatternModels.with_penalties`)."""
+    models: list[BankModels] = []
+    for config in configs:
+        first = models[0] if models else None
+        if isinstance(first, CellPatternModels) and first.differs_only_in_penalties(config):
+            models.append(first.with_penalties(config))
+        else:
+            models.append(pattern_models(bank, target, features, config))
+    return models
 
 
 def own_cells(bank: ModelBank, site_id: str | None) -> np.ndarray:
