@@ -214,3 +214,29 @@ def test_impute_site_config_and_serve_give_levels_with_probabilities(
         np.testing.assert_allclose(probability[missing], served.probability[missing, j],
                                    rtol=1e-5)
         assert np.all((probability[missing] > 0) & (probability[missing] <= 1))
+
+
+def test_impute_site_config_multiple_draws_declared_levels(
+        coded_run: FederationLayout, tmp_path: Path) -> None:
+    site = sorted(coded_run.sites, key=lambda s: s.site_id)[0]
+    schema = load_schema(coded_run.schema)
+    written = _mixed_csv(tmp_path / "today.csv", n=60, seed=19)
+    out = tmp_path / "out.csv"
+    assert main(["impute", str(tmp_path / "today.csv"), "-o", str(out), "--site-config",
+                 str(site.config), "--multiple", "3", "--seed", "2"]) == 0
+    table = read_csv(tmp_path / "today.csv", schema=schema).values
+    drawn = []
+    for number in (1, 2, 3):
+        path = tmp_path / f"out.imp{number}.csv"
+        values = read_csv(path, schema=schema).values
+        np.testing.assert_array_equal(values[~np.isnan(table)], table[~np.isnan(table)])
+        with open(path, newline="", encoding="utf-8") as fh:
+            header, *rows = list(csv.reader(fh))
+        for name in CODED:
+            j = header.index(name)
+            levels = {format_level(level) for level in schema.column(name).levels}
+            assert {row[j] for row in rows} <= levels
+        drawn.append(values)
+    missing = np.isnan(table)
+    assert any(not np.array_equal(drawn[0][missing], d[missing]) for d in drawn[1:])
+    assert written  # the table had gaps to draw
