@@ -723,12 +723,17 @@ def test_noise_penalty_is_chosen_on_the_sites_rows(
     truth, obs = two_sites
     monkeypatch.setattr(federated, "SHRINK_WEIGHTS", np.array([1.0]))
     seen: list[float | None] = []
-    real = federated.pattern_models
+    real, real_per_config = federated.pattern_models, federated.models_per_config
 
     def spy(bank: ModelBank, target: int, feats: tuple[int, ...], cfg: BankConfig
             ) -> BankModels:
         seen.append(cfg.noise_alpha)
         return real(bank, target, feats, cfg)
+
+    def spy_per_config(bank: ModelBank, target: int, feats: tuple[int, ...],
+                       configs: list[BankConfig]) -> list[BankModels]:
+        seen.extend(cfg.noise_alpha for cfg in configs)  # one shared search serves them
+        return real_per_config(bank, target, feats, configs)
 
     def fit_impute() -> float:
         model = FederatedIIM(epsilon=0.05, delta=DELTA, bounds=BOUNDS, mode="federated",
@@ -736,6 +741,7 @@ def test_noise_penalty_is_chosen_on_the_sites_rows(
         return _nrmse([r.values for r in model.impute(obs)], truth, obs)
 
     monkeypatch.setattr(federated, "pattern_models", spy)
+    monkeypatch.setattr(federated, "models_per_config", spy_per_config)
     chosen = fit_impute()
     assert set(seen) == set(NOISE_ALPHA_GRID)  # every multiplier was tried
     monkeypatch.setattr(federated, "NOISE_ALPHA_GRID", (DEFAULT_NOISE_ALPHA,))
