@@ -21,7 +21,7 @@ from fediim.federated import FederatedIIM
 from fediim.federated.bank import ModelBank
 from fediim.federated.secure_release import HISTOGRAM_BINS, gram_share_sensitivity
 from fediim.io.outputs import format_level
-from fediim.io.schema import load_schema
+from fediim.io.schema import TableSchema, load_schema
 from fediim.io.table import read_csv
 from fediim.privacy import PrivacyLedger, epsilon_to_rho
 from fediim.protocol.messages import ARRAYS_RECORD
@@ -183,6 +183,18 @@ def test_a_secure_request_off_the_schema_encoding_is_refused_before_it_is_paid(
     assert view["status"] == "completed"  # the other two sum without it (t = 2)
 
 
+def _declared_label_rows(path: Path, schema: TableSchema) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a written table, asserting every coded cell is a declared
+    label."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        header, *rows = list(csv.reader(fh))
+    for name in CODED:
+        j = header.index(name)
+        levels = {format_level(level) for level in schema.column(name).levels}
+        assert {row[j] for row in rows} <= levels
+    return header, rows
+
+
 def test_impute_site_config_and_serve_give_levels_with_probabilities(
         coded_run: FederationLayout, tmp_path: Path) -> None:
     site = sorted(coded_run.sites, key=lambda s: s.site_id)[0]
@@ -195,12 +207,9 @@ def test_impute_site_config_and_serve_give_levels_with_probabilities(
     imputed = read_csv(out, schema=schema).values
     assert not np.isnan(imputed).any()
     np.testing.assert_array_equal(imputed[~np.isnan(table)], table[~np.isnan(table)])
-    with open(out, newline="", encoding="utf-8") as fh:
-        header, *rows = list(csv.reader(fh))
+    header, rows = _declared_label_rows(out, schema)
     for name in CODED:
         j = header.index(name)
-        levels = {format_level(level) for level in schema.column(name).levels}
-        assert {row[j] for row in rows} <= levels
         assert {row[j] for row, before in zip(rows, written, strict=True) if not before[j]}
     flags = _flags(tmp_path / "out.flags.csv")
     # the service imputes the same rows alike, from the same prepared engine
@@ -220,7 +229,7 @@ def test_impute_site_config_multiple_draws_declared_levels(
         coded_run: FederationLayout, tmp_path: Path) -> None:
     site = sorted(coded_run.sites, key=lambda s: s.site_id)[0]
     schema = load_schema(coded_run.schema)
-    written = _mixed_csv(tmp_path / "today.csv", n=60, seed=19)
+    _mixed_csv(tmp_path / "today.csv", n=60, seed=19)
     out = tmp_path / "out.csv"
     assert main(["impute", str(tmp_path / "today.csv"), "-o", str(out), "--site-config",
                  str(site.config), "--multiple", "3", "--seed", "2"]) == 0
@@ -230,13 +239,9 @@ def test_impute_site_config_multiple_draws_declared_levels(
         path = tmp_path / f"out.imp{number}.csv"
         values = read_csv(path, schema=schema).values
         np.testing.assert_array_equal(values[~np.isnan(table)], table[~np.isnan(table)])
-        with open(path, newline="", encoding="utf-8") as fh:
-            header, *rows = list(csv.reader(fh))
-        for name in CODED:
-            j = header.index(name)
-            levels = {format_level(level) for level in schema.column(name).levels}
-            assert {row[j] for row in rows} <= levels
+        _declared_label_rows(path, schema)
         drawn.append(values)
     missing = np.isnan(table)
+    coded = [schema.column_names.index(name) for name in CODED]
+    assert missing[:, coded].any()  # coded gaps to draw
     assert any(not np.array_equal(drawn[0][missing], d[missing]) for d in drawn[1:])
-    assert written  # the table had gaps to draw
