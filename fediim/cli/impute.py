@@ -98,7 +98,12 @@ versions stay as they were):
                       drawn from the bank re-noised at the scale it was released
                       with, plus the residual noise measured on the site's own rows
                       (no budget spent). Analyse each and pool with Rubin's rules
-                      (fediim.mi.pool).
+                      (fediim.mi.pool). A drawn table holds values only:
+                      OUT.flags.csv and OUT.audit.jsonl describe the single
+                      imputation (a coded cell's most probable level and its
+                      probability), not a draw, whose level may be a less probable
+                      one; the cells filled in are the same in every table
+                      (<col>_imputed).
 (for OUT = X.csv the side files are X.flags.csv, X.audit.jsonl and X.imp1.csv ...)""",
         epilog="""\
 examples:
