@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from fediim.errors import DataError
+from fediim.io.result import ImputationResult
 from fediim.serve.auth import authorized
 from fediim.serve.metrics import ServiceMetrics
 from fediim.serve.rows import SOURCE, RequestTooLarge, rows_from_csv, rows_from_json
@@ -86,17 +88,37 @@ def _cell(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _labeller(levels: tuple[str | float, ...] | None) -> Callable[[float], Any]:
+    """A column's cell as the response gives it: a number, or a coded column's code as
+    its declared level (the label the request sent: text, or a number)."""
+    if levels is None:
+        return _cell
+    labels = [level if isinstance(level, str) else float(level) for level in levels]
+    return lambda code: labels[int(code)] if math.isfinite(code) else None
+
+
+def _imputed_cell(result: ImputationResult, i: int, j: int, label: Callable[[float], Any]
+                  ) -> dict[str, Any]:
+    """An imputed cell: value, method, uncertainty and, for a voted level, its
+    probability."""
+    cell = {"value": label(result.values[i, j]), "method": str(result.method[i, j]),
+            "uncertainty": _cell(result.uncertainty[i, j])}
+    if result.probability is not None and math.isfinite(result.probability[i, j]):
+        cell["probability"] = float(result.probability[i, j])
+    return cell
+
+
 def _response(state: ServiceState, outcome: ImputeOutcome) -> dict[str, Any]:
-    """The completed rows, each imputed cell with its value, method and uncertainty."""
+    """The completed rows (coded columns as their declared levels), each imputed cell
+    with its value, method and uncertainty."""
     result, columns = outcome.result, state.site.columns
+    labels = [_labeller(spec.levels) for spec in state.site.schema.columns]
     rows = []
     for i in range(result.values.shape[0]):
-        imputed = {columns[j]: {"value": _cell(result.values[i, j]),
-                                "method": str(result.method[i, j]),
-                                "uncertainty": _cell(result.uncertainty[i, j])}
+        imputed = {columns[j]: _imputed_cell(result, i, j, labels[j])
                    for j in np.flatnonzero(result.imputed[i])}
-        rows.append({"values": {c: _cell(v) for c, v in zip(columns, result.values[i],
-                                                            strict=True)},
+        rows.append({"values": {c: label(v) for c, label, v in zip(
+                         columns, labels, result.values[i], strict=True)},
                      "imputed": imputed})
     signed = state.site.signed
     return {"columns": columns, "rows": rows,
