@@ -52,10 +52,12 @@ def startup_keys(site: Site) -> list[Key]:
 
 @dataclass(frozen=True)
 class ImputeOutcome:
-    """One request's imputation and its counts."""
+    """One request's imputation and its counts, and the multiple-imputation draws it
+    asked for (none by default)."""
 
     result: ImputationResult
     methods: dict[str, int]
+    draws: list[ImputationResult] = field(default_factory=list)
 
     @property
     def fallback_rate(self) -> float:
@@ -100,16 +102,31 @@ class ServiceState:
         self._totals = _Totals()
         self._lock = threading.Lock()
         self._monitor_lock = threading.Lock()
+        self._draw_lock = threading.Lock()
+        self._variance: np.ndarray | None = None
         self._drifted: set[int] = set()
         self._drift_checked = -float("inf")
 
     # -- requests ------------------------------------------------------------------
-    def impute(self, x: np.ndarray) -> ImputeOutcome:
-        """Impute a request's rows, count them, and feed the monitors."""
+    def impute(self, x: np.ndarray, n_draws: int = 0) -> ImputeOutcome:
+        """Impute a request's rows (and, with ``n_draws``, draw that many completed copies
+        of them from the bank: :meth:`~fediim.serve.site.Site.impute_multiple`, fresh
+        entropy per request, no budget spent), count them, and feed the monitors. A
+        ValueError when the site cannot draw (``local`` mode with coded columns)."""
         result = self.site.impute(x)
-        outcome = ImputeOutcome(result=result, methods=count_methods(result))
+        draws = (self.site.impute_multiple(x, n_draws, np.random.default_rng(),
+                                           self._draw_variance()) if n_draws else [])
+        outcome = ImputeOutcome(result=result, methods=count_methods(result), draws=draws)
         self._monitor(x)
         return outcome
+
+    def _draw_variance(self) -> np.ndarray | None:
+        """The draws' residual variance, measured on the first request for draws (it
+        reads only the site's rows and the bank) and kept."""
+        with self._draw_lock:
+            if self._variance is None:
+                self._variance = self.site.draw_variance(np.random.default_rng())
+            return self._variance
 
     def _monitor(self, x: np.ndarray) -> None:
         """Score masked cells of the complete rows and update the drift windows."""

@@ -21,7 +21,7 @@ from fediim.io.table import format_level, read_csv
 from fediim.privacy import PrivacyLedger, rho_to_epsilon
 from fediim.protocol.signed_bank import SignedBank, load_signed_bank
 from fediim.protocol.site_config import SiteConfig, load_site_config
-from fediim.serve.draws import bank_draws
+from fediim.serve.draws import bank_draws, bank_residual_variance
 from fediim.serve.engine import EngineSettings, ServingEngine
 
 __all__ = ["BudgetView", "Site", "count_methods", "fallback_rate", "read_budget"]
@@ -83,16 +83,26 @@ class Site:
         apply_schema(result, self.schema, self.columns)
         return result
 
-    def impute_multiple(self, x: np.ndarray, n_imputations: int,
-                        rng: np.random.Generator) -> list[ImputationResult]:
+    def impute_multiple(self, x: np.ndarray, n_imputations: int, rng: np.random.Generator,
+                        variance: np.ndarray | None = None) -> list[ImputationResult]:
         """``n_imputations`` draws of the rows of ``x`` completed from the bank (see
-        :mod:`fediim.serve.draws`), the schema applied to each."""
+        :mod:`fediim.serve.draws`), the schema applied to each; ``variance`` as
+        :meth:`draw_variance` measured it (else it is measured here)."""
         draws = bank_draws(self.engine.reference, np.asarray(x, dtype=np.float64),
                            self.signed.bank, self.engine.bounds, self.engine.settings,
-                           n_imputations, rng, self.encoding)
+                           n_imputations, rng, self.encoding, variance)
         for result in draws:
             apply_schema(result, self.schema, self.columns)
         return draws
+
+    def draw_variance(self, rng: np.random.Generator) -> np.ndarray | None:
+        """The residual variance the draws add, per engine column, measured on the
+        site's own rows (None in ``local`` mode, whose draws are IIM's own)."""
+        if self.engine.settings.mode == "local":
+            return None
+        return bank_residual_variance(self.engine.reference, self.signed.bank,
+                                      self.engine.bounds, self.engine.settings, rng,
+                                      self.encoding)
 
     @property
     def engine_columns(self) -> np.ndarray:

@@ -67,3 +67,13 @@ def test_a_json_cell_that_is_no_declared_level_is_refused(coded_client: TestClie
     body = response.json()
     assert body["row"] == 2 and body["column"] == "cp"
     assert "declared levels [1, 2, 3, 4]" in body["error"]
+
+
+def test_draws_of_a_coded_cell_are_declared_levels(coded_client: TestClient) -> None:
+    response = coded_client.post("/v1/impute?draws=2", json={"rows": JSON_ROWS})
+    assert response.status_code == 200, response.text
+    imputed = response.json()["rows"][1]["imputed"]
+    assert set(imputed["sex"]["draws"]) <= {"female", "male"}
+    assert set(imputed["cp"]["draws"]) <= {1.0, 2.0, 3.0, 4.0}
+    assert set(imputed["grade"]["draws"]) <= {"low", "mid", "high"}
+    assert len(imputed["cp"]["draws"]) == 2
