@@ -63,12 +63,8 @@ def at_least_two(text: str) -> int:
     return value
 
 
-def register_impute(sub: Subparsers) -> None:
-    p = add_parser(
-        sub,
-        "impute",
-        help="fill the missing cells of a CSV table with IIM",
-        description=f"""\
+#: ``fediim impute --help``: what it does and writes (the description) ...
+IMPUTE_DESCRIPTION = f"""\
 Fill the missing cells of a numeric CSV table (header row required) with IIM and write
 the completed table, a per-cell flag/uncertainty table and an audit log.
 
@@ -98,9 +94,16 @@ versions stay as they were):
                       drawn from the bank re-noised at the scale it was released
                       with, plus the residual noise measured on the site's own rows
                       (no budget spent). Analyse each and pool with Rubin's rules
-                      (fediim.mi.pool).
-(for OUT = X.csv the side files are X.flags.csv, X.audit.jsonl and X.imp1.csv ...)""",
-        epilog="""\
+                      (fediim.mi.pool). A drawn table holds values only:
+                      OUT.flags.csv and OUT.audit.jsonl describe the single
+                      imputation (a coded cell's most probable level and its
+                      probability), not a draw, whose level may be a less probable
+                      one; the cells filled in are the same in every table
+                      (<col>_imputed).
+(for OUT = X.csv the side files are X.flags.csv, X.audit.jsonl and X.imp1.csv ...)"""
+
+#: ... and how it is used, with a schema and with a site's bank (the epilog).
+IMPUTE_EPILOG = """\
 examples:
   fediim impute visits.csv -o visits_imputed.csv
   fediim impute visits.csv -o out.csv --schema schema.toml --k 15
@@ -124,18 +127,39 @@ choice (mode hybrid blends them with the bank; --mode, else [serve] mode, else h
 each row of IN is imputed as fediim serve would impute it. A cell the bank cannot impute
 (its row observes nothing, or the bank's models fail) gets the site's mean, else the
 bank's, marked fallback; the summary line states the fallback rate. The site's schema
-applies; no budget is spent (the privacy ledger is not touched).""",
-    )
+applies; no budget is spent (the privacy ledger is not touched)."""
+
+
+def register_impute(sub: Subparsers) -> None:
+    """Add ``fediim impute`` to ``sub``."""
+    p = add_parser(sub, "impute", help="fill the missing cells of a CSV table with IIM",
+                   description=IMPUTE_DESCRIPTION, epilog=IMPUTE_EPILOG)
     p.add_argument("input", metavar="IN.csv", help="table with missing cells")
     p.add_argument("-o", "--output", metavar="OUT.csv", required=True,
                    help="where to write the imputed table")
     p.add_argument("--schema", metavar="SCHEMA.toml",
                    help="table schema (columns, bounds, missing markers, what to impute)")
+    _add_engine_arguments(p)
+    _add_side_file_arguments(p)
+    _add_multiple_arguments(p)
+    p.add_argument("--site-config", metavar="SITE.toml",
+                   help="impute from this site's signed federation bank (see below)")
+    p.add_argument("--mode", choices=MODES,
+                   help="with --site-config: how the bank is used (default: hybrid)")
+    p.set_defaults(func=_run_impute)
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--k and --scale: how many neighbours vote, and whether distances are z-scored."""
     p.add_argument("--k", type=positive_int, default=10, metavar="K",
                    help="number of neighbours whose models vote on each cell (default: 10)")
     p.add_argument("--scale", action=argparse.BooleanOptionalAction, default=True,
                    help="z-score the columns before comparing rows (default: --scale); "
                         "--no-scale uses raw distances")
+
+
+def _add_side_file_arguments(p: argparse.ArgumentParser) -> None:
+    """--flags, --audit and --missing: where the side files go, what 'missing' means."""
     p.add_argument("--flags", metavar="FLAGS.csv",
                    help="path of the flag/uncertainty table (default: OUT.flags.csv)")
     p.add_argument("--audit", metavar="AUDIT.jsonl",
@@ -143,12 +167,6 @@ applies; no budget is spent (the privacy ledger is not touched).""",
     p.add_argument("--missing", metavar="MARKER", nargs="+", action="extend",
                    help="text meaning 'missing' (repeatable); replaces the default markers "
                         "and the schema's global ones, e.g. --missing NA --missing ''")
-    _add_multiple_arguments(p)
-    p.add_argument("--site-config", metavar="SITE.toml",
-                   help="impute from this site's signed federation bank (see below)")
-    p.add_argument("--mode", choices=MODES,
-                   help="with --site-config: how the bank is used (default: hybrid)")
-    p.set_defaults(func=_run_impute)
 
 
 def _add_multiple_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,6 +179,7 @@ def _add_multiple_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _count_out_of_bounds(values: np.ndarray, schema: TableSchema, columns: list[str]) -> int:
+    """Observed cells of ``values`` outside their column's schema bounds."""
     total = 0
     for j, name in enumerate(columns):
         bounds = schema.column(name).bounds
@@ -247,13 +266,16 @@ def _write_outputs(args: argparse.Namespace, result: ImputationResult,
     return n_cells
 
 
+def _output_paths(args: argparse.Namespace) -> tuple[str, str, str, list[Path]]:
+    """OUT, the flags and audit paths (given, else next to OUT) and the drawn tables'."""
+    flags_default, audit_default = default_sidecar_paths(args.output)
+    return (args.output, args.flags or str(flags_default), args.audit or str(audit_default),
+            multiple_paths(args.output, args.multiple or 0))
+
+
 def _run_impute(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = args.output
-    flags_default, audit_default = default_sidecar_paths(out)
-    flags = args.flags or str(flags_default)
-    audit = args.audit or str(audit_default)
-    tables = multiple_paths(out, args.multiple or 0)
+    out, flags, audit, tables = _output_paths(args)
     problem = _option_problem(args) or check_distinct(
         {"IN": args.input, "OUT": out, "--flags": flags, "--audit": audit,
          **{f"imputation {number}": str(path) for number, path in enumerate(tables, 1)}})
@@ -268,11 +290,10 @@ def _run_impute(args: argparse.Namespace) -> int:
         return exc.exit_code
 
     columns = table.columns
-    if schema is not None:
-        outside = _count_out_of_bounds(table.values, schema, columns)
-        if outside:
-            warn(f"{outside} observed cell(s) of {table.source} lie outside the schema bounds "
-                  f"(written back unchanged)")
+    outside = 0 if schema is None else _count_out_of_bounds(table.values, schema, columns)
+    if outside:
+        warn(f"{outside} observed cell(s) of {table.source} lie outside the schema bounds "
+             f"(written back unchanged)")
 
     try:
         result, draws = _imputed(args, table, site, schema)

@@ -12,13 +12,8 @@ from fediim.errors import ExitCode, FediimError
 
 __all__ = ["register_serve"]
 
-
-def register_serve(sub: Subparsers) -> None:
-    p = add_parser(
-        sub,
-        "serve",
-        help="serve imputations over HTTP from this site's signed federation bank",
-        description="""\
+#: ``fediim serve --help``: what the service does and its endpoints ...
+SERVE_DESCRIPTION = """\
 Serve imputations at the site, every day, from the signed bank of its last federation
 run: the bank's signature is verified (under the coordinator key pinned in the site TOML,
 for the site's schema) before a byte of it is read, a bank older than max_bank_age_days is
@@ -28,28 +23,41 @@ fediim impute --site-config would. No budget is spent: the ledger is only read.
 
 Endpoints:
   POST /v1/impute   rows as JSON {"rows": [{"col": number or null, ...}, ...]} or as a
-                    CSV body (Content-Type: text/csv, header = the schema's columns);
+                    CSV body (Content-Type: text/csv, header = the schema's columns;
+                    a coded column's cells are its declared levels either way);
                     returns the completed rows and, per imputed cell, value, method
-                    (hybrid, bank, iim, mean, fallback) and uncertainty. A bad row is a
-                    422 naming the row and column; too many rows or bytes a 413; a bank
-                    that has grown stale a 503.
+                    (hybrid, bank, iim, mean, fallback), uncertainty and, for a
+                    binary or categorical level, its probability. ?draws=M (2-20)
+                    adds each imputed cell's M multiple-imputation draws (as
+                    fediim impute --multiple M draws them; slow: each draw prepares
+                    its own engine). A bad row is a 422 naming the row and column;
+                    too many rows or bytes a 413; a bank that has grown stale a 503.
   GET  /healthz     200 {"status": "ok"}, or 503 once the bank is stale (no token needed)
   GET  /metrics     Prometheus metrics: requests, rows, cells by method, fallback rate,
                     latency histogram, bank version and age, budget spent and remaining,
-                    monitored error per column, drift
+                    monitored error per column (RMSE, or a coded column's level error
+                    rate), drift (a categorical column's by its level frequencies)
   GET  /            the status page for the site's staff (a browser may log in with any
                     user name and the token as the password)
 
 Every endpoint but /healthz needs "Authorization: Bearer <token>" when the site TOML's
 [serve] table names a token (token_file or token_env); without a token the service
-listens on a loopback address only. No input row and no imputed value is ever logged.""",
-        epilog="""\
+listens on a loopback address only. No input row and no imputed value is ever logged."""
+
+#: ... and how it is started.
+SERVE_EPILOG = """\
 examples:
   fediim serve --site-config site.toml
   fediim serve --site-config site.toml --host 0.0.0.0 --port 8787   # needs a token
   curl -H "Authorization: Bearer $(cat serve.token)" -H 'Content-Type: application/json' \\
-       -d '{"rows": [{"age": 61, "chol": null}]}' http://127.0.0.1:8787/v1/impute""",
-    )
+       -d '{"rows": [{"age": 61, "chol": null}]}' http://127.0.0.1:8787/v1/impute"""
+
+
+def register_serve(sub: Subparsers) -> None:
+    """Add ``fediim serve`` to ``sub``."""
+    p = add_parser(sub, "serve",
+                   help="serve imputations over HTTP from this site's signed federation bank",
+                   description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG)
     p.add_argument("--site-config", metavar="SITE.toml", required=True,
                    help="the site's TOML (bank, signature, pinned key, schema, data, [serve])")
     p.add_argument("--host", help="address to listen on (default: [serve] host, 127.0.0.1)")

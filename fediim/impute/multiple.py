@@ -26,6 +26,9 @@ half-sample models, which the decoding turns into the cell's distribution over t
 and draws the level from (:func:`~fediim.impute.encoding.draw_levels`), so every drawn
 cell is a declared level and the spread between imputations carries the models' own
 uncertainty. A voted cell no model can impute draws from the column's level frequencies.
+A drawn voted cell's ``probability`` is the one its own draw gave the level it drew (its
+``uncertainty`` 1 - probability), as :func:`fediim.federated.multiple.renoised_draws`
+reports it; the single imputation's is its winner's, which a draw need not be.
 
 ``benchmarks/coverage.py`` measures the coverage that decided these choices.
 """
@@ -39,7 +42,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from fediim.impute.encoding import MixedEncoding, draw_levels
+from fediim.impute.encoding import MixedEncoding, draw_levels, level_probabilities
 from fediim.impute.iim import PatternModels, PatternResult
 from fediim.io.result import ImputationResult
 
@@ -134,7 +137,8 @@ def draw_imputations(imputer: FittedIIM, x: np.ndarray, single: ImputationResult
     as level codes) from a fitted ``imputer``, whose single imputation of ``x`` is
     ``single`` and whose engine matrix (``x`` encoded) has the missingness patterns
     ``groups``. Observed cells are copied exactly; the provenance columns (method, ell,
-    uncertainty, probability) are the single imputation's."""
+    n_candidates) are the single imputation's, as is the uncertainty of a numeric or
+    ordinal cell; a voted cell's probability and uncertainty are its drawn level's."""
     encoding = imputer.encoding_
     engine = x if encoding is None else encoding.encode(x)
     kinds = ["numeric"] * engine.shape[1] if encoding is None else encoding.encoded_kinds()
@@ -150,8 +154,26 @@ def draw_imputations(imputer: FittedIIM, x: np.ndarray, single: ImputationResult
             _fill_draws(imputer, resampled, engine, values, groups, kinds, rng)
             result.values = encoding.decoded_values(
                 values, x, lambda probabilities: draw_levels(probabilities, rng))
+            _report_drawn_levels(encoding, values, x, result)
         draws.append(result)
     return draws
+
+
+def _report_drawn_levels(encoding: MixedEncoding, scores: np.ndarray, codes: np.ndarray,
+                         result: ImputationResult) -> None:
+    """Set each drawn voted cell's ``probability`` to the one its draw's ``scores`` (the
+    engine matrix the levels were drawn from, raw units) gave the level in
+    ``result.values``, and its ``uncertainty`` to 1 - that (the copied single imputation
+    reports its own winner's; ``codes``: the table, NaN where imputed)."""
+    for j, (coding, block) in enumerate(zip(encoding.codings, encoding.blocks, strict=True)):
+        cells = np.isnan(codes[:, j])
+        if coding.kind not in ("binary", "categorical") or not cells.any():
+            continue
+        probabilities = level_probabilities(scores[np.ix_(cells, block)], coding.kind)
+        drawn = result.values[cells, j].astype(np.intp)
+        chosen = probabilities[np.arange(len(drawn)), drawn]
+        result.probability[cells, j] = chosen
+        result.uncertainty[cells, j] = 1.0 - chosen
 
 
 def _refitted_on(imputer: FittedIIM, rows: np.ndarray) -> FittedIIM:

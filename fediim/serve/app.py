@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("fediim.serve")
 
+#: The most multiple-imputation draws one request may ask for (``?draws=M``).
+MAX_DRAWS = 20
 #: Bodies up to this size (a few dozen rows, about a millisecond of work) are imputed on
 #: the event loop; larger ones in a worker thread, so that they do not hold up the small
 #: ones (the engine serialises the imputation itself either way).
@@ -86,17 +89,41 @@ def _cell(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _labeller(levels: tuple[str | float, ...] | None) -> Callable[[float], Any]:
+    """A column's cell as the response gives it: a number, or a coded column's code as
+    its declared level (the label the request sent: text, or a number)."""
+    if levels is None:
+        return _cell
+    labels = [level if isinstance(level, str) else float(level) for level in levels]
+    return lambda code: labels[int(code)] if math.isfinite(code) else None
+
+
+def _imputed_cell(outcome: ImputeOutcome, i: int, j: int, label: Callable[[float], Any]
+                  ) -> dict[str, Any]:
+    """An imputed cell: value, method, uncertainty, for a voted level its probability, and
+    the request's draws of it."""
+    result = outcome.result
+    cell: dict[str, Any] = {"value": label(result.values[i, j]),
+                            "method": str(result.method[i, j]),
+                            "uncertainty": _cell(result.uncertainty[i, j])}
+    if result.probability is not None and math.isfinite(result.probability[i, j]):
+        cell["probability"] = float(result.probability[i, j])
+    if outcome.draws:
+        cell["draws"] = [label(drawn.values[i, j]) for drawn in outcome.draws]
+    return cell
+
+
 def _response(state: ServiceState, outcome: ImputeOutcome) -> dict[str, Any]:
-    """The completed rows, each imputed cell with its value, method and uncertainty."""
+    """The completed rows (coded columns as their declared levels), each imputed cell
+    with its value, method and uncertainty."""
     result, columns = outcome.result, state.site.columns
+    labels = [_labeller(spec.levels) for spec in state.site.schema.columns]
     rows = []
     for i in range(result.values.shape[0]):
-        imputed = {columns[j]: {"value": _cell(result.values[i, j]),
-                                "method": str(result.method[i, j]),
-                                "uncertainty": _cell(result.uncertainty[i, j])}
+        imputed = {columns[j]: _imputed_cell(outcome, i, j, labels[j])
                    for j in np.flatnonzero(result.imputed[i])}
-        rows.append({"values": {c: _cell(v) for c, v in zip(columns, result.values[i],
-                                                            strict=True)},
+        rows.append({"values": {c: label(v) for c, label, v in zip(
+                         columns, labels, result.values[i], strict=True)},
                      "imputed": imputed})
     signed = state.site.signed
     return {"columns": columns, "rows": rows,
@@ -107,9 +134,21 @@ def _response(state: ServiceState, outcome: ImputeOutcome) -> dict[str, Any]:
                      "saved_at": signed.saved_at.isoformat()}}
 
 
-def _impute(state: ServiceState, body: bytes, content_type: str
+def _requested_draws(request: Request) -> int:
+    """The ``draws`` query parameter (0 when absent), or a 422 refusal."""
+    text = request.query_params.get("draws")
+    if text is None:
+        return 0
+    if not text.isdigit() or not 2 <= int(text) <= MAX_DRAWS:
+        raise _Refused(422, {"error": f"draws: expected an integer from 2 to {MAX_DRAWS} "
+                                      "(the completed copies to pool with Rubin's rules)"})
+    return int(text)
+
+
+def _impute(state: ServiceState, body: bytes, content_type: str, n_draws: int = 0
             ) -> tuple[ImputeOutcome, bytes, int]:
-    """Parse, impute, encode (in a worker thread): the outcome, JSON bytes and row count."""
+    """Parse, impute (and draw ``n_draws`` copies), encode (in a worker thread): the
+    outcome, JSON bytes and row count."""
     try:
         x = _parse(state, body, content_type)
     except DataError as exc:
@@ -120,7 +159,10 @@ def _impute(state: ServiceState, body: bytes, content_type: str
                  column)
         raise _Refused(status, {"error": str(exc), "row": exc.row,
                                 "column": exc.column}) from None
-    outcome = state.impute(x)
+    try:
+        outcome = state.impute(x, n_draws)
+    except ValueError as exc:  # the site cannot draw (local mode with coded columns)
+        raise _Refused(422, {"error": f"draws: {exc}"}) from None
     return outcome, json.dumps(_response(state, outcome)).encode("utf-8"), len(x)
 
 
@@ -169,12 +211,13 @@ def create_app(state: ServiceState, token: str | None) -> FastAPI:
             if state.bank_is_stale():
                 raise _Refused(503, {"error": "the bank is stale (older than "
                                               "max_bank_age_days); join a new federation run"})
+            n_draws = _requested_draws(request)
             body = await _read_body(request, limit)
-            if len(body) <= INLINE_BYTES:  # a few rows: a thread hand-off costs more
+            if len(body) <= INLINE_BYTES and not n_draws:  # a thread hand-off costs more
                 outcome, payload, n_rows = _impute(state, body, content_type)
             else:
                 outcome, payload, n_rows = await run_in_threadpool(_impute, state, body,
-                                                                   content_type)
+                                                                   content_type, n_draws)
             response: Response = Response(payload, media_type="application/json")
         except _Refused as refused:
             response = JSONResponse(refused.body, status_code=refused.status)

@@ -29,16 +29,31 @@ from fediim.impute.estimator import IIMImputer
 from fediim.io.result import METHOD_FALLBACK, METHOD_MEAN, ImputationResult
 from fediim.serve.engine import EngineSettings, ServingEngine
 
-__all__ = ["bank_draws"]
+__all__ = ["bank_draws", "bank_residual_variance"]
+
+
+def bank_residual_variance(reference: np.ndarray, bank: ModelBank, bounds: np.ndarray,
+                           settings: EngineSettings, rng: np.random.Generator,
+                           encoding: MixedEncoding | None = None) -> np.ndarray:
+    """Step 1 of the module doc: per engine column of ``reference`` (encoded with
+    ``encoding``), the residual variance the draws add (0 for a column drawn as a level).
+    It depends on the reference rows and the bank only: a service measures it once."""
+    noised = noised_columns(encoding, reference.shape[1])
+    return site_residual_variance(
+        reference, bank, bounds, mode=settings.mode, n_neighbors=settings.n_neighbors,
+        site_id=settings.site_id, random_state=settings.random_state, rng=rng,
+        columns=np.flatnonzero(noised))
 
 
 def bank_draws(reference: np.ndarray, x: np.ndarray, bank: ModelBank, bounds: np.ndarray,
                settings: EngineSettings, n_imputations: int, rng: np.random.Generator,
-               encoding: MixedEncoding | None = None) -> list[ImputationResult]:
+               encoding: MixedEncoding | None = None, variance: np.ndarray | None = None
+               ) -> list[ImputationResult]:
     """``n_imputations`` draws of the completed ``x`` (see the module doc); every value
     inside the public ``bounds``, observed cells as they were. With ``encoding``,
     ``reference``, ``bank`` and ``bounds`` are over the encoded columns and ``x`` holds
-    level codes, as do the draws (each a declared level)."""
+    level codes, as do the draws (each a declared level). ``variance``: the residual
+    variance measured before (:func:`bank_residual_variance`), else measured here."""
     if n_imputations < 1:
         raise ValueError(f"n_imputations must be >= 1, got {n_imputations}")
     if settings.mode == "local":
@@ -47,11 +62,8 @@ def bank_draws(reference: np.ndarray, x: np.ndarray, bank: ModelBank, bounds: np
                              "use fediim impute --multiple without --site-config")
         return _local_draws(reference, x, settings, n_imputations, rng)
     rows = x if encoding is None else encoding.encode(x)
-    noised = noised_columns(encoding, rows.shape[1])
-    variance = site_residual_variance(
-        reference, bank, bounds, mode=settings.mode, n_neighbors=settings.n_neighbors,
-        site_id=settings.site_id, random_state=settings.random_state, rng=rng,
-        columns=np.flatnonzero(noised))
+    if variance is None:
+        variance = bank_residual_variance(reference, bank, bounds, settings, rng, encoding)
     return renoised_draws(
         lambda renoised: ServingEngine(reference, renoised, bounds, settings).impute(rows),
         x, bank, bounds, variance, n_imputations, rng, encoding)

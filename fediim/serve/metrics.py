@@ -106,16 +106,22 @@ class StateCollector(Collector):
 
     def _monitoring(self) -> Iterator[Metric]:
         state, columns = self.state, self.state.site.columns
-        rmse, counts = state.monitored()
+        rmse, level_error_rate, counts = state.monitored()
         yield _per_column("fediim_monitored_rmse", "Rolling RMSE of masked-and-imputed "
-                          "cells (raw units; NaN before any)", columns, rmse)
+                          "cells (raw units; NaN before any and for binary and categorical "
+                          "columns)", columns, rmse)
         yield _per_column("fediim_monitored_nrmse", "Rolling RMSE over the column's standard "
-                          "deviation (the site's own)", columns, rmse / state.drift.scale)
+                          "deviation (the site's own)", columns,
+                          rmse / state.drift.column_scale)
+        yield _per_column("fediim_monitored_level_error_rate", "Rolling share of masked "
+                          "binary or categorical cells imputed with another level (NaN "
+                          "before any and for other columns)", columns, level_error_rate)
         yield _per_column("fediim_monitored_cells", "Masked cells in the rolling window",
                           columns, counts)
         drift = state.drift_state()
         yield _per_column("fediim_drift_mean_shift", "|window mean - reference mean| / sd "
-                          "(NaN before drift_min_rows values)", columns, drift.mean_shift)
+                          "(a categorical column's most moved level frequency; NaN before "
+                          "drift_min_rows values)", columns, drift.mean_shift)
         yield _per_column("fediim_drift_error_ratio", "Monitored RMSE / validated RMSE",
                           columns, drift.error_ratio)
         yield _per_column("fediim_drift_column", "1 where the column drifted", columns,

@@ -15,7 +15,7 @@ import numpy as np
 
 from fediim.errors import DataError
 from fediim.io.schema import TableSchema
-from fediim.io.table import parse_csv_text
+from fediim.io.table import LevelReader, format_level, parse_csv_text
 
 __all__ = ["SOURCE", "RequestTooLarge", "rows_from_csv", "rows_from_json"]
 
@@ -25,7 +25,9 @@ SOURCE = "request"
 
 def rows_from_json(document: Any, schema: TableSchema, max_rows: int) -> np.ndarray:
     """``{"rows": [{column: number or null, ...}, ...]}`` as an (n, m) matrix, NaN where
-    missing: a null, an absent column or one of the column's missing markers."""
+    missing: a null, an absent column or one of the column's missing markers. A coded
+    column's cell is one of its declared levels (a string, or a number of a numeric
+    level), read as the level's code as a CSV body's is."""
     if not isinstance(document, dict) or not isinstance(document.get("rows"), list):
         raise DataError(SOURCE, 'expected a JSON object {"rows": [{column: value, ...}, ...]}')
     records = document["rows"]
@@ -33,6 +35,8 @@ def rows_from_json(document: Any, schema: TableSchema, max_rows: int) -> np.ndar
     names = schema.column_names
     position = {name: j for j, name in enumerate(names)}
     markers = [schema.markers_for(name) for name in names]
+    readers = [None if spec.levels is None else LevelReader(spec.levels)
+               for spec in schema.columns]
     values = np.full((len(records), len(names)), np.nan)
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
@@ -42,8 +46,28 @@ def rows_from_json(document: Any, schema: TableSchema, max_rows: int) -> np.ndar
             if column is None:
                 raise DataError(SOURCE, f"unknown column; the schema's columns are {names}",
                                 row=number, column=str(name)[:64])
-            values[number - 1, column] = _cell(value, markers[column], number, name)
+            values[number - 1, column] = (
+                _cell(value, markers[column], number, name) if readers[column] is None
+                else _level_code(value, markers[column], readers[column], number, name))
     return values
+
+
+def _level_code(value: Any, markers: set[str], levels: LevelReader, row: int, column: str
+                ) -> float:
+    """A coded column's JSON cell: its level's code, NaN when missing, else an error
+    listing the declared levels (not the value)."""
+    if value is None or (isinstance(value, str) and value.strip() in markers):
+        return math.nan
+    code = None
+    if isinstance(value, str):
+        code = levels.code(value.strip())
+    elif isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value):
+        code = levels.code(format_level(value))
+    if code is None:
+        raise DataError(SOURCE, f"expected one of the declared levels {levels.describe()}, "
+                        "null or a missing marker", row=row, column=column)
+    return float(code)
 
 
 def _cell(value: Any, markers: set[str], row: int, column: str) -> float:

@@ -24,6 +24,8 @@ __all__ = ["ImputeOutcome", "ServiceState", "startup_keys"]
 
 log = logging.getLogger(__name__)
 
+#: The column kinds whose cells are a voted level (scored by misses, not distance).
+VOTED_KINDS = ("binary", "categorical")
 #: Requests kept for the status page's rate and latency (the most recent).
 _RECENT = 2048
 #: The status page's request rate is over this many seconds.
@@ -50,10 +52,12 @@ def startup_keys(site: Site) -> list[Key]:
 
 @dataclass(frozen=True)
 class ImputeOutcome:
-    """One request's imputation and its counts."""
+    """One request's imputation and its counts, and the multiple-imputation draws it
+    asked for (none by default)."""
 
     result: ImputationResult
     methods: dict[str, int]
+    draws: list[ImputationResult] = field(default_factory=list)
 
     @property
     def fallback_rate(self) -> float:
@@ -85,29 +89,44 @@ class ServiceState:
         started = time.perf_counter()
         self.n_plans = site.engine.warm(startup_keys(site))
         self.startup_seconds = time.perf_counter() - started
-        n_columns = len(site.columns)
-        self.quality = QualityMonitor(n_columns, settings.monitor_fraction,
-                                      settings.monitor_window, rng)
-        baseline = site.baseline_rmse()
+        voted = np.array([spec.kind in VOTED_KINDS for spec in site.schema.columns], bool)
+        self.quality = QualityMonitor(len(site.columns), settings.monitor_fraction,
+                                      settings.monitor_window, rng, voted=voted)
         reference_mean, reference_sd = site.drift_reference()
-        self.drift = DriftMonitor(reference_mean, reference_sd, baseline,
+        self.drift = DriftMonitor(reference_mean, reference_sd, site.baseline_rmse(),
                                   window=settings.drift_window, min_rows=settings.drift_min_rows,
                                   mean_shift=settings.drift_mean_shift,
                                   min_cells=settings.drift_min_cells,
-                                  error_ratio=settings.drift_error_ratio)
+                                  error_ratio=settings.drift_error_ratio,
+                                  blocks=site.drift_blocks(), level_names=site.level_names())
         self._totals = _Totals()
         self._lock = threading.Lock()
         self._monitor_lock = threading.Lock()
+        self._draw_lock = threading.Lock()
+        self._variance: np.ndarray | None = None
         self._drifted: set[int] = set()
         self._drift_checked = -float("inf")
 
     # -- requests ------------------------------------------------------------------
-    def impute(self, x: np.ndarray) -> ImputeOutcome:
-        """Impute a request's rows, count them, and feed the monitors."""
+    def impute(self, x: np.ndarray, n_draws: int = 0) -> ImputeOutcome:
+        """Impute a request's rows (and, with ``n_draws``, draw that many completed copies
+        of them from the bank: :meth:`~fediim.serve.site.Site.impute_multiple`, fresh
+        entropy per request, no budget spent), count them, and feed the monitors. A
+        ValueError when the site cannot draw (``local`` mode with coded columns)."""
         result = self.site.impute(x)
-        outcome = ImputeOutcome(result=result, methods=count_methods(result))
+        draws = (self.site.impute_multiple(x, n_draws, np.random.default_rng(),
+                                           self._draw_variance()) if n_draws else [])
+        outcome = ImputeOutcome(result=result, methods=count_methods(result), draws=draws)
         self._monitor(x)
         return outcome
+
+    def _draw_variance(self) -> np.ndarray | None:
+        """The draws' residual variance, measured on the first request for draws (it
+        reads only the site's rows and the bank) and kept."""
+        with self._draw_lock:
+            if self._variance is None:
+                self._variance = self.site.draw_variance(np.random.default_rng())
+            return self._variance
 
     def _monitor(self, x: np.ndarray) -> None:
         """Score masked cells of the complete rows and update the drift windows."""
@@ -126,7 +145,7 @@ class ServiceState:
             masked[np.arange(len(rows)), columns] = np.nan
             imputed = self.site.impute(masked).values[np.arange(len(rows)), columns]
             self.quality.record(columns, imputed - truth)
-        self.drift.observe(x)
+        self.drift.observe(self.site.engine_rows(x))
 
     def record(self, outcome: ImputeOutcome | None, n_rows: int, seconds: float) -> None:
         """Count a finished request (``outcome`` None: refused) for the status page."""
@@ -164,10 +183,13 @@ class ServiceState:
         with self._monitor_lock:
             return self.drift.state(self.quality)
 
-    def monitored(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rolling RMSE per column (raw units) and how many masked cells it is over."""
+    def monitored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per column, the rolling RMSE (raw units; numeric and ordinal columns), the
+        level error rate (binary and categorical ones) and how many masked cells they are
+        over."""
         with self._monitor_lock:
-            return self.quality.rmse(), self.quality.counts()
+            return (self.quality.rmse(), self.quality.level_error_rate(),
+                    self.quality.counts())
 
     def totals(self) -> dict[str, Any]:
         """Requests (and how many were refused), rows, cells by method and the fallback

@@ -17,11 +17,11 @@ from fediim.impute.encoding import MixedEncoding, schema_encoding
 from fediim.io.outputs import apply_schema
 from fediim.io.result import METHOD_FALLBACK, ImputationResult
 from fediim.io.schema import TableSchema, load_schema
-from fediim.io.table import read_csv
+from fediim.io.table import format_level, read_csv
 from fediim.privacy import PrivacyLedger, rho_to_epsilon
 from fediim.protocol.signed_bank import SignedBank, load_signed_bank
 from fediim.protocol.site_config import SiteConfig, load_site_config
-from fediim.serve.draws import bank_draws
+from fediim.serve.draws import bank_draws, bank_residual_variance
 from fediim.serve.engine import EngineSettings, ServingEngine
 
 __all__ = ["BudgetView", "Site", "count_methods", "fallback_rate", "read_budget"]
@@ -83,16 +83,26 @@ class Site:
         apply_schema(result, self.schema, self.columns)
         return result
 
-    def impute_multiple(self, x: np.ndarray, n_imputations: int,
-                        rng: np.random.Generator) -> list[ImputationResult]:
+    def impute_multiple(self, x: np.ndarray, n_imputations: int, rng: np.random.Generator,
+                        variance: np.ndarray | None = None) -> list[ImputationResult]:
         """``n_imputations`` draws of the rows of ``x`` completed from the bank (see
-        :mod:`fediim.serve.draws`), the schema applied to each."""
+        :mod:`fediim.serve.draws`), the schema applied to each; ``variance`` as
+        :meth:`draw_variance` measured it (else it is measured here)."""
         draws = bank_draws(self.engine.reference, np.asarray(x, dtype=np.float64),
                            self.signed.bank, self.engine.bounds, self.engine.settings,
-                           n_imputations, rng, self.encoding)
+                           n_imputations, rng, self.encoding, variance)
         for result in draws:
             apply_schema(result, self.schema, self.columns)
         return draws
+
+    def draw_variance(self, rng: np.random.Generator) -> np.ndarray | None:
+        """The residual variance the draws add, per engine column, measured on the
+        site's own rows (None in ``local`` mode, whose draws are IIM's own)."""
+        if self.engine.settings.mode == "local":
+            return None
+        return bank_residual_variance(self.engine.reference, self.signed.bank,
+                                      self.engine.bounds, self.engine.settings, rng,
+                                      self.encoding)
 
     @property
     def engine_columns(self) -> np.ndarray:
@@ -120,12 +130,14 @@ class Site:
                 np.sqrt(np.maximum(variance, 0.0)) * (bounds[:, 1] - bounds[:, 0]))
 
     def drift_reference(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per column, the mean drift is measured from and the spread it is measured in
-        (raw units): the site's own rows where it measures the column (exact: they never
-        left; they are what the local side and every choice were fitted on), else the
-        bank's moments. The bank's moments carry the noise of its released sums (at
-        eps = 4 a mean can sit half a standard deviation off and a variance be several
-        times the data's): as a yardstick they would flag drift on the bank's own rows."""
+        """Per engine (encoded) column, the mean drift is measured from and the spread it
+        is measured in (raw units; a categorical column's level indicators each give a
+        level's frequency and its spread): the site's own rows where it measures the
+        column (exact: they never left; they are what the local side and every choice were
+        fitted on), else the bank's moments. The bank's moments carry the noise of its
+        released sums (at eps = 4 a mean can sit half a standard deviation off and a
+        variance be several times the data's): as a yardstick they would flag drift on the
+        bank's own rows."""
         site, span = self.engine.site, self.engine.bounds[:, 1] - self.engine.bounds[:, 0]
         lo = self.engine.bounds[:, 0]
         with np.errstate(invalid="ignore"):
@@ -134,11 +146,24 @@ class Site:
         own_mean = (site.center + 0.5) * span + lo
         own_sd = np.where(counts >= 2, site.scale * span, np.nan)
         measured = (counts >= 2) & (own_sd > 0)
-        mean = np.where(measured, own_mean, bank_mean)[self.engine_columns]
-        sd = np.where(measured, own_sd, bank_sd)[self.engine_columns]
-        # A categorical column's first indicator is not its codes' mean: not watched.
-        categorical = [spec.kind == "categorical" for spec in self.schema.columns]
-        return np.where(categorical, np.nan, mean), np.where(categorical, np.nan, sd)
+        return np.where(measured, own_mean, bank_mean), np.where(measured, own_sd, bank_sd)
+
+    def drift_blocks(self) -> list[list[int]]:
+        """Per schema column, the engine columns drift watches it by (a categorical
+        column's level indicators; one column for any other)."""
+        if self.encoding is None:
+            return [[column] for column in range(len(self.columns))]
+        return [[int(c) for c in block] for block in self.encoding.blocks]
+
+    def level_names(self) -> list[list[str] | None]:
+        """Per schema column, a categorical column's levels as text (None for others)."""
+        return [[format_level(level) for level in spec.levels]
+                if spec.kind == "categorical" and spec.levels is not None else None
+                for spec in self.schema.columns]
+
+    def engine_rows(self, x: np.ndarray) -> np.ndarray:
+        """Rows of schema columns (codes for coded ones) in the engine's columns."""
+        return x if self.encoding is None else self.encoding.encode(x)
 
     def bank_age_days(self, now: datetime) -> float:
         """Days since the bank was stored."""

@@ -93,13 +93,17 @@ def _traffic(state: ServiceState) -> str:
 
 
 def _quality(state: ServiceState) -> str:
-    rmse, counts = state.monitored()
-    sd, baseline = state.drift.scale, state.drift.baseline_rmse
-    rows = [(name, _number(rmse[j]), _number(rmse[j] / sd[j]), _number(baseline[j]),
+    rmse, level_error_rate, counts = state.monitored()
+    sd, baseline = state.drift.column_scale, state.drift.baseline_rmse
+    voted = state.quality.voted
+    rows = [(name, f"{_number(level_error_rate[j])} of levels wrong", "", "",
+             str(int(counts[j]))) if voted[j] else
+            (name, _number(rmse[j]), _number(rmse[j] / sd[j]), _number(baseline[j]),
              str(int(counts[j]))) for j, name in enumerate(state.site.columns)]
     fraction = state.quality.fraction
     return (f"<p class=\"muted\">{fraction:.0%} of incoming complete rows get one cell "
-            "masked, imputed and scored.</p>"
+            "masked, imputed and scored: by its RMSE, or for a binary or categorical "
+            "column by the share imputed with another level than the true one.</p>"
             + _table(["Column", "RMSE", "RMSE / sd", "Validated RMSE", "Cells"], rows))
 
 

@@ -119,3 +119,31 @@ def test_a_row_with_nothing_observed_draws_from_the_level_frequencies() -> None:
     for column, (_, levels) in KINDS.items():
         assert set(table[column].iloc[:30]) <= set(levels)
     assert set(table["flag"].iloc[:30]) == {0, 1}
+
+
+def test_a_drawn_cell_reports_the_probability_of_the_level_it_drew() -> None:
+    """Each drawn table's voted cells carry the voted probability of *their* drawn level
+    (and uncertainty 1 - probability), not the single imputation's winner's: with the full
+    models, the level distribution of every draw is the cell's vote."""
+    _, masked = _frame(hide=("stage", "flag"))
+    imputer = IIMImputer(column_kinds=KINDS).fit(masked)
+    codes = imputer._codes(masked).to_numpy()
+    encoded = imputer.encoding_.encode(codes)
+    scores = imputer._impute_encoded(encoded).values
+    single = imputer.impute(masked)
+    draws = draw_imputations(imputer, codes, single,
+                             list(missing_patterns(np.isnan(encoded))), 5,
+                             np.random.default_rng(2), posterior="none")
+    for column, kind in ((1, "categorical"), (2, "binary")):
+        cells = np.flatnonzero(np.isnan(codes[:, column]))
+        expected = level_probabilities(
+            scores[np.ix_(cells, imputer.encoding_.blocks[column])], kind)
+        for draw in draws:
+            drawn = draw.values[cells, column].astype(int)
+            want = expected[np.arange(len(cells)), drawn]
+            np.testing.assert_allclose(draw.probability[cells, column], want)
+            np.testing.assert_allclose(draw.uncertainty[cells, column], 1.0 - want)
+        # some draw took a level other than the winner, whose probability is lower
+        assert any((draw.probability[cells, column] < single.probability[cells, column]).any()
+                   for draw in draws)
+    assert np.isnan(draws[0].probability[:, 0]).all()  # a numeric column has none
