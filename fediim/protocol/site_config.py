@@ -115,12 +115,13 @@ class ServeSettings(BaseModel):
     every caller must present; without one the service listens on a loopback address
     only. Monitoring: ``monitor_fraction`` of the incoming complete rows get one random
     cell masked, imputed and scored (a rolling window of ``monitor_window`` cells per
-    column). Drift: over the last ``drift_window`` rows, a column whose observed mean
-    moved more than ``drift_mean_shift`` standard deviations from the site's own mean (the
-    bank's where the site does not measure the column; the bank's noised moments are
-    too rough a yardstick) after ``drift_min_rows`` values, or whose monitored RMSE exceeds
-    ``drift_error_ratio`` times its cross-validated RMSE (after ``drift_min_cells``
-    cells).
+    column; a binary or categorical column is scored by its level error rate instead).
+    Drift: over the last ``drift_window`` rows, a column whose observed mean (a
+    categorical column: any level's frequency) moved more than ``drift_mean_shift``
+    standard deviations from the site's own (the bank's where the site does not measure
+    the column; the bank's noised moments are too rough a yardstick) after
+    ``drift_min_rows`` values, or whose monitored RMSE exceeds ``drift_error_ratio`` times
+    its cross-validated RMSE (after ``drift_min_cells`` cells).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
