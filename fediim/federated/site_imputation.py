@@ -379,8 +379,9 @@ def impute_federated(site: SiteView, job: ImputationJob) -> JobEstimate:
     The bank configuration is the one the site's validation rows choose against the other
     sites' cells (:func:`best_bank_config`). On a noised bank with a known site, it is
     chosen instead jointly with a weight that shrinks the estimate towards the site's own
-    mean (:func:`shrink_target`, :func:`choose_shrinkage`): noised cell models can be
-    worse than that mean.
+    mean (:func:`shrink_target`, :func:`choose_shrinkage`), among IIM over cells and the
+    tied cell mixture (:func:`federated_choices`): noised cell models can be worse than
+    that mean.
     """
     config = _federated_config(site, job)
     weight = 1.0
@@ -390,7 +391,7 @@ def impute_federated(site: SiteView, job: ImputationJob) -> JobEstimate:
         observed = site.scaled[job.train, job.target]
         mean_without_row = (observed.sum() - observed) / max(len(observed) - 1, 1)
         config, weight = choose_shrinkage(
-            site.bank, site.site_id, job.target, job.features, site.choices,
+            site.bank, site.site_id, job.target, job.features, federated_choices(site),
             site.scaled[job.train], mean_without_row, site.random_state)
     bank_side = pattern_models(site.bank, job.target, job.features, config).impute(
         site.queries(job))
@@ -625,6 +626,16 @@ def _federated_config(site: SiteView, job: ImputationJob) -> BankConfig:
     return best_bank_config(site.others, job.target, job.features, site.choices,
                             site.validation_queries(job),
                             site.scaled[job.validation, job.target])
+
+
+def federated_choices(site: SiteView) -> list[BankConfig]:
+    """Federated mode's choices on a noised bank (``site.shrink``): IIM over cells with
+    each noise multiplier (:func:`bank_choices`) and the cell mixture with the
+    federation's tied within-cell covariance
+    (:func:`~fediim.federated.engines.tied_covariance`), when the engine is left open."""
+    if site.shrink and site.config.engine == "auto":
+        return [*site.choices, replace(site.config, engine="mixture")]
+    return site.choices
 
 
 def bank_choices(config: BankConfig, exact: bool) -> list[BankConfig]:
