@@ -48,8 +48,9 @@ class BankConfig:
         best value depends on the data (how many attributes, how many records per cell),
         which is why a site chooses it.
     engine : "cells" (IIM over cells), "mixture" (conditional mean of the cells as a
-        Gaussian mixture) or "auto": mixture for an exact bank (every sigma = 0), cells for
-        a noised one, whose noised within-cell covariances the mixture cannot use well.
+        Gaussian mixture; on a noised bank with the federation's tied within-cell
+        covariance) or "auto": mixture for an exact bank (every sigma = 0), cells for a
+        noised one; federated mode then chooses between the two on the site's rows.
     mixture_prior : pseudo-records of the in-box uniform covariance added to each cell's
         covariance in the mixture (keeps thin cells' Gaussians proper).
     """

@@ -29,7 +29,7 @@ from fediim.impute.iim import PatternResult, ridge_solve
 from fediim.impute.neighbors import NeighborIndex
 
 __all__ = ["BankModels", "CellPatternModels", "CellPooling", "MixturePatternModels",
-           "pattern_models"]
+           "pattern_models", "tied_covariance"]
 
 #: Floats gathered at a time when pooling neighbouring cells' Grams (about 32 MB).
 _POOLING_BLOCK_FLOATS = 4_000_000
@@ -244,7 +244,12 @@ class MixturePatternModels:
     region holds the query decide, each with its own within-cell regression, and cells that
     differ only in the target (a partition also cuts along it) are weighed by the data
     instead of by anchor distance. Cells of several trees over the same records simply add
-    up as components (an ensemble of partitions). Needs exact or nearly exact covariances.
+    up as components (an ensemble of partitions).
+
+    A noised bank's per-cell covariances are noise (a cell of ~40 records at Gram noise
+    sigma ~ 10 in its own coordinates), so there every cell takes the federation's
+    within-cell covariance in cell coordinates instead (:func:`tied_covariance`): each cell
+    keeps its own count, mean and box, and so its own intercept and region.
     """
 
     def __init__(self, bank: ModelBank, target: int, features: tuple[int, ...],
@@ -254,6 +259,8 @@ class MixturePatternModels:
         means = bank.anchors  # the cells' centroids
         covariance = (bank.gram[:, 1:, 1:] / counts[:, None, None]
                       - means[:, :, None] * means[:, None, :])
+        if np.any(bank.sigma > 0):
+            covariance = tied_covariance(covariance, counts, bank.lo, bank.hi)
         box_variance = (bank.hi - bank.lo) ** 2 / 12.0
         prior_records = config.mixture_prior
         columns = np.asarray(list(features) + [target])
@@ -321,6 +328,24 @@ class MixturePatternModels:
         responsibility /= responsibility.sum(axis=1, keepdims=True)
         estimate = self._mean_target[None] + np.einsum("cf,bcf->bc", self._beta, offset)
         return responsibility, estimate
+
+
+def tied_covariance(covariance: np.ndarray, counts: np.ndarray, lo: np.ndarray,
+                    hi: np.ndarray) -> np.ndarray:
+    """Every cell's within-cell covariance replaced by the count-weighted mean of all
+    cells' covariances in cell coordinates (each cell's box mapped to the unit cube),
+    mapped back to each cell's box; clipped to PSD. Post-processing of the released
+    Grams: the mean over hundreds of cells averages their noise away, which each cell's
+    own covariance cannot.
+
+    Shapes: ``covariance`` (C, m, m), ``counts`` (C,), ``lo``/``hi`` (C, m)."""
+    width = np.maximum(hi - lo, 1e-12)
+    scale = width[:, :, None] * width[:, None, :]
+    weights = counts / counts.sum()
+    shape = np.einsum("c,cij->ij", weights, covariance / scale)
+    values, vectors = np.linalg.eigh(0.5 * (shape + shape.T))
+    shape = (vectors * np.maximum(values, 0.0)) @ vectors.T
+    return shape[None] * scale
 
 
 #: Either bank engine: both impute a pattern's queries into a :class:`PatternResult`.

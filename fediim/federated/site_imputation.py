@@ -304,12 +304,13 @@ class SiteView:
             mean = np.nanmean(scaled, axis=0)
         spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
         mean = np.where(np.isfinite(mean), mean, 0.0)
-        choices = bank_choices(config, exact=bool(np.all(bank.sigma == 0)))
+        shrink = (mode != "hybrid" and site_id is not None and bank.n_trees == 1
+                  and bool(np.any(bank.sigma > 0)))
+        choices = site_choices(config, exact=bool(np.all(bank.sigma == 0)), shrink=shrink)
         return cls(
             scaled=scaled, standardized=(scaled - mean) / spread, center=mean, scale=spread,
             missing=np.isnan(x), bounds=bounds, bank=bank, config=config, choices=choices,
-            shrink=(mode != "hybrid" and site_id is not None and bank.n_trees == 1
-                    and bool(np.any(bank.sigma > 0))),
+            shrink=shrink,
             federation_mean=bank.column_moments()[0],
             local_config=IIMConfig(n_neighbors=n_neighbors), blend_weights=blend_weights,
             site_id=site_id, random_state=random_state)
@@ -379,8 +380,9 @@ def impute_federated(site: SiteView, job: ImputationJob) -> JobEstimate:
     The bank configuration is the one the site's validation rows choose against the other
     sites' cells (:func:`best_bank_config`). On a noised bank with a known site, it is
     chosen instead jointly with a weight that shrinks the estimate towards the site's own
-    mean (:func:`shrink_target`, :func:`choose_shrinkage`): noised cell models can be
-    worse than that mean.
+    mean (:func:`shrink_target`, :func:`choose_shrinkage`), among IIM over cells and the
+    tied cell mixture (:func:`site_choices`): noised cell models can be worse than
+    that mean.
     """
     config = _federated_config(site, job)
     weight = 1.0
@@ -625,6 +627,16 @@ def _federated_config(site: SiteView, job: ImputationJob) -> BankConfig:
     return best_bank_config(site.others, job.target, job.features, site.choices,
                             site.validation_queries(job),
                             site.scaled[job.validation, job.target])
+
+
+def site_choices(config: BankConfig, exact: bool, shrink: bool) -> list[BankConfig]:
+    """The site's choices (:func:`bank_choices`); federated mode's on a noised bank
+    (``shrink``) add the cell mixture with the federation's tied within-cell covariance
+    (:func:`~fediim.federated.engines.tied_covariance`) when the engine is left open."""
+    choices = bank_choices(config, exact)
+    if shrink and not exact and config.engine == "auto":
+        return [*choices, replace(config, engine="mixture")]
+    return choices
 
 
 def bank_choices(config: BankConfig, exact: bool) -> list[BankConfig]:

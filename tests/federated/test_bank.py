@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from fediim.federated.engines import (
     MixturePatternModels,
     default_cell_grid,
     pattern_models,
+    tied_covariance,
 )
 from fediim.federated.gram import augmented_gram
 from fediim.privacy import PrivacyLedger, SeededGaussianNoise
@@ -320,6 +322,38 @@ def test_mixture_follows_the_cell_that_holds_the_query() -> None:
     q = np.array([[-0.4], [0.4]])
     got = MixturePatternModels(bank, 1, (0,), BankConfig()).impute(q).values
     np.testing.assert_allclose(got, [2 * (-0.4 + 0.375), -2 * (0.4 - 0.375)], atol=1e-3)
+
+
+def test_tied_covariance_keeps_one_shape_in_cell_coordinates() -> None:
+    """Cells sharing a covariance shape in their own coordinates keep their covariances;
+    cells whose shapes differ only by noise that averages out (count-weighted) all get the
+    common shape, scaled to each box."""
+    rng = np.random.default_rng(0)
+    lo = rng.uniform(-0.5, 0.0, size=(3, 2))
+    hi = lo + rng.uniform(0.05, 0.4, size=(3, 2))
+    width = hi - lo
+    scale = width[:, :, None] * width[:, None, :]
+    shape = np.array([[1 / 12, 0.05], [0.05, 1 / 12]])
+    counts = np.array([40.0, 20.0, 20.0])
+    np.testing.assert_allclose(tied_covariance(shape * scale, counts, lo, hi), shape * scale)
+    noise = np.array([[[0.0, 0.02], [0.02, 0.01]]]) * np.array([1.0, -1.0, -1.0])[:, None, None]
+    got = tied_covariance((shape + noise) * scale, counts, lo, hi)
+    np.testing.assert_allclose(got, shape * scale, atol=1e-12)
+
+
+def test_tied_covariance_is_psd_and_used_only_for_noised_banks() -> None:
+    """An indefinite mean shape is clipped to PSD; the mixture of an exact bank keeps each
+    cell's own covariance, that of a noised bank the tied one."""
+    lo, hi = np.zeros((2, 2)), np.ones((2, 2))
+    indefinite = np.array([[[1.0, 2.0], [2.0, 1.0]]] * 2)
+    assert np.linalg.eigvalsh(tied_covariance(indefinite, np.ones(2), lo, hi)).min() >= -1e-12
+    exact = _bank(np.inf)
+    noised = dataclasses.replace(exact, sigma=np.full(exact.n_cells, 1e-9))
+    feats = (0, 1, 3)
+    cell_slopes = [MixturePatternModels(bank, 2, feats, BankConfig())._beta
+                   for bank in (exact, noised)]
+    assert not np.allclose(cell_slopes[0], cell_slopes[0][:1])  # cells differ
+    assert not np.allclose(cell_slopes[0], cell_slopes[1])  # the noised bank's are tied
 
 
 def test_auto_engine_is_the_mixture_only_for_exact_banks() -> None:

@@ -742,10 +742,38 @@ def test_noise_penalty_is_chosen_on_the_sites_rows(
 
     monkeypatch.setattr(federated, "pattern_models", spy)
     monkeypatch.setattr(federated, "models_per_config", spy_per_config)
+    monkeypatch.setattr(federated, "site_choices",
+                        lambda config, exact, shrink: federated.bank_choices(config, exact))
     chosen = fit_impute()
     assert set(seen) == set(NOISE_ALPHA_GRID)  # every multiplier was tried
     monkeypatch.setattr(federated, "NOISE_ALPHA_GRID", (DEFAULT_NOISE_ALPHA,))
     assert chosen < 0.9 * fit_impute()
+
+
+@pytest.mark.parametrize(("mode", "epsilon", "mixture"), [
+    ("federated", 1.0, True), ("hybrid", 1.0, False)])
+def test_federated_mode_on_a_noised_bank_also_weighs_the_tied_mixture(
+        two_sites: tuple[list[np.ndarray], ...], monkeypatch: pytest.MonkeyPatch,
+        mode: str, epsilon: float, mixture: bool) -> None:
+    """Federated mode chooses, on a noised bank, between IIM over cells (each noise
+    multiplier) and the cell mixture; hybrid mode keeps IIM over cells."""
+    _, obs = two_sites
+    offered: list[list[BankConfig]] = []
+    real = federated.site_choices
+
+    def spy(config: BankConfig, exact: bool, shrink: bool) -> list[BankConfig]:
+        offered.append(real(config, exact, shrink))
+        return offered[-1]
+
+    monkeypatch.setattr(federated, "site_choices", spy)
+    model = FederatedIIM(epsilon=epsilon, delta=DELTA, bounds=BOUNDS, mode=mode,
+                         max_depth=3, seed=1).fit(obs)
+    model.impute(obs)
+    engines = {config.engine for configs in offered for config in configs}
+    assert ("mixture" in engines) == mixture
+    if mixture:
+        assert {config.noise_alpha for configs in offered for config in configs
+                if config.engine == "cells"} == set(NOISE_ALPHA_GRID)
 
 
 def test_bank_choices() -> None:
