@@ -108,11 +108,12 @@ def choice_beats_local(errors: np.ndarray, standard_errors: float,
     (sides, weights, n), local only at ``[0, 0]``. Each of ``n_folds`` folds of the rows
     is scored with the choice made on the others; the site's gain is local's error minus
     that, per row, and it must exceed ``standard_errors`` standard errors of its mean.
-    Fewer than two rows per fold: no.
+    Fewer rows than folds: one row per fold; fewer than three rows: no.
     """
     n_rows = errors.shape[2]
-    if n_rows < 2 * n_folds:
+    if n_rows < 3:
         return False
+    n_folds = min(n_folds, n_rows)
     fold = np.arange(n_rows) % n_folds
     chosen = np.empty(n_rows)
     for number in range(n_folds):
