@@ -16,11 +16,17 @@ import numpy as np
 
 from fediim.federated.gram import affine_map, transform_gram
 
-__all__ = ["FUSION_STRENGTHS", "choose_blend", "fusion_predictions", "site_coefficients"]
+__all__ = ["CHOICE_FOLDS", "CHOICE_STANDARD_ERRORS", "FUSION_STRENGTHS", "choice_beats_local",
+           "choose_blend", "fusion_predictions", "site_coefficients"]
 
 #: The fusion's prior strengths per training row: ``lambda = strength * n_train``, so the
 #: bank's model counts as that share of the site's rows whatever the site's size.
 FUSION_STRENGTHS = (0.01, 0.03, 0.1, 0.3, 1.0)
+#: How many paired standard errors the hybrid's choice must beat local by, out of fold,
+#: for the site to leave local (see :func:`choose_blend`).
+CHOICE_STANDARD_ERRORS = 1.0
+#: Folds of that out-of-fold check.
+CHOICE_FOLDS = 5
 
 
 def site_coefficients(coefficients: np.ndarray, center: np.ndarray, scale: np.ndarray,
@@ -63,19 +69,62 @@ def fusion_predictions(train: np.ndarray, queries: np.ndarray, prior: np.ndarray
 
 
 def choose_blend(local: np.ndarray, sides: np.ndarray, site_mean: np.ndarray,
-                 truth: np.ndarray, grid: np.ndarray) -> tuple[int, np.ndarray]:
+                 truth: np.ndarray, grid: np.ndarray,
+                 standard_errors: float | None = None) -> tuple[int, np.ndarray]:
     """The hybrid's choice: one side and blend weights (a row of ``grid``) for
-    ``w_l * local + w_s * side + w_m * site mean``, least squared error on ``truth``.
+    ``w_l * local + w_s * side + w_m * site mean``, least squared error on ``truth``, kept
+    only if the choice itself beats local out of fold (:func:`choice_beats_local`).
 
-    All predictions are of the same validation rows, each made without the row itself.
-    ``sides`` has shape (n_sides, n) and may be empty. Ties go to the first side and the
-    first weights (the grid lists local-only first), so an uninformative side keeps local.
+    All predictions are of the same validation rows, each made without the row itself,
+    in random order. ``sides`` has shape (n_sides, n) and may be empty; ``grid[0]`` must
+    be local only. The least error among 7 sides x 66 weights on a few hundred rows is
+    optimistic (the winner's curse): on a small site the chosen blend erred less than
+    local on the rows that chose it and more on the rows it imputed. So the site leaves
+    local only when the selection, repeated without each fold of the rows and scored on
+    that fold, beats local by ``standard_errors`` (default
+    :data:`CHOICE_STANDARD_ERRORS`) paired standard errors. Ties go to the first side and
+    the first weights, so an uninformative side keeps local.
     """
     if not len(sides):
         sides = np.zeros((1, len(truth)))
         grid = grid[grid[:, 1] == 0]
+    if not np.array_equal(grid[0], [1.0, 0.0, 0.0]):
+        raise ValueError("the blend grid must list local only first")
     stacked = np.stack([np.broadcast_to(local, sides.shape), sides,
                         np.broadcast_to(site_mean, sides.shape)], axis=1)  # (side, 3, n)
-    errors = ((np.einsum("wp,spn->swn", grid, stacked) - truth) ** 2).mean(axis=2)
+    errors = (np.einsum("wp,spn->swn", grid, stacked) - truth) ** 2
+    side, weights = _least(errors.mean(axis=2))
+    if (side, weights) != (0, 0) and not choice_beats_local(
+            errors, CHOICE_STANDARD_ERRORS if standard_errors is None else standard_errors):
+        return 0, grid[0]
+    return side, grid[weights]
+
+
+def choice_beats_local(errors: np.ndarray, standard_errors: float,
+                       n_folds: int = CHOICE_FOLDS) -> bool:
+    """Whether choosing by least error beats local on rows it did not choose on.
+
+    ``errors``: squared errors of every (side, weights) on every validation row, shape
+    (sides, weights, n), local only at ``[0, 0]``. Each of ``n_folds`` folds of the rows
+    is scored with the choice made on the others; the site's gain is local's error minus
+    that, per row, and it must exceed ``standard_errors`` standard errors of its mean.
+    Fewer rows than folds: one row per fold; fewer than three rows: no.
+    """
+    n_rows = errors.shape[2]
+    if n_rows < 3:
+        return False
+    n_folds = min(n_folds, n_rows)
+    fold = np.arange(n_rows) % n_folds
+    chosen = np.empty(n_rows)
+    for number in range(n_folds):
+        held = fold == number
+        side, weights = _least(errors[:, :, ~held].mean(axis=2))
+        chosen[held] = errors[side, weights, held]
+    gain = errors[0, 0] - chosen
+    return bool(gain.mean() > standard_errors * gain.std(ddof=1) / np.sqrt(n_rows))
+
+
+def _least(errors: np.ndarray) -> tuple[int, int]:
+    """The (side, weights) of the least error; ties: the first."""
     side, weights = np.unravel_index(int(np.argmin(errors)), errors.shape)
-    return int(side), grid[weights]
+    return int(side), int(weights)

@@ -11,7 +11,6 @@ each job to its mode's function: :func:`impute_mean`, :func:`impute_federated` o
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -250,14 +249,35 @@ def imputation_jobs(missing: np.ndarray, n_validation: int, random_state: int | 
             yield ImputationJob(rows, target, features, train, validation)
 
 
+def local_scaling(x: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, the mean and spread (raw units) with which the site's own
+    :class:`~fediim.impute.IIMImputer` over the columns it observes (the ``local``
+    baseline) standardizes, to the last bit; a column the site never observes gets the
+    centre and width of its public bounds.
+
+    One bit of difference flips ties between equally near rows (coded columns), and with
+    them neighbours, models and the small-pattern blend: the hybrid's local side would not
+    be the local baseline.
+    """
+    mean, spread = bounds.mean(axis=1), bounds[:, 1] - bounds[:, 0]
+    seen = np.flatnonzero(~np.isnan(x).all(axis=0))
+    if seen.size:
+        local = IIMImputer().fit(x[:, seen])
+        mean[seen], spread[seen] = local.mean_, local.scale_
+    return mean, spread
+
+
 @dataclass(frozen=True)
 class SiteView:
     """What every job of one :func:`site_impute` call reads, worked out once per call.
 
     scaled : the site's table in the bank's coordinates (public bounds to [-1/2, 1/2]).
-    standardized, center, scale : ``standardized = (scaled - center) / scale`` with the
-        site's own mean and spread: the local side works there, exactly as local mode does
-        (the site's data never leave, so nothing here is private).
+    standardized : the site's table standardized as its ``local`` baseline does
+        (:meth:`standardize`): the local side works there (the site's data never leave, so
+        nothing here is private).
+    center, scale : the same map in bank coordinates, ``standardized = (scaled - center)
+        / scale`` inside the public bounds.
+    local_mean, local_spread : that map in raw units (:func:`local_scaling`).
     missing : where the site's table is NaN.
     bounds : the public bounds per attribute.
     bank, others : the whole bank, and (made on first use) the bank without the site's
@@ -280,6 +300,8 @@ class SiteView:
     standardized: np.ndarray
     center: np.ndarray
     scale: np.ndarray
+    local_mean: np.ndarray
+    local_spread: np.ndarray
     missing: np.ndarray
     bounds: np.ndarray
     bank: ModelBank
@@ -297,18 +319,14 @@ class SiteView:
               n_neighbors: int, site_id: str | None, config: BankConfig,
               blend_weights: np.ndarray, random_state: int | None) -> SiteView:
         scaled, _ = scale_to_bounds(x, bounds)
-        # A column the site never observes gets NaN statistics: neutral ones instead.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            spread = np.nanstd(scaled, axis=0)
-            mean = np.nanmean(scaled, axis=0)
-        spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
-        mean = np.where(np.isfinite(mean), mean, 0.0)
+        mean, spread = local_scaling(x, bounds)
+        lo, span = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
         shrink = (mode != "hybrid" and site_id is not None and bank.n_trees == 1
                   and bool(np.any(bank.sigma > 0)))
         choices = site_choices(config, exact=bool(np.all(bank.sigma == 0)), shrink=shrink)
         return cls(
-            scaled=scaled, standardized=(scaled - mean) / spread, center=mean, scale=spread,
+            scaled=scaled, standardized=(x - mean) / spread, center=(mean - lo) / span - 0.5,
+            scale=spread / span, local_mean=mean, local_spread=spread,
             missing=np.isnan(x), bounds=bounds, bank=bank, config=config, choices=choices,
             shrink=shrink,
             federation_mean=bank.column_moments()[0],
@@ -326,6 +344,10 @@ class SiteView:
         """Whether there is a configuration to choose, and other sites' cells to choose it
         on."""
         return len(self.choices) > 1 and self.others.n_cells > 0
+
+    def standardize(self, x: np.ndarray) -> np.ndarray:
+        """Rows ``x`` (raw) in the local side's coordinates, as the site's own table."""
+        return (x - self.local_mean) / self.local_spread
 
     def queries(self, job: ImputationJob) -> np.ndarray:
         """The job's rows on its features, in the bank's coordinates."""
@@ -420,7 +442,11 @@ def impute_hybrid(site: SiteView, job: ImputationJob) -> JobEstimate:
     to the site's own level, or the shrinkage fusion of the site's rows with them at one
     prior strength. The choice (:func:`~fediim.federated.fusion.choose_blend`, weights from
     ``site.blend_weights``) is made on the job's validation rows, each predicted without
-    itself (:func:`hybrid_validation`); ties keep local.
+    itself (:func:`hybrid_validation`), and kept only where it beats local out of fold by
+    a margin (:func:`~fediim.federated.fusion.choice_beats_local`); ties keep local. With
+    weights (1, 0, 0) the job's cells are the site's ``local`` baseline itself (same
+    scaling, models and small-pattern blend), below :data:`ONE_FOLD_TRAINING_ROWS`
+    training rows.
     """
     validation = hybrid_validation(site, job)
     sides, labels = hybrid_sides(site, job, validation)

@@ -328,7 +328,7 @@ class ServingEngine:
                 return self._impute_local(x)
             result = empty_result(x)
             scaled, _ = scale_to_bounds(x, self.bounds)
-            standardized = (scaled - self.site.center) / self.site.scale
+            standardized = self.site.standardize(x)
             for rows, features, targets in missing_patterns(result.imputed):
                 for target in targets:
                     self._fill(result, rows, (features, target), scaled, standardized)

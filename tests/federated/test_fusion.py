@@ -12,6 +12,7 @@ from fediim.federated import FederatedIIM, scale_to_bounds, site_impute
 from fediim.federated.bank import BankConfig
 from fediim.federated.engines import pattern_models
 from fediim.federated.fusion import choose_blend, fusion_predictions, site_coefficients
+from fediim.impute import IIMImputer
 from fediim.impute.iim import ridge_solve
 from tests.federated.spies import spy_bank_counts
 
@@ -97,8 +98,8 @@ def test_fusion_runs_from_the_sites_regression_to_the_banks_estimate() -> None:
 
 
 def test_choose_blend_keeps_local_on_ties_and_without_sides() -> None:
-    truth = np.array([1.0, 2.0, 3.0])
-    side, weights = choose_blend(truth, np.zeros((0, 3)), truth, truth,
+    truth = np.linspace(1.0, 3.0, 40)
+    side, weights = choose_blend(truth, np.zeros((0, 40)), truth, truth,
                                  federated.BLEND_WEIGHTS)
     np.testing.assert_array_equal(weights, [1.0, 0.0, 0.0])
     side, weights = choose_blend(truth, np.stack([truth, truth]), truth, truth,
@@ -112,6 +113,85 @@ def test_choose_blend_keeps_local_on_ties_and_without_sides() -> None:
                                  truth, federated.BLEND_WEIGHTS)
     assert side == 1
     np.testing.assert_array_equal(weights, [0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="local only first"):
+        choose_blend(truth, np.stack([truth]), truth, truth, federated.BLEND_WEIGHTS[::-1])
+
+
+def _uninformative_choice(seed: int, n_rows: int = 60
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validation predictions where nothing knows more than local: local is the target's
+    conditional mean (the truth is local plus independent noise), each side is local plus
+    noise of its own, the site mean a constant."""
+    rng = np.random.default_rng(seed)
+    local = rng.normal(size=n_rows)
+    truth = local + rng.normal(size=n_rows)
+    sides = local + 0.5 * rng.normal(size=(7, n_rows))
+    return local, sides, np.full(n_rows, truth.mean()), truth
+
+
+def test_choose_blend_keeps_local_when_the_sides_only_look_better_by_chance() -> None:
+    """The winner's curse: among 7 sides x 66 weights on 60 rows, the least in-sample
+    error is nearly never local's, though no side carries information (so standard errors
+    0 and -inf, no check, leave local in most draws); the out-of-fold check keeps local in
+    nearly every draw."""
+    left = {-np.inf: 0, 1.0: 0}
+    for seed in range(40):
+        local, sides, mean, truth = _uninformative_choice(seed)
+        for standard_errors in left:
+            _, weights = choose_blend(local, sides, mean, truth, federated.BLEND_WEIGHTS,
+                                      standard_errors=standard_errors)
+            left[standard_errors] += weights[0] < 1.0
+    assert left[-np.inf] >= 35
+    assert left[1.0] <= 4
+
+
+def test_choose_blend_takes_an_informative_side_on_enough_rows() -> None:
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=200)
+    local = truth + rng.normal(size=200)
+    sides = np.stack([truth + 2 * rng.normal(size=200), truth + 0.3 * rng.normal(size=200)])
+    side, weights = choose_blend(local, sides, np.zeros(200), truth, federated.BLEND_WEIGHTS)
+    assert side == 1
+    assert weights[1] >= 0.8
+
+
+def _tied_table(rng: np.random.Generator, n_rows: int, measures_last: bool) -> np.ndarray:
+    """Five small-integer columns sharing one factor (many rows equally near a query), and
+    a sixth that the site may never measure."""
+    base = rng.integers(0, 4, size=(n_rows, 1))
+    table = (base + rng.integers(0, 3, size=(n_rows, 6))).astype(float)
+    if not measures_last:
+        table[:, 5] = np.nan
+    return table
+
+
+TIED_BOUNDS = np.array([[-1.0, 8.0]] * 6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hybrid_with_local_only_weights_is_the_local_baseline(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights (1, 0, 0) give the site's own IIMImputer over the columns it observes (the
+    ``local`` baseline) to the last bits: the same scaling, so the same neighbours among
+    tied rows, the same models and small-pattern blend (standardizing the bank's
+    coordinates instead moved these imputations by up to 0.14)."""
+    rng = np.random.default_rng(seed)
+    small = _hide(rng, _tied_table(rng, 150, measures_last=False), 0.15)
+    model = FederatedIIM(epsilon=1.0, bounds=TIED_BOUNDS, mode="federated", seed=0).fit(
+        [_hide(rng, _tied_table(rng, 400, measures_last=True), 0.05), small],
+        site_ids=["a", "s"])
+    monkeypatch.setattr(federated, "choose_blend",
+                        lambda local, sides, mean, truth, grid: (0, grid[0]))
+    hybrid = site_impute(small, model.bank_, TIED_BOUNDS, mode="hybrid",
+                         site_id="s").values
+    # The baseline as simulations.baselines.impute_table runs it: the observed columns
+    # picked by index (a column-major copy; IIMImputer's sums, and so its ties, follow the
+    # memory layout).
+    observed = small[:, np.flatnonzero(~np.isnan(small).all(axis=0))]
+    local = IIMImputer().fit(observed).transform(observed)
+    assert observed.shape[1] == 5 and np.isnan(observed).any()
+    np.testing.assert_allclose(hybrid[:, :5], local, rtol=0, atol=1e-12)
+    assert np.all(np.isfinite(hybrid[:, 5]))  # the never-measured column: from the bank
 
 
 def test_hybrid_bank_side_takes_each_validated_row_out_of_its_cell_in_every_tree(
