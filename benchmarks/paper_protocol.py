@@ -7,8 +7,9 @@ column std (ddof=0). Time is the wall time of fit + transform (`time_s`), and th
 CPU time (`cpu_s`: on a loaded machine the only comparable one).
 
 Methods
-    fediim-iim   IIMImputer() defaults (local quadratic models, the per-pattern blend, which
-                 also weighs global tree ensembles: trees=True)
+    fediim-iim   IIMImputer() defaults (local quadratic models, the per-pattern blend)
+    fediim-iim-trees  IIMImputer(trees=True): the blend also weighs global tree ensembles
+                 (opt-in; not run unless named in --methods)
     fediim-iim-before  IIMImputer(blend=False, quadratic=False), the engine before those
                  became the defaults (not run unless named in --methods)
     knn          sklearn KNNImputer(n_neighbors=10) on z-scored data (nanmean/nanstd of the
@@ -86,11 +87,13 @@ REFERENCE_NRMSE: dict[str, dict[str, float]] = {
 
 #: benchmark method -> ``simulations.baselines`` method (one implementation for both)
 BASELINE_OF: dict[str, str] = {
-    "fediim-iim": "iim", "fediim-iim-before": "iim", "knn": "knn", "mice": "mice",
+    "fediim-iim": "iim", "fediim-iim-before": "iim", "fediim-iim-trees": "iim",
+    "knn": "knn", "mice": "mice",
     "missforest": "missforest", "mean": "mean",
 }
 #: IIMImputer options of a benchmark method (the defaults otherwise).
-IIM_OPTIONS: dict[str, dict[str, Any]] = {"fediim-iim-before": BEFORE_IIM_OPTIONS}
+IIM_OPTIONS: dict[str, dict[str, Any]] = {"fediim-iim-before": BEFORE_IIM_OPTIONS,
+                                          "fediim-iim-trees": {"trees": True}}
 #: MissForest's tree threads here (the benchmark runs one imputation at a time)
 N_JOBS = 2
 
@@ -238,7 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
                     help=f"folder with the CSVs (default: {DEFAULT_DATASETS})")
     ap.add_argument("--methods", type=_csv_list, default=list(METHODS),
-                    help=f"comma list from {','.join(METHODS)},fediim-iim-before")
+                    help=f"comma list from {','.join(METHODS)},"
+                         "fediim-iim-before,fediim-iim-trees")
     ap.add_argument("--only", type=_csv_list, default=[*DATASETS, ASF_EXAMPLE],
                     help=f"comma list from {','.join([*DATASETS, ASF_EXAMPLE])}")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)],

@@ -87,11 +87,12 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     quadratic : bool, default=True
         With adaptive ell, also offer each row local quadratic models at large ell,
         chosen per row by the same validation (see :mod:`fediim.impute.basis`).
-    trees : bool, default=True
-        With ``blend``, every pattern of at least 100 training rows also fits two global
-        tree ensembles (scikit-learn's gradient-boosted and extremely randomized trees,
-        cross-fitted on the validation rows) and the blend weighs them with IIM, the
-        global model and the mean by their held-out errors (see
+    trees : bool, default=False
+        Opt-in, for accuracy at several times the CPU (2-12x on the paper datasets, see
+        benchmarks/README.md). With ``blend``, every pattern of at least 100 training
+        rows also fits two global tree ensembles (scikit-learn's gradient-boosted and
+        extremely randomized trees, cross-fitted on the validation rows) and the blend
+        weighs them with IIM, the global model and the mean by their held-out errors (see
         :mod:`fediim.impute.tree_models`). The engine's imputation is then a validated
         stack, IIM plus trees where they predict the pattern's own rows better;
         ``trees=False`` keeps it to IIM, the global model and the mean.
@@ -157,7 +158,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         neighbor_index: Literal["auto", "kdtree", "blas", "hnsw"] = "auto",
         blend: bool = True,
         quadratic: bool = True,
-        trees: bool = True,
+        trees: bool = False,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell

@@ -67,7 +67,7 @@ def test_small_patterns_and_trees_off_keep_three_parts():
     assert not PatternModels(feats, target, IIMConfig(trees=True)).blend.iim_only
 
 
-def test_imputer_stacks_trees_by_default_and_validates_the_flag():
+def test_imputer_stacks_trees_when_asked_and_validates_the_flag():
     feats, target = _step_table()
     table = np.column_stack([feats, target])
     masked = table.copy()
@@ -77,7 +77,7 @@ def test_imputer_stacks_trees_by_default_and_validates_the_flag():
     for trees in (False, True):
         imputed = IIMImputer(trees=trees).fit_transform(masked)
         error[trees] = np.sqrt(np.mean((imputed[lost, 2] - table[lost, 2]) ** 2))
-    assert IIMImputer().get_params()["trees"] is True
+    assert IIMImputer().get_params()["trees"] is False
     assert error[True] < 0.7 * error[False]
     with pytest.raises(ValueError, match="trees must be a bool"):
         IIMImputer(trees="yes").fit(masked)
