@@ -3,10 +3,13 @@
 For each dataset and seed (0-5): ``round(5% of rows)`` random rows lose one uniformly
 random attribute each (``np.random.default_rng(seed)``). Accuracy is the NRMSE pooled over
 the masked cells, sqrt(mean(((imputed - truth) / std_attr)^2)), std_attr being the full-data
-column std (ddof=0). Time is the wall time of fit + transform.
+column std (ddof=0). Time is the wall time of fit + transform (`time_s`), and the process
+CPU time (`cpu_s`: on a loaded machine the only comparable one).
 
 Methods
-    fediim-iim   IIMImputer() defaults (local quadratic models and the per-pattern blend)
+    fediim-iim   IIMImputer() defaults (local quadratic models, the per-pattern blend)
+    fediim-iim-trees  IIMImputer(trees=True): the blend also weighs global tree ensembles
+                 (opt-in; not run unless named in --methods)
     fediim-iim-before  IIMImputer(blend=False, quadratic=False), the engine before those
                  became the defaults (not run unless named in --methods)
     knn          sklearn KNNImputer(n_neighbors=10) on z-scored data (nanmean/nanstd of the
@@ -84,11 +87,13 @@ REFERENCE_NRMSE: dict[str, dict[str, float]] = {
 
 #: benchmark method -> ``simulations.baselines`` method (one implementation for both)
 BASELINE_OF: dict[str, str] = {
-    "fediim-iim": "iim", "fediim-iim-before": "iim", "knn": "knn", "mice": "mice",
+    "fediim-iim": "iim", "fediim-iim-before": "iim", "fediim-iim-trees": "iim",
+    "knn": "knn", "mice": "mice",
     "missforest": "missforest", "mean": "mean",
 }
 #: IIMImputer options of a benchmark method (the defaults otherwise).
-IIM_OPTIONS: dict[str, dict[str, Any]] = {"fediim-iim-before": BEFORE_IIM_OPTIONS}
+IIM_OPTIONS: dict[str, dict[str, Any]] = {"fediim-iim-before": BEFORE_IIM_OPTIONS,
+                                          "fediim-iim-trees": {"trees": True}}
 #: MissForest's tree threads here (the benchmark runs one imputation at a time)
 N_JOBS = 2
 
@@ -102,17 +107,18 @@ def run_one(name: str, X: np.ndarray, seed: int, method: str, count: str = "roun
     rec: dict[str, Any] = {"dataset": name, "method": method, "seed": seed, "n_rows": n,
                            "n_cols": m, "n_masked": int(len(rows))}
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if method in PEERS:
             values, diagnostics = PEERS[method](Xm, seed), {}
         else:
             imputed = impute_table(BASELINE_OF[method], Xm, k=10, seed=seed, n_jobs=N_JOBS,
                                    iim_options=IIM_OPTIONS.get(method))
             values, diagnostics = imputed.values, imputed.diagnostics
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if not np.all(np.isfinite(values[rows, cols])):
             raise RuntimeError("non-finite imputed values")
-        rec.update(nrmse=nrmse(values, X, rows, cols), time_s=elapsed, **diagnostics)
+        rec.update(nrmse=nrmse(values, X, rows, cols), time_s=elapsed, cpu_s=cpu,
+                   **diagnostics)
     except Exception as exc:  # keep going: one failing baseline must not lose the rest
         rec.update(nrmse=None, time_s=None, error=f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
@@ -235,7 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
                     help=f"folder with the CSVs (default: {DEFAULT_DATASETS})")
     ap.add_argument("--methods", type=_csv_list, default=list(METHODS),
-                    help=f"comma list from {','.join(METHODS)},fediim-iim-before")
+                    help=f"comma list from {','.join(METHODS)},"
+                         "fediim-iim-before,fediim-iim-trees")
     ap.add_argument("--only", type=_csv_list, default=[*DATASETS, ASF_EXAMPLE],
                     help=f"comma list from {','.join([*DATASETS, ASF_EXAMPLE])}")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)],

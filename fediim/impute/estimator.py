@@ -87,6 +87,15 @@ class IIMImputer(TransformerMixin, BaseEstimator):
     quadratic : bool, default=True
         With adaptive ell, also offer each row local quadratic models at large ell,
         chosen per row by the same validation (see :mod:`fediim.impute.basis`).
+    trees : bool, default=False
+        Opt-in, for accuracy at several times the CPU (2-12x on the paper datasets, see
+        benchmarks/README.md). With ``blend``, every pattern of at least 100 training
+        rows also fits two global tree ensembles (scikit-learn's gradient-boosted and
+        extremely randomized trees, cross-fitted on the validation rows) and the blend
+        weighs them with IIM, the global model and the mean by their held-out errors (see
+        :mod:`fediim.impute.tree_models`). The engine's imputation is then a validated
+        stack, IIM plus trees where they predict the pattern's own rows better;
+        ``trees=False`` keeps it to IIM, the global model and the mean.
 
     Attributes
     ----------
@@ -149,6 +158,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         neighbor_index: Literal["auto", "kdtree", "blas", "hnsw"] = "auto",
         blend: bool = True,
         quadratic: bool = True,
+        trees: bool = False,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.ell = ell
@@ -164,6 +174,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         self.neighbor_index = neighbor_index
         self.blend = blend
         self.quadratic = quadratic
+        self.trees = trees
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -182,6 +193,8 @@ class IIMImputer(TransformerMixin, BaseEstimator):
         if self.weights not in ("vote", "uniform"):
             raise ValueError(f"weights must be 'vote' or 'uniform', got {self.weights!r}")
         _check_multiple(self.n_imputations, self.random_state)
+        if not isinstance(self.trees, bool | np.bool_):
+            raise ValueError(f"trees must be a bool, got {self.trees!r}")
         ell = self.ell
         is_int = isinstance(ell, int | np.integer) and not isinstance(ell, bool)
         if not (ell in ("adaptive", "n") or (is_int and ell >= 1)):
@@ -195,7 +208,7 @@ class IIMImputer(TransformerMixin, BaseEstimator):
             n_neighbors=int(self.n_neighbors), ell=ell, ell_grid=grid, alpha=alpha,
             weights=self.weights, include_global=bool(self.include_global),
             validation=self.validation, neighbor_index=self.neighbor_index,
-            blend=bool(self.blend), quadratic=bool(self.quadratic),
+            blend=bool(self.blend), quadratic=bool(self.quadratic), trees=bool(self.trees),
         )
         cfg.alphas()  # validates alpha
         return cfg

@@ -18,7 +18,9 @@ ell nearest training rows on F (t_i itself first):
   does not grow with ell. All solves are batched (stacked ``np.linalg.solve``).
 * Beyond the paper, chosen by the same validation: local quadratic models at large ell
   (:mod:`fediim.impute.basis`), and per small pattern a blend of IIM with the global model
-  and the mean checked on held-out rows (:mod:`fediim.impute.pattern_choice`).
+  and the mean checked on held-out rows (:mod:`fediim.impute.pattern_choice`); with
+  ``trees`` every pattern of enough rows also weighs two global tree ensembles in that
+  blend (:mod:`fediim.impute.tree_models`), so the engine is then a validated stack.
 * Imputation (Alg. 2): the k nearest training rows of the query give candidates
   c_i = (1, t_x[F]) phi_i, combined with weights w_i proportional to 1 / sum_j |c_i - c_j|
   (all candidates equal -> plain mean).
@@ -78,6 +80,8 @@ class IIMConfig:
         the mean per pattern (see :mod:`fediim.impute.pattern_choice`).
     quadratic : with adaptive ell, also offer each row local quadratic models at large
         ell (see :mod:`fediim.impute.basis`).
+    trees : with ``blend``, also weigh two global tree ensembles in the blend, per pattern
+        of enough rows, by the same held-out check (see :mod:`fediim.impute.tree_models`).
     """
 
     n_neighbors: int = 10
@@ -90,6 +94,7 @@ class IIMConfig:
     neighbor_index: IndexMethod = "auto"
     blend: bool = True
     quadratic: bool = True
+    trees: bool = False
 
     def alphas(self) -> np.ndarray:
         """The ridge penalties as a checked 1-D array."""
@@ -569,17 +574,19 @@ class PatternModels:
                                   self.config.weights)
 
     def _impute_blended(self, queries: np.ndarray) -> PatternResult:
-        """The :attr:`blend` of IIM's vote, the global model and the mean for each query;
-        its spread counts the parts' disagreement, ell is IIM's weighted by its share (0
-        marks the global model and the mean), and each candidate is an IIM candidate
-        blended likewise, under IIM's vote weights."""
+        """The :attr:`blend` of IIM's vote, the global model, the mean (and the tree
+        ensembles) for each query; its spread counts the parts' disagreement, ell is IIM's
+        weighted by its share (0 marks the other parts), and each candidate is an IIM
+        candidate blended likewise, under IIM's vote weights."""
         weights = self.blend.weights
         phi, _ = self.global_model(self.blend.global_alpha)
         # einsum, not a matrix product: a row's value must not depend on its batch (BLAS
         # sums a single row and a block of rows in different orders).
         parts = [np.einsum("qf,f->q", self._augment(queries), phi),
                  np.full(len(queries), self.target.mean())]
-        spreads = [np.zeros(len(queries))] * 2
+        if self.blend.trees is not None:
+            parts += list(self.blend.trees.predict(queries))
+        spreads = [np.zeros(len(queries))] * len(parts)
         if weights[0] > 0:
             found = self._impute_by_vote(queries)
             parts.insert(0, found.values)
@@ -592,15 +599,17 @@ class PatternModels:
             neighbors = self._index.query(queries, 1)[1]
             ell = np.zeros_like(neighbors, dtype=np.float64)
             votes, iim_candidates = np.ones(neighbors.shape), np.zeros(neighbors.shape)
+        weights = weights[:len(parts)]  # no trees kept: their weights are zero
         values = sum(weight * part for weight, part in zip(weights, parts, strict=True))
         spread = np.sqrt(sum(weight * (part_spread**2 + (part - values) ** 2) for
                              weight, part, part_spread in zip(weights, parts, spreads,
                                                               strict=True)))
-        # Each IIM candidate blended with the same global and mean parts: their vote is
-        # ``values``, and multiple imputation draws among them (fediim.impute.multiple).
+        # Each IIM candidate blended with the same other parts: their vote is ``values``,
+        # and multiple imputation draws among them (fediim.impute.multiple).
         assert iim_candidates is not None
-        candidates = weights[0] * iim_candidates + (weights[1] * parts[1]
-                                                    + weights[2] * parts[2])[:, None]
+        others = sum(weight * part for weight, part in zip(weights[1:], parts[1:],
+                                                            strict=True))
+        candidates = weights[0] * iim_candidates + np.asarray(others)[:, None]
         return PatternResult(values, spread, neighbors, ell, votes, candidates)
 
 

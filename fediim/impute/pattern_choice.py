@@ -18,6 +18,12 @@ errs least on them (ties: more weight on IIM, then on the global model). Pattern
 than :data:`MAX_CHOICE_ROWS` training rows impute with IIM alone: there each row's model is
 validated on enough tuples, and the check would learn the models of nearly every row,
 several times the work of imputing.
+
+With ``config.trees`` a pattern of at least :data:`~fediim.impute.tree_models.MIN_TREE_ROWS`
+training rows, whatever its size, also offers two global tree ensembles, cross-fitted on
+the same validation rows (:mod:`fediim.impute.tree_models`): the blend is then over five
+parts, and the engine imputes with the trees only as far as their held-out predictions of
+the pattern's own rows earn it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fediim.impute.tree_models import MIN_TREE_ROWS, TreeStack, fit_tree_stack
 from fediim.impute.voting import vote_weights
 
 __all__ = ["BLEND_STEP", "GLOBAL_PENALTIES", "MAX_CHOICE_ROWS", "Blend", "choose_blend",
@@ -49,6 +56,7 @@ class PatternLike(Protocol):
     """What the blend reads of :class:`fediim.impute.iim.PatternModels`."""
 
     n_rows: int
+    features: np.ndarray
     target: np.ndarray
     config: Any
 
@@ -63,42 +71,55 @@ class PatternLike(Protocol):
 
 
 class Blend:
-    """Weights of (IIM, global model, mean) and the global model's ridge penalty."""
+    """Weights of (IIM, global model, mean[, boosted trees, randomized trees]), the global
+    model's ridge penalty, and the tree ensembles when they have weight."""
 
-    def __init__(self, weights: tuple[float, float, float], global_alpha: float) -> None:
+    def __init__(self, weights: tuple[float, ...], global_alpha: float,
+                 trees: TreeStack | None = None) -> None:
         self.weights = weights
         self.global_alpha = global_alpha
+        self.trees = trees
 
     @property
     def iim_only(self) -> bool:
         """Whether the pattern imputes with IIM alone."""
-        return self.weights == (1.0, 0.0, 0.0)
+        return self.weights[0] == 1.0 and not any(self.weights[1:])
 
 
 #: IIM alone, as the engine imputes without the check.
 IIM_ONLY = Blend((1.0, 0.0, 0.0), 0.0)
 
 
-def blend_grid() -> np.ndarray:
-    """Every convex weight triple on the grid, most weight on IIM first, then on the
-    global model (the tie order), shape (points, 3)."""
+def blend_grid(parts: int = 3) -> np.ndarray:
+    """Every convex weight vector over ``parts`` parts on the grid, most weight on IIM
+    first, then on the global model, and so on (the tie order), shape (points, parts)."""
     steps = np.arange(0.0, 1.0 + BLEND_STEP / 2, BLEND_STEP)
-    points = [(1.0 - g - m, g, m) for g, m in product(steps, steps) if g + m <= 1.0 + 1e-9]
-    points.sort(key=lambda point: (-point[0], -point[1]))
+    points = [(1.0 - sum(rest), *rest) for rest in product(steps, repeat=parts - 1)
+              if sum(rest) <= 1.0 + 1e-9]
+    points.sort(key=lambda point: tuple(-weight for weight in point))
     return np.round(np.asarray(points), 10)
+
+
+def offers_trees(models: PatternLike) -> bool:
+    """Whether the pattern weighs tree ensembles too (``config.trees``, enough rows)."""
+    return bool(getattr(models.config, "trees", False)) and models.n_rows >= MIN_TREE_ROWS
 
 
 def choose_blend(models: PatternLike) -> Blend:
     """The blend whose held-out predictions of the training rows err least (IIM alone
-    with fewer than three or more than :data:`MAX_CHOICE_ROWS` rows)."""
-    if not 3 <= models.n_rows <= MAX_CHOICE_ROWS:
+    with fewer than three rows, or more than :data:`MAX_CHOICE_ROWS` without trees)."""
+    trees = offers_trees(models)
+    if models.n_rows < 3 or (models.n_rows > MAX_CHOICE_ROWS and not trees):
         return IIM_ONLY
     rows = choice_rows(models.n_rows)
     predictions, alpha = held_out_predictions(models, rows)
-    grid = blend_grid()
+    stack = fit_tree_stack(models.features, models.target, rows) if trees else None
+    if stack is not None:
+        predictions = np.concatenate([predictions, stack.held_out])
+    grid = blend_grid(len(predictions))
     errors = ((grid @ predictions - models.target[rows]) ** 2).sum(axis=1)
-    weights = grid[int(first_least(errors))]
-    return Blend((float(weights[0]), float(weights[1]), float(weights[2])), alpha)
+    weights = tuple(float(weight) for weight in grid[int(first_least(errors))])
+    return Blend(weights, alpha, stack if any(weights[3:]) else None)
 
 
 def choice_rows(n_rows: int) -> np.ndarray:
