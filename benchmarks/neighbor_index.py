@@ -96,6 +96,12 @@ def growth(n_before: int, n_after: int) -> float:
     return (n_after / n_before) * (min(n_after, full) / min(n_before, full))
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's reaped children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_cell(n: int, features: int, method: str, args: argparse.Namespace) -> dict[str, Any]:
     """One cell in a child process (its own peak RSS), stopped after ``4 * cap`` wall s."""
     env = {**os.environ, **{name: str(args.threads) for name in THREAD_VARIABLES}}
@@ -103,12 +109,14 @@ def run_cell(n: int, features: int, method: str, args: argparse.Namespace) -> di
                "--threads", str(args.threads)]
     if n >= args.one_target_from:
         command.append("--one-target")
+    children_cpu = _children_cpu_s()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True,
                               timeout=4 * args.cap, check=True)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # run() kills and reaps the child: its CPU counts
         return {"n": n, "features": features, "method": method,
-                "skipped": f"stopped after {4 * args.cap:.0f} s wall"}
+                "skipped": f"stopped after {4 * args.cap:.0f} s wall, "
+                           f"{_children_cpu_s() - children_cpu:.0f} CPU s"}
     except subprocess.CalledProcessError as error:
         return {"n": n, "features": features, "method": method,
                 "skipped": f"failed: {error.stderr.strip().splitlines()[-1:]}"}
