@@ -42,6 +42,11 @@ INDEX_METHODS: tuple[str, ...] = ("auto", "kdtree", "blas", "hnsw")
 #: Above this many features the blocked BLAS search is used instead of a KD-tree
 #: (the crossover lies between 31 and 63 in the benchmark).
 KDTREE_MAX_DIM = 31
+#: Above :data:`LARGE_TABLE_ROWS` reference rows (where the engine's validation is bounded,
+#: ``fediim.impute.iim.FULL_VALIDATION_ROWS``, so few rows query many) the KD-tree is
+#: kept only up to this many features: at 100,000 x 31 blocked BLAS took 0.72x its CPU.
+KDTREE_MAX_DIM_LARGE = 15
+LARGE_TABLE_ROWS = 50_000
 _BLOCK_BYTES = 64 * 1024 * 1024
 #: The approximate index's recall of the k nearest, checked when it is built.
 RECALL_FLOOR = 0.99
@@ -65,10 +70,12 @@ def approximate_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def exact_method(n_features: int) -> str:
-    """The faster exact method for ``n_features`` features: a KD-tree up to
-    :data:`KDTREE_MAX_DIM`, blocked BLAS beyond."""
-    return "kdtree" if 0 < n_features <= KDTREE_MAX_DIM else "blas"
+def exact_method(n_features: int, n_rows: int = 0) -> str:
+    """The faster exact method for ``n_rows`` x ``n_features`` reference rows: a KD-tree
+    up to :data:`KDTREE_MAX_DIM` features (:data:`KDTREE_MAX_DIM_LARGE` above
+    :data:`LARGE_TABLE_ROWS` rows), blocked BLAS beyond."""
+    limit = KDTREE_MAX_DIM_LARGE if n_rows > LARGE_TABLE_ROWS else KDTREE_MAX_DIM
+    return "kdtree" if 0 < n_features <= limit else "blas"
 
 
 def auto_method(n_rows: int, n_features: int, n_queries: int | None = None,
@@ -86,7 +93,7 @@ def auto_method(n_rows: int, n_features: int, n_queries: int | None = None,
             and n_features >= APPROX_MIN_FEATURES):
         if approximate_available() if approximate is None else approximate:
             return "hnsw"
-    return exact_method(n_features)
+    return exact_method(n_features, n_rows)
 
 
 class NeighborIndex:
@@ -157,7 +164,7 @@ class NeighborIndex:
                           f"{self.depth}: searching exactly instead", RuntimeWarning,
                           stacklevel=3)
         self._hnsw = None
-        self.method = exact_method(self.dim)
+        self.method = exact_method(self.dim, len(self._data))
 
     def recall(self, k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
         """Share of the exact k nearest (other rows included; ties: any member) that this

@@ -37,6 +37,18 @@ def test_exact_method_follows_the_dimension() -> None:
         NeighborIndex(data, "annoy")  # type: ignore[arg-type]
 
 
+def test_large_tables_keep_the_kdtree_only_for_few_features() -> None:
+    """Above LARGE_TABLE_ROWS (bounded validation) the benchmark had BLAS faster from 31
+    features on, so the KD-tree's limit drops to KDTREE_MAX_DIM_LARGE there."""
+    large, small = nb.LARGE_TABLE_ROWS + 1, nb.LARGE_TABLE_ROWS
+    assert nb.exact_method(nb.KDTREE_MAX_DIM_LARGE, large) == "kdtree"
+    assert nb.exact_method(nb.KDTREE_MAX_DIM_LARGE + 1, large) == "blas"
+    assert nb.exact_method(nb.KDTREE_MAX_DIM, small) == "kdtree"
+    assert nb.auto_method(large, 31, None) == "blas"
+    assert nb.auto_method(small, 31, None) == "kdtree"
+    assert nb.LARGE_TABLE_ROWS == iim.FULL_VALIDATION_ROWS
+
+
 def test_auto_is_approximate_only_where_the_documented_rule_says() -> None:
     """hnsw needs faiss, APPROX_MIN_FEATURES, APPROX_MIN_ROWS and every row queried;
     each condition missed (or unknown queries) gives the exact method for the width."""
