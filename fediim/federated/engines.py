@@ -24,7 +24,7 @@ from functools import cached_property
 import numpy as np
 
 from fediim.federated.bank import DEFAULT_NOISE_ALPHA, BankConfig, ModelBank
-from fediim.federated.gram import gram_count, subsystem_index, subsystem_sse
+from fediim.federated.gram import gram_count, project_psd, subsystem_index, subsystem_sse
 from fediim.impute.iim import PatternResult, ridge_solve
 from fediim.impute.neighbors import NeighborIndex
 
@@ -342,9 +342,7 @@ def tied_covariance(covariance: np.ndarray, counts: np.ndarray, lo: np.ndarray,
     width = np.maximum(hi - lo, 1e-12)
     scale = width[:, :, None] * width[:, None, :]
     weights = counts / counts.sum()
-    shape = np.einsum("c,cij->ij", weights, covariance / scale)
-    values, vectors = np.linalg.eigh(0.5 * (shape + shape.T))
-    shape = (vectors * np.maximum(values, 0.0)) @ vectors.T
+    shape = project_psd(np.einsum("c,cij->ij", weights, covariance / scale))
     return shape[None] * scale
 
 

@@ -70,7 +70,7 @@ def fusion_predictions(train: np.ndarray, queries: np.ndarray, prior: np.ndarray
 
 def choose_blend(local: np.ndarray, sides: np.ndarray, site_mean: np.ndarray,
                  truth: np.ndarray, grid: np.ndarray,
-                 standard_errors: float | None = None) -> tuple[int, np.ndarray]:
+                 standard_errors: float = CHOICE_STANDARD_ERRORS) -> tuple[int, np.ndarray]:
     """The hybrid's choice: one side and blend weights (a row of ``grid``) for
     ``w_l * local + w_s * side + w_m * site mean``, least squared error on ``truth``, kept
     only if the choice itself beats local out of fold (:func:`choice_beats_local`).
@@ -81,9 +81,8 @@ def choose_blend(local: np.ndarray, sides: np.ndarray, site_mean: np.ndarray,
     optimistic (the winner's curse): on a small site the chosen blend erred less than
     local on the rows that chose it and more on the rows it imputed. So the site leaves
     local only when the selection, repeated without each fold of the rows and scored on
-    that fold, beats local by ``standard_errors`` (default
-    :data:`CHOICE_STANDARD_ERRORS`) paired standard errors. Ties go to the first side and
-    the first weights, so an uninformative side keeps local.
+    that fold, beats local by ``standard_errors`` paired standard errors. Ties go to the
+    first side and the first weights, so an uninformative side keeps local.
     """
     if not len(sides):
         sides = np.zeros((1, len(truth)))
@@ -94,8 +93,7 @@ def choose_blend(local: np.ndarray, sides: np.ndarray, site_mean: np.ndarray,
                         np.broadcast_to(site_mean, sides.shape)], axis=1)  # (side, 3, n)
     errors = (np.einsum("wp,spn->swn", grid, stacked) - truth) ** 2
     side, weights = _least(errors.mean(axis=2))
-    if (side, weights) != (0, 0) and not choice_beats_local(
-            errors, CHOICE_STANDARD_ERRORS if standard_errors is None else standard_errors):
+    if (side, weights) != (0, 0) and not choice_beats_local(errors, standard_errors):
         return 0, grid[0]
     return side, grid[weights]
 
