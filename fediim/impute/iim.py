@@ -217,7 +217,8 @@ class PatternModels:
         full_validation = self.config.ell == "adaptive" and n_rows <= FULL_VALIDATION_ROWS
         self._index = NeighborIndex(self.features, self.config.neighbor_index,
                                     k_hint=self.config.n_neighbors,
-                                    n_queries=n_rows if full_validation else None)
+                                    n_queries=n_rows if full_validation else None,
+                                    bounded=self.config.ell == "adaptive" and not full_validation)
         self._alphas = self.config.alphas()
         self._phi = np.full((n_rows, self.width), np.nan)
         self._ell = np.zeros(n_rows, dtype=np.int64)

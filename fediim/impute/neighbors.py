@@ -13,9 +13,10 @@ One interface, :class:`NeighborIndex`, three methods:
 
 ``"auto"`` (:func:`auto_method`) picks the approximate index only for the shapes where the
 benchmark of benchmarks/README.md ("Neighbour indexes") has it faster at equal NRMSE: faiss
-installed, wide data, and every reference row queried (the engine's full validation);
-otherwise the faster exact method for the width. An approximate index below its recall
-floor at :data:`HNSW_MAX_DEPTH` falls back to the exact search.
+installed, and either wide data (63 features) with every reference row queried (the
+engine's full validation) or, above 50,000 rows where the engine's validation is bounded,
+15 to 62 features; otherwise the faster exact method for the width. An approximate index
+below its recall floor at :data:`HNSW_MAX_DEPTH` falls back to the exact search.
 
 Ties in distance are broken by row position (the earlier reference row first), exactly, also
 at the k-th place: the KD-tree path widens its query until the tie group at the boundary is
@@ -61,6 +62,12 @@ HNSW_MAX_DEPTH = 512
 #: smallest shape where the benchmark measured it faster (10,000 x 63; at 31 it was not).
 APPROX_MIN_FEATURES = 63
 APPROX_MIN_ROWS = 10_000
+#: With bounded validation (above :data:`LARGE_TABLE_ROWS` rows, only the rows being learned
+#: and their validation tuples query) ``"auto"`` takes the approximate index from this many
+#: features up to :data:`APPROX_MIN_FEATURES` - 1: hnsw took 0.71x the KD-tree's CPU at
+#: 100,000 x 15, 0.47x BLAS's at 100,000 x 31 and 0.27x the KD-tree's at 1,000,000 x 15;
+#: at 7 features the KD-tree won, at 63 BLAS tied.
+APPROX_BOUNDED_MIN_FEATURES = 15
 #: Threads of a KD-tree query (``cKDTree.query(workers=...)``; -1: every core).
 KDTREE_WORKERS = -1
 
@@ -79,21 +86,35 @@ def exact_method(n_features: int, n_rows: int = 0) -> str:
 
 
 def auto_method(n_rows: int, n_features: int, n_queries: int | None = None,
-                approximate: bool | None = None) -> str:
+                approximate: bool | None = None, *, bounded: bool = False) -> str:
     """``"auto"``'s method for ``n_queries`` queries of ``n_rows`` x ``n_features`` rows.
 
     The approximate ``"hnsw"`` only where the benchmark ("Neighbour indexes" in
-    benchmarks/README.md) has it faster at equal NRMSE: faiss installed (``approximate``;
-    None: :func:`approximate_available`), at least :data:`APPROX_MIN_FEATURES` features and
-    :data:`APPROX_MIN_ROWS` rows, and every row queried (``n_queries >= n_rows``: the
-    engine's full validation), which repays building the graph. Otherwise (also when
-    ``n_queries`` is unknown) :func:`exact_method`.
+    benchmarks/README.md) has it faster at equal NRMSE, and only with faiss installed
+    (``approximate``; None: :func:`approximate_available`):
+
+    - every row queried (``n_queries >= n_rows``: the engine's full validation), at least
+      :data:`APPROX_MIN_FEATURES` features and :data:`APPROX_MIN_ROWS` rows;
+    - ``bounded`` validation above :data:`LARGE_TABLE_ROWS` rows (the engine's rule there:
+      the rows being learned and their validation tuples query), from
+      :data:`APPROX_BOUNDED_MIN_FEATURES` features up to :data:`APPROX_MIN_FEATURES` - 1
+      (at 63 BLAS tied it).
+
+    Otherwise (also when the queries are unknown) :func:`exact_method`.
     """
-    if (n_queries is not None and n_queries >= n_rows >= APPROX_MIN_ROWS
-            and n_features >= APPROX_MIN_FEATURES):
+    if _approximate_pays(n_rows, n_features, n_queries, bounded):
         if approximate_available() if approximate is None else approximate:
             return "hnsw"
     return exact_method(n_features, n_rows)
+
+
+def _approximate_pays(n_rows: int, n_features: int, n_queries: int | None,
+                      bounded: bool) -> bool:
+    """Whether the benchmark measured the approximate index faster for this shape."""
+    if n_queries is not None and n_queries >= n_rows >= APPROX_MIN_ROWS:
+        return n_features >= APPROX_MIN_FEATURES
+    return (bounded and n_rows > LARGE_TABLE_ROWS
+            and APPROX_BOUNDED_MIN_FEATURES <= n_features < APPROX_MIN_FEATURES)
 
 
 class NeighborIndex:
@@ -109,13 +130,16 @@ class NeighborIndex:
         The k whose recall the approximate index checks when it is built.
     n_queries : int, optional
         How many queries the index will answer, for ``"auto"`` (None: unknown, exact).
+    bounded : bool, default=False
+        For ``"auto"``: the engine's bounded validation will query it (see
+        :func:`auto_method`).
 
     An approximate index whose recall check fails falls back to :func:`exact_method`
     (``method`` then names it).
     """
 
     def __init__(self, data: np.ndarray, method: IndexMethod = "auto", k_hint: int = 10,
-                 n_queries: int | None = None) -> None:
+                 n_queries: int | None = None, *, bounded: bool = False) -> None:
         data = np.ascontiguousarray(data, dtype=np.float64)
         if data.ndim != 2:
             raise ValueError(f"data must be 2-D, got shape {data.shape}")
@@ -125,8 +149,8 @@ class NeighborIndex:
             raise ValueError(f"method must be one of {INDEX_METHODS}, got {method!r}")
         self._data = data
         self.n, self.dim = data.shape
-        self.method = (auto_method(self.n, self.dim, n_queries) if method == "auto"
-                       else method)
+        self.method = (auto_method(self.n, self.dim, n_queries, bounded=bounded)
+                       if method == "auto" else method)
         if self.dim == 0:
             self.method = "kdtree"  # no features: every row is equally near
         #: The recall of the k_hint nearest measured when built (1.0: exact).

@@ -68,25 +68,21 @@ def test_auto_is_approximate_only_where_the_documented_rule_says() -> None:
 
 
 def test_bounded_validation_takes_hnsw_only_in_the_measured_shapes() -> None:
-    """Bounded validation (above LARGE_TABLE_ROWS): hnsw from APPROX_BOUNDED_MIN_FEATURES,
-    from APPROX_HUGE_MIN_FEATURES on APPROX_HUGE_ROWS rows, never at APPROX_MIN_FEATURES
-    (BLAS tied there); exact without the flag, without faiss or at or below the limit."""
-    large, huge = nb.LARGE_TABLE_ROWS + 1, nb.APPROX_HUGE_ROWS
-    wide, middle = nb.APPROX_BOUNDED_MIN_FEATURES, nb.APPROX_HUGE_MIN_FEATURES
+    """Bounded validation (above LARGE_TABLE_ROWS): hnsw from APPROX_BOUNDED_MIN_FEATURES
+    up to APPROX_MIN_FEATURES - 1 (BLAS tied at 63); exact without the flag, without
+    faiss, below the width or at or below LARGE_TABLE_ROWS rows."""
+    large, least = nb.LARGE_TABLE_ROWS + 1, nb.APPROX_BOUNDED_MIN_FEATURES
 
     def auto(rows: int, width: int, *, bounded: bool = True, approximate: bool = True) -> str:
         return nb.auto_method(rows, width, None, approximate=approximate, bounded=bounded)
 
-    assert auto(large, wide) == "hnsw"
-    assert auto(large, nb.APPROX_MIN_FEATURES - 1) == "hnsw"
+    assert auto(large, least) == "hnsw"
+    assert auto(100 * large, nb.APPROX_MIN_FEATURES - 1) == "hnsw"
     assert auto(large, nb.APPROX_MIN_FEATURES) == "blas"
-    assert auto(large, wide - 1) == nb.exact_method(wide - 1, large)
-    assert auto(huge, middle) == "hnsw"
-    assert auto(huge - 1, middle) == nb.exact_method(middle, huge - 1) == "kdtree"
-    assert auto(huge, middle - 1) == "kdtree"
-    assert auto(nb.LARGE_TABLE_ROWS, wide) == nb.exact_method(wide, nb.LARGE_TABLE_ROWS)
-    assert auto(large, wide, bounded=False) == "blas"
-    assert auto(large, wide, approximate=False) == "blas"
+    assert auto(large, least - 1) == nb.exact_method(least - 1, large) == "kdtree"
+    assert auto(nb.LARGE_TABLE_ROWS, least) == nb.exact_method(least, nb.LARGE_TABLE_ROWS)
+    assert auto(large, least, bounded=False) == "kdtree"
+    assert auto(large, 31, approximate=False) == "blas"
 
 
 def test_the_engine_flags_bounded_validation_to_its_index(
