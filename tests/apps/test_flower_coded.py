@@ -125,15 +125,16 @@ def test_coded_secure_bank_and_levels_equal_the_in_process_secure_federated_iim(
     assert view["aggregation"] == "secure" and view["bank"]["sites"] == ["federation"]
     fed = _equals_in_process(coded_secure_run, "secure")
     assert fed.bank_.meta["aggregation"] == "secure"
-    # histograms of the numeric columns only (age: 0, pressure: 6), the one-hot blocks in
-    # public coordinates, the Gram sum at their sensitivity (one column per block)
+    # moments over every column, only the numeric ones (age: 0, pressure: 6) rotated; the
+    # one-hot blocks in public coordinates, the Gram sum at their sensitivity (one column
+    # per block)
     blocks = [[1], [2, 3, 4, 5]]
     sensitivity = gram_share_sensitivity(8, fed.plan_.n_trees, blocks)
     assert sensitivity < gram_share_sensitivity(8, fed.plan_.n_trees)
     assert view["secure"]["columns"] == {"encoded": 8, "clipped": [0, 6],
                                          "onehot_blocks": blocks,
                                          "gram_sensitivity": sensitivity}
-    assert view["secure"]["statistics"] == ["histograms", "counts", "grams"]
+    assert view["secure"]["statistics"] == ["moments", "counts", "grams"]
     assert view["secure"]["rounds"][0]["in_handshake"]  # the handshake asked 3 sums
     for s in coded_secure_run.sites:
         entries = PrivacyLedger.open(s.ledger, epsilon_to_rho(4.0, 1e-6), s.site_id).entries
