@@ -33,6 +33,7 @@ from fediim.errors import BankError, MessageError, QuorumNotMet
 from fediim.federated.bank import ModelBank
 from fediim.federated.global_partition import GlobalTree
 from fediim.federated.plan import PrivacyPlan
+from fediim.federated.principal import Frame
 from fediim.federated.secure_release import (
     SecureSettings,
     default_threshold,
@@ -196,10 +197,10 @@ class _SecureRounds:
 
     def first_input_request(self) -> MaskedInputRequest | None:
         """The first session's request to ride with key sharing, if its statistic needs no
-        earlier sum (the histograms)."""
-        if self.statistics[0] != "histograms":
+        earlier sum (the histograms or the moments)."""
+        if self.statistics[0] not in ("histograms", "moments"):
             return None
-        length = PublicState().vector_length("histograms", self.clip, self.plan.n_trees)
+        length = PublicState().vector_length(self.statistics[0], self.clip, self.plan.n_trees)
         return self.protocol.first_input_request(length)
 
     def early_inputs(self, first: MaskedInputRequest | None,
@@ -265,11 +266,11 @@ class _SecureRounds:
         deliveries, early = self.set_up()
 
         def sum_of(statistic: str, box: tuple[np.ndarray, np.ndarray] | None,
-                   depth: int | None, trees: Sequence[GlobalTree]
+                   depth: int | None, trees: Sequence[GlobalTree], frame: Frame | None
                    ) -> tuple[np.ndarray, tuple[str, ...]]:
             # the share deliveries ride with the first session's first round after keys
             first = statistic == self.statistics[0]
-            return self.secure_sum(statistic, PublicState(box, depth, list(trees)),
+            return self.secure_sum(statistic, PublicState(box, depth, list(trees), frame),
                                    deliveries if first else {}, early if first else {})
 
         summed = summed_release(self.plan, self.settings, self.clip, sum_of, self.blocks)

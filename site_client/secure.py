@@ -242,6 +242,25 @@ def handshake_keys(site: SecureSite, request: HandshakeRequest, run_id: int,
     return aggregator.advertise().encode()
 
 
+def _check_frame(state: PublicState, coded: np.ndarray, plan: PrivacyPlan,
+                 clip: np.ndarray) -> None:
+    """A frame only where the plan's first sum is the moments, and one that keeps the coded
+    columns in the public coordinates (identity rows and columns, no offset)."""
+    wants = SecureSteps.from_plan(plan).first_statistic(clip) == "moments"
+    if state.box is None:
+        return
+    if (state.frame is not None) != wants:
+        raise ValueError("the public state's frame does not match the plan's axes")
+    if state.frame is None:
+        return
+    matrix, offset = state.frame.matrix, state.frame.offset
+    identity = np.eye(len(offset))
+    if not (np.array_equal(matrix[coded], identity[coded])
+            and np.array_equal(matrix[:, coded], identity[:, coded])
+            and np.all(offset[coded] == 0.0)):
+        raise ValueError("the public frame mixes a coded column")
+
+
 def _check_shape(config: SecureSumConfig, request: SecureRequest) -> None:
     if (tuple(request.sites), request.threshold, request.n_sessions) != (
             config.sites, config.threshold, config.n_sessions):
@@ -287,20 +306,23 @@ def _shares(site: SecureSite, request: SecureRequest, plan: PrivacyPlan, session
 def _public_state(site: SecureSite, request: SecureRequest, plan: PrivacyPlan,
                   statistic: str, record: ConfigRecord) -> PublicState:
     """The state ``statistic`` is computed over, refused unless it is what the statistic
-    needs: nothing, a box and depth, or the trees of the counts' box and depth; a box
-    over the released columns that leaves the coded ones whole (a narrower one would move
-    a record's zero indicators off zero, beyond the one-hot sensitivity)."""
+    needs: nothing, a box and depth (and the principal-axis frame iff the plan cuts along
+    one), or the trees of the counts' box, depth and frame; a box and frame that leave the
+    coded columns whole (a narrower box or a frame that mixes them would move a record's
+    zero indicators off zero, beyond the one-hot sensitivity)."""
     columns = release_columns(site.schema)
     state = decode_public_state(request.public_state, columns.width, plan.n_trees)
     coded = ~columns.clip_columns
     if state.box is not None and not (np.all(state.box[0][coded] == -0.5)
                                       and np.all(state.box[1][coded] == 0.5)):
         raise ValueError("the public box narrows a coded column")
-    if statistic == "histograms" and state.box is None:
+    _check_frame(state, coded, plan, _clip(site))
+    if statistic in ("histograms", "moments") and state.box is None:
         return state
     if statistic == "counts" and state.box is not None and not state.trees:
         return state
-    counts = PublicState(state.box, state.depth).encode() if state.box is not None else b""
+    counts = (PublicState(state.box, state.depth, frame=state.frame).encode()
+              if state.box is not None else b"")
     if statistic == "grams" and state.trees and counts == bytes(record["counts_state"]):
         return state
     raise ValueError(f"the public state is not what the {statistic} sum is computed over")
@@ -330,7 +352,7 @@ def _masked_input(site: SecureSite, request: SecureRequest, run_id: int,
     noise = _noise(request, record)
     shares = _shares(site, request, plan, session, noise)
     vector = shares.share(statistic, SecureSteps.from_plan(plan), public.box, public.depth,
-                          public.trees)
+                          public.trees, public.frame)
     if request.step == "share_keys":  # kept (in memory) in case the session is asked again
         record["first_input"] = np.asarray(vector, dtype="<i8").tobytes()
     if statistic == "counts":

@@ -19,6 +19,7 @@ import numpy as np
 
 from fediim.errors import BankError
 from fediim.federated.gram import gram_centroid
+from fediim.federated.principal import Frame, bank_frame
 from fediim.io.atomic import atomic_write_bytes
 
 __all__ = [
@@ -145,6 +146,12 @@ class ModelBank:
             clip_lo=self.clip_lo[mask], clip_hi=self.clip_hi[mask],
             observed=self.observed[mask],
         )
+
+    @property
+    def frame(self) -> Frame | None:
+        """The principal-axis frame the cells' boxes (``lo``, ``hi``, ``clip_lo``,
+        ``clip_hi``) are given in (None: the public bounds' coordinates, like the Grams)."""
+        return bank_frame(self.meta)
 
     @property
     def n_trees(self) -> int:

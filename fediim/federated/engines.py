@@ -25,6 +25,7 @@ import numpy as np
 
 from fediim.federated.bank import DEFAULT_NOISE_ALPHA, BankConfig, ModelBank
 from fediim.federated.gram import gram_count, project_psd, subsystem_index, subsystem_sse
+from fediim.federated.principal import covariance_from_frame, covariance_to_frame, frame_boxes
 from fediim.impute.iim import PatternResult, ridge_solve
 from fediim.impute.neighbors import NeighborIndex
 
@@ -78,7 +79,8 @@ class CellPatternModels:
         self._grams = bank.gram[:, columns[:, None], columns[None, :]] / np.outer(std, std)
         # Noise std of a Gram entry in these coordinates: the cell's release std, scaled by
         # how far the cell's coordinates stretch (|center| + width per attribute).
-        reach = (np.abs(0.5 * (bank.lo + bank.hi)) + (bank.hi - bank.lo))[:, columns[1:] - 1]
+        lo, hi = frame_boxes(bank.frame, bank.lo, bank.hi)
+        reach = (np.abs(0.5 * (lo + hi)) + (hi - lo))[:, columns[1:] - 1]
         stretch = np.max(reach / std[1:], axis=1) ** 2
         self._noise_var = (bank.sigma * np.maximum(stretch, 1.0)) ** 2
         self._anchors = bank.anchors[:, list(features)] / std[1:-1]
@@ -249,7 +251,9 @@ class MixturePatternModels:
     A noised bank's per-cell covariances are noise (a cell of ~40 records at Gram noise
     sigma ~ 10 in its own coordinates), so there every cell takes the federation's
     within-cell covariance in cell coordinates instead (:func:`tied_covariance`): each cell
-    keeps its own count, mean and box, and so its own intercept and region.
+    keeps its own count, mean and box, and so its own intercept and region. A bank cut
+    along principal axes (``bank.frame``) has its boxes in that frame: the tie and the
+    box prior are taken there and mapped back.
     """
 
     def __init__(self, bank: ModelBank, target: int, features: tuple[int, ...],
@@ -260,12 +264,14 @@ class MixturePatternModels:
         covariance = (bank.gram[:, 1:, 1:] / counts[:, None, None]
                       - means[:, :, None] * means[:, None, :])
         if np.any(bank.sigma > 0):
-            covariance = tied_covariance(covariance, counts, bank.lo, bank.hi)
+            covariance = covariance_from_frame(bank.frame, tied_covariance(
+                covariance_to_frame(bank.frame, covariance), counts, bank.lo, bank.hi))
         box_variance = (bank.hi - bank.lo) ** 2 / 12.0
         prior_records = config.mixture_prior
         columns = np.asarray(list(features) + [target])
         covariance = covariance[:, columns[:, None], columns[None, :]]
-        prior = box_variance[:, columns, None] * np.eye(len(columns))[None]
+        prior = covariance_from_frame(bank.frame, box_variance[:, :, None] * np.eye(
+            bank.n_features)[None])[:, columns[:, None], columns[None, :]]
         covariance = ((counts[:, None, None] * covariance + prior_records * prior)
                       / (counts + prior_records)[:, None, None])
         n_features = len(features)

@@ -72,6 +72,10 @@ class FederatedIIM(BaseEstimator):
     clip_fraction : float, default=0.1
         Share of each site's budget spent on its private clipping box (per-column
         quantiles inside ``bounds``); 0 clamps to ``bounds`` only.
+    principal_axes : bool, default=True
+        Under secure sums, spend ``clip_fraction`` on the federation's moments and cut the
+        shared partition along their principal axes instead of clipping per column
+        (:mod:`~fediim.federated.principal`); per-site releases ignore it.
     aggregation : {"auto", "secure", "per-site"}, default="auto"
         How the sites release: ``"secure"`` sums their statistics across sites (secure
         aggregation: every cell of the bank is a sum over the sites, each site adding a
@@ -175,6 +179,7 @@ class FederatedIIM(BaseEstimator):
         cell_noise_ratio: float = PLAN_DEFAULTS.cell_noise_ratio,
         n_trees: int | None = PLAN_DEFAULTS.n_trees,
         clip_fraction: float = PLAN_DEFAULTS.clip_fraction,
+        principal_axes: bool = PLAN_DEFAULTS.principal_axes,
         clip_columns: np.ndarray | None = None,
         aggregation: str = "auto",
         threshold: int | None = None,
@@ -195,6 +200,7 @@ class FederatedIIM(BaseEstimator):
         self.cell_noise_ratio = cell_noise_ratio
         self.n_trees = n_trees
         self.clip_fraction = clip_fraction
+        self.principal_axes = principal_axes
         self.clip_columns = clip_columns
         self.aggregation = aggregation
         self.threshold = threshold
@@ -298,7 +304,7 @@ class FederatedIIM(BaseEstimator):
             self.epsilon, self.delta, self.n_features_in_, min_records=self.min_records,
             count_fraction=self.count_fraction, max_depth=self.max_depth,
             cell_noise_ratio=self.cell_noise_ratio, n_trees=self.n_trees,
-            clip_fraction=self.clip_fraction)
+            clip_fraction=self.clip_fraction, principal_axes=bool(self.principal_axes))
 
     def _secure(self, n_sites: int) -> bool:
         """Whether the sites sum their statistics securely (``auto``: from 3 sites)."""

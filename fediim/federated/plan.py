@@ -38,6 +38,10 @@ class PlanParams:
     n_trees : differently cut partitions released; ``None`` picks by budget.
     clip_fraction : share of the budget spent on the site's private clipping box (0: clamp
         to the public bounds only). Exact statistics (epsilon = inf) are never clipped.
+    principal_axes : under secure sums, the clipping budget pays for the federation's
+        moments instead of clipping histograms, and the shared partition is cut along
+        their principal axes (:mod:`~fediim.federated.principal`). Per-site releases stay
+        axis-aligned.
     """
 
     min_records: int = 10
@@ -46,6 +50,7 @@ class PlanParams:
     cell_noise_ratio: float = 4.0
     n_trees: int | None = None
     clip_fraction: float = 0.1
+    principal_axes: bool = True
 
 
 PLAN_DEFAULTS = PlanParams()
@@ -62,6 +67,8 @@ class PrivacyPlan:
     n_trees : how many differently cut partitions of the same records are released; each
         tree gets ``1 / n_trees`` of the budget (a record is in one leaf per tree).
     rho_clip : spent on the site's clipping box (0: none; see :mod:`fediim.federated.clipping`).
+    principal_axes : under secure sums ``rho_clip`` pays for the moments that give the
+        partition's principal-axis frame instead (:mod:`fediim.federated.principal`).
     """
 
     rho_total: float
@@ -71,6 +78,7 @@ class PrivacyPlan:
     min_records: int
     n_trees: int = 1
     rho_clip: float = 0.0
+    principal_axes: bool = False
 
 
 #: Trees released when statistics are exact (epsilon = inf): they cost nothing, and a
@@ -93,6 +101,7 @@ def plan_privacy(
     cell_noise_ratio: float = PLAN_DEFAULTS.cell_noise_ratio,
     n_trees: int | None = PLAN_DEFAULTS.n_trees,
     clip_fraction: float = PLAN_DEFAULTS.clip_fraction,
+    principal_axes: bool = PLAN_DEFAULTS.principal_axes,
 ) -> PrivacyPlan:
     """Split a site's (epsilon, delta) into the trees' counts and the leaves' Gram matrices.
 
@@ -132,7 +141,8 @@ def plan_privacy(
     sigma = gaussian_sigma(gram_sensitivity(n_features), rho_gram / trees)
     threshold = 2.0 * max(min_records, cell_noise_ratio * sigma)
     part = PartitionPlan(depth, rho_counts / (trees * (depth + 1)), threshold, min_records)
-    return PrivacyPlan(rho, rho_gram, part, sigma, min_records, trees, rho_clip)
+    return PrivacyPlan(rho, rho_gram, part, sigma, min_records, trees, rho_clip,
+                       bool(principal_axes))
 
 
 def scale_to_bounds(x: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,9 @@ Three secure sums, each of integer vectors of a public length (:class:`SecureSte
 1. **histograms** — per clipped column, the site's record count in each of
    :data:`HISTOGRAM_BINS` public bins of [-1/2, 1/2]; the coordinator reads the
    federation's clipping box off the summed noisy histograms (:func:`box_from_histograms`);
+   or, when the plan asks for ``principal_axes``, **moments** — the site's augmented Gram
+   of all its complete records; the coordinator reads the public principal-axis frame off
+   the sum (:mod:`~fediim.federated.principal`), and the next two sums are formed in it;
 2. **counts** — every node of the complete public tree inside that box
    (:mod:`~fediim.federated.global_partition`); the coordinator prunes it
    (:func:`trees_from_counts`);
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +50,7 @@ from fediim.federated.gram import (
     transform_gram,
 )
 from fediim.federated.plan import PrivacyPlan, scale_to_bounds
+from fediim.federated.principal import Frame, frame_from_moments, moments_upper
 from fediim.federated.release import (
     cell_coordinates,
     coded_gram_sensitivity,
@@ -63,7 +67,8 @@ from fediim.privacy.distributed import (
 __all__ = ["AGGREGATIONS", "HISTOGRAM_BINS", "MAX_SITE_RECORDS", "MIN_SECURE_SITES",
            "QUANT_SCALE", "SECURE_SITE", "SecureSettings", "SecureSteps", "SiteShares",
            "SumOf", "SummedRelease", "bank_from_grams", "box_from_histograms",
-           "default_threshold", "gram_sum_sigma", "histogram_sum_sigma", "plain_sum",
+           "default_threshold", "gram_sum_sigma", "histogram_sum_sigma",
+           "moments_sensitivity", "moments_sum_sigma", "plain_sum",
            "secure_bank", "summed_release", "tree_depth", "trees_from_counts"]
 
 #: The bank's site id for every cell of a securely summed bank: no cell is one site's.
@@ -130,17 +135,26 @@ class SecureSteps:
     rho_histograms: float
     rho_counts: float
     rho_grams: float
+    #: The first sum is the moments (the principal-axis frame), not the histograms; it
+    #: spends ``rho_histograms``.
+    principal_axes: bool = False
 
     @classmethod
     def from_plan(cls, plan: PrivacyPlan) -> SecureSteps:
         if not math.isfinite(plan.rho_total):  # exact statistics are never clipped
             return cls(0.0, math.inf, math.inf)
         return cls(plan.rho_clip, plan.rho_total - plan.rho_gram - plan.rho_clip,
-                   plan.rho_gram)
+                   plan.rho_gram, plan.principal_axes)
 
     def clips(self, clip_columns: np.ndarray) -> bool:
-        """Whether the first sum (the clipping histograms) takes place at all."""
+        """Whether the first sum (the clipping histograms or the moments) takes place."""
         return self.rho_histograms > 0 and bool(np.any(clip_columns))
+
+    def first_statistic(self, clip_columns: np.ndarray) -> str | None:
+        """The first sum's statistic: "moments", "histograms", or None (no first sum)."""
+        if not self.clips(clip_columns):
+            return None
+        return "moments" if self.principal_axes else "histograms"
 
 
 def _sum_sigma(sensitivity: float, rho: float, settings: SecureSettings, dimension: int,
@@ -169,6 +183,20 @@ def gram_sum_sigma(steps: SecureSteps, settings: SecureSettings,
     size = sum(len(t.leaves) for t in trees) * (n_features + 1) * (n_features + 2) // 2
     return _sum_sigma(gram_share_sensitivity(n_features, len(trees), onehot_blocks),
                       steps.rho_grams, settings, size, n_summands)
+
+
+def moments_sum_sigma(steps: SecureSteps, settings: SecureSettings, n_features: int,
+                      n_summands: int, onehot_blocks: Blocks = ()) -> float:
+    """Noise std (integer units) of the summed moments (sum 1 with ``principal_axes``)."""
+    return _sum_sigma(moments_sensitivity(n_features, onehot_blocks), steps.rho_histograms,
+                      settings, (n_features + 1) * (n_features + 2) // 2, n_summands)
+
+
+def moments_sensitivity(n_features: int, onehot_blocks: Blocks = ()) -> float:
+    """A record adds its augmented Gram upper triangle in the public bounds' coordinates
+    (every entry in [-1/2, 1/2]), quantised: one leaf Gram's sensitivity
+    (:func:`gram_share_sensitivity` of one tree)."""
+    return gram_share_sensitivity(n_features, 1, onehot_blocks)
 
 
 def histogram_sensitivity(n_columns: int) -> float:
@@ -262,18 +290,33 @@ class SiteShares:
 
     def share(self, statistic: str, steps: SecureSteps,
               box: tuple[np.ndarray, np.ndarray] | None, depth: int | None,
-              trees: Sequence[GlobalTree]) -> np.ndarray:
-        """The site's noised share of ``statistic`` ("histograms", "counts" or "grams")
-        over the public state the coordinator sent (box and depth for the counts, the
-        trees for the Grams)."""
+              trees: Sequence[GlobalTree], frame: Frame | None = None) -> np.ndarray:
+        """The site's noised share of ``statistic`` ("histograms", "moments", "counts" or
+        "grams") over the public state the coordinator sent (box and depth for the counts,
+        the trees for the Grams, the frame both are formed in if any)."""
         if statistic == "histograms":
             return self.histograms(steps)
+        if statistic == "moments":
+            return self.moments(steps)
+        framed = self if frame is None else replace(self, rows=frame.to_frame(self.rows))
         if statistic == "counts":
             assert box is not None and depth is not None
-            return self.counts(steps, box, int(depth))
+            return framed.counts(steps, box, int(depth))
         if statistic == "grams":
-            return self.grams(steps, trees)
+            return framed.grams(steps, trees)
         raise ValueError(f"unknown secure statistic {statistic!r}")
+
+    def moments(self, steps: SecureSteps) -> np.ndarray:
+        """Sum 1 with ``principal_axes``: the augmented Gram upper triangle of all the
+        site's complete records in the public bounds' coordinates, quantised record by
+        record (a record then moves the sum by exactly its own quantised Gram)."""
+        n_features = self.rows.shape[1]
+        values = (quantise(moments_upper(self.rows), QUANT_SCALE).sum(axis=0) if len(self.rows)
+                  else np.zeros((n_features + 1) * (n_features + 2) // 2, np.int64))
+        return self._release(values, moments_sensitivity(n_features, self.onehot_blocks),
+                             steps.rho_histograms,
+                             f"secure sum 1: moments (augmented Gram of all records, "
+                             f"{n_features} attributes)")
 
     def histograms(self, steps: SecureSteps) -> np.ndarray:
         """Sum 1: per clipped column, counts in the public bins (flat, int64)."""
@@ -377,11 +420,13 @@ def trees_from_counts(total: np.ndarray, plan: PrivacyPlan, box: tuple[np.ndarra
 
 
 def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: PrivacyPlan,
-                    noise_sigma: float, meta: dict, onehot_blocks: Blocks = ()) -> ModelBank:
+                    noise_sigma: float, meta: dict, onehot_blocks: Blocks = (),
+                    frame: Frame | None = None) -> ModelBank:
     """The bank: each leaf's summed Gram, de-quantised, projected PSD, mapped back to the
-    federation's coordinates (from the leaves' frames, ``onehot_blocks`` fixed); cells
-    whose noisy count is below ``min_records`` dropped. ``noise_sigma``: the sum's noise
-    std in integer units."""
+    federation's coordinates (from the leaves' frames, ``onehot_blocks`` fixed, then out
+    of the principal-axis ``frame`` if the trees were cut in one: the cells' boxes stay in
+    it and the bank's ``meta["frame"]`` records it); cells whose noisy count is below
+    ``min_records`` dropped. ``noise_sigma``: the sum's noise std in integer units."""
     n_features = len(trees[0].box[0])
     size = (n_features + 1) * (n_features + 2) // 2
     values = np.asarray(total, np.float64).reshape(-1, size) / QUANT_SCALE
@@ -393,6 +438,9 @@ def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: Privac
     lo, hi = np.vstack([b[0] for b in boxes]), np.vstack([b[1] for b in boxes])
     centers, widths = leaf_frames(lo, hi, fixed_columns(n_features, onehot_blocks))
     grams = transform_gram(grams, affine_map(-centers / widths, 1.0 / widths))
+    if frame is not None:
+        grams = frame.gram_back(grams)
+        meta = {**meta, "frame": frame.to_meta()}
     tree_of = np.concatenate([np.full(len(t.leaves), t.tree) for t in trees])
     leaf_ids = np.concatenate([t.leaves for t in trees])
     keep = grams[:, 0, 0] >= plan.min_records
@@ -410,10 +458,11 @@ def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: Privac
 
 # ---- the three sums in order --------------------------------------------------------------
 
-#: One secure sum as the coordinator runs it: (statistic, box, depth, trees) -> (sum, its
-#: survivors). Box and depth are None for the histograms; trees are empty but for the Grams.
+#: One secure sum as the coordinator runs it: (statistic, box, depth, trees, frame) -> (sum,
+#: its survivors). Box and depth are None for the first sum; trees are empty but for the
+#: Grams; the frame is None unless the plan cuts along principal axes.
 SumOf = Callable[[str, tuple[np.ndarray, np.ndarray] | None, int | None,
-                  Sequence[GlobalTree]], tuple[np.ndarray, Sequence[str]]]
+                  Sequence[GlobalTree], Frame | None], tuple[np.ndarray, Sequence[str]]]
 
 
 @dataclass(frozen=True)
@@ -426,6 +475,7 @@ class SummedRelease:
     survivors: list[str]
     noise_sigma: float
     onehot_blocks: Blocks = ()
+    frame: Frame | None = None
 
     def bank(self, plan: PrivacyPlan, settings: SecureSettings, meta: dict) -> ModelBank:
         """The federation's bank (:func:`bank_from_grams`); ``meta`` adds to S, t and the
@@ -433,28 +483,35 @@ class SummedRelease:
         return bank_from_grams(self.grams, self.trees, plan, self.noise_sigma, {
             "aggregation": "secure", "sites": settings.n_sites,
             "threshold": settings.threshold, "survivors": sorted(self.survivors), **meta},
-            self.onehot_blocks)
+            self.onehot_blocks, self.frame)
 
 
 def summed_release(plan: PrivacyPlan, settings: SecureSettings, clip_columns: np.ndarray,
                    sum_of: SumOf, onehot_blocks: Blocks = ()) -> SummedRelease:
     """The coordinator's side of the three sums, in order, each over the public state the
-    previous one left: the clipping box (if the plan clips), the pruned trees, the Grams.
-    ``sum_of`` runs one sum (in one process, or through the secure-sum protocol)."""
+    previous one left: the clipping box or the principal-axis frame (if the plan has a
+    first sum), the pruned trees, the Grams. ``sum_of`` runs one sum (in one process, or
+    through the secure-sum protocol)."""
     steps = SecureSteps.from_plan(plan)
     n_features = len(clip_columns)
     box = (np.full(n_features, -0.5), np.full(n_features, 0.5))
-    if steps.clips(clip_columns):
-        total, survivors = sum_of("histograms", None, None, ())
+    first, frame = steps.first_statistic(clip_columns), None
+    if first == "histograms":
+        total, survivors = sum_of("histograms", None, None, (), None)
         box = box_from_histograms(total, n_features, clip_columns, histogram_sum_sigma(
             steps, settings, clip_columns, len(survivors)))
+    elif first == "moments":
+        total, survivors = sum_of("moments", None, None, (), None)
+        sigma = moments_sum_sigma(steps, settings, n_features, len(survivors), onehot_blocks)
+        frame = frame_from_moments(np.asarray(total, np.float64) / QUANT_SCALE, n_features,
+                                   ~np.asarray(clip_columns, bool), sigma / QUANT_SCALE)
     depth = tree_depth(plan)
-    total, _ = sum_of("counts", box, depth, ())
+    total, _ = sum_of("counts", box, depth, (), frame)
     trees = trees_from_counts(total, plan, box, depth)
-    total, survivors = sum_of("grams", box, depth, trees)
+    total, survivors = sum_of("grams", box, depth, trees, frame)
     return SummedRelease(trees, total, list(survivors),
                          gram_sum_sigma(steps, settings, trees, len(survivors), onehot_blocks),
-                         onehot_blocks)
+                         onehot_blocks, frame)
 
 
 # ---- in one process ----------------------------------------------------------------------
@@ -478,10 +535,12 @@ def secure_bank(sites: Mapping[str, SiteShares], plan: PrivacyPlan,
     alive = list(sites)
 
     def sum_of(statistic: str, box: tuple[np.ndarray, np.ndarray] | None, depth: int | None,
-               trees: Sequence[GlobalTree]) -> tuple[np.ndarray, list[str]]:
+               trees: Sequence[GlobalTree], frame: Frame | None
+               ) -> tuple[np.ndarray, list[str]]:
         nonlocal alive
         total, alive = aggregate(statistic, {
-            site: sites[site].share(statistic, steps, box, depth, trees) for site in alive})
+            site: sites[site].share(statistic, steps, box, depth, trees, frame)
+            for site in alive})
         return total, alive
 
     first = next(iter(sites.values()))

@@ -26,6 +26,7 @@ from fediim.federated.fusion import (
     site_coefficients,
 )
 from fediim.federated.plan import MODES, Mode, scale_to_bounds, unscale
+from fediim.federated.principal import Frame
 from fediim.impute.estimator import IIMImputer, empty_result, missing_patterns
 from fediim.impute.iim import IIMConfig, PatternModels, PatternResult
 from fediim.io.result import METHOD_FALLBACK, METHOD_IIM, METHOD_MEAN, ImputationResult
@@ -824,11 +825,29 @@ def _rows_as_released(bank: ModelBank, own: np.ndarray, rows: np.ndarray
     """The site's ``rows`` as its release saw them (clamped to its clipping box, zero in
     the attributes it does not measure), the own cell holding each per tree
     (:func:`_own_cells_of_rows`) and the rows as ``(1, values)`` to subtract from them."""
+    frame = bank.frame
+    if frame is not None:  # cells cut in the principal-axis frame: clamped there
+        return _framed_rows_as_released(bank, frame, own, rows)
     if own.size:
         rows = np.clip(rows, bank.clip_lo[own[0]], bank.clip_hi[own[0]])
         rows[:, ~bank.observed[own[0]]] = 0.0
     cells = _own_cells_of_rows(bank, own, rows)
     return rows, cells, np.column_stack([np.ones(len(rows)), np.nan_to_num(rows)])
+
+
+def _framed_rows_as_released(bank: ModelBank, frame: Frame, own: np.ndarray,
+                             rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_rows_as_released` for a bank cut in ``frame``: each complete row clamped to
+    the frame's box (and the clipping box in it), its cell found there, and the row as
+    released mapped back; rows with a gap (never released) stay as they are."""
+    z = frame.to_frame(rows)
+    if own.size:
+        z = np.clip(z, bank.clip_lo[own[0]], bank.clip_hi[own[0]])
+    cells = _own_cells_of_rows(bank, own, z)
+    complete = ~np.isnan(rows).any(axis=1)
+    released = rows.copy()
+    released[complete] = frame.from_frame(z[complete])
+    return released, cells, np.column_stack([np.ones(len(rows)), np.nan_to_num(released)])
 
 
 def _bank_without_rows(bank: ModelBank, cells: np.ndarray, augmented: np.ndarray,
@@ -845,7 +864,8 @@ def _bank_without_rows(bank: ModelBank, cells: np.ndarray, augmented: np.ndarray
     gram[:, 0, 0] = np.maximum(gram[:, 0, 0], 1e-9)
     return ModelBank(n_features=bank.n_features, site=bank.site, cell=bank.cell, lo=bank.lo,
                      hi=bank.hi, gram=gram, sigma=bank.sigma, min_records=0, tree=bank.tree,
-                     clip_lo=bank.clip_lo, clip_hi=bank.clip_hi, observed=bank.observed)
+                     clip_lo=bank.clip_lo, clip_hi=bank.clip_hi, observed=bank.observed,
+                     meta=dict(bank.meta))
 
 
 def _own_cells_of_rows(bank: ModelBank, own: np.ndarray, rows: np.ndarray) -> np.ndarray:

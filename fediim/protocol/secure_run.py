@@ -2,11 +2,13 @@
 
 A secure run (run config ``aggregation``) sums three statistics over the admitted sites
 (:mod:`fediim.federated.secure_release`), one secure-sum session each
-(:mod:`fediim.protocol.secure_sum`): the clipping ``histograms`` (only when the plan spends
-on clipping), the ``counts`` of the public tree, the leaf ``grams``. A later sum's vector
+(:mod:`fediim.protocol.secure_sum`): the clipping ``histograms`` or, when the plan cuts along
+principal axes, the ``moments`` (only when the plan spends on clipping), the ``counts`` of
+the public tree, the leaf ``grams``. A later sum's vector
 length follows from the earlier sums, so the coordinator announces each session's length
 with its request. Between sums the coordinator sends the *public state* the next
-statistic is computed over (the clipping box and the tree depth, then the pruned trees);
+statistic is computed over (the clipping box, the tree depth and the principal-axis frame if
+any, then the pruned trees);
 a site rebuilds it with :func:`decode_public_state`, which refuses anything that is not a
 partition of the box (:func:`~fediim.federated.global_partition.tree_problem`) before the
 site releases anything over it.
@@ -25,6 +27,7 @@ import numpy as np
 from fediim.federated.bank import ModelBank
 from fediim.federated.global_partition import GlobalTree, n_nodes
 from fediim.federated.plan import PrivacyPlan
+from fediim.federated.principal import Frame
 from fediim.federated.secure_release import (
     HISTOGRAM_BINS,
     MIN_SECURE_SITES,
@@ -41,7 +44,8 @@ __all__ = ["MAX_ABS_PER_SITE", "STATISTICS", "PublicState", "decode_public_state
 #: MAX_SITE_RECORDS (2^32) x QUANT_SCALE (2^16) = 2^48 before its noise, far below; with
 #: it, up to 4,095 sites sum without wrapping (S x 2^50 < 2^62).
 MAX_ABS_PER_SITE = 2**50
-#: The three sums, in their order.
+#: The three sums, in their order (the first is the moments when the plan cuts along
+#: principal axes).
 STATISTICS = ("histograms", "counts", "grams")
 
 
@@ -52,9 +56,10 @@ def use_secure(aggregation: str, n_admitted: int) -> bool:
 
 
 def session_statistics(plan: PrivacyPlan, clip_columns: np.ndarray) -> tuple[str, ...]:
-    """The statistic of each session: the histograms only if the plan clips."""
-    clips = SecureSteps.from_plan(plan).clips(clip_columns)
-    return STATISTICS if clips else STATISTICS[1:]
+    """The statistic of each session: the histograms or the moments only if the plan
+    clips."""
+    first = SecureSteps.from_plan(plan).first_statistic(clip_columns)
+    return STATISTICS[1:] if first is None else (first, *STATISTICS[1:])
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class PublicState:
     box: tuple[np.ndarray, np.ndarray] | None = None
     depth: int | None = None
     trees: list[GlobalTree] = field(default_factory=list)
+    frame: Frame | None = None
 
     def encode(self) -> bytes:
         """Canonical JSON bytes (floats as exact decimal strings of float64)."""
@@ -72,6 +78,10 @@ class PublicState:
         if self.box is not None:
             doc["box"] = [[float(v).hex() for v in side] for side in self.box]
             doc["depth"] = int(self.depth or 0)
+        if self.frame is not None:
+            doc["frame"] = {"matrix": [[float(v).hex() for v in row]
+                                       for row in self.frame.matrix],
+                            "offset": [float(v).hex() for v in self.frame.offset]}
         if self.trees:
             doc["leaves"] = [[int(leaf) for leaf in tree.leaves] for tree in self.trees]
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -86,6 +96,8 @@ class PublicState:
         n_features = len(clip_columns)
         if statistic == "histograms":
             return int(np.sum(clip_columns)) * HISTOGRAM_BINS
+        if statistic == "moments":
+            return (n_features + 1) * (n_features + 2) // 2
         if statistic == "counts":
             return n_trees * n_nodes(int(self.depth or 0))
         size = (n_features + 1) * (n_features + 2) // 2
@@ -97,8 +109,8 @@ def decode_public_state(data: bytes | None, n_features: int, n_trees: int) -> Pu
     trees that are not partitions of the box (checked by :class:`GlobalTree`)."""
     try:
         doc = json.loads(bytes(data or b"{}").decode("utf-8"))
-        if not isinstance(doc, dict) or set(doc) - {"box", "depth", "leaves"}:
-            raise ValueError("a public state holds box, depth and leaves only")
+        if not isinstance(doc, dict) or set(doc) - {"box", "depth", "leaves", "frame"}:
+            raise ValueError("a public state holds box, depth, frame and leaves only")
         return PublicState() if not doc else _state_of(doc, n_features, n_trees)
     except (KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise ValueError(f"a malformed public state ({type(exc).__name__}: {exc})") from None
@@ -113,15 +125,30 @@ def _state_of(doc: dict, n_features: int, n_trees: int) -> PublicState:
     depth = doc["depth"]
     if not isinstance(depth, int) or isinstance(depth, bool):
         raise ValueError("the depth must be an int")
+    frame = _frame_of(doc["frame"], n_features) if "frame" in doc else None
     leaves = doc.get("leaves")
     if leaves is None:
         GlobalTree((lo, hi), depth, 0, np.zeros(1, np.int64))  # the box and depth are valid
-        return PublicState((lo, hi), depth)
+        return PublicState((lo, hi), depth, frame=frame)
     if not isinstance(leaves, list) or len(leaves) != n_trees:
         raise ValueError(f"the state must hold the leaves of {n_trees} tree(s)")
     trees = [GlobalTree((lo, hi), depth, tree, np.array(tree_leaves, dtype=np.int64))
              for tree, tree_leaves in enumerate(leaves)]
-    return PublicState((lo, hi), depth, trees)
+    return PublicState((lo, hi), depth, trees, frame)
+
+
+def _frame_of(doc: dict, n_features: int) -> Frame:
+    """The principal-axis frame in a public state: a finite (m, m) matrix and (m,) offset.
+    Any such frame keeps the sensitivities (records are clamped to its box); whether it
+    leaves coded columns alone is the site's check."""
+    if not isinstance(doc, dict) or set(doc) != {"matrix", "offset"}:
+        raise ValueError("a frame holds a matrix and an offset")
+    frame = Frame.from_meta({"matrix": [[float.fromhex(v) for v in row] for row in
+                                        doc["matrix"]],
+                             "offset": [float.fromhex(v) for v in doc["offset"]]})
+    if len(frame.offset) != n_features:
+        raise ValueError(f"the frame must have {n_features} attributes")
+    return frame
 
 
 def secure_limits(plan: PrivacyPlan, n_features: int, sigma_sum: float,

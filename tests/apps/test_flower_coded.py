@@ -19,7 +19,7 @@ from fediim.cli import main
 from fediim.deploy.layout import FederationLayout, prepare_federation
 from fediim.federated import FederatedIIM
 from fediim.federated.bank import ModelBank
-from fediim.federated.secure_release import HISTOGRAM_BINS, gram_share_sensitivity
+from fediim.federated.secure_release import gram_share_sensitivity, moments_sensitivity
 from fediim.io.outputs import format_level
 from fediim.io.schema import TableSchema, load_schema
 from fediim.io.table import read_csv
@@ -125,20 +125,24 @@ def test_coded_secure_bank_and_levels_equal_the_in_process_secure_federated_iim(
     assert view["aggregation"] == "secure" and view["bank"]["sites"] == ["federation"]
     fed = _equals_in_process(coded_secure_run, "secure")
     assert fed.bank_.meta["aggregation"] == "secure"
-    # histograms of the numeric columns only (age: 0, pressure: 6), the one-hot blocks in
-    # public coordinates, the Gram sum at their sensitivity (one column per block)
+    # moments over every column, only the numeric ones (age: 0, pressure: 6) rotated; the
+    # one-hot blocks in public coordinates, the Gram sum at their sensitivity (one column
+    # per block)
     blocks = [[1], [2, 3, 4, 5]]
     sensitivity = gram_share_sensitivity(8, fed.plan_.n_trees, blocks)
     assert sensitivity < gram_share_sensitivity(8, fed.plan_.n_trees)
     assert view["secure"]["columns"] == {"encoded": 8, "clipped": [0, 6],
                                          "onehot_blocks": blocks,
                                          "gram_sensitivity": sensitivity}
-    assert view["secure"]["statistics"] == ["histograms", "counts", "grams"]
+    assert view["secure"]["statistics"] == ["moments", "counts", "grams"]
     assert view["secure"]["rounds"][0]["in_handshake"]  # the handshake asked 3 sums
     for s in coded_secure_run.sites:
         entries = PrivacyLedger.open(s.ledger, epsilon_to_rho(4.0, 1e-6), s.site_id).entries
         assert [e.mechanism for e in entries] == ["distributed discrete gaussian"] * 3
-        assert entries[0].dimension == 2 * HISTOGRAM_BINS
+        # the moments: the augmented Gram's upper triangle over the 8 encoded columns, at one
+        # leaf Gram's sensitivity (the one-hot blocks counted as one column each)
+        assert entries[0].dimension == 9 * 10 // 2
+        assert entries[0].sensitivity_l2 == pytest.approx(moments_sensitivity(8, blocks))
         assert entries[2].sensitivity_l2 == sensitivity
         assert "2 one-hot block(s) counted as one column each" in entries[2].purpose
 

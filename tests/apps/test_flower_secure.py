@@ -24,7 +24,7 @@ from tests.apps.test_flower_apps import BOUNDS, _federation, _run, _view
 from tests.fake_clock import FakeClock
 
 SIZES = (300, 200, 150, 120)
-ROUNDS = ["advertise", "share_keys", "histograms:unmask", "counts:masked_input",
+ROUNDS = ["advertise", "share_keys", "moments:unmask", "counts:masked_input",
           "counts:unmask", "grams:masked_input", "grams:unmask"]
 
 
@@ -82,10 +82,10 @@ def test_a_site_dropping_after_key_sharing_leaves_the_others_to_finish(tmp_path:
     view = _view(layout)
     assert view["status"] == "completed", view["error"]
     assert clock.now == RUN_CONFIG_DEFAULTS["release-timeout"]  # waited out once
-    assert view["sites"][gone]["stages"]["secure:histograms:unmask"]["code"] == "silent"
+    assert view["sites"][gone]["stages"]["secure:moments:unmask"]["code"] == "silent"
     assert not view["sites"][gone]["active"]
     rounds = {r["round"]: r["survivors"] for r in view["secure"]["rounds"]}
-    assert gone in rounds["share_keys"] and gone not in rounds["histograms:unmask"]
+    assert gone in rounds["share_keys"] and gone not in rounds["moments:unmask"]
     first, *later = view["secure"]["sessions"]
     assert gone in first["survivors"] and len(first["survivors"]) == 4  # its input came early
     assert gone in later[0]["dropped"]  # its pairwise masks removed once, then gone
@@ -105,8 +105,8 @@ def test_a_site_that_never_shares_its_keys_makes_the_first_sum_asked_again_uncha
     assert view["status"] == "completed", view["error"]
     secure = view["secure"]
     assert [r["round"] for r in secure["rounds"]][:4] == [
-        "advertise", "share_keys", "histograms:masked_input", "histograms:unmask"]
-    assert secure["sessions"][0]["inputs_round"] == "histograms:masked_input"
+        "advertise", "share_keys", "moments:masked_input", "moments:unmask"]
+    assert secure["sessions"][0]["inputs_round"] == "moments:masked_input"
     assert all(gone not in s["survivors"] and len(s["survivors"]) == 3
                for s in secure["sessions"])
     for site in layout.sites:

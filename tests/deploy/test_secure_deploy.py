@@ -33,7 +33,7 @@ def test_a_supernode_killed_after_key_sharing_leaves_three_to_finish(
     rounds = {r["round"]: r["survivors"] for r in run["secure"]["rounds"]}
     assert "sited" in rounds["share_keys"]
     assert rounds["grams:unmask"] == ["sitea", "siteb", "sitec"]
-    # its histograms input rode with key sharing; it is dropped from the counts on
+    # its moments input rode with key sharing; it is dropped from the counts on
     assert [s["dropped"] for s in run["secure"]["sessions"]] == [[], ["sited"], []]
     assert [d["site_id"] for d in run["dropped"]] == ["sited"]
     assert run["bank_cells"] > 0
