@@ -406,7 +406,9 @@ def _verified_bank(site: _Site, request: ImputeRequest, run_id: int,
         verify_bank(public_key, request.signature, request.bank, request.schema_hash, run_id)
     except SignatureError as exc:
         raise _Refusal(ReplyCode.BAD_SIGNATURE, str(exc)) from None
-    fields = PlanFields.model_validate({name: released[name] for name in PlanFields.model_fields})
+    # A record written before a field existed holds its default.
+    fields = PlanFields.model_validate({name: released[name] for name in PlanFields.model_fields
+                                        if name in released})
     plan = site.plan(float(released["epsilon"]), fields)
     limits = ReleaseLimits.from_plan(plan, encoded_width(site.schema))
     try:

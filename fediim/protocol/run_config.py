@@ -61,13 +61,16 @@ class PlanFields(BaseModel):
     clip_fraction: float = Field(default=PLAN_DEFAULTS.clip_fraction, ge=0, lt=0.5)
     max_depth: int = Field(default=NOISY_MAX_DEPTH, ge=0, le=64)
     cell_noise_ratio: FiniteFloat = Field(default=PLAN_DEFAULTS.cell_noise_ratio, gt=0)
+    # Secure sums: cut the shared partition along the federation's principal axes (the
+    # clipping budget pays for the summed moments; fediim.federated.principal).
+    principal_axes: bool = PLAN_DEFAULTS.principal_axes
 
     def plan_params(self) -> PlanParams:
         """These fields as the plan's parameters (``n_trees`` by budget: one under noise)."""
         return PlanParams(min_records=self.min_records, count_fraction=self.count_fraction,
                           clip_fraction=self.clip_fraction,
                           max_depth=self.max_depth, cell_noise_ratio=self.cell_noise_ratio,
-                          n_trees=PLAN_DEFAULTS.n_trees)
+                          n_trees=PLAN_DEFAULTS.n_trees, principal_axes=self.principal_axes)
 
     def plan_fields(self) -> dict[str, Any]:
         """These fields by name, e.g. to copy them into a request or a report."""

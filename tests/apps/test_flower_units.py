@@ -44,7 +44,12 @@ from fediim.protocol.messages import (
     ReplyCode,
     parse_request,
 )
-from fediim.protocol.run_config import NOISY_MAX_DEPTH, RUN_CONFIG_DEFAULTS, RunConfig
+from fediim.protocol.run_config import (
+    NOISY_MAX_DEPTH,
+    RUN_CONFIG_DEFAULTS,
+    RunConfig,
+    privacy_plan,
+)
 from fediim.protocol.signing import (
     SignatureError,
     SigningKeyError,
@@ -406,7 +411,7 @@ def test_run_config_defaults_follow_the_library_defaults() -> None:
 
     plan = inspect.signature(plan_privacy).parameters
     fed = inspect.signature(FederatedIIM).parameters
-    for key in ("min-records", "count-fraction", "cell-noise-ratio"):
+    for key in ("min-records", "count-fraction", "cell-noise-ratio", "principal-axes"):
         name = key.replace("-", "_")
         assert RUN_CONFIG_DEFAULTS[key] == getattr(PLAN_DEFAULTS, name) == plan[name].default \
             == fed[name].default, key
@@ -422,6 +427,14 @@ def test_run_config_defaults_follow_the_library_defaults() -> None:
     assert RUN_CONFIG_DEFAULTS["mode"] == fed["mode"].default
     assert RUN_CONFIG_DEFAULTS["epsilon"] == fed["epsilon"].default
     assert RUN_CONFIG_DEFAULTS["delta"] == fed["delta"].default
+
+
+def test_the_run_config_turns_the_principal_axes_off() -> None:
+    """``principal-axes = false`` reaches the plan the coordinator and every site compute."""
+    assert RunConfig().plan_params().principal_axes is True
+    off = RunConfig.model_validate({**RUN_CONFIG_DEFAULTS, "principal-axes": False})
+    assert off.plan_params().principal_axes is False
+    assert privacy_plan(1.0, 1e-6, 4, off.plan_params()).principal_axes is False
 
 
 def test_the_run_config_is_declared_once() -> None:
