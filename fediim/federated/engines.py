@@ -263,14 +263,15 @@ class MixturePatternModels:
         means = bank.anchors  # the cells' centroids
         covariance = (bank.gram[:, 1:, 1:] / counts[:, None, None]
                       - means[:, :, None] * means[:, None, :])
+        frame = bank.frame
         if np.any(bank.sigma > 0):
-            covariance = covariance_from_frame(bank.frame, tied_covariance(
-                covariance_to_frame(bank.frame, covariance), counts, bank.lo, bank.hi))
+            covariance = covariance_from_frame(frame, tied_covariance(
+                covariance_to_frame(frame, covariance), counts, bank.lo, bank.hi))
         box_variance = (bank.hi - bank.lo) ** 2 / 12.0
         prior_records = config.mixture_prior
         columns = np.asarray(list(features) + [target])
         covariance = covariance[:, columns[:, None], columns[None, :]]
-        prior = covariance_from_frame(bank.frame, box_variance[:, :, None] * np.eye(
+        prior = covariance_from_frame(frame, box_variance[:, :, None] * np.eye(
             bank.n_features)[None])[:, columns[:, None], columns[None, :]]
         covariance = ((counts[:, None, None] * covariance + prior_records * prior)
                       / (counts + prior_records)[:, None, None])

@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "augmented_gram",
+    "augmented_upper_size",
     "gram_count",
     "gram_centroid",
     "subsystem_index",
@@ -64,6 +65,12 @@ def subsystem_sse(phi: np.ndarray, sub: np.ndarray) -> np.ndarray:
     return target_square - 2.0 * np.einsum("...i,...i->...", phi, rhs) + np.einsum(
         "...i,...ij,...j->...", phi, lhs, phi
     )
+
+
+def augmented_upper_size(n_features: int) -> int:
+    """Entries of the upper triangle (diagonal included) of an augmented Gram over
+    ``n_features`` attributes: (m + 1)(m + 2) / 2."""
+    return (n_features + 1) * (n_features + 2) // 2
 
 
 def upper_triangle(gram: np.ndarray) -> np.ndarray:

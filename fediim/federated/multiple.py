@@ -61,8 +61,9 @@ def renoised_bank(bank: ModelBank, rng: np.random.Generator) -> ModelBank:
         return bank
     size = bank.n_features + 1
     to_cell = affine_map(0.5 * (bank.lo + bank.hi), bank.hi - bank.lo)
-    if bank.frame is not None:  # the boxes are in the principal-axis frame
-        to_cell = to_cell @ bank.frame.augmented()
+    frame = bank.frame
+    if frame is not None:  # the boxes are in the principal-axis frame
+        to_cell = to_cell @ frame.augmented()
     cell_grams = transform_gram(bank.gram, to_cell)
     rows, columns = np.triu_indices(size)
     noise = rng.standard_normal((bank.n_cells, len(rows))) * bank.sigma[:, None]

@@ -22,7 +22,6 @@ a cell's box in z. Everything after the moments sum is post-processing of it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,9 +145,3 @@ def covariance_from_frame(frame: Frame | None, covariance: np.ndarray) -> np.nda
     inverse = np.linalg.inv(frame.matrix)
     return inverse @ covariance @ inverse.T
 
-
-def rows_in_frame(frame: Frame | None, rows: np.ndarray,
-                  box: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """Rows in the frame's coordinates (clamped to its box, then to ``box`` if given)."""
-    z = np.asarray(rows, np.float64) if frame is None else frame.to_frame(rows)
-    return z if box is None else np.clip(z, box[0], box[1])

@@ -45,6 +45,7 @@ from fediim.federated.global_partition import (
 )
 from fediim.federated.gram import (
     affine_map,
+    augmented_upper_size,
     from_upper_triangle,
     project_psd,
     transform_gram,
@@ -180,7 +181,7 @@ def gram_sum_sigma(steps: SecureSteps, settings: SecureSettings,
     """Noise std (integer units) of the summed leaf Grams (sum 3) over ``n_summands``
     sites: the bank's σ is this over :data:`QUANT_SCALE`."""
     n_features = len(trees[0].box[0])
-    size = sum(len(t.leaves) for t in trees) * (n_features + 1) * (n_features + 2) // 2
+    size = sum(len(t.leaves) for t in trees) * augmented_upper_size(n_features)
     return _sum_sigma(gram_share_sensitivity(n_features, len(trees), onehot_blocks),
                       steps.rho_grams, settings, size, n_summands)
 
@@ -189,7 +190,7 @@ def moments_sum_sigma(steps: SecureSteps, settings: SecureSettings, n_features: 
                       n_summands: int, onehot_blocks: Blocks = ()) -> float:
     """Noise std (integer units) of the summed moments (sum 1 with ``principal_axes``)."""
     return _sum_sigma(moments_sensitivity(n_features, onehot_blocks), steps.rho_histograms,
-                      settings, (n_features + 1) * (n_features + 2) // 2, n_summands)
+                      settings, augmented_upper_size(n_features), n_summands)
 
 
 def moments_sensitivity(n_features: int, onehot_blocks: Blocks = ()) -> float:
@@ -216,7 +217,7 @@ def gram_share_sensitivity(n_features: int, n_trees: int,
     by :func:`~fediim.privacy.distributed.quantised_sensitivity`). One-hot blocks (kept
     in public coordinates in every leaf) count as one column each
     (:func:`~fediim.federated.release.coded_gram_sensitivity`)."""
-    entries = (n_features + 1) * (n_features + 2) // 2
+    entries = augmented_upper_size(n_features)
     sensitivity = coded_gram_sensitivity(n_features, onehot_blocks)
     return quantised_sensitivity(math.sqrt(n_trees) * sensitivity, QUANT_SCALE,
                                  n_trees * entries)
@@ -312,7 +313,7 @@ class SiteShares:
         record (a record then moves the sum by exactly its own quantised Gram)."""
         n_features = self.rows.shape[1]
         values = (quantise(moments_upper(self.rows), QUANT_SCALE).sum(axis=0) if len(self.rows)
-                  else np.zeros((n_features + 1) * (n_features + 2) // 2, np.int64))
+                  else np.zeros(augmented_upper_size(n_features), np.int64))
         return self._release(values, moments_sensitivity(n_features, self.onehot_blocks),
                              steps.rho_histograms,
                              f"secure sum 1: moments (augmented Gram of all records, "
@@ -361,14 +362,12 @@ def _leaf_grams(rows: np.ndarray, tree: GlobalTree, fixed: np.ndarray) -> np.nda
     its own quantised Gram."""
     lo, hi = tree.boxes()
     n_leaves, n_features = lo.shape
-    upper = np.triu_indices(n_features + 1)
-    sums = np.zeros((n_leaves, len(upper[0])), dtype=np.int64)
+    sums = np.zeros((n_leaves, augmented_upper_size(n_features)), dtype=np.int64)
     if len(rows):
         leaf = leaf_of_rows(rows, tree)
         centers, widths = leaf_frames(lo, hi, fixed)
         local = cell_coordinates(rows, centers[leaf], widths[leaf])
-        z = np.column_stack([np.ones(len(rows)), local])
-        np.add.at(sums, leaf, quantise(z[:, upper[0]] * z[:, upper[1]], QUANT_SCALE))
+        np.add.at(sums, leaf, quantise(moments_upper(local), QUANT_SCALE))
     return sums
 
 
@@ -428,7 +427,7 @@ def bank_from_grams(total: np.ndarray, trees: Sequence[GlobalTree], plan: Privac
     it and the bank's ``meta["frame"]`` records it); cells whose noisy count is below
     ``min_records`` dropped. ``noise_sigma``: the sum's noise std in integer units."""
     n_features = len(trees[0].box[0])
-    size = (n_features + 1) * (n_features + 2) // 2
+    size = augmented_upper_size(n_features)
     values = np.asarray(total, np.float64).reshape(-1, size) / QUANT_SCALE
     grams = project_psd(from_upper_triangle(values, n_features + 1))
     # The projection may nudge a count down by rounding; raising a diagonal entry keeps

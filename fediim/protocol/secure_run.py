@@ -26,6 +26,7 @@ import numpy as np
 
 from fediim.federated.bank import ModelBank
 from fediim.federated.global_partition import GlobalTree, n_nodes
+from fediim.federated.gram import augmented_upper_size
 from fediim.federated.plan import PrivacyPlan
 from fediim.federated.principal import Frame
 from fediim.federated.secure_release import (
@@ -97,11 +98,10 @@ class PublicState:
         if statistic == "histograms":
             return int(np.sum(clip_columns)) * HISTOGRAM_BINS
         if statistic == "moments":
-            return (n_features + 1) * (n_features + 2) // 2
+            return augmented_upper_size(n_features)
         if statistic == "counts":
             return n_trees * n_nodes(int(self.depth or 0))
-        size = (n_features + 1) * (n_features + 2) // 2
-        return sum(len(tree.leaves) for tree in self.trees) * size
+        return sum(len(tree.leaves) for tree in self.trees) * augmented_upper_size(n_features)
 
 
 def decode_public_state(data: bytes | None, n_features: int, n_trees: int) -> PublicState:
